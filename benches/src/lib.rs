@@ -1,0 +1,39 @@
+//! Shared set-up of the benchmarks: the MoE layer shape of the comparison with PyTorch
+//! (`shared/bench/moe_torch_ref.py`): top-k softmax router, SwiGLU experts, dropless.
+
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_moe::prelude::*;
+
+/// One benchmark shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Tokens.
+    pub tokens: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Expert FFN width.
+    pub ffn: usize,
+    /// Experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub topk: usize,
+}
+
+/// The layer (aux loss 1e-2, as the PyTorch reference) and its input `[T, 1, H]` on `device`.
+pub fn layer_and_input(
+    shape: LayerShape,
+    device: &Device,
+) -> Result<(MoeLayer, Tensor<3>), MoeError> {
+    let mut config = MoeLayerConfig::swiglu(shape.hidden, shape.ffn, shape.experts, shape.topk);
+    config.router = config
+        .router
+        .with_aux_loss_coeff(1e-2)
+        .with_pre_softmax(shape.topk == 1);
+    let layer = config.init(device)?;
+    let x = Tensor::<3>::random(
+        [shape.tokens, 1, shape.hidden],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    Ok((layer, x))
+}

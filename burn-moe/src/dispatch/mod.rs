@@ -1,0 +1,132 @@
+//! Token dispatchers: group tokens by local expert, then bring the expert outputs back.
+//!
+//! A dispatcher's [`dispatch`](TokenDispatcher::dispatch) returns the grouped tokens together
+//! with a [`DispatchPlan`] value that [`combine`](TokenDispatcher::combine) consumes: no state
+//! is kept on the dispatcher between the two calls.
+
+pub mod permute;
+
+use std::fmt::Debug;
+use std::ops::Range;
+
+use burn::tensor::{Bool, Int, Tensor};
+
+use crate::error::{MoeError, Result};
+
+/// Communication and synchronisation accounting of one dispatch + combine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Bytes this rank sent to other ranks.
+    pub bytes_sent: u64,
+    /// Bytes this rank received from other ranks.
+    pub bytes_received: u64,
+    /// Device-to-host synchronisations.
+    pub host_syncs: usize,
+}
+
+/// What [`TokenDispatcher::combine`] needs to undo a dispatch.
+#[derive(Debug, Clone)]
+pub struct DispatchPlan {
+    /// Token index of each dispatched row, `[N]`.
+    pub sorted_indices: Tensor<1, Int>,
+    /// Number of tokens before dispatch.
+    pub num_tokens: usize,
+    /// Accounting so far (dispatch side; combine adds its own).
+    pub stats: DispatchStats,
+}
+
+/// Tokens grouped by local expert.
+#[derive(Debug, Clone)]
+pub struct Dispatched {
+    /// Rows in expert-major order, `[N, H]`.
+    pub tokens: Tensor<2>,
+    /// Routing probability of each row, `[N]`.
+    pub probs: Tensor<1>,
+    /// Rows per local expert (host values; they size the expert groups).
+    pub tokens_per_expert: Vec<usize>,
+    /// The plan for [`TokenDispatcher::combine`].
+    pub plan: DispatchPlan,
+}
+
+/// Moves tokens to their experts and back (Megatron's `MoETokenDispatcher`).
+pub trait TokenDispatcher: Debug + Send + Sync {
+    /// The experts (global indices) whose weights live on this rank.
+    fn local_experts(&self, num_experts: usize) -> Range<usize>;
+
+    /// Groups `hidden` `[T, H]` by local expert following `routing_map` `[T, E]`, with the
+    /// matching entries of `probs` `[T, E]`.
+    fn dispatch(
+        &self,
+        hidden: Tensor<2>,
+        probs: Tensor<2>,
+        routing_map: Tensor<2, Bool>,
+    ) -> Result<Dispatched>;
+
+    /// Brings expert outputs `[N, H]` back to token order `[T, H]`, summing over experts.
+    fn combine(
+        &self,
+        expert_output: Tensor<2>,
+        plan: DispatchPlan,
+    ) -> Result<(Tensor<2>, DispatchStats)>;
+}
+
+/// One process: every expert is local; dispatch is a permutation, combine a scatter-add.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalDispatcher;
+
+impl TokenDispatcher for LocalDispatcher {
+    fn local_experts(&self, num_experts: usize) -> Range<usize> {
+        0..num_experts
+    }
+
+    fn dispatch(
+        &self,
+        hidden: Tensor<2>,
+        probs: Tensor<2>,
+        routing_map: Tensor<2, Bool>,
+    ) -> Result<Dispatched> {
+        let [t, h] = hidden.dims();
+        let map_dims = routing_map.dims();
+        if probs.dims() != map_dims || map_dims[0] != t {
+            return Err(MoeError::ShapeMismatch {
+                name: "probs / routing_map",
+                expected: format!("both [tokens = {t}, num_experts]"),
+                got: probs.dims().to_vec(),
+            });
+        }
+        let _ = h;
+        let device = hidden.device();
+        let (order, counts) = permute::routing_permutation(routing_map)?;
+        let expert_of_row: Vec<i64> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(e, &n)| std::iter::repeat_n(e as i64, n))
+            .collect();
+        let sorted_indices = Tensor::<1, Int>::from_data(order.as_slice(), &device);
+        let expert_of_row = Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device);
+        let (tokens, probs) =
+            permute::permute(hidden, probs, sorted_indices.clone(), expert_of_row);
+        Ok(Dispatched {
+            tokens,
+            probs,
+            tokens_per_expert: counts,
+            plan: DispatchPlan {
+                sorted_indices,
+                num_tokens: t,
+                stats: DispatchStats {
+                    host_syncs: 1,
+                    ..DispatchStats::default()
+                },
+            },
+        })
+    }
+
+    fn combine(
+        &self,
+        expert_output: Tensor<2>,
+        plan: DispatchPlan,
+    ) -> Result<(Tensor<2>, DispatchStats)> {
+        let out = permute::unpermute(expert_output, plan.sorted_indices, plan.num_tokens);
+        Ok((out, plan.stats))
+    }
+}

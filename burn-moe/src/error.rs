@@ -1,0 +1,61 @@
+//! Typed errors of the MoE crate.
+
+use thiserror::Error;
+
+/// Everything that can go wrong when building or running an MoE component.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum MoeError {
+    /// A configuration value is out of range or inconsistent with another one.
+    #[error("invalid configuration `{field}`: {reason}")]
+    InvalidConfig {
+        /// The offending field, as named in the config struct.
+        field: &'static str,
+        /// Why the value is rejected.
+        reason: String,
+    },
+    /// A tensor does not have the shape the component expects.
+    #[error("shape mismatch for `{name}`: expected {expected}, got {got:?}")]
+    ShapeMismatch {
+        /// The argument or weight whose shape is wrong.
+        name: &'static str,
+        /// The expected shape, in words.
+        expected: String,
+        /// The actual shape.
+        got: Vec<usize>,
+    },
+    /// An argument given at run time is invalid.
+    #[error("invalid argument `{name}`: {reason}")]
+    InvalidArgument {
+        /// The argument.
+        name: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// The router logits contain NaN or infinite values.
+    #[error("router logits contain {count} non-finite value(s) (NaN or infinite)")]
+    NonFiniteLogits {
+        /// How many entries are not finite.
+        count: usize,
+    },
+    /// The backend failed while reading a tensor back to the host.
+    #[error("backend error while {context}: {message}")]
+    Backend {
+        /// What was being done.
+        context: &'static str,
+        /// The backend's message.
+        message: String,
+    },
+    /// A collective operation (cross-rank reduction or exchange) failed.
+    #[error("communication error: {0}")]
+    Communication(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = MoeError> = core::result::Result<T, E>;
+
+pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> MoeError {
+    MoeError::InvalidConfig {
+        field,
+        reason: reason.into(),
+    }
+}

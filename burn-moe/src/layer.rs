@@ -1,0 +1,208 @@
+//! The MoE layer: route → dispatch → experts → combine, plus shared experts.
+
+use std::sync::Arc;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::dispatch::{DispatchStats, LocalDispatcher, TokenDispatcher};
+use crate::error::{MoeError, Result, invalid};
+use crate::experts::{Experts, ExpertsConfig, SharedExperts, SharedExpertsConfig};
+use crate::router::{GlobalAuxState, RouteOptions, Router, RouterConfig, RouterOutput, sum_losses};
+
+/// Configuration of an [`MoeLayer`]: each component owns its config.
+#[derive(Config, Debug)]
+pub struct MoeLayerConfig {
+    /// The router.
+    pub router: RouterConfig,
+    /// The routed experts (`num_experts` and `hidden` must match the router's).
+    pub experts: ExpertsConfig,
+    /// Optional shared experts.
+    #[config(default = "None")]
+    pub shared: Option<SharedExpertsConfig>,
+}
+
+impl MoeLayerConfig {
+    /// A dropless top-k softmax layer with SwiGLU experts and every other option at its
+    /// default; set the rest with the `with_*` builders of the component configs.
+    pub fn swiglu(hidden: usize, ffn_hidden: usize, num_experts: usize, topk: usize) -> Self {
+        Self::new(
+            RouterConfig::new(hidden, num_experts, topk),
+            ExpertsConfig::new(num_experts, hidden, ffn_hidden),
+        )
+    }
+
+    /// Checks each component and that they agree.
+    pub fn validate(&self) -> Result<()> {
+        self.router.validate()?;
+        self.experts.validate()?;
+        if self.experts.num_experts != self.router.num_experts {
+            return Err(invalid(
+                "experts.num_experts",
+                format!(
+                    "is {} but the router routes to {} experts",
+                    self.experts.num_experts, self.router.num_experts
+                ),
+            ));
+        }
+        if self.experts.hidden != self.router.hidden {
+            return Err(invalid(
+                "experts.hidden",
+                format!(
+                    "is {} but router.hidden is {}",
+                    self.experts.hidden, self.router.hidden
+                ),
+            ));
+        }
+        if let Some(shared) = &self.shared {
+            shared.validate()?;
+            if shared.hidden != self.router.hidden {
+                return Err(invalid(
+                    "shared.hidden",
+                    format!(
+                        "is {} but router.hidden is {}",
+                        shared.hidden, self.router.hidden
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the layer on `device` with the single-process dispatcher.
+    pub fn init(&self, device: &Device) -> Result<MoeLayer> {
+        self.validate()?;
+        let router = self.router.init(device)?;
+        let experts = self.experts.init(device)?;
+        let shared = self.shared.as_ref().map(|s| s.init(device)).transpose()?;
+        MoeLayer::new(router, experts, shared)
+    }
+}
+
+/// What the MoE layer returns.
+#[derive(Debug, Clone)]
+pub struct MoeOutput {
+    /// Layer output, same shape as the input.
+    pub output: Tensor<3>,
+    /// Sum of the enabled load-balancing losses (aux, sequence aux, global aux), `[1]`.
+    pub aux_loss: Option<Tensor<1>>,
+    /// Router z-loss, `[1]`.
+    pub z_loss: Option<Tensor<1>>,
+    /// Tokens per expert after dropping, `[E]`.
+    pub tokens_per_expert: Tensor<1, Int>,
+    /// The full router output (probabilities, routing map, each loss separately).
+    pub router: RouterOutput,
+    /// Communication and synchronisation accounting of the dispatch.
+    pub stats: DispatchStats,
+}
+
+impl MoeOutput {
+    /// The auxiliary terms to add to the training loss (load balancing + z-loss).
+    pub fn total_aux_loss(&self) -> Option<Tensor<1>> {
+        sum_losses([self.aux_loss.clone(), self.z_loss.clone()])
+    }
+
+    /// The updated global aux-loss accumulator, to pass to the next micro-batch.
+    pub fn global_aux_state(&self) -> Option<GlobalAuxState> {
+        self.router.global_aux_state.clone()
+    }
+}
+
+/// A Mixture-of-Experts layer with Megatron-Core's semantics.
+#[derive(Module, Debug)]
+pub struct MoeLayer {
+    /// The router.
+    pub router: Router,
+    /// The routed experts held by this rank.
+    pub experts: Experts,
+    /// Optional shared experts.
+    pub shared: Option<SharedExperts>,
+    #[module(skip)]
+    dispatcher: Arc<dyn TokenDispatcher>,
+}
+
+impl MoeLayer {
+    /// Assembles a layer from its parts (single-process dispatcher).
+    pub fn new(router: Router, experts: Experts, shared: Option<SharedExperts>) -> Result<Self> {
+        if experts.config().num_experts != router.config().num_experts {
+            return Err(invalid(
+                "experts.num_experts",
+                "must equal router.num_experts",
+            ));
+        }
+        Ok(Self {
+            router,
+            experts,
+            shared,
+            dispatcher: Arc::new(LocalDispatcher),
+        })
+    }
+
+    /// Uses another token dispatcher (expert parallelism).
+    pub fn with_dispatcher(mut self, dispatcher: Arc<dyn TokenDispatcher>) -> Self {
+        self.dispatcher = dispatcher;
+        self
+    }
+
+    /// # Shapes
+    /// - x: `[seq_len, batch, hidden]` (tokens `t = s * batch + b`)
+    /// - output: `[seq_len, batch, hidden]`
+    pub fn forward(&self, x: Tensor<3>) -> Result<MoeOutput> {
+        self.forward_with(x, RouteOptions::default())
+    }
+
+    /// [`forward`](Self::forward) with routing options (evaluation mode, global aux state).
+    pub fn forward_with(&self, x: Tensor<3>, options: RouteOptions) -> Result<MoeOutput> {
+        let [s, b, h] = x.dims();
+        let hidden = self.router.config().hidden;
+        if h != hidden {
+            return Err(MoeError::ShapeMismatch {
+                name: "x",
+                expected: format!("[seq_len, batch, hidden = {hidden}]"),
+                got: vec![s, b, h],
+            });
+        }
+        let tokens = x.reshape([s * b, h]);
+        let routed = self
+            .router
+            .forward_with(tokens.clone().reshape([s, b, h]), options)?;
+        let dispatched = self.dispatcher.dispatch(
+            tokens.clone(),
+            routed.probs.clone(),
+            routed.routing_map.clone(),
+        )?;
+        let local = self
+            .dispatcher
+            .local_experts(self.router.config().num_experts);
+        if dispatched.tokens_per_expert.len() != local.len()
+            || self.experts.config().num_experts != local.len()
+        {
+            return Err(MoeError::InvalidArgument {
+                name: "dispatcher",
+                reason: format!(
+                    "dispatched {} expert groups for {} local experts",
+                    dispatched.tokens_per_expert.len(),
+                    self.experts.config().num_experts
+                ),
+            });
+        }
+        let expert_out = self.experts.forward(
+            dispatched.tokens,
+            &dispatched.tokens_per_expert,
+            dispatched.probs,
+        )?;
+        let (mut output, stats) = self.dispatcher.combine(expert_out, dispatched.plan)?;
+        if let Some(shared) = &self.shared {
+            output = output + shared.forward(tokens)?;
+        }
+        Ok(MoeOutput {
+            output: output.reshape([s, b, h]),
+            aux_loss: routed.load_balancing_loss(),
+            z_loss: routed.z_loss.clone(),
+            tokens_per_expert: routed.tokens_per_expert.clone(),
+            router: routed,
+            stats,
+        })
+    }
+}
