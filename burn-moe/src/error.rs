@@ -45,6 +45,9 @@ pub enum MoeError {
         /// The backend's message.
         message: String,
     },
+    /// The requested backend cannot run here.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
     /// A collective operation (cross-rank reduction or exchange) failed.
     #[error("communication error: {0}")]
     Communication(String),

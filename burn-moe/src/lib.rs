@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+pub mod backend;
 pub mod dispatch;
 pub mod error;
 pub mod experts;
@@ -48,6 +49,7 @@ pub use error::{MoeError, Result};
 
 /// Everything a notebook or model file needs in one import.
 pub mod prelude {
+    pub use crate::backend::BackendKind;
     pub use crate::dispatch::{
         DispatchPlan, DispatchStats, Dispatched, LocalDispatcher, TokenDispatcher,
     };

@@ -16,6 +16,22 @@ fn golden_dir() -> PathBuf {
     }
 }
 
+/// The backend the cases run on: Flex by default; `BURN_TEST_DEVICE=cuda` runs them on the
+/// first CUDA device when the crate is built with the `cuda` feature.
+fn device() -> Device {
+    let base = match std::env::var("BURN_TEST_DEVICE").as_deref() {
+        Ok("cuda") => cuda_device(),
+        Ok("flex") | Err(_) => Device::flex(),
+        Ok(other) => panic!("BURN_TEST_DEVICE={other}: use flex or cuda"),
+    };
+    base.autodiff()
+}
+
+fn cuda_device() -> Device {
+    burn_moe::backend::device(BackendKind::Cuda)
+        .unwrap_or_else(|e| panic!("BURN_TEST_DEVICE=cuda: {e}"))
+}
+
 struct Case {
     name: String,
     kind: String,
@@ -258,7 +274,7 @@ fn fields_to_check(case: &Value) -> Vec<String> {
 }
 
 fn run_router_case(case: &Value) -> Result<(), String> {
-    let device = Device::flex().autodiff();
+    let device = device();
     let cfg = &case["config"];
     let tol = tolerance(case);
     let logits: Tensor<2> =
@@ -353,7 +369,7 @@ fn activation(name: &str) -> Result<Activation, String> {
 }
 
 fn run_layer_case(case: &Value, compute: ExpertsCompute) -> Result<(), String> {
-    let device = Device::flex().autodiff();
+    let device = device();
     let cfg = &case["config"];
     let inputs = &case["inputs"];
     let tol = tolerance(case);
@@ -482,6 +498,14 @@ fn run_layer_case(case: &Value, compute: ExpertsCompute) -> Result<(), String> {
     Ok(())
 }
 
+/// The closing `N passed, M failed` line, written past the test harness's output capture so it
+/// shows in a plain `cargo test` run.
+fn summary(line: String) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
 #[test]
 fn golden_router_and_moe_layer_cases() {
     let dir = golden_dir();
@@ -512,10 +536,10 @@ fn golden_router_and_moe_layer_cases() {
             }
         }
     }
-    println!(
+    summary(format!(
         "golden moe ({}): {passed} passed, {failed} failed",
         dir.display()
-    );
+    ));
     assert!(
         passed + failed > 0,
         "no router or moe_layer case found in {}",

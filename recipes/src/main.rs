@@ -77,15 +77,11 @@ struct LayerArgs {
 }
 
 fn device(backend: Backend) -> Result<Device, String> {
-    match backend {
-        Backend::Flex => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => Ok(Device::cuda(0)),
-        #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => {
-            Err("this binary was built without CUDA: rebuild with `--features cuda`".into())
-        }
-    }
+    let kind = match backend {
+        Backend::Flex => BackendKind::Flex,
+        Backend::Cuda => BackendKind::Cuda,
+    };
+    burn_moe::backend::device(kind).map_err(|e| e.to_string())
 }
 
 fn run_layer(args: &LayerArgs) -> Result<(), String> {

@@ -146,7 +146,7 @@ impl RouterConfig {
                 return Err(invalid("num_groups", "must be set when group_topk is set"));
             }
             (Some(groups), Some(group_topk)) => {
-                if groups == 0 || self.num_experts % groups != 0 {
+                if groups == 0 || !self.num_experts.is_multiple_of(groups) {
                     return Err(invalid(
                         "num_groups",
                         format!(
@@ -161,7 +161,7 @@ impl RouterConfig {
                         format!("must be in 1..={groups} (num_groups), got {group_topk}"),
                     ));
                 }
-                if self.topk % group_topk != 0 {
+                if !self.topk.is_multiple_of(group_topk) {
                     return Err(invalid(
                         "group_topk",
                         format!("must divide topk ({}), got {group_topk}", self.topk),
