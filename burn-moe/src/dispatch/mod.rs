@@ -85,7 +85,7 @@ impl TokenDispatcher for LocalDispatcher {
         probs: Tensor<2>,
         routing_map: Tensor<2, Bool>,
     ) -> Result<Dispatched> {
-        let [t, h] = hidden.dims();
+        let [t, _] = hidden.dims();
         let map_dims = routing_map.dims();
         if probs.dims() != map_dims || map_dims[0] != t {
             return Err(MoeError::ShapeMismatch {
@@ -94,7 +94,6 @@ impl TokenDispatcher for LocalDispatcher {
                 got: probs.dims().to_vec(),
             });
         }
-        let _ = h;
         let device = hidden.device();
         let (order, counts) = permute::routing_permutation(routing_map)?;
         let expert_of_row: Vec<i64> = counts
