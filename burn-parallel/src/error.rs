@@ -1,8 +1,10 @@
 //! Typed errors of the parallel crate.
 
+use std::time::Duration;
+
 use thiserror::Error;
 
-/// Errors of mesh construction and collectives.
+/// Errors of mesh construction, communicators, collectives and the distributed optimizer.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ParallelError {
     /// A parallel size or the order string is invalid.
@@ -20,6 +22,69 @@ pub enum ParallelError {
         rank: usize,
         /// The world size.
         world_size: usize,
+    },
+    /// An argument of a collective or layer is invalid (wrong length, shape not divisible, …).
+    #[error("invalid argument `{name}`: {reason}")]
+    InvalidArgument {
+        /// The argument.
+        name: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A collective did not complete within the communicator's timeout and every peer still
+    /// looked alive (a peer is slow or stuck in a different collective).
+    #[error(
+        "{op} on group {group:?} (world ranks) timed out after {after:?}; no peer was found dead \
+         (a peer may be stuck in a different collective)"
+    )]
+    Timeout {
+        /// The collective.
+        op: &'static str,
+        /// World ranks of the group.
+        group: Vec<usize>,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// A collective did not complete because peers died.
+    #[error("{op} on group {group:?} (world ranks) failed: lost peer rank(s) {lost:?} ({detail})")]
+    PeerLost {
+        /// The collective.
+        op: &'static str,
+        /// World ranks of the group.
+        group: Vec<usize>,
+        /// World ranks found dead.
+        lost: Vec<usize>,
+        /// How they were found dead.
+        detail: String,
+    },
+    /// The communicator failed earlier (a timeout or a lost peer) and cannot be used again.
+    #[error("communicator is unusable after an earlier failure: {0}")]
+    Poisoned(String),
+    /// The engine reported an error.
+    #[error("{engine} error in {op}: {reason}")]
+    Engine {
+        /// `mpi`, `nccl`, …
+        engine: &'static str,
+        /// The operation.
+        op: &'static str,
+        /// The engine's message.
+        reason: String,
+    },
+    /// The engine cannot be used in this build or on this machine.
+    #[error("{engine} is unavailable: {reason}")]
+    Unavailable {
+        /// `mpi`, `nccl`, …
+        engine: &'static str,
+        /// Why (feature not compiled in, no GPU, library missing, …).
+        reason: String,
+    },
+    /// A tensor could not be read from or written to its device.
+    #[error("backend error in {context}: {reason}")]
+    Backend {
+        /// Where.
+        context: &'static str,
+        /// The backend's message.
+        reason: String,
     },
 }
 

@@ -14,13 +14,18 @@
 //! assert_eq!(mesh.group_of(GroupKind::Ep, 5).unwrap(), &[4, 5, 6, 7]);
 //! ```
 
+pub mod comm;
 pub mod error;
+pub mod group;
+pub mod mappings;
 pub mod mesh;
+pub mod ops;
 
 pub use error::{ParallelError, Result};
 
 /// Everything needed in one import.
 pub mod prelude {
+    pub use crate::comm::{Communicator, ReduceOp, SingleRank};
     pub use crate::error::ParallelError;
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
 }

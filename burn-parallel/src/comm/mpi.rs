@@ -1,0 +1,395 @@
+//! OpenMPI through the `mpi` crate (feature `mpi`).
+//!
+//! Every MPI call runs on one engine thread that initialises MPI, owns every MPI communicator and
+//! finalises MPI when the [`MpiWorld`] guard is dropped. Callers hand it jobs with owned buffers
+//! and wait for the answer with a timeout, so a collective whose peer died returns
+//! [`ParallelError::PeerLost`] (or [`ParallelError::Timeout`]) instead of hanging. After such a
+//! failure the engine is poisoned: the stuck job still owns its buffers, nothing is freed under
+//! MPI, and every later call fails at once with [`ParallelError::Poisoned`].
+//!
+//! A peer is found dead by its process: at start-up every rank shares its host and PID, and a
+//! timed-out rank checks `/proc/PID` for peers on its own host. Under `mpirun`, pass
+//! `--enable-recovery` so the survivors live long enough to report the lost peer (without it,
+//! `mpirun` kills them as soon as one rank dies).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mpi::Count;
+use mpi::collective::SystemOperation;
+use mpi::datatype::{Partition, PartitionMut};
+use mpi::environment::Universe;
+use mpi::topology::Communicator as _;
+use mpi::topology::{Color, SimpleCommunicator};
+use mpi::traits::*;
+
+use super::worker::{Peer, Worker};
+use super::{Communicator, ReduceOp, block_len, check_counts, check_peer};
+use crate::error::{ParallelError, Result};
+
+pub use super::TIMEOUT_ENV;
+
+/// Settings of the MPI engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MpiConfig {
+    /// How long any blocking call may take before the peers are checked and an error returned.
+    pub timeout: Duration,
+}
+
+impl Default for MpiConfig {
+    fn default() -> Self {
+        Self {
+            timeout: super::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl MpiConfig {
+    /// The default settings, with the timeout taken from `BURN_PARALLEL_TIMEOUT_S` when set.
+    pub fn from_env() -> Result<Self> {
+        Ok(Self {
+            timeout: super::timeout_from_env()?,
+        })
+    }
+}
+
+/// State owned by the engine thread. Communicators drop before the universe (MPI_Finalize).
+struct MpiState {
+    comms: Vec<SimpleCommunicator>,
+    _universe: Universe,
+}
+
+type Engine = Worker<MpiState>;
+
+fn to_count(name: &'static str, n: usize) -> Result<Count> {
+    Count::try_from(n).map_err(|_| ParallelError::InvalidArgument {
+        name,
+        reason: format!("{n} values exceed MPI's count limit"),
+    })
+}
+
+fn counts_and_displs(name: &'static str, counts: &[usize]) -> Result<(Vec<Count>, Vec<Count>)> {
+    let mut c = Vec::with_capacity(counts.len());
+    let mut d = Vec::with_capacity(counts.len());
+    let mut offset = 0usize;
+    for &n in counts {
+        c.push(to_count(name, n)?);
+        d.push(to_count(name, offset)?);
+        offset += n;
+    }
+    Ok((c, d))
+}
+
+fn system_op(op: ReduceOp) -> SystemOperation {
+    match op {
+        ReduceOp::Max => SystemOperation::max(),
+        ReduceOp::Sum | ReduceOp::Avg => SystemOperation::sum(),
+    }
+}
+
+fn finish_avg(buf: &mut [f32], op: ReduceOp, size: usize) {
+    if op == ReduceOp::Avg {
+        let n = size as f32;
+        buf.iter_mut().for_each(|v| *v /= n);
+    }
+}
+
+/// The MPI world of this process. Dropping it finalises MPI (after which every communicator of
+/// this engine returns errors); keep it alive for the whole run.
+#[derive(Debug)]
+pub struct MpiWorld {
+    engine: Arc<Engine>,
+    world: Arc<dyn Communicator>,
+}
+
+impl MpiWorld {
+    /// Initialises MPI on the engine thread. Fails when MPI was already initialised in this
+    /// process or the library cannot start.
+    pub fn init(config: MpiConfig) -> Result<Self> {
+        let (mut engine, (rank, size, raw_peers)) = Worker::spawn("mpi", config.timeout, || {
+            let (universe, _threading) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+                .ok_or(ParallelError::Unavailable {
+                engine: "mpi",
+                reason: "MPI was already initialised in this process".into(),
+            })?;
+            let world = universe.world();
+            let (rank, size) = (world.rank() as usize, world.size() as usize);
+            let me = Peer::me();
+            let mut peers = vec![0u64; 2 * size];
+            world.all_gather_into(&[me.host, me.pid][..], &mut peers[..]);
+            let state = MpiState {
+                comms: vec![world],
+                _universe: universe,
+            };
+            Ok((state, (rank, size, peers)))
+        })?;
+        let peers = raw_peers
+            .chunks_exact(2)
+            .map(|p| Peer {
+                host: p[0],
+                pid: p[1],
+            })
+            .collect();
+        engine.set_peers(peers, rank);
+        let engine = Arc::new(engine);
+        let world = Arc::new(MpiComm {
+            engine: engine.clone(),
+            id: 0,
+            rank,
+            world_ranks: (0..size).collect(),
+        });
+        Ok(Self { engine, world })
+    }
+
+    /// The world communicator.
+    pub fn communicator(&self) -> Arc<dyn Communicator> {
+        self.world.clone()
+    }
+
+    /// This process's world rank.
+    pub fn rank(&self) -> usize {
+        self.world.rank()
+    }
+
+    /// Number of processes.
+    pub fn size(&self) -> usize {
+        self.world.size()
+    }
+
+    /// The timeout of every blocking call.
+    pub fn timeout(&self) -> Duration {
+        self.engine.timeout()
+    }
+}
+
+impl Drop for MpiWorld {
+    fn drop(&mut self) {
+        // The engine thread drops its state (MPI_Finalize) and exits.
+        self.engine.shutdown();
+    }
+}
+
+/// A group of the MPI engine.
+#[derive(Debug)]
+pub struct MpiComm {
+    engine: Arc<Engine>,
+    id: usize,
+    rank: usize,
+    world_ranks: Vec<usize>,
+}
+
+impl MpiComm {
+    fn call<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&SimpleCommunicator) -> Result<T> + Send + 'static,
+    {
+        let id = self.id;
+        self.engine
+            .call(op, &self.world_ranks, move |state| f(&state.comms[id]))
+    }
+}
+
+impl Communicator for MpiComm {
+    fn engine(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.world_ranks.len()
+    }
+
+    fn world_ranks(&self) -> &[usize] {
+        &self.world_ranks
+    }
+
+    fn split(&self, color: Option<u32>, key: u32) -> Result<Option<Arc<dyn Communicator>>> {
+        let color = match color {
+            Some(c) => Some(
+                i32::try_from(c).map_err(|_| ParallelError::InvalidArgument {
+                    name: "color",
+                    reason: format!("{c} exceeds MPI's color range"),
+                })?,
+            ),
+            None => None,
+        };
+        let key = i32::try_from(key).map_err(|_| ParallelError::InvalidArgument {
+            name: "key",
+            reason: format!("{key} exceeds MPI's key range"),
+        })?;
+        let parent = self.id;
+        let my_world = self.world_ranks[self.rank] as u64;
+        let split = self.engine.call("split", &self.world_ranks, move |state| {
+            let comm = &state.comms[parent];
+            let color = color.map_or_else(Color::undefined, Color::with_value);
+            let Some(child) = comm.split_by_color_with_key(color, key) else {
+                return Ok(None);
+            };
+            let size = child.size() as usize;
+            let rank = child.rank() as usize;
+            let mut world = vec![0u64; size];
+            child.all_gather_into(&my_world, &mut world[..]);
+            state.comms.push(child);
+            let id = state.comms.len() - 1;
+            Ok(Some((id, rank, world)))
+        })?;
+        Ok(split.map(|(id, rank, world)| {
+            Arc::new(MpiComm {
+                engine: self.engine.clone(),
+                id,
+                rank,
+                world_ranks: world.into_iter().map(|r| r as usize).collect(),
+            }) as Arc<dyn Communicator>
+        }))
+    }
+
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let send = buf.to_vec();
+        let size = self.size();
+        let out = self.call("all_reduce", move |comm| {
+            let mut recv = vec![0f32; send.len()];
+            comm.all_reduce_into(&send[..], &mut recv[..], system_op(op));
+            finish_avg(&mut recv, op, size);
+            Ok(recv)
+        })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
+        let send = send.to_vec();
+        let size = self.size();
+        self.call("all_gather", move |comm| {
+            let mut recv = vec![0f32; send.len() * size];
+            comm.all_gather_into(&send[..], &mut recv[..]);
+            Ok(recv)
+        })
+    }
+
+    fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        let total = check_counts("counts", counts, self.size())?;
+        if counts[self.rank] != send.len() {
+            return Err(ParallelError::InvalidArgument {
+                name: "counts",
+                reason: format!(
+                    "counts[{}] = {} but this rank gives {} values",
+                    self.rank,
+                    counts[self.rank],
+                    send.len()
+                ),
+            });
+        }
+        let (c, d) = counts_and_displs("counts", counts)?;
+        let send = send.to_vec();
+        self.call("all_gather_v", move |comm| {
+            let mut recv = vec![0f32; total];
+            let mut partition = PartitionMut::new(&mut recv[..], c, d);
+            comm.all_gather_varcount_into(&send[..], &mut partition);
+            Ok(recv)
+        })
+    }
+
+    fn reduce_scatter(&self, send: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+        let size = self.size();
+        let block = block_len("send", send.len(), size)?;
+        let send = send.to_vec();
+        self.call("reduce_scatter", move |comm| {
+            let mut recv = vec![0f32; block];
+            comm.reduce_scatter_block_into(&send[..], &mut recv[..], system_op(op));
+            finish_avg(&mut recv, op, size);
+            Ok(recv)
+        })
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>> {
+        let sent = check_counts("send_counts", send_counts, self.size())?;
+        let total = check_counts("recv_counts", recv_counts, self.size())?;
+        if sent != send.len() {
+            return Err(ParallelError::InvalidArgument {
+                name: "send_counts",
+                reason: format!("sum {sent} but {} values were given", send.len()),
+            });
+        }
+        let (sc, sd) = counts_and_displs("send_counts", send_counts)?;
+        let (rc, rd) = counts_and_displs("recv_counts", recv_counts)?;
+        let send = send.to_vec();
+        self.call("all_to_all_v", move |comm| {
+            let mut recv = vec![0f32; total];
+            let send_part = Partition::new(&send[..], sc, sd);
+            let mut recv_part = PartitionMut::new(&mut recv[..], rc, rd);
+            comm.all_to_all_varcount_into(&send_part, &mut recv_part);
+            Ok(recv)
+        })
+    }
+
+    fn send(&self, buf: &[f32], dest: usize, tag: u16) -> Result<()> {
+        check_peer("dest", dest, self.size())?;
+        let buf = buf.to_vec();
+        self.call("send", move |comm| {
+            comm.process_at_rank(dest as i32)
+                .send_with_tag(&buf[..], i32::from(tag));
+            Ok(())
+        })
+    }
+
+    fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
+        check_peer("src", src, self.size())?;
+        self.call("recv", move |comm| {
+            let mut buf = vec![0f32; count];
+            let status = comm
+                .process_at_rank(src as i32)
+                .receive_into_with_tag(&mut buf[..], i32::from(tag));
+            let got = status.count(f32::equivalent_datatype()) as usize;
+            if got != count {
+                return Err(ParallelError::InvalidArgument {
+                    name: "count",
+                    reason: format!("expected {count} values from rank {src}, received {got}"),
+                });
+            }
+            Ok(buf)
+        })
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        check_peer("root", root, self.size())?;
+        let mut owned = buf.to_vec();
+        let out = self.call("broadcast", move |comm| {
+            comm.process_at_rank(root as i32)
+                .broadcast_into(&mut owned[..]);
+            Ok(owned)
+        })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        check_peer("root", root, self.size())?;
+        let mut owned = std::mem::take(buf);
+        let out = self.call("broadcast_bytes", move |comm| {
+            let root_process = comm.process_at_rank(root as i32);
+            let mut len = owned.len() as u64;
+            root_process.broadcast_into(&mut len);
+            owned.resize(len as usize, 0);
+            root_process.broadcast_into(&mut owned[..]);
+            Ok(owned)
+        })?;
+        *buf = out;
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.call("barrier", |comm| {
+            comm.barrier();
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,64 @@
+//! `ParallelBackend`: collectives on tensors as a Burn backend extension.
+//!
+//! The forward operations run on every backend listed below by staging through host memory and
+//! the group's [`Communicator`](crate::comm::Communicator); the `Autodiff` implementation adds the
+//! backward rules of Megatron-Core's `tensor_parallel/mappings.py` (each mapping's gradient is its
+//! conjugate). Use the functions of [`crate::mappings`]; they return `Result`.
+//!
+//! Backend operations cannot return errors: a failed collective parks its error in the group
+//! registry (see [`crate::group::check`]) and returns zeros of the right shape.
+
+mod autodiff;
+mod host;
+
+use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
+
+use crate::comm::ReduceOp;
+use crate::group::GroupId;
+
+/// How the backward pass of an all-gather treats the incoming gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GatherGrad {
+    /// Keep this rank's slice (the output is consumed identically on every rank).
+    Split,
+    /// Reduce-scatter the gradient (each rank consumed the output differently, as the input of a
+    /// tensor-parallel layer under sequence parallelism).
+    ReduceScatter,
+}
+
+/// Collectives on tensors with Megatron's conjugate autodiff rules.
+#[backend_extension(Flex: cfg(feature = "flex"), Cube: cfg(feature = "cuda"), Autodiff)]
+pub trait ParallelBackend: Backend {
+    /// All-reduce, not differentiable (the output is a constant for autodiff).
+    fn coll_all_reduce(x: FloatTensor<Self>, group: GroupId, op: ReduceOp) -> FloatTensor<Self>;
+
+    /// Identity forward, all-reduce (sum) backward: Megatron's `copy_to_tensor_model_parallel_region`.
+    fn coll_copy_to_region(x: FloatTensor<Self>, group: GroupId) -> FloatTensor<Self>;
+
+    /// All-reduce (sum) forward, identity backward: `reduce_from_tensor_model_parallel_region`.
+    fn coll_reduce_from_region(x: FloatTensor<Self>, group: GroupId) -> FloatTensor<Self>;
+
+    /// Keeps this rank's chunk of `dim`; backward all-gathers along `dim`.
+    fn coll_split(x: FloatTensor<Self>, group: GroupId, dim: usize) -> FloatTensor<Self>;
+
+    /// All-gathers along `dim`; backward keeps this rank's slice or reduce-scatters (see
+    /// [`GatherGrad`]).
+    fn coll_gather(
+        x: FloatTensor<Self>,
+        group: GroupId,
+        dim: usize,
+        grad: GatherGrad,
+    ) -> FloatTensor<Self>;
+
+    /// Reduce-scatter (sum) along `dim`; backward all-gathers along `dim`.
+    fn coll_reduce_scatter(x: FloatTensor<Self>, group: GroupId, dim: usize) -> FloatTensor<Self>;
+
+    /// All-to-all-v of the rows (dim 0): `send_counts[p]` rows go to peer `p`, `recv_counts[p]`
+    /// rows come from it. Backward is the reverse all-to-all-v.
+    fn coll_all_to_all_v(
+        x: FloatTensor<Self>,
+        group: GroupId,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> FloatTensor<Self>;
+}
