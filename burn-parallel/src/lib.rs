@@ -17,9 +17,11 @@
 pub mod comm;
 pub mod error;
 pub mod group;
+pub mod layers;
 pub mod mappings;
 pub mod mesh;
 pub mod ops;
+pub mod optim;
 
 pub use error::{ParallelError, Result};
 
@@ -27,5 +29,12 @@ pub use error::{ParallelError, Result};
 pub mod prelude {
     pub use crate::comm::{Communicator, ReduceOp, SingleRank};
     pub use crate::error::ParallelError;
+    pub use crate::group::{Group, GroupId, ProcessGroups};
+    pub use crate::layers::{
+        ColumnParallelLinear, ParallelAttention, ParallelMlp, ParallelParams, ParamRole, RmsNorm,
+        RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy,
+    };
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
+    pub use crate::ops::GatherGrad;
+    pub use crate::optim::{AdamWConfig, DistributedAdamW, StepStats};
 }
