@@ -87,7 +87,7 @@ impl ColumnParallelLinear {
         let k = chunk("weight", cols, tp.size())?;
         let r = tp.rank();
         let weight = weight.slice([0..rows, r * k..(r + 1) * k]);
-        let bias = bias.map(|b| b.slice([r * k..(r + 1) * k]));
+        let bias = bias.map(|b| b.narrow(0, r * k, k));
         Ok(Self::from_local(
             weight,
             bias,

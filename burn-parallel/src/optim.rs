@@ -71,14 +71,14 @@ impl AdamWConfig {
                 return bad(name, "must be in [0, 1)");
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad("eps", "must be positive");
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad("weight_decay", "must be non-negative");
         }
         if let Some(n) = self.max_grad_norm
-            && !(n > 0.0)
+            && (n.is_nan() || n <= 0.0)
         {
             return bad("max_grad_norm", "must be positive");
         }
@@ -126,9 +126,12 @@ pub struct DistributedAdamW {
 }
 
 /// Collects every float parameter's values and gradient, flattened, in module order.
+/// A parameter's id, values and gradient (when it has one), flattened.
+type Flat = (ParamId, Vec<f32>, Option<Vec<f32>>);
+
 struct Collect<'a> {
     grads: &'a Gradients,
-    params: Vec<(ParamId, Vec<f32>, Option<Vec<f32>>)>,
+    params: Vec<Flat>,
     error: Option<ParallelError>,
 }
 
@@ -330,11 +333,7 @@ impl DistributedAdamW {
         Ok((module, StepStats { grad_norm, clipped }))
     }
 
-    fn layout(
-        &mut self,
-        params: &[(ParamId, Vec<f32>, Option<Vec<f32>>)],
-        roles: &HashMap<ParamId, ParamRole>,
-    ) -> Result<Layout> {
+    fn layout(&mut self, params: &[Flat], roles: &HashMap<ParamId, ParamRole>) -> Result<Layout> {
         if let Some(layout) = &self.layout {
             let same = layout.entries.len() == params.len()
                 && layout

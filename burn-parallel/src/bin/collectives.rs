@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_parallel::comm::mpi::{MpiConfig, MpiWorld};
 use burn_parallel::comm::{Communicator, ReduceOp};
 use burn_parallel::group::{self, Group};
@@ -404,6 +404,37 @@ fn tensor_checks(c: &mut Checker, g_: &Group, label: &str) {
             }
         }
         c.eq(&format!("{label} all_to_all_v bwd"), &gx, &want);
+    }
+    // bf16 tensors: gather along the last dim and a reduction, forward and backward.
+    let xb = tensor(x(r), shape, &device)
+        .cast(DType::BF16)
+        .require_grad();
+    let yb = mappings::gather_from_region(xb.clone(), g_)
+        .and_then(|y| mappings::reduce_from_region(y, g_));
+    if let Some(yb) = c.ok("bf16 gather+reduce", yb) {
+        let dtype_ok = yb.dtype() == DType::BF16;
+        c.eq(
+            &format!("{label} bf16 dtype kept"),
+            &[f32::from(u8::from(dtype_ok))],
+            &[1.0],
+        );
+        let got = read(yb.clone().cast(DType::F32));
+        // Every rank gathered the same concatenation, so the reduction is g times it.
+        let gathered = concat_cols((0..g).map(x).collect(), cols);
+        let want_sum: Vec<f32> = gathered.iter().map(|v| v * g as f32).collect();
+        c.eq(&format!("{label} bf16 gather+reduce fwd"), &got, &want_sum);
+        let grads = yb.sum().backward();
+        if c.ok("bf16 backward", group::check()).is_some() {
+            let gx = xb
+                .grad(&grads)
+                .map(|t| read(t.cast(DType::F32)))
+                .unwrap_or_default();
+            c.eq(
+                &format!("{label} bf16 gather+reduce bwd"),
+                &gx,
+                &vec![1.0; n],
+            );
+        }
     }
     // Non-differentiable all-reduce (max).
     let t = tensor(x(r), shape, &device);

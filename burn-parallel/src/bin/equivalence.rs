@@ -171,6 +171,11 @@ fn f32s(d: &TensorData) -> Vec<f32> {
     d.clone().try_into_vec::<f32>().unwrap_or_default()
 }
 
+/// Whether an error is above the tolerance (NaN counts as above).
+fn exceeds(err: f64) -> bool {
+    err.is_nan() || err > TOL
+}
+
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
@@ -304,7 +309,7 @@ fn run_config(
     let mut failures = Vec::new();
     for (step, (got, want)) in trace.losses.iter().zip(&reference.losses).enumerate() {
         let err = f64::from((got - want).abs()) / f64::from(want.abs());
-        if !(err <= TOL) {
+        if exceeds(err) {
             failures.push(format!(
                 "{label}: loss at step {step}: {got} vs {want} (rel {err:.2e})"
             ));
@@ -339,7 +344,7 @@ fn run_config(
             .all_reduce(&mut g, ReduceOp::Avg)
             .map_err(|e| e.to_string())?;
         let err = rel_err(&g, &f32s(want));
-        if !(err <= TOL) {
+        if exceeds(err) {
             failures.push(format!("{label}: gradient of {} (rel {err:.2e})", NAMES[i]));
         }
     }
@@ -355,7 +360,7 @@ fn run_config(
     );
     for (i, (got, want)) in trace.params.iter().zip(&expected_params).enumerate() {
         let err = rel_err(&f32s(got), &f32s(want));
-        if !(err <= TOL) {
+        if exceeds(err) {
             failures.push(format!(
                 "{label}: {} after {STEPS} steps (rel {err:.2e})",
                 NAMES[i]

@@ -11,6 +11,7 @@
 //! peer is reported by world rank, never a hang.
 
 mod single;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 mod worker;
 
 #[cfg(feature = "mpi")]
@@ -38,17 +39,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn timeout_from_env() -> Result<Duration> {
     match std::env::var(TIMEOUT_ENV) {
         Err(_) => Ok(DEFAULT_TIMEOUT),
-        Ok(value) => value
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .ok_or(ParallelError::InvalidArgument {
-                name: TIMEOUT_ENV,
-                reason: format!("`{value}` is not a positive number of seconds"),
-            }),
+        Ok(value) => parse_timeout(&value),
     }
+}
+
+/// Parses a timeout in seconds (a positive, finite number; fractions allowed).
+pub fn parse_timeout(value: &str) -> Result<Duration> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or(ParallelError::InvalidArgument {
+            name: TIMEOUT_ENV,
+            reason: format!("`{value}` is not a positive number of seconds"),
+        })
 }
 
 /// Reduction operator of all-reduce and reduce-scatter.
