@@ -9,6 +9,8 @@
 //! | [`scatter_to_sequence_region`] | keep own chunk of dim 0 | all-gather dim 0 |
 //! | [`gather_from_sequence_region`] | all-gather dim 0 | reduce-scatter dim 0 (or keep own chunk) |
 //! | [`reduce_scatter_to_sequence_region`] | reduce-scatter dim 0 | all-gather dim 0 |
+//! | [`gather_rows_v`] | all-gather-v of rows | reduce-scatter-v of rows |
+//! | [`reduce_scatter_rows_v`] | reduce-scatter-v of rows | all-gather-v of rows |
 //! | [`all_to_all_v`] | all-to-all-v of rows | the reverse all-to-all-v |
 //!
 //! [`all_reduce`] is the non-differentiable all-reduce (sum, mean or max).
@@ -162,6 +164,74 @@ pub fn gather_dim<const D: usize>(
     let id = group.id();
     apply(x, |x| {
         <Dispatch as ParallelBackend>::coll_gather(x, id, dim, grad)
+    })
+}
+
+fn check_count_len(name: &'static str, counts: &[usize], group: &Group) -> Result<()> {
+    if counts.len() != group.size() {
+        return Err(ParallelError::InvalidArgument {
+            name,
+            reason: format!(
+                "has {} entries for a group of {} ranks",
+                counts.len(),
+                group.size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// All-gathers rows (dim 0) with uneven counts: rank `p` contributes `counts[p]` rows. Backward:
+/// reduce-scatter-v (each rank gets the sum of the gradients of its rows). Megatron's
+/// `gather_from_sequence_parallel_region` with `output_split_sizes`.
+pub fn gather_rows_v<const D: usize>(
+    x: Tensor<D>,
+    group: &Group,
+    counts: &[usize],
+) -> Result<Tensor<D>> {
+    check_count_len("counts", counts, group)?;
+    let rows = x.dims().first().copied().unwrap_or(0);
+    if counts[group.rank()] != rows {
+        return Err(ParallelError::InvalidArgument {
+            name: "counts",
+            reason: format!(
+                "counts[{}] = {} but this rank has {rows} rows",
+                group.rank(),
+                counts[group.rank()]
+            ),
+        });
+    }
+    if group.size() == 1 {
+        return Ok(x);
+    }
+    let (id, counts) = (group.id(), counts.to_vec());
+    apply(x, |x| {
+        <Dispatch as ParallelBackend>::coll_gather_v(x, id, counts)
+    })
+}
+
+/// Reduce-scatters rows with uneven counts: every rank holds `Σ counts` rows, rank `p` keeps the
+/// sum over ranks of rows `counts[..p].sum()..` (`counts[p]` of them). Backward: all-gather-v.
+pub fn reduce_scatter_rows_v<const D: usize>(
+    x: Tensor<D>,
+    group: &Group,
+    counts: &[usize],
+) -> Result<Tensor<D>> {
+    check_count_len("counts", counts, group)?;
+    let rows = x.dims().first().copied().unwrap_or(0);
+    let total: usize = counts.iter().sum();
+    if total != rows {
+        return Err(ParallelError::InvalidArgument {
+            name: "counts",
+            reason: format!("sum to {total} rows but the tensor has {rows}"),
+        });
+    }
+    if group.size() == 1 {
+        return Ok(x);
+    }
+    let (id, counts) = (group.id(), counts.to_vec());
+    apply(x, |x| {
+        <Dispatch as ParallelBackend>::coll_reduce_scatter_v(x, id, counts)
     })
 }
 

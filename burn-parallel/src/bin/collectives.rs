@@ -405,6 +405,58 @@ fn tensor_checks(c: &mut Checker, g_: &Group, label: &str) {
         }
         c.eq(&format!("{label} all_to_all_v bwd"), &gx, &want);
     }
+    // Uneven row counts (one rank may have none): gather-v and reduce-scatter-v.
+    let vc: Vec<usize> = (0..g).map(|p| (2 * p + 1) % 3).collect();
+    let total: usize = vc.iter().sum();
+    let off: usize = vc[..r].iter().sum();
+    let seg =
+        |v: Vec<f32>, start: usize, len: usize| v[start * width..(start + len) * width].to_vec();
+    if let Some((y, gx)) = c.ok(
+        "gather_rows_v",
+        fwd_bwd(
+            data(20, r, vc[r] * width),
+            [vc[r], width],
+            |_| data(21, r, total * width),
+            |t| mappings::gather_rows_v(t, g_, &vc),
+            &device,
+        ),
+    ) {
+        let want: Vec<f32> = (0..g).flat_map(|p| data(20, p, vc[p] * width)).collect();
+        c.eq(&format!("{label} gather_rows_v fwd"), &y, &want);
+        let mut want = vec![0f32; vc[r] * width];
+        for p in 0..g {
+            for (a, b) in want
+                .iter_mut()
+                .zip(seg(data(21, p, total * width), off, vc[r]))
+            {
+                *a += b;
+            }
+        }
+        c.eq(&format!("{label} gather_rows_v bwd"), &gx, &want);
+    }
+    if let Some((y, gx)) = c.ok(
+        "reduce_scatter_rows_v",
+        fwd_bwd(
+            data(22, r, total * width),
+            [total, width],
+            |_| data(23, r, vc[r] * width),
+            |t| mappings::reduce_scatter_rows_v(t, g_, &vc),
+            &device,
+        ),
+    ) {
+        let mut want = vec![0f32; vc[r] * width];
+        for p in 0..g {
+            for (a, b) in want
+                .iter_mut()
+                .zip(seg(data(22, p, total * width), off, vc[r]))
+            {
+                *a += b;
+            }
+        }
+        c.eq(&format!("{label} reduce_scatter_rows_v fwd"), &y, &want);
+        let want: Vec<f32> = (0..g).flat_map(|p| data(23, p, vc[p] * width)).collect();
+        c.eq(&format!("{label} reduce_scatter_rows_v bwd"), &gx, &want);
+    }
     // bf16 tensors: gather along the last dim and a reduction, forward and backward.
     let xb = tensor(x(r), shape, &device)
         .cast(DType::BF16)

@@ -77,6 +77,12 @@ backward_step!(ReduceScatter, (GroupId, usize), |grad, st| B::coll_gather(
     st.1,
     GatherGrad::Split
 ));
+backward_step!(GatherV, (GroupId, Vec<usize>), |grad, st| {
+    B::coll_reduce_scatter_v(grad, st.0, st.1)
+});
+backward_step!(ReduceScatterV, (GroupId, Vec<usize>), |grad, st| {
+    B::coll_gather_v(grad, st.0, st.1)
+});
 backward_step!(AllToAllV, (GroupId, Vec<usize>, Vec<usize>), |grad, st| {
     B::coll_all_to_all_v(grad, st.0, st.2, st.1)
 });
@@ -118,6 +124,26 @@ impl<B: Backend + ParallelBackend, C: CheckpointStrategy> ParallelBackend for Au
     fn coll_reduce_scatter(x: FloatTensor<Self>, group: GroupId, dim: usize) -> FloatTensor<Self> {
         tracked::<B, C, _>(x, ReduceScatter, (group, dim), |x| {
             B::coll_reduce_scatter(x, group, dim)
+        })
+    }
+
+    fn coll_gather_v(
+        x: FloatTensor<Self>,
+        group: GroupId,
+        counts: Vec<usize>,
+    ) -> FloatTensor<Self> {
+        let state = (group, counts.clone());
+        tracked::<B, C, _>(x, GatherV, state, |x| B::coll_gather_v(x, group, counts))
+    }
+
+    fn coll_reduce_scatter_v(
+        x: FloatTensor<Self>,
+        group: GroupId,
+        counts: Vec<usize>,
+    ) -> FloatTensor<Self> {
+        let state = (group, counts.clone());
+        tracked::<B, C, _>(x, ReduceScatterV, state, |x| {
+            B::coll_reduce_scatter_v(x, group, counts)
         })
     }
 

@@ -295,6 +295,124 @@ pub(super) fn all_to_all_v<B: Backend>(
     )
 }
 
+fn row_shape(shape: &Shape) -> (usize, usize) {
+    let rows = shape.as_slice().first().copied().unwrap_or(0);
+    let row_len = shape.as_slice().iter().skip(1).product();
+    (rows, row_len)
+}
+
+fn check_rows(name: &'static str, counts: &[usize], size: usize) -> Result<()> {
+    if counts.len() != size {
+        return Err(ParallelError::InvalidArgument {
+            name,
+            reason: format!("has {} entries for a group of {size} ranks", counts.len()),
+        });
+    }
+    Ok(())
+}
+
+pub(super) fn gather_v<B: Backend>(
+    x: FloatTensor<B>,
+    group: GroupId,
+    counts: &[usize],
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (rows, row_len) = row_shape(&shape);
+    let checked = lookup(group).and_then(|c| {
+        check_rows("counts", counts, c.size())?;
+        if counts[c.rank()] != rows {
+            return Err(ParallelError::InvalidArgument {
+                name: "counts",
+                reason: format!(
+                    "counts[{}] = {} but this rank has {rows} rows",
+                    c.rank(),
+                    counts[c.rank()]
+                ),
+            });
+        }
+        Ok(())
+    });
+    if let Err(err) = checked {
+        record_error(err);
+        return x;
+    }
+    let total: usize = counts.iter().sum();
+    let scaled: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
+    run::<B>(
+        x,
+        with_dim(&shape, 0, total),
+        |comm, host| {
+            map_host(
+                host,
+                |v| comm.all_gather_v(&v, &scaled),
+                |v| {
+                    let wide: Vec<f32> = v.iter().map(|b| b.to_f32()).collect();
+                    let out = comm.all_gather_v(&wide, &scaled)?;
+                    Ok(out.into_iter().map(bf16::from_f32).collect())
+                },
+            )
+        },
+        group,
+    )
+}
+
+pub(super) fn reduce_scatter_v<B: Backend>(
+    x: FloatTensor<B>,
+    group: GroupId,
+    counts: &[usize],
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (rows, row_len) = row_shape(&shape);
+    let total: usize = counts.iter().sum();
+    let checked = lookup(group).and_then(|c| {
+        check_rows("counts", counts, c.size())?;
+        if total != rows {
+            return Err(ParallelError::InvalidArgument {
+                name: "counts",
+                reason: format!("sum to {total} rows but the tensor has {rows}"),
+            });
+        }
+        Ok(c.rank())
+    });
+    let me = match checked {
+        Ok(r) => r,
+        Err(err) => {
+            record_error(err);
+            return x;
+        }
+    };
+    // Every rank sends rank p's rows to p and sums what it receives (one all-to-all-v).
+    let g = counts.len();
+    let send: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
+    let mine = counts[me] * row_len;
+    let recv = vec![mine; g];
+    let sum_blocks = |v: Vec<f32>| -> Vec<f32> {
+        let mut out = vec![0f32; mine];
+        for block in v.chunks(mine.max(1)).take(if mine == 0 { 0 } else { g }) {
+            for (o, b) in out.iter_mut().zip(block) {
+                *o += b;
+            }
+        }
+        out
+    };
+    run::<B>(
+        x,
+        with_dim(&shape, 0, counts[me]),
+        |comm, host| {
+            map_host(
+                host,
+                |v| Ok(sum_blocks(comm.all_to_all_v(&v, &send, &recv)?)),
+                |v| {
+                    let wide: Vec<f32> = v.iter().map(|b| b.to_f32()).collect();
+                    let out = sum_blocks(comm.all_to_all_v(&wide, &send, &recv)?);
+                    Ok(out.into_iter().map(bf16::from_f32).collect())
+                },
+            )
+        },
+        group,
+    )
+}
+
 /// The forward implementation shared by every concrete backend.
 macro_rules! host_parallel_backend {
     ($backend:ty) => {
@@ -334,6 +452,22 @@ macro_rules! host_parallel_backend {
                 dim: usize,
             ) -> FloatTensor<Self> {
                 reduce_scatter::<Self>(x, group, dim)
+            }
+
+            fn coll_gather_v(
+                x: FloatTensor<Self>,
+                group: GroupId,
+                counts: Vec<usize>,
+            ) -> FloatTensor<Self> {
+                gather_v::<Self>(x, group, &counts)
+            }
+
+            fn coll_reduce_scatter_v(
+                x: FloatTensor<Self>,
+                group: GroupId,
+                counts: Vec<usize>,
+            ) -> FloatTensor<Self> {
+                reduce_scatter_v::<Self>(x, group, &counts)
             }
 
             fn coll_all_to_all_v(

@@ -53,6 +53,19 @@ pub trait ParallelBackend: Backend {
     /// Reduce-scatter (sum) along `dim`; backward all-gathers along `dim`.
     fn coll_reduce_scatter(x: FloatTensor<Self>, group: GroupId, dim: usize) -> FloatTensor<Self>;
 
+    /// All-gather of rows (dim 0) with uneven counts (`counts[p]` rows from rank `p`);
+    /// backward reduce-scatters the gradient back to each rank's rows.
+    fn coll_gather_v(x: FloatTensor<Self>, group: GroupId, counts: Vec<usize>)
+    -> FloatTensor<Self>;
+
+    /// Reduce-scatter (sum) of rows with uneven counts: every rank holds `Σ counts` rows and
+    /// keeps the sum of its `counts[rank]` rows; backward all-gathers with the same counts.
+    fn coll_reduce_scatter_v(
+        x: FloatTensor<Self>,
+        group: GroupId,
+        counts: Vec<usize>,
+    ) -> FloatTensor<Self>;
+
     /// All-to-all-v of the rows (dim 0): `send_counts[p]` rows go to peer `p`, `recv_counts[p]`
     /// rows come from it. Backward is the reverse all-to-all-v.
     fn coll_all_to_all_v(
