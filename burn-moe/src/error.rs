@@ -50,7 +50,7 @@ pub enum MoeError {
     BackendUnavailable(String),
     /// A collective operation (cross-rank reduction or exchange) failed.
     #[error("communication error: {0}")]
-    Communication(String),
+    Communication(#[from] burn_parallel::ParallelError),
 }
 
 /// Result alias of this crate.

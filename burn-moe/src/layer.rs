@@ -6,9 +6,13 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
+use burn_parallel::group::ProcessGroups;
+
+use crate::dispatch::parallel::{AllGatherDispatcher, AllToAllDispatcher, ExpertGroups};
 use crate::dispatch::{DispatchStats, LocalDispatcher, TokenDispatcher};
 use crate::error::{MoeError, Result, invalid};
 use crate::experts::{Experts, ExpertsConfig, SharedExperts, SharedExpertsConfig};
+use crate::parallel::GroupReduce;
 use crate::router::{GlobalAuxState, RouteOptions, Router, RouterConfig, RouterOutput, sum_losses};
 
 /// Configuration of an [`MoeLayer`]: each component owns its config.
@@ -80,6 +84,15 @@ impl MoeLayerConfig {
     }
 }
 
+/// Which expert-parallel dispatcher a layer uses (Megatron's `--moe-token-dispatcher-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatcherKind {
+    /// All-gather over ETP×EP, keep local experts, reduce-scatter back.
+    AllGather,
+    /// All-to-all-v over EP, all-gather-v over ETP.
+    AllToAll,
+}
+
 /// What the MoE layer returns.
 #[derive(Debug, Clone)]
 pub struct MoeOutput {
@@ -145,6 +158,34 @@ impl MoeLayer {
         self
     }
 
+    /// This rank's part of a full (single-rank) layer under the mesh of `groups`: experts
+    /// sharded over EP and ETP, the router's reductions over the attention mapping's TP×CP and
+    /// TP×DP×CP groups, and the chosen dispatcher. Shared experts stay replicated.
+    pub fn parallelize(self, groups: &ProcessGroups, kind: DispatcherKind) -> Result<Self> {
+        let expert_groups = ExpertGroups::new(groups)?;
+        let e = self.router.config().num_experts;
+        let ep = expert_groups.ep().size();
+        if !e.is_multiple_of(ep) {
+            return Err(invalid(
+                "num_experts",
+                format!("{e} experts cannot be split over {ep} expert-parallel ranks"),
+            ));
+        }
+        let local = expert_groups.local_experts(e);
+        let etp = expert_groups.etp();
+        let experts = self.experts.shard(local, etp.rank(), etp.size())?;
+        let dispatcher: Arc<dyn TokenDispatcher> = match kind {
+            DispatcherKind::AllGather => Arc::new(AllGatherDispatcher::new(expert_groups)),
+            DispatcherKind::AllToAll => Arc::new(AllToAllDispatcher::new(expert_groups)),
+        };
+        Ok(Self {
+            router: self.router.with_reduce(Arc::new(GroupReduce::new(groups))),
+            experts,
+            shared: self.shared,
+            dispatcher,
+        })
+    }
+
     /// # Shapes
     /// - x: `[seq_len, batch, hidden]` (tokens `t = s * batch + b`)
     /// - output: `[seq_len, batch, hidden]`
@@ -167,10 +208,14 @@ impl MoeLayer {
         let routed = self
             .router
             .forward_with(tokens.clone().reshape([s, b, h]), options)?;
+        let padded = routed
+            .capacity
+            .filter(|_| self.router.config().pad_to_capacity);
         let dispatched = self.dispatcher.dispatch(
             tokens.clone(),
             routed.probs.clone(),
             routed.routing_map.clone(),
+            padded,
         )?;
         let local = self
             .dispatcher

@@ -50,6 +50,7 @@ pub use error::{MoeError, Result};
 /// Everything a notebook or model file needs in one import.
 pub mod prelude {
     pub use crate::backend::BackendKind;
+    pub use crate::dispatch::parallel::{AllGatherDispatcher, AllToAllDispatcher, ExpertGroups};
     pub use crate::dispatch::{
         DispatchPlan, DispatchStats, Dispatched, LocalDispatcher, TokenDispatcher,
     };
@@ -57,8 +58,8 @@ pub mod prelude {
     pub use crate::experts::{
         Activation, Experts, ExpertsCompute, ExpertsConfig, SharedExperts, SharedExpertsConfig,
     };
-    pub use crate::layer::{MoeLayer, MoeLayerConfig, MoeOutput};
-    pub use crate::parallel::{RouterReduce, SingleRank};
+    pub use crate::layer::{DispatcherKind, MoeLayer, MoeLayerConfig, MoeOutput};
+    pub use crate::parallel::{GroupReduce, RouterReduce, SingleRank};
     pub use crate::router::{
         DropPolicy, GlobalAuxState, Mode, RouteOptions, Router, RouterConfig, RouterOutput,
         RoutingType, ScoreFunction,

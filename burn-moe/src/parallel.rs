@@ -8,9 +8,13 @@
 
 use std::fmt::Debug;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
+use burn_parallel::comm::ReduceOp;
+use burn_parallel::group::{Group, ProcessGroups};
+use burn_parallel::mesh::GroupKind;
 
 use crate::error::Result;
+use crate::host;
 
 /// Cross-rank reductions used by the router's losses and expert-bias update.
 pub trait RouterReduce: Debug + Send + Sync {
@@ -40,5 +44,52 @@ impl RouterReduce for SingleRank {
     }
     fn sum_tp_dp_cp(&self, counts: Tensor<1>) -> Result<Tensor<1>> {
         Ok(counts)
+    }
+}
+
+/// Megatron's reductions over real process groups: the attention mapping's TP×CP group for the
+/// aux-loss counts and z-loss scaling, TP×DP×CP for the global aux loss and expert-bias counts.
+/// Counts are summed on the host (one read of `E` values per call).
+#[derive(Debug, Clone)]
+pub struct GroupReduce {
+    tp_cp: Group,
+    tp_dp_cp: Group,
+}
+
+impl GroupReduce {
+    /// The groups of this rank.
+    pub fn new(groups: &ProcessGroups) -> Self {
+        Self {
+            tp_cp: groups.group(GroupKind::TpCp).clone(),
+            tp_dp_cp: groups.group(GroupKind::TpDpCp).clone(),
+        }
+    }
+
+    fn sum(group: &Group, counts: Tensor<1>) -> Result<Tensor<1>> {
+        if group.size() == 1 {
+            return Ok(counts);
+        }
+        let device = counts.device();
+        let n = counts.dims()[0];
+        let mut values = host::read_f32(counts.detach(), "reading expert counts")?;
+        group
+            .communicator()?
+            .all_reduce(&mut values, ReduceOp::Sum)?;
+        Ok(Tensor::from_data(TensorData::new(values, [n]), &device))
+    }
+}
+
+impl RouterReduce for GroupReduce {
+    fn tp_cp_size(&self) -> usize {
+        self.tp_cp.size()
+    }
+    fn tp_dp_cp_size(&self) -> usize {
+        self.tp_dp_cp.size()
+    }
+    fn sum_tp_cp(&self, counts: Tensor<1>) -> Result<Tensor<1>> {
+        Self::sum(&self.tp_cp, counts)
+    }
+    fn sum_tp_dp_cp(&self, counts: Tensor<1>) -> Result<Tensor<1>> {
+        Self::sum(&self.tp_dp_cp, counts)
     }
 }

@@ -143,7 +143,7 @@ fn permute_unpermute_with_probs_one_over_k_is_identity_with_identity_gradient() 
         let map = out.routing_map.clone();
         let probs = map.clone().float().div_scalar(k as f64);
         let dispatcher = LocalDispatcher;
-        let dispatched = dispatcher.dispatch(x.clone(), probs, map).unwrap();
+        let dispatched = dispatcher.dispatch(x.clone(), probs, map, None).unwrap();
         let n = dispatched.tokens.dims()[0];
         assert_eq!(n, t * k);
         let weighted = dispatched.tokens.clone() * dispatched.probs.clone().reshape([n, 1]);
@@ -421,5 +421,58 @@ fn input_jitter_perturbs_training_logits_only() {
             (t - c).abs() <= b + 1e-6,
             "jitter beyond eps: {t} vs {c} (bound {b})"
         );
+    }
+}
+
+/// On one rank the expert-parallel dispatchers are the local dispatcher: same output and input
+/// gradient, dropless and padded; padded dispatch reads nothing back from the device.
+#[test]
+fn expert_parallel_dispatchers_on_one_rank_equal_the_local_dispatcher() {
+    let d = device();
+    let groups = burn_parallel::group::ProcessGroups::single().unwrap();
+    for pad in [false, true] {
+        let mut config = MoeLayerConfig::swiglu(8, 6, 4, 2);
+        if pad {
+            config.router = config
+                .router
+                .with_capacity_factor(Some(1.0))
+                .with_pad_to_capacity(true);
+        }
+        let run = |kind: Option<DispatcherKind>| {
+            let router =
+                Router::from_weight(config.router.clone(), tensor([4, 8], 1, 0.5, &d)).unwrap();
+            let experts = Experts::from_weights(
+                config.experts.clone(),
+                tensor([4, 8, 12], 2, 0.3, &d),
+                tensor([4, 6, 8], 3, 0.3, &d),
+            )
+            .unwrap();
+            let mut layer = MoeLayer::new(router, experts, None).unwrap();
+            if let Some(kind) = kind {
+                layer = layer.parallelize(&groups, kind).unwrap();
+            }
+            let x = tensor([5, 2, 8], 4, 1.0, &d).require_grad();
+            let out = layer.forward(x.clone()).unwrap();
+            let grads = (out.output.clone() * tensor([5, 2, 8], 5, 1.0, &d))
+                .sum()
+                .backward();
+            (
+                floats(out.output),
+                floats(x.grad(&grads).unwrap()),
+                out.stats,
+            )
+        };
+        let (want_out, want_grad, _) = run(None);
+        for kind in [DispatcherKind::AllGather, DispatcherKind::AllToAll] {
+            let (out, grad, stats) = run(Some(kind));
+            for (a, b) in out.iter().zip(&want_out).chain(grad.iter().zip(&want_grad)) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{kind:?} pad={pad}: {a} vs {b}"
+                );
+            }
+            assert_eq!(stats.host_syncs, usize::from(!pad), "{kind:?} pad={pad}");
+            assert_eq!((stats.bytes_sent, stats.bytes_received), (0, 0), "{kind:?}");
+        }
     }
 }

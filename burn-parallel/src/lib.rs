@@ -16,7 +16,7 @@
 //!   sequence-parallel RMSNorm, TP attention and MLP.
 //! - [`optim`]: data parallelism with the distributed optimizer (ZeRO-1 AdamW, global-norm
 //!   clipping).
-//! - [`world`]: one binary runs alone or under `mpirun -np N`.
+//! - [`world`]: one binary runs alone or under `mpirun -np N`; [`launch`] starts such runs.
 //!
 //! ```
 //! use burn_parallel::prelude::*;
@@ -66,6 +66,7 @@
 pub mod comm;
 pub mod error;
 pub mod group;
+pub mod launch;
 pub mod layers;
 pub mod mappings;
 pub mod mesh;

@@ -3,102 +3,36 @@
 //! (`scripts/setup-mpi`); built only with `--features mpi`.
 #![cfg(feature = "mpi")]
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use burn_parallel::launch::{MpiRun, RunOutput};
 
 /// One `mpirun` at a time: concurrent jobs oversubscribe two cores and distort the timing test.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// `mpirun -np N PROGRAM ARGS…` with the settings CI needs, killed after `limit`.
-fn mpirun(
-    np: usize,
-    extra: &[&str],
-    program: &[&str],
-    env: &[(&str, &str)],
-    limit: Duration,
-) -> Run {
+fn run(job: MpiRun) -> RunOutput {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", &np.to_string()])
-        .args(extra)
-        .args(program)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl", "self,vader")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .expect("mpirun must be installed for the MPI tests: run scripts/setup-mpi");
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for mpirun") {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "mpirun -np {np} {program:?} did not finish within {limit:?}; stderr:\n{}",
-                err_reader.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        success: status.success(),
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-        elapsed: start.elapsed(),
-    }
+    job.run().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check_binary(bin: &str, expect: &str) {
     for np in [1, 2, 4, 8] {
-        let run = mpirun(
-            np,
-            &[],
-            &[bin],
-            &[("BURN_PARALLEL_TIMEOUT_S", "60")],
-            Duration::from_secs(120),
-        );
+        let out = run(MpiRun::new(np, [bin])
+            .env("BURN_PARALLEL_TIMEOUT_S", "60")
+            .limit(Duration::from_secs(120)));
         assert!(
-            run.success,
+            out.success,
             "{bin} failed on {np} ranks:\n{}\n{}",
-            run.stdout, run.stderr
+            out.stdout, out.stderr
         );
         let line = format!("{expect} ({np} ranks)");
         assert!(
-            run.stdout.contains(&line),
+            out.stdout.contains(&line),
             "no `{line}` in:\n{}",
-            run.stdout
+            out.stdout
         );
-        print!("{}", run.stdout);
+        print!("{}", out.stdout);
     }
 }
 
@@ -124,36 +58,32 @@ fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
     let timeout_s = 3;
     // The shell reports each rank's exit status (mpirun does not, once recovery is enabled).
     let script = format!("\"{bin}\"; echo \"rank $OMPI_COMM_WORLD_RANK exit $?\" >&2");
-    let run = mpirun(
-        4,
-        &["--enable-recovery"],
-        &["sh", "-c", &script],
-        &[("BURN_PARALLEL_TIMEOUT_S", &timeout_s.to_string())],
-        Duration::from_secs(60),
-    );
+    let out = run(MpiRun::new(4, ["sh", "-c", script.as_str()])
+        .mpirun_arg("--enable-recovery")
+        .env("BURN_PARALLEL_TIMEOUT_S", timeout_s.to_string())
+        .limit(Duration::from_secs(60)));
     for rank in 0..3 {
         assert!(
-            run.stderr.contains(&format!("rank {rank} exit 3")),
+            out.stderr.contains(&format!("rank {rank} exit 3")),
             "rank {rank} did not exit with the lost-peer code:\n{}",
-            run.stderr
+            out.stderr
         );
-        let named = run.stderr.lines().any(|l| {
+        let named = out.stderr.lines().any(|l| {
             l.starts_with(&format!("rank {rank}: error:"))
                 && l.contains("lost peer rank(s) [")
                 && l.contains("rank 3 (pid")
         });
-        assert!(named, "rank {rank} did not name rank 3:\n{}", run.stderr);
+        assert!(named, "rank {rank} did not name rank 3:\n{}", out.stderr);
     }
     assert!(
-        !run.stderr.contains("rank 3 exit 0"),
+        !out.stderr.contains("rank 3 exit 0"),
         "the killed rank exited cleanly:\n{}",
-        run.stderr
+        out.stderr
     );
     // Timeout plus start-up and the grace period, far from a hang.
     assert!(
-        run.elapsed < Duration::from_secs(timeout_s + 15),
+        out.elapsed < Duration::from_secs(timeout_s + 15),
         "took {:?}",
-        run.elapsed
+        out.elapsed
     );
-    let _ = run.success;
 }

@@ -4,6 +4,7 @@
 //! with a [`DispatchPlan`] value that [`combine`](TokenDispatcher::combine) consumes: no state
 //! is kept on the dispatcher between the two calls.
 
+pub mod parallel;
 pub mod permute;
 
 use std::fmt::Debug;
@@ -31,6 +32,8 @@ pub struct DispatchPlan {
     pub sorted_indices: Tensor<1, Int>,
     /// Number of tokens before dispatch.
     pub num_tokens: usize,
+    /// Cross-rank exchange to undo (expert-parallel dispatchers).
+    pub exchange: Option<parallel::Exchange>,
     /// Accounting so far (dispatch side; combine adds its own).
     pub stats: DispatchStats,
 }
@@ -54,12 +57,15 @@ pub trait TokenDispatcher: Debug + Send + Sync {
     fn local_experts(&self, num_experts: usize) -> Range<usize>;
 
     /// Groups `hidden` `[T, H]` by local expert following `routing_map` `[T, E]`, with the
-    /// matching entries of `probs` `[T, E]`.
+    /// matching entries of `probs` `[T, E]`. `capacity = Some(c)` says the map was padded to
+    /// capacity (drop-and-pad): every expert has exactly `min(c, T)` tokens, so shapes are
+    /// static and no host synchronisation is needed; `None` is dropless.
     fn dispatch(
         &self,
         hidden: Tensor<2>,
         probs: Tensor<2>,
         routing_map: Tensor<2, Bool>,
+        capacity: Option<usize>,
     ) -> Result<Dispatched>;
 
     /// Brings expert outputs `[N, H]` back to token order `[T, H]`, summing over experts.
@@ -68,6 +74,23 @@ pub trait TokenDispatcher: Debug + Send + Sync {
         expert_output: Tensor<2>,
         plan: DispatchPlan,
     ) -> Result<(Tensor<2>, DispatchStats)>;
+}
+
+/// Checks `probs` and `routing_map` against `t` tokens.
+pub(crate) fn check_routing_shapes(
+    t: usize,
+    probs: &Tensor<2>,
+    routing_map: &Tensor<2, Bool>,
+) -> Result<()> {
+    let map_dims = routing_map.dims();
+    if probs.dims() != map_dims || map_dims[0] != t {
+        return Err(MoeError::ShapeMismatch {
+            name: "probs / routing_map",
+            expected: format!("both [tokens = {t}, num_experts]"),
+            got: probs.dims().to_vec(),
+        });
+    }
+    Ok(())
 }
 
 /// One process: every expert is local; dispatch is a permutation, combine a scatter-add.
@@ -84,36 +107,27 @@ impl TokenDispatcher for LocalDispatcher {
         hidden: Tensor<2>,
         probs: Tensor<2>,
         routing_map: Tensor<2, Bool>,
+        capacity: Option<usize>,
     ) -> Result<Dispatched> {
         let [t, _] = hidden.dims();
-        let map_dims = routing_map.dims();
-        if probs.dims() != map_dims || map_dims[0] != t {
-            return Err(MoeError::ShapeMismatch {
-                name: "probs / routing_map",
-                expected: format!("both [tokens = {t}, num_experts]"),
-                got: probs.dims().to_vec(),
-            });
-        }
-        let device = hidden.device();
-        let (order, counts) = permute::routing_permutation(routing_map)?;
-        let expert_of_row: Vec<i64> = counts
-            .iter()
-            .enumerate()
-            .flat_map(|(e, &n)| std::iter::repeat_n(e as i64, n))
-            .collect();
-        let sorted_indices = Tensor::<1, Int>::from_data(order.as_slice(), &device);
-        let expert_of_row = Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device);
-        let (tokens, probs) =
-            permute::permute(hidden, probs, sorted_indices.clone(), expert_of_row);
+        check_routing_shapes(t, &probs, &routing_map)?;
+        let local = permute::local_permutation(routing_map, capacity)?;
+        let (tokens, probs) = permute::permute(
+            hidden,
+            probs,
+            local.sorted_indices.clone(),
+            local.expert_of_row,
+        );
         Ok(Dispatched {
             tokens,
             probs,
-            tokens_per_expert: counts,
+            tokens_per_expert: local.counts,
             plan: DispatchPlan {
-                sorted_indices,
+                sorted_indices: local.sorted_indices,
                 num_tokens: t,
+                exchange: None,
                 stats: DispatchStats {
-                    host_syncs: 1,
+                    host_syncs: local.host_syncs,
                     ..DispatchStats::default()
                 },
             },

@@ -36,6 +36,70 @@ pub fn permutation_from_mask(
     (order, counts)
 }
 
+/// A local dispatch order: token index and expert of each row, rows per expert.
+#[derive(Debug, Clone)]
+pub struct LocalPermutation {
+    /// Token index of each row, `[N]`, expert-major.
+    pub sorted_indices: Tensor<1, Int>,
+    /// Expert of each row, `[N]`.
+    pub expert_of_row: Tensor<1, Int>,
+    /// Rows per expert.
+    pub counts: Vec<usize>,
+    /// Device-to-host synchronisations it took (1 dropless, 0 padded).
+    pub host_syncs: usize,
+}
+
+/// The dispatch order of a routing map `[T, E]`. Dropless (`capacity = None`) reads the map
+/// back to the host (one synchronisation). Padded to capacity (`Some(c)`: every expert has
+/// exactly `min(c, T)` tokens) it is computed on the device: per expert, the routed tokens in
+/// ascending order are the top `min(c, T)` of `map · (T − t)`.
+pub fn local_permutation(
+    routing_map: Tensor<2, Bool>,
+    capacity: Option<usize>,
+) -> Result<LocalPermutation> {
+    let [t, e] = routing_map.dims();
+    let device = routing_map.device();
+    match capacity {
+        None => {
+            let (order, counts) = routing_permutation(routing_map)?;
+            let expert_of_row: Vec<i64> = counts
+                .iter()
+                .enumerate()
+                .flat_map(|(e, &n)| std::iter::repeat_n(e as i64, n))
+                .collect();
+            Ok(LocalPermutation {
+                sorted_indices: Tensor::<1, Int>::from_data(order.as_slice(), &device),
+                expert_of_row: Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device),
+                counts,
+                host_syncs: 1,
+            })
+        }
+        Some(c) => {
+            let rows = c.min(t);
+            let descending = Tensor::<1, Int>::arange(0..t as i64, &device)
+                .neg()
+                .add_scalar(t as i64)
+                .float()
+                .reshape([t, 1]);
+            let score = routing_map.float() * descending;
+            let sorted_indices = if rows == 0 {
+                Tensor::<1, Int>::empty([0], &device)
+            } else {
+                score.transpose().argtopk(rows, 1).reshape([e * rows])
+            };
+            let expert_of_row: Vec<i64> = (0..e)
+                .flat_map(|x| std::iter::repeat_n(x as i64, rows))
+                .collect();
+            Ok(LocalPermutation {
+                sorted_indices,
+                expert_of_row: Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device),
+                counts: vec![rows; e],
+                host_syncs: 0,
+            })
+        }
+    }
+}
+
 /// Rows of `tokens` `[T, H]` in dispatch order: `[N, H]`, and the matching probabilities `[N]`
 /// taken from `probs` `[T, E]` (`expert_of_row[i]` is the expert of row `i`).
 pub fn permute(

@@ -5,6 +5,8 @@ mod shared;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation;
+use std::ops::Range;
+
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 pub use shared::{SharedExperts, SharedExpertsConfig};
@@ -156,6 +158,48 @@ impl Experts {
         &self.config
     }
 
+    /// This rank's shard of the full experts: experts `local` (expert parallelism) and, with
+    /// expert-tensor parallelism over `etp` ranks, the `etp_rank`-th column chunk of each first
+    /// projection (of the gate and of the up half for SwiGLU) and row chunk of each second.
+    pub fn shard(&self, local: Range<usize>, etp_rank: usize, etp: usize) -> Result<Self> {
+        let cfg = &self.config;
+        if local.is_empty() || local.end > cfg.num_experts {
+            return Err(invalid(
+                "local",
+                format!("experts {local:?} are not within 0..{}", cfg.num_experts),
+            ));
+        }
+        if etp == 0 || etp_rank >= etp || !cfg.ffn_hidden.is_multiple_of(etp) {
+            return Err(invalid(
+                "etp",
+                format!(
+                    "ffn_hidden {} cannot be split over {etp} expert-tensor-parallel ranks",
+                    cfg.ffn_hidden
+                ),
+            ));
+        }
+        let (h, f) = (cfg.hidden, cfg.ffn_hidden);
+        let k = f / etp;
+        let cols = etp_rank * k..(etp_rank + 1) * k;
+        // Fresh leaves: a slice of a parameter cannot become a parameter under autodiff (and
+        // `detach` of a Burn 0.22 parameter keeps it tracked), so the shard is copied once.
+        let fresh = |t: Tensor<3>| Tensor::<3>::from_data(t.to_data(), &t.device());
+        let w1 = fresh(self.w1.val()).slice([local.clone(), 0..h, 0..cfg.activation.fc1_width(f)]);
+        let w1 = match cfg.activation {
+            Activation::SwiGlu => {
+                let gate = w1.clone().slice([0..local.len(), 0..h, cols.clone()]);
+                let up = w1.slice([0..local.len(), 0..h, f + cols.start..f + cols.end]);
+                Tensor::cat(vec![gate, up], 2)
+            }
+            _ => w1.slice([0..local.len(), 0..h, cols.clone()]),
+        };
+        let w2 = fresh(self.w2.val()).slice([local.clone(), cols, 0..h]);
+        let mut config = cfg.clone();
+        config.num_experts = local.len();
+        config.ffn_hidden = k;
+        Self::from_weights(config, w1, w2)
+    }
+
     /// Runs each expert on its group of rows and scales the activations by the rows'
     /// probabilities (before the second projection, as Megatron-Core's experts do).
     ///
@@ -197,6 +241,11 @@ impl Experts {
                     probs.dims()[0]
                 ),
             });
+        }
+        if n == 0 {
+            // No rows (a rank whose experts receive nothing): still an output of the graph, so
+            // the dispatcher's collectives run in the backward pass on every rank.
+            return Ok(tokens.mul_scalar(0.0));
         }
         let probs = probs.reshape([n, 1]);
         let uniform = tokens_per_expert.windows(2).all(|w| w[0] == w[1]);

@@ -1,0 +1,27 @@
+//! Expert parallelism on 2, 4 and 8 MPI ranks (oversubscribed): the layout-equivalence suite of
+//! `src/bin/ep_equivalence.rs`. Needs OpenMPI (`scripts/setup-mpi`); `--features mpi`.
+#![cfg(feature = "mpi")]
+
+use std::time::Duration;
+
+use burn_parallel::launch::MpiRun;
+
+#[test]
+fn expert_parallel_layouts_match_one_rank_on_2_4_8_ranks() {
+    let bin = env!("CARGO_BIN_EXE_burn-moe-ep-equivalence");
+    for np in [2, 4, 8] {
+        let out = MpiRun::new(np, [bin])
+            .env("BURN_PARALLEL_TIMEOUT_S", "60")
+            .limit(Duration::from_secs(180))
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.success, "{np} ranks:\n{}\n{}", out.stdout, out.stderr);
+        let line = format!("expert parallel ({np} ranks):");
+        assert!(
+            out.stdout.contains(&line),
+            "no `{line}` in:\n{}",
+            out.stdout
+        );
+        print!("{}", out.stdout);
+    }
+}

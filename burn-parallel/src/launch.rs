@@ -1,0 +1,149 @@
+//! Running a program on N local processes with `mpirun` (what `burn-recipes launch` and the
+//! multi-process tests use). Sets what OpenMPI needs on one machine: shared-memory transport,
+//! oversubscription (more ranks than cores) and, as root, the run-as-root confirmation.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{ParallelError, Result};
+
+/// One `mpirun` invocation.
+#[derive(Debug, Clone)]
+pub struct MpiRun {
+    /// Number of processes.
+    pub np: usize,
+    /// Extra `mpirun` options (for example `--enable-recovery`).
+    pub mpirun_args: Vec<String>,
+    /// The program and its arguments.
+    pub program: Vec<String>,
+    /// Extra environment variables of every rank.
+    pub env: Vec<(String, String)>,
+    /// Kill the run after this long.
+    pub limit: Duration,
+}
+
+/// What a finished run printed.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// Whether `mpirun` exited with status 0.
+    pub success: bool,
+    /// Standard output of all ranks.
+    pub stdout: String,
+    /// Standard error of all ranks.
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl MpiRun {
+    /// `mpirun -np N PROGRAM…` with a 10-minute limit.
+    pub fn new(np: usize, program: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            np,
+            mpirun_args: Vec::new(),
+            program: program.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            limit: Duration::from_secs(600),
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds an `mpirun` option.
+    pub fn mpirun_arg(mut self, arg: impl Into<String>) -> Self {
+        self.mpirun_args.push(arg.into());
+        self
+    }
+
+    /// Sets the time limit.
+    pub fn limit(mut self, limit: Duration) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// The command, ready to spawn.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("mpirun");
+        cmd.args(["-np", &self.np.to_string()])
+            .args(&self.mpirun_args)
+            .args(&self.program)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_btl", "self,vader")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs to completion, capturing the output; kills the run after the limit.
+    pub fn run(&self) -> Result<RunOutput> {
+        if self.np == 0 || self.program.is_empty() {
+            return Err(ParallelError::InvalidArgument {
+                name: if self.np == 0 { "np" } else { "program" },
+                reason: "needs at least one process and a program".into(),
+            });
+        }
+        let unavailable = |reason: String| ParallelError::Unavailable {
+            engine: "mpirun",
+            reason,
+        };
+        let start = Instant::now();
+        let mut child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                unavailable(format!("cannot start mpirun ({e}); run scripts/setup-mpi"))
+            })?;
+        let reader = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_string(&mut s);
+                }
+                s
+            })
+        };
+        let out = reader(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let err = reader(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| unavailable(e.to_string()))? {
+                break status;
+            }
+            if start.elapsed() > self.limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ParallelError::Timeout {
+                    op: "mpirun",
+                    group: (0..self.np).collect(),
+                    after: self.limit,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(RunOutput {
+            success: status.success(),
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+            elapsed: start.elapsed(),
+        })
+    }
+}
