@@ -7,6 +7,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
 use burn_parallel::group::ProcessGroups;
+use burn_parallel::layers::{ParallelParams, ParamRole};
+use burn_parallel::mesh::GroupKind;
 
 use crate::dispatch::parallel::{AllGatherDispatcher, AllToAllDispatcher, ExpertGroups};
 use crate::dispatch::{DispatchStats, LocalDispatcher, TokenDispatcher};
@@ -133,6 +135,10 @@ pub struct MoeLayer {
     pub shared: Option<SharedExperts>,
     #[module(skip)]
     dispatcher: Arc<dyn TokenDispatcher>,
+    /// Whether each rank routes different tokens of one tensor-parallel group (sequence
+    /// parallelism): the router's and shared experts' gradients are then partial over TP.
+    #[module(skip)]
+    tp_partial: bool,
 }
 
 impl MoeLayer {
@@ -149,6 +155,7 @@ impl MoeLayer {
             experts,
             shared,
             dispatcher: Arc::new(LocalDispatcher),
+            tp_partial: false,
         })
     }
 
@@ -183,6 +190,7 @@ impl MoeLayer {
             experts,
             shared: self.shared,
             dispatcher,
+            tp_partial: groups.group(GroupKind::Tp).size() > 1,
         })
     }
 
@@ -249,5 +257,47 @@ impl MoeLayer {
             router: routed,
             stats,
         })
+    }
+}
+
+impl ParallelParams for MoeLayer {
+    /// The router weight and shared experts are replicated (their gradients partial over TP
+    /// under sequence parallelism); routed experts are expert parameters, distinct on every
+    /// EP × ETP rank. Biases and 1-D parameters get no weight decay.
+    fn param_roles(&self, out: &mut Vec<(burn::module::ParamId, ParamRole)>) {
+        struct Roles<'a> {
+            out: &'a mut Vec<(burn::module::ParamId, ParamRole)>,
+            role: ParamRole,
+        }
+        impl burn::module::ModuleVisitor for Roles<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+                let mut role = self.role;
+                role.weight_decay &= D > 1;
+                self.out.push((p.id, role));
+            }
+        }
+        let replicated = ParamRole {
+            tp_split: false,
+            sequence_parallel_grad: self.tp_partial,
+            weight_decay: true,
+            expert: false,
+        };
+        self.router.visit(&mut Roles {
+            out,
+            role: replicated,
+        });
+        if let Some(shared) = &self.shared {
+            shared.visit(&mut Roles {
+                out,
+                role: replicated,
+            });
+        }
+        let expert = ParamRole {
+            tp_split: true,
+            sequence_parallel_grad: false,
+            weight_decay: true,
+            expert: true,
+        };
+        self.experts.visit(&mut Roles { out, role: expert });
     }
 }

@@ -28,6 +28,8 @@ pub struct ParamRole {
     pub sequence_parallel_grad: bool,
     /// Weight decay applies (Megatron's default: not for biases and 1-D parameters).
     pub weight_decay: bool,
+    /// An expert parameter: sharded over the expert-data-parallel group by the optimizer.
+    pub expert: bool,
 }
 
 /// Layers report the role of each of their parameters.
@@ -145,6 +147,7 @@ fn role(tp_split: bool, sequence_parallel_grad: bool, weight_decay: bool) -> Par
         tp_split,
         sequence_parallel_grad,
         weight_decay,
+        expert: false,
     }
 }
 

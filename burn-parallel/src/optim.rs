@@ -3,7 +3,8 @@
 //!
 //! 1. gradients of sequence-parallel parameters are all-reduced over TP (they are partial);
 //! 2. all gradients are flattened in parameter order and reduce-scattered (mean) over the
-//!    data-parallel group: each DP rank receives the gradient of its 1/dp shard;
+//!    data-parallel group: each DP rank receives the gradient of its 1/dp shard (expert
+//!    parameters: summed over the expert-data-parallel group and divided by the DP size);
 //! 3. the global gradient norm is the square root of the sum, over every rank, of the squares of
 //!    its shard, counting TP-replicated parameters on TP rank 0 only; gradients are scaled by
 //!    `max_norm / (norm + 1e-6)` when that is below one;
@@ -11,8 +12,8 @@
 //!    optimizer state per rank);
 //! 5. the updated shards are all-gathered over DP and written back into the module.
 //!
-//! For expert parameters the same steps run over the expert-data-parallel group instead (the
-//! expert-parallel issue adds them as a second parameter group).
+//! With [`DistributedAdamW::with_expert_group`], expert parameters form a second class sharded
+//! over the expert-data-parallel group; the global norm and clipping span both classes.
 
 use std::collections::HashMap;
 
@@ -97,6 +98,8 @@ pub struct StepStats {
 
 #[derive(Debug, Clone)]
 struct Entry {
+    /// Index in the module's parameter order.
+    index: usize,
     id: ParamId,
     offset: usize,
     numel: usize,
@@ -111,17 +114,39 @@ struct Layout {
     shard_len: usize,
 }
 
-/// AdamW whose state is sharded over the data-parallel group (ZeRO-1).
+/// One class of parameters (dense or expert) sharded over its data-parallel group.
 #[derive(Debug, Clone)]
-pub struct DistributedAdamW {
-    config: AdamWConfig,
-    dp: Group,
-    tp: Group,
-    norm_group: Group,
+struct Shard {
+    group: Group,
     layout: Option<Layout>,
     master: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl Shard {
+    fn new(group: Group) -> Self {
+        Self {
+            group,
+            layout: None,
+            master: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
+/// AdamW whose state is sharded over the data-parallel group (ZeRO-1); expert parameters can
+/// be sharded over the expert-data-parallel group instead.
+#[derive(Debug, Clone)]
+pub struct DistributedAdamW {
+    config: AdamWConfig,
+    tp: Group,
+    norm_group: Group,
+    /// Number of data shards the loss is averaged over (the attention DP size).
+    data_shards: usize,
+    dense: Shard,
+    expert: Option<Shard>,
     step: u64,
 }
 
@@ -148,6 +173,10 @@ fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
 impl ModuleVisitor for Collect<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.val();
+        if !value.is_require_grad() {
+            // Not trained by the optimizer (buffers such as an expert bias).
+            return;
+        }
         let grad = value.grad(self.grads);
         match (read(value), grad.map(read).transpose()) {
             (Ok(v), Ok(g)) => self.params.push((param.id, v, g)),
@@ -185,20 +214,31 @@ impl DistributedAdamW {
         config.validate()?;
         Ok(Self {
             config,
-            dp,
             tp,
             norm_group,
-            layout: None,
-            master: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
+            data_shards: dp.size(),
+            dense: Shard::new(dp),
+            expert: None,
             step: 0,
         })
     }
 
+    /// Shards expert parameters (role `expert`) over the expert-data-parallel group `edp`
+    /// instead of the data-parallel group. Their gradients are summed over `edp` and divided by
+    /// the data-parallel size, as Megatron-Core scales them: every token reaches each expert
+    /// shard through exactly one rank of its expert-data-parallel group.
+    pub fn with_expert_group(mut self, edp: Group) -> Self {
+        self.expert = Some(Shard::new(edp));
+        self
+    }
+
     /// Number of optimizer-state values (master weights, two moments) this rank holds.
     pub fn state_len(&self) -> usize {
-        self.master.len() + self.m.len() + self.v.len()
+        [Some(&self.dense), self.expert.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|s| s.master.len() + s.m.len() + s.v.len())
+            .sum()
     }
 
     /// Steps taken.
@@ -232,148 +272,193 @@ impl DistributedAdamW {
             return Err(e);
         }
         let roles: HashMap<ParamId, ParamRole> = roles.iter().copied().collect();
-        let layout = self.layout(&collect.params, &roles)?;
-        let mut flat_grads = vec![0f32; layout.padded];
-        let mut flat_params = vec![0f32; layout.padded];
-        for (entry, (_, value, grad)) in layout.entries.iter().zip(&collect.params) {
-            flat_params[entry.offset..entry.offset + entry.numel].copy_from_slice(value);
-            if let Some(g) = grad {
-                flat_grads[entry.offset..entry.offset + entry.numel].copy_from_slice(g);
-            }
-        }
-        // 1. Partial gradients of sequence-parallel parameters: sum over TP.
-        if self.tp.size() > 1 {
-            let sp: Vec<&Entry> = layout
-                .entries
+        let role_of = |id: &ParamId| {
+            roles.get(id).copied().unwrap_or(ParamRole {
+                tp_split: false,
+                sequence_parallel_grad: false,
+                weight_decay: true,
+                expert: false,
+            })
+        };
+        let has_expert_group = self.expert.is_some();
+        let (tp, data_shards) = (self.tp.clone(), self.data_shards as f32);
+        // Per class: reduce, shard and count towards the norm.
+        let mut classes = Vec::new();
+        let mut sq = 0f64;
+        for is_expert in [false, true] {
+            let shard = if is_expert {
+                match self.expert.as_mut() {
+                    Some(s) => s,
+                    None => continue,
+                }
+            } else {
+                &mut self.dense
+            };
+            let members: Vec<(usize, ParamRole)> = collect
+                .params
                 .iter()
-                .filter(|e| e.role.sequence_parallel_grad)
+                .enumerate()
+                .map(|(i, (id, _, _))| (i, role_of(id)))
+                .filter(|(_, r)| {
+                    has_expert_group && r.expert == is_expert || !has_expert_group && !is_expert
+                })
                 .collect();
-            if !sp.is_empty() {
-                let mut packed: Vec<f32> = sp
-                    .iter()
-                    .flat_map(|e| flat_grads[e.offset..e.offset + e.numel].to_vec())
-                    .collect();
-                self.tp
-                    .communicator()?
-                    .all_reduce(&mut packed, ReduceOp::Sum)?;
-                let mut at = 0;
-                for e in sp {
-                    flat_grads[e.offset..e.offset + e.numel]
-                        .copy_from_slice(&packed[at..at + e.numel]);
-                    at += e.numel;
+            let layout = layout_for(shard, &collect.params, &members)?;
+            let mut flat_grads = vec![0f32; layout.padded];
+            let mut flat_params = vec![0f32; layout.padded];
+            for e in &layout.entries {
+                let (_, value, grad) = &collect.params[e.index];
+                flat_params[e.offset..e.offset + e.numel].copy_from_slice(value);
+                if let Some(g) = grad {
+                    flat_grads[e.offset..e.offset + e.numel].copy_from_slice(g);
                 }
             }
-        }
-        // 2. Mean over DP, scattered: this rank's shard.
-        let mut shard = self
-            .dp
-            .communicator()?
-            .reduce_scatter(&flat_grads, ReduceOp::Avg)?;
-        let (start, len) = (layout.shard_start, layout.shard_len);
-        if self.master.is_empty() {
-            self.master = flat_params[start..start + len].to_vec();
-            self.m = vec![0.0; len];
-            self.v = vec![0.0; len];
-        }
-        // 3. Global norm, TP-replicated parameters counted once.
-        let mut counted = vec![0f32; len];
-        let mut decay = vec![0f32; len];
-        for e in &layout.entries {
-            let (lo, hi) = (e.offset.max(start), (e.offset + e.numel).min(start + len));
-            if lo >= hi {
-                continue;
+            // 1. Partial gradients of sequence-parallel parameters: sum over TP.
+            if tp.size() > 1 {
+                let sp: Vec<&Entry> = layout
+                    .entries
+                    .iter()
+                    .filter(|e| e.role.sequence_parallel_grad)
+                    .collect();
+                if !sp.is_empty() {
+                    let mut packed: Vec<f32> = sp
+                        .iter()
+                        .flat_map(|e| flat_grads[e.offset..e.offset + e.numel].to_vec())
+                        .collect();
+                    tp.communicator()?.all_reduce(&mut packed, ReduceOp::Sum)?;
+                    let mut at = 0;
+                    for e in sp {
+                        flat_grads[e.offset..e.offset + e.numel]
+                            .copy_from_slice(&packed[at..at + e.numel]);
+                        at += e.numel;
+                    }
+                }
             }
-            let once = e.role.tp_split || self.tp.rank() == 0;
-            counted[lo - start..hi - start].fill(if once { 1.0 } else { 0.0 });
-            decay[lo - start..hi - start].fill(if e.role.weight_decay { 1.0 } else { 0.0 });
+            // 2. Sum over the class's data-parallel group, divided by the number of data
+            //    shards (the mean over DP for dense parameters), scattered: this rank's shard.
+            let mut grad_shard = shard
+                .group
+                .communicator()?
+                .reduce_scatter(&flat_grads, ReduceOp::Sum)?;
+            grad_shard.iter_mut().for_each(|g| *g /= data_shards);
+            let (start, len) = (layout.shard_start, layout.shard_len);
+            if shard.master.is_empty() {
+                shard.master = flat_params[start..start + len].to_vec();
+                shard.m = vec![0.0; len];
+                shard.v = vec![0.0; len];
+            }
+            // 3. Norm contributions, TP-replicated parameters counted once.
+            let mut decay = vec![0f32; len];
+            for e in &layout.entries {
+                let (lo, hi) = (e.offset.max(start), (e.offset + e.numel).min(start + len));
+                if lo >= hi {
+                    continue;
+                }
+                let once = e.role.tp_split || tp.rank() == 0;
+                if once {
+                    sq += grad_shard[lo - start..hi - start]
+                        .iter()
+                        .map(|g| f64::from(*g) * f64::from(*g))
+                        .sum::<f64>();
+                }
+                decay[lo - start..hi - start].fill(if e.role.weight_decay { 1.0 } else { 0.0 });
+            }
+            classes.push((is_expert, layout, grad_shard, decay));
         }
-        let mut sq = [shard
-            .iter()
-            .zip(&counted)
-            .map(|(g, c)| f64::from(*g) * f64::from(*g) * f64::from(*c))
-            .sum::<f64>() as f32];
+        let mut sq = [sq as f32];
         self.norm_group
             .communicator()?
             .all_reduce(&mut sq, ReduceOp::Sum)?;
         let grad_norm = f64::from(sq[0]).sqrt();
-        let mut clipped = false;
-        if let Some(max) = self.config.max_grad_norm {
-            let coef = max / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                clipped = true;
-                shard
-                    .iter_mut()
-                    .for_each(|g| *g = (f64::from(*g) * coef) as f32);
-            }
-        }
-        // 4. AdamW on the shard.
+        let coef = match self.config.max_grad_norm {
+            Some(max) if max / (grad_norm + 1e-6) < 1.0 => Some(max / (grad_norm + 1e-6)),
+            _ => None,
+        };
+        // 4. AdamW on each shard; 5. every rank gets every shard back.
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        for i in 0..len {
-            let g = f64::from(shard[i]);
-            let mut p = f64::from(self.master[i]);
-            p -= c.lr * c.weight_decay * f64::from(decay[i]) * p;
-            let m = c.beta1 * f64::from(self.m[i]) + (1.0 - c.beta1) * g;
-            let v = c.beta2 * f64::from(self.v[i]) + (1.0 - c.beta2) * g * g;
-            p -= c.lr / bc1 * m / ((v / bc2).sqrt() + c.eps);
-            self.m[i] = m as f32;
-            self.v[i] = v as f32;
-            self.master[i] = p as f32;
-        }
-        // 5. Every rank gets every shard back.
-        let updated = self.dp.communicator()?.all_gather(&self.master)?;
-        let values = layout
-            .entries
-            .iter()
-            .map(|e| (e.id, updated[e.offset..e.offset + e.numel].to_vec()))
-            .collect();
-        let module = module.map(&mut Write { values });
-        Ok((module, StepStats { grad_norm, clipped }))
-    }
-
-    fn layout(&mut self, params: &[Flat], roles: &HashMap<ParamId, ParamRole>) -> Result<Layout> {
-        if let Some(layout) = &self.layout {
-            let same = layout.entries.len() == params.len()
-                && layout
-                    .entries
-                    .iter()
-                    .zip(params)
-                    .all(|(e, (id, v, _))| e.id == *id && e.numel == v.len());
-            if !same {
-                return Err(ParallelError::InvalidArgument {
-                    name: "module",
-                    reason: "its parameters changed since the first step".into(),
-                });
+        let mut values = HashMap::new();
+        for (is_expert, layout, grad_shard, decay) in classes {
+            let shard = if is_expert {
+                self.expert.as_mut().ok_or(ParallelError::InvalidArgument {
+                    name: "expert",
+                    reason: "no expert group".into(),
+                })?
+            } else {
+                &mut self.dense
+            };
+            for i in 0..layout.shard_len {
+                let g = f64::from(grad_shard[i]) * coef.unwrap_or(1.0);
+                let mut p = f64::from(shard.master[i]);
+                p -= c.lr * c.weight_decay * f64::from(decay[i]) * p;
+                let m = c.beta1 * f64::from(shard.m[i]) + (1.0 - c.beta1) * g;
+                let v = c.beta2 * f64::from(shard.v[i]) + (1.0 - c.beta2) * g * g;
+                p -= c.lr / bc1 * m / ((v / bc2).sqrt() + c.eps);
+                shard.m[i] = m as f32;
+                shard.v[i] = v as f32;
+                shard.master[i] = p as f32;
             }
-            return Ok(layout.clone());
+            let updated = shard.group.communicator()?.all_gather(&shard.master)?;
+            for e in &layout.entries {
+                values.insert(e.id, updated[e.offset..e.offset + e.numel].to_vec());
+            }
         }
-        let mut entries = Vec::with_capacity(params.len());
-        let mut offset = 0;
-        for (id, value, _) in params {
-            let role = roles.get(id).copied().unwrap_or(ParamRole {
-                tp_split: false,
-                sequence_parallel_grad: false,
-                weight_decay: true,
-            });
-            entries.push(Entry {
-                id: *id,
-                offset,
-                numel: value.len(),
-                role,
-            });
-            offset += value.len();
-        }
-        let dp = self.dp.size();
-        let shard_len = offset.div_ceil(dp);
-        let layout = Layout {
-            entries,
-            padded: shard_len * dp,
-            shard_start: self.dp.rank() * shard_len,
-            shard_len,
-        };
-        self.layout = Some(layout.clone());
-        Ok(layout)
+        let module = module.map(&mut Write { values });
+        Ok((
+            module,
+            StepStats {
+                grad_norm,
+                clipped: coef.is_some(),
+            },
+        ))
     }
+}
+
+/// The flat layout of a class's parameters (`members`: module index and role), fixed at the
+/// first step.
+fn layout_for(
+    shard: &mut Shard,
+    params: &[Flat],
+    members: &[(usize, ParamRole)],
+) -> Result<Layout> {
+    if let Some(layout) = &shard.layout {
+        let same = layout.entries.len() == members.len()
+            && layout
+                .entries
+                .iter()
+                .zip(members)
+                .all(|(e, (i, _))| e.id == params[*i].0 && e.numel == params[*i].1.len());
+        if !same {
+            return Err(ParallelError::InvalidArgument {
+                name: "module",
+                reason: "its parameters changed since the first step".into(),
+            });
+        }
+        return Ok(layout.clone());
+    }
+    let mut entries = Vec::with_capacity(members.len());
+    let mut offset = 0;
+    for &(index, role) in members {
+        let numel = params[index].1.len();
+        entries.push(Entry {
+            index,
+            id: params[index].0,
+            offset,
+            numel,
+            role,
+        });
+        offset += numel;
+    }
+    let dp = shard.group.size();
+    let shard_len = offset.div_ceil(dp);
+    let layout = Layout {
+        entries,
+        padded: shard_len * dp,
+        shard_start: shard.group.rank() * shard_len,
+        shard_len,
+    };
+    shard.layout = Some(layout.clone());
+    Ok(layout)
 }
