@@ -12,7 +12,10 @@
 //! gradient summed over its expert-data-parallel group. Also checked: dispatch → combine with
 //! probs 1/k returns the input; with padding every local expert gets capacity × EP × ETP
 //! rows; padded and unpadded runs agree; a rank whose experts receive no token works; the
-//! dropless all-to-all moves exactly the theoretical number of bytes.
+//! dropless all-to-all moves exactly the theoretical number of bytes; dropless dispatch counts
+//! one host synchronisation and padded dispatch none; the global aux loss (TP×DP×CP counts,
+//! accumulated over two micro-batches) and the expert-bias update match one router over every
+//! rank's tokens.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -239,7 +242,7 @@ fn run_case(
     starve: bool,
     c: &mut Checker,
     d: &Device,
-) -> Res<Option<MoeOutput>> {
+) -> Res<Option<(MoeOutput, Vec<f32>)>> {
     let n = world.size();
     let r = world.rank();
     let dp = n / (layout.tp * layout.cp);
@@ -283,11 +286,8 @@ fn run_case(
         &losses[1..],
         &reference.z[gi..gi + 1],
     );
-    c.close(
-        "input gradient",
-        &x.grad(&grads).map(host).unwrap_or_default(),
-        &reference.x_grads[r],
-    );
+    let x_grad = x.grad(&grads).map(host).unwrap_or_default();
+    c.close("input gradient", &x_grad, &reference.x_grads[r]);
     let mut rg = layer
         .router
         .weight
@@ -368,7 +368,7 @@ fn run_case(
     if mode == Mode::Padded {
         c.close("padded host syncs", &[out.stats.host_syncs as f32], &[0.0]);
     }
-    Ok(Some(out))
+    Ok(Some((out, x_grad)))
 }
 
 /// dispatch → identity experts (rows × probs) → combine with probs 1/k returns the input
@@ -408,6 +408,66 @@ fn identity_roundtrip(
     Ok(())
 }
 
+/// Global aux loss over TP×DP×CP accumulated over two micro-batches, and the expert-bias update
+/// from TP×DP×CP-summed counts, against one router over every rank's tokens.
+fn global_losses(groups: &ProcessGroups, c: &mut Checker, d: &Device) -> Res<()> {
+    let n = groups.mesh().world_size();
+    let config = RouterConfig::new(H, E, K)
+        .with_score_function(ScoreFunction::Sigmoid)
+        .with_global_aux_loss_coeff(1e-1)
+        .with_expert_bias(true);
+    let weight = || tensor(values(1, E * H, 0.5), [E, H], d);
+    let local = Router::from_weight(config.clone(), weight())
+        .map_err(s)?
+        .with_reduce(Arc::new(GroupReduce::new(groups)));
+    let single = Router::from_weight(config, weight()).map_err(s)?;
+    let r = groups.rank();
+    let xs = |mb: usize, p: usize| tensor(values(500 + 10 * mb + p, T * H, 1.0), [S, B, H], d);
+    let all = |mb: usize| Tensor::cat((0..n).map(|p| xs(mb, p)).collect(), 1);
+    let (mut state, mut ref_state) = (None, None);
+    let (mut counts, mut ref_counts) = (Tensor::<1>::zeros([E], d), Tensor::<1>::zeros([E], d));
+    let (mut got, mut want) = (0.0, 0.0);
+    for mb in 0..2 {
+        let mut opts = RouteOptions::default();
+        if let Some(st) = state.take() {
+            opts = opts.global_aux(st);
+        }
+        let out = local.forward_with(xs(mb, r), opts).map_err(s)?;
+        let mut ref_opts = RouteOptions::default();
+        if let Some(st) = ref_state.take() {
+            ref_opts = ref_opts.global_aux(st);
+        }
+        let reference = single.forward_with(all(mb), ref_opts).map_err(s)?;
+        got = host(out.global_aux_loss.clone().ok_or("no global aux loss")?)[0];
+        want = host(
+            reference
+                .global_aux_loss
+                .clone()
+                .ok_or("no global aux loss")?,
+        )[0];
+        counts = counts + out.tokens_per_expert.clone().float();
+        ref_counts = ref_counts + reference.tokens_per_expert.clone().float();
+        state = out.global_aux_state.clone();
+        ref_state = reference.global_aux_state.clone();
+    }
+    let mut sum = [got];
+    groups
+        .group(GroupKind::TpDpCp)
+        .communicator()
+        .map_err(s)?
+        .all_reduce(&mut sum, ReduceOp::Sum)
+        .map_err(s)?;
+    c.close(
+        "global aux loss, 2nd micro-batch (sum over TP×DP×CP)",
+        &sum,
+        &[want],
+    );
+    let bias = local.updated_expert_bias(counts).map_err(s)?;
+    let ref_bias = single.updated_expert_bias(ref_counts).map_err(s)?;
+    c.close("expert bias after the update", &host(bias), &host(ref_bias));
+    Ok(())
+}
+
 fn run(world: &MpiWorld) -> Res<(usize, Vec<String>)> {
     let d = Device::flex().autodiff();
     let comm = world.communicator();
@@ -422,7 +482,7 @@ fn run(world: &MpiWorld) -> Res<(usize, Vec<String>)> {
                 c.label = format!("{layout:?} {kind:?} {mode:?}");
                 let out = run_case(&comm, layout, kind, mode, false, &mut c, &d)?;
                 if mode == Mode::Padded
-                    && let Some(out) = out
+                    && let Some((out, x_grad)) = out
                 {
                     // Every local expert gets capacity × EP × ETP rows (capacity per rank).
                     let cap = out.router.capacity.ok_or("no capacity")?;
@@ -472,12 +532,18 @@ fn run(world: &MpiWorld) -> Res<(usize, Vec<String>)> {
                         failures: Vec::new(),
                         passed: 0,
                     };
-                    let dropped = run_case(&comm, layout, kind, Mode::Dropped, false, &mut c2, &d)?
-                        .ok_or("no output")?;
+                    let (dropped, dropped_grad) =
+                        run_case(&comm, layout, kind, Mode::Dropped, false, &mut c2, &d)?
+                            .ok_or("no output")?;
                     c.close(
                         "padded output = dropped output",
                         &host(out.output.clone()),
                         &host(dropped.output),
+                    );
+                    c.close(
+                        "padded input gradient = dropped input gradient",
+                        &x_grad,
+                        &dropped_grad,
                     );
                     c.failures.extend(c2.failures);
                     c.passed += c2.passed;
@@ -498,6 +564,9 @@ fn run(world: &MpiWorld) -> Res<(usize, Vec<String>)> {
             .map_err(s)?;
             c.label = format!("{layout:?} {kind:?}");
             identity_roundtrip(&groups, kind, &mut c, &d)?;
+            if kind == DispatcherKind::AllToAll {
+                global_losses(&groups, &mut c, &d)?;
+            }
         }
     }
     let mut any = [c.failures.len() as f32];
