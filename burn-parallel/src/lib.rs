@@ -87,6 +87,6 @@ pub mod prelude {
     };
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
     pub use crate::ops::GatherGrad;
-    pub use crate::optim::{AdamWConfig, DistributedAdamW, StepStats};
+    pub use crate::optim::{AdamWConfig, DistributedAdamW, OptimizerState, StepStats};
     pub use crate::world::World;
 }

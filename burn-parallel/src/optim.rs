@@ -87,6 +87,16 @@ impl AdamWConfig {
     }
 }
 
+/// A rank's optimizer state: the step count and, per parameter class (dense, then expert),
+/// `[master weights, first moments, second moments]` of its shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    /// Steps taken.
+    pub step: u64,
+    /// Per class: master weights, first and second moments.
+    pub shards: Vec<[Vec<f32>; 3]>,
+}
+
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -155,7 +165,7 @@ pub struct DistributedAdamW {
 type Flat = (ParamId, Vec<f32>, Option<Vec<f32>>);
 
 struct Collect<'a> {
-    grads: &'a Gradients,
+    grads: &'a [Gradients],
     params: Vec<Flat>,
     error: Option<ParallelError>,
 }
@@ -177,10 +187,24 @@ impl ModuleVisitor for Collect<'_> {
             // Not trained by the optimizer (buffers such as an expert bias).
             return;
         }
-        let grad = value.grad(self.grads);
-        match (read(value), grad.map(read).transpose()) {
-            (Ok(v), Ok(g)) => self.params.push((param.id, v, g)),
-            (Err(e), _) | (_, Err(e)) => {
+        // Gradients of every micro-batch, summed in order.
+        let mut sum: Option<Vec<f32>> = None;
+        for grads in self.grads {
+            let Some(g) = value.grad(grads) else { continue };
+            match read(g) {
+                Ok(g) => match sum.as_mut() {
+                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                    None => sum = Some(g),
+                },
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                    return;
+                }
+            }
+        }
+        match read(value) {
+            Ok(v) => self.params.push((param.id, v, sum)),
+            Err(e) => {
                 self.error.get_or_insert(e);
             }
         }
@@ -241,6 +265,50 @@ impl DistributedAdamW {
             .sum()
     }
 
+    /// The optimizer state of this rank (step count; master weights and moments of each class's
+    /// shard), for checkpoints.
+    pub fn state(&self) -> OptimizerState {
+        OptimizerState {
+            step: self.step,
+            shards: [Some(&self.dense), self.expert.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|s| [s.master.clone(), s.m.clone(), s.v.clone()])
+                .collect(),
+        }
+    }
+
+    /// Restores a state saved by [`state`](Self::state) on the same rank and layout.
+    pub fn load_state(&mut self, state: OptimizerState) -> Result<()> {
+        let mut shards: Vec<&mut Shard> = std::iter::once(&mut self.dense)
+            .chain(self.expert.as_mut())
+            .collect();
+        if shards.len() != state.shards.len() {
+            return Err(ParallelError::InvalidArgument {
+                name: "state",
+                reason: format!(
+                    "has {} parameter classes, this optimizer {}",
+                    state.shards.len(),
+                    shards.len()
+                ),
+            });
+        }
+        for (shard, [master, m, v]) in shards.iter_mut().zip(state.shards) {
+            if master.len() != m.len() || m.len() != v.len() {
+                return Err(ParallelError::InvalidArgument {
+                    name: "state",
+                    reason: "master weights and moments differ in length".into(),
+                });
+            }
+            shard.master = master;
+            shard.m = m;
+            shard.v = v;
+            shard.layout = None;
+        }
+        self.step = state.step;
+        Ok(())
+    }
+
     /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.step
@@ -259,6 +327,17 @@ impl DistributedAdamW {
         &mut self,
         module: M,
         grads: &Gradients,
+        roles: &[(ParamId, ParamRole)],
+    ) -> Result<(M, StepStats)> {
+        self.step_accumulated(module, std::slice::from_ref(grads), roles)
+    }
+
+    /// [`step`](Self::step) with the gradients of several micro-batches, summed (gradient
+    /// accumulation; scale each micro-batch's loss by 1 / micro-batches).
+    pub fn step_accumulated<M: Module>(
+        &mut self,
+        module: M,
+        grads: &[Gradients],
         roles: &[(ParamId, ParamRole)],
     ) -> Result<(M, StepStats)> {
         crate::group::check()?;
@@ -346,6 +425,14 @@ impl DistributedAdamW {
                 shard.master = flat_params[start..start + len].to_vec();
                 shard.m = vec![0.0; len];
                 shard.v = vec![0.0; len];
+            } else if shard.master.len() != len {
+                return Err(ParallelError::InvalidArgument {
+                    name: "state",
+                    reason: format!(
+                        "the loaded shard has {} values, this layout {len}",
+                        shard.master.len()
+                    ),
+                });
             }
             // 3. Norm contributions, TP-replicated parameters counted once.
             let mut decay = vec![0f32; len];

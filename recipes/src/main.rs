@@ -1,11 +1,17 @@
 //! `burn-recipes`: the project's command line.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_moe::prelude::*;
 use burn_moe::timing::time_forward_backward;
+use burn_parallel::launch::MpiRun;
+use burn_parallel::world::World;
+use burn_recipes::recipe::Recipe;
+use burn_recipes::train::{TrainOptions, train};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -21,8 +27,53 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a model from a TOML recipe (alone, or on every rank under mpirun).
+    Train(TrainArgs),
+    /// Run a recipe on N local processes (wraps `mpirun -np N burn-recipes train …`).
+    Launch(LaunchArgs),
+    /// Write PNG plots (loss, expert load) of a run directory's metrics.
+    Plot(PlotArgs),
     /// Run one MoE layer forward + backward on random tokens and report routing and speed.
     Layer(LayerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PlotArgs {
+    /// The run directory (holds metrics.jsonl).
+    run_dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// The recipe file.
+    recipe: PathBuf,
+    /// Override a recipe value: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from the newest checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this step, with a checkpoint (continue later with `--resume`).
+    #[arg(long, value_name = "STEP")]
+    stop_at: Option<usize>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    device: Backend,
+}
+
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    /// Number of processes.
+    #[arg(short = 'n', long = "nproc")]
+    nproc: usize,
+    /// The recipe file.
+    recipe: PathBuf,
+    /// Override a recipe value (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from the newest checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,9 +198,109 @@ fn run_layer(args: &LayerArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn run_train(args: &TrainArgs) -> Result<(), String> {
+    let recipe = Recipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
+    recipe.validate().map_err(|e| e.to_string())?;
+    let world = World::from_env().map_err(|e| e.to_string())?;
+    let main = world.is_main();
+    if main {
+        // `tracing` logs go to RUN_DIR/train.log (appended; nothing is written before the run
+        // directory exists, which is only after every check passed).
+        let log = recipe.run.dir.join("train.log");
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || -> Box<dyn std::io::Write> {
+                match std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&log)
+                {
+                    Ok(f) if log.parent().is_some_and(|p| p.exists()) => Box::new(f),
+                    _ => Box::new(std::io::sink()),
+                }
+            })
+            .try_init();
+    }
+    let options = TrainOptions {
+        resume: args.resume,
+        device: device(args.device)?,
+        progress: main && std::io::stderr().is_terminal(),
+        stop_at: args.stop_at,
+    };
+    let summary = train(&recipe, &options, &world).map_err(|e| e.to_string())?;
+    if main {
+        match summary.entropy_floor {
+            Some(floor) => println!(
+                "final loss {:.4} nats/token (mean of the last steps); entropy floor of the \
+                 source {:.4} ({:+.1}%)",
+                summary.final_loss,
+                floor,
+                100.0 * (summary.final_loss / floor - 1.0)
+            ),
+            None => println!("final loss {:.4} nats/token", summary.final_loss),
+        }
+        println!(
+            "run directory: {} (metrics.jsonl, loss.png, expert_load.png, checkpoints/)",
+            summary.run_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_plot(args: &PlotArgs) -> Result<(), String> {
+    // The entropy floor, when the run recorded one.
+    let floor = std::fs::read_to_string(args.run_dir.join("summary.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["entropy_floor"].as_f64());
+    let written = burn_recipes::plot::plot(&args.run_dir, floor).map_err(|e| e.to_string())?;
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_launch(args: &LaunchArgs) -> Result<(), String> {
+    if args.nproc == 0 {
+        return Err("`--nproc`: must be at least 1".into());
+    }
+    // Check the recipe here, so a bad one fails once and writes nothing.
+    let recipe = Recipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
+    recipe.validate().map_err(|e| e.to_string())?;
+    recipe.check_world(args.nproc).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let mut program = vec![
+        exe.display().to_string(),
+        "train".to_string(),
+        args.recipe.display().to_string(),
+    ];
+    for o in &args.overrides {
+        program.push("--set".into());
+        program.push(o.clone());
+    }
+    if args.resume {
+        program.push("--resume".into());
+    }
+    let status = MpiRun::new(args.nproc, program)
+        .command()
+        .status()
+        .map_err(|e| {
+            format!("cannot start mpirun ({e}); install OpenMPI with scripts/setup-mpi")
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("mpirun exited with {status}"))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Train(args) => run_train(args),
+        Command::Launch(args) => run_launch(args),
+        Command::Plot(args) => run_plot(args),
         Command::Layer(args) => run_layer(args),
     };
     match result {

@@ -1,0 +1,271 @@
+//! Checkpoints: `RUN_DIR/checkpoints/step-NNNNNN/` with one safetensors file per rank (its
+//! parameter shards and its optimizer shard) and `meta.json` (step, world size, next data
+//! position). Written atomically: every rank writes into `step-NNNNNN.tmp/`, then rank 0
+//! renames the folder once all have finished; only the newest `keep` checkpoints stay.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+use burn_parallel::comm::Communicator;
+use burn_parallel::prelude::OptimizerState;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RecipeError, Result};
+
+/// `meta.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Ranks that wrote the checkpoint.
+    pub world: usize,
+    /// Index of the next sequence of the data stream (data position).
+    pub next_sequence: u64,
+    /// The recipe's seed (the data and initialisation generator state is (seed, position)).
+    pub seed: u64,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
+    RecipeError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// The checkpoint folder of `step`.
+pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:06}"))
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
+    let dir = run_dir.join("checkpoints");
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| io(&dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
+        })
+        .collect();
+    steps.sort();
+    match steps.pop() {
+        None => Ok(None),
+        Some(path) => {
+            let meta_path = path.join("meta.json");
+            let text = std::fs::read_to_string(&meta_path).map_err(|e| io(&meta_path, e))?;
+            let meta = serde_json::from_str(&text).map_err(|e| io(&meta_path, e))?;
+            Ok(Some((path, meta)))
+        }
+    }
+}
+
+struct Collect(Vec<(Vec<usize>, Vec<f32>)>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        let t = p.val();
+        let shape = t.dims().to_vec();
+        let values = t
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        self.0.push((shape, values));
+    }
+}
+
+fn bytes_of(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn floats_of(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Writes this rank's part of a checkpoint and, collectively, publishes it.
+pub fn save<M: Module>(
+    run_dir: &Path,
+    meta: &Meta,
+    module: &M,
+    optimizer: &OptimizerState,
+    world: &dyn Communicator,
+    keep: usize,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(run_dir, meta.step);
+    let tmp = final_dir.with_extension("tmp");
+    if world.rank() == 0 {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    world.barrier()?;
+    let mut collect = Collect(Vec::new());
+    module.visit(&mut collect);
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = collect
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, (shape, v))| (format!("param.{i:05}"), shape.clone(), bytes_of(v)))
+        .collect();
+    for (c, shard) in optimizer.shards.iter().enumerate() {
+        for (name, v) in ["master", "m", "v"].iter().zip(shard) {
+            named.push((format!("opt.{c}.{name}"), vec![v.len()], bytes_of(v)));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = named
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| io(&tmp, e))
+        })
+        .collect::<Result<_>>()?;
+    let mut info = HashMap::new();
+    info.insert("optimizer_step".to_string(), optimizer.step.to_string());
+    let file = tmp.join(format!("rank-{:05}.safetensors", world.rank()));
+    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| io(&file, e))?;
+    std::fs::write(&file, bytes).map_err(|e| io(&file, e))?;
+    world.barrier()?;
+    if world.rank() == 0 {
+        let meta_path = tmp.join("meta.json");
+        let text = serde_json::to_string_pretty(meta).map_err(|e| io(&meta_path, e))?;
+        std::fs::write(&meta_path, text).map_err(|e| io(&meta_path, e))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+        prune(run_dir, keep)?;
+    }
+    world.barrier()?;
+    Ok(final_dir)
+}
+
+fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let dir = run_dir.join("checkpoints");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| io(&dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for old in steps.into_iter().take(excess) {
+        std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+    }
+    Ok(())
+}
+
+struct Load {
+    values: Vec<(Vec<usize>, Vec<f32>)>,
+    next: usize,
+    error: Option<String>,
+}
+
+impl ModuleMapper for Load {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let i = self.next;
+        self.next += 1;
+        let Some((shape, values)) = self.values.get(i).cloned() else {
+            self.error
+                .get_or_insert(format!("no tensor for parameter {i}"));
+            return param;
+        };
+        param.map(|t| {
+            if t.dims().as_slice() != shape.as_slice() {
+                self.error.get_or_insert(format!(
+                    "parameter {i} has shape {:?}, the checkpoint {shape:?}",
+                    t.dims()
+                ));
+                return t;
+            }
+            let device = t.device();
+            let track = t.is_require_grad();
+            let fresh = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
+            if track { fresh.require_grad() } else { fresh }
+        })
+    }
+}
+
+/// Loads this rank's parameters and optimizer state from a checkpoint folder.
+pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, OptimizerState)> {
+    let file = dir.join(format!("rank-{rank:05}.safetensors"));
+    let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| io(&file, e))?;
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut params = Vec::new();
+    let mut shards: Vec<[Vec<f32>; 3]> = Vec::new();
+    for name in &names {
+        let view = st.tensor(name).map_err(|e| io(&file, e))?;
+        let values = floats_of(view.data());
+        if name.starts_with("param.") {
+            params.push((view.shape().to_vec(), values));
+        } else if let Some(rest) = name.strip_prefix("opt.") {
+            let (class, which) = rest
+                .split_once('.')
+                .ok_or_else(|| io(&file, "bad tensor name"))?;
+            let class: usize = class.parse().map_err(|_| io(&file, "bad tensor name"))?;
+            while shards.len() <= class {
+                shards.push([Vec::new(), Vec::new(), Vec::new()]);
+            }
+            let slot = match which {
+                "master" => 0,
+                "m" => 1,
+                "v" => 2,
+                _ => return Err(io(&file, format!("unknown tensor {name}"))),
+            };
+            shards[class][slot] = values;
+        }
+    }
+    let mut loader = Load {
+        values: params,
+        next: 0,
+        error: None,
+    };
+    let module = module.map(&mut loader);
+    if let Some(e) = loader.error {
+        return Err(io(&file, e));
+    }
+    if loader.next != loader.values.len() {
+        return Err(io(
+            &file,
+            format!(
+                "{} tensors for {} parameters",
+                loader.values.len(),
+                loader.next
+            ),
+        ));
+    }
+    let meta_step = {
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| io(&file, e))?;
+        metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("optimizer_step"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| io(&file, "no optimizer_step in the metadata"))?
+    };
+    Ok((
+        module,
+        OptimizerState {
+            step: meta_step,
+            shards,
+        },
+    ))
+}

@@ -1,0 +1,41 @@
+//! Errors of the recipes: one line, naming the key or the file.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// What can go wrong in a recipe run.
+#[derive(Debug, Error)]
+pub enum RecipeError {
+    /// The recipe file is not valid TOML.
+    #[error("recipe is not valid TOML: {0}")]
+    Syntax(String),
+    /// A key is unknown, missing, of the wrong type or out of range.
+    #[error("`{key}`: {reason}")]
+    Invalid {
+        /// `section.key`.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {reason}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system's message.
+        reason: String,
+    },
+    /// The recipe cannot run on this machine (memory, backend).
+    #[error("{0}")]
+    Refused(String),
+    /// The MoE layer failed.
+    #[error(transparent)]
+    Moe(#[from] burn_moe::MoeError),
+    /// A collective or parallel layer failed.
+    #[error(transparent)]
+    Parallel(#[from] burn_parallel::ParallelError),
+}
+
+/// Result alias.
+pub type Result<T, E = RecipeError> = core::result::Result<T, E>;

@@ -1,0 +1,414 @@
+//! The recipes' decoder-only MoE transformer: vocab-parallel embedding, pre-norm blocks of
+//! RMSNorm → grouped-query attention with RoPE → RMSNorm → SwiGLU FFN (MoE on every k-th layer,
+//! dense otherwise), final RMSNorm, column-parallel LM head, vocab-parallel cross-entropy.
+//!
+//! Attention, embedding, head and dense FFNs use the attention mapping (TP with sequence
+//! parallelism, DP); MoE layers use the MoE mapping (ETP × EP × EDP) of the same ranks. Every
+//! rank draws the same full weights from the recipe's seed and keeps its shards, so a parallel
+//! run starts from exactly the single-rank model.
+
+use burn::module::{Module, ParamId};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
+use burn_moe::prelude::{
+    DispatcherKind, Experts, ExpertsConfig, MoeLayer, Router, RouterConfig, SharedExperts,
+    SharedExpertsConfig,
+};
+use burn_parallel::prelude::{
+    ColumnParallelLinear, Group, GroupKind, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
+    RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy,
+};
+
+use crate::data::mix;
+use crate::error::Result;
+use crate::recipe::{Dispatcher, ModelConfig};
+
+/// Deterministic normal(0, std) weights from `(seed, stream)` (Box–Muller on SplitMix64).
+pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData {
+    let n: usize = shape.iter().product();
+    let base = mix(seed ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let values: Vec<f32> = (0..n)
+        .map(|i| {
+            let a = mix(base.wrapping_add(2 * i as u64));
+            let b = mix(base.wrapping_add(2 * i as u64 + 1));
+            let u1 = ((a >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            let u2 = (b >> 11) as f64 / (1u64 << 53) as f64;
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect();
+    TensorData::new(values, shape)
+}
+
+/// Columns `[start, start + len)` of each of `parts` equal column blocks of `w` `[rows, cols]`,
+/// concatenated: this rank's share of a fused projection.
+fn column_blocks(w: Tensor<2>, blocks: &[(usize, usize)]) -> Tensor<2> {
+    let [rows, _] = w.dims();
+    Tensor::cat(
+        blocks
+            .iter()
+            .map(|&(start, len)| w.clone().slice([0..rows, start..start + len]))
+            .collect(),
+        1,
+    )
+}
+
+/// Grouped-query self-attention with RoPE; heads split over TP.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Fused `[H, (h + 2·kv)·d / tp]`: this rank's query heads, then key and value heads.
+    pub qkv: ColumnParallelLinear,
+    /// `[h·d / tp, H]`.
+    pub out: RowParallelLinear,
+    #[module(skip)]
+    heads: usize,
+    #[module(skip)]
+    kv_heads: usize,
+    #[module(skip)]
+    head_dim: usize,
+    #[module(skip)]
+    rope_theta: f64,
+}
+
+impl Attention {
+    fn new(
+        cfg: &ModelConfig,
+        seed: u64,
+        stream: u64,
+        tp: &Group,
+        sp: bool,
+        d: &Device,
+    ) -> Result<Self> {
+        let (h, heads) = (cfg.hidden, cfg.heads);
+        let kv = cfg.kv_heads.unwrap_or(heads);
+        let dh = h / heads;
+        let (lh, lkv) = (heads / tp.size(), kv / tp.size());
+        let r = tp.rank();
+        let cols = (heads + 2 * kv) * dh;
+        let w: Tensor<2> = Tensor::from_data(normal(seed, stream, vec![h, cols], cfg.init_std), d);
+        let local = column_blocks(
+            w,
+            &[
+                (r * lh * dh, lh * dh),
+                (heads * dh + r * lkv * dh, lkv * dh),
+                ((heads + kv) * dh + r * lkv * dh, lkv * dh),
+            ],
+        );
+        let wo = Tensor::from_data(
+            normal(seed, stream + 1, vec![heads * dh, h], cfg.init_std),
+            d,
+        );
+        Ok(Self {
+            qkv: ColumnParallelLinear::from_local(local, None, tp.clone(), false, sp),
+            out: RowParallelLinear::from_full(wo, None, tp.clone(), sp)?,
+            heads: lh,
+            kv_heads: lkv,
+            head_dim: dh,
+            rope_theta: cfg.rope_theta,
+        })
+    }
+
+    /// Rotary position embedding on `[B, n, S, d]` (positions 0..S, pairs (2i, 2i+1)).
+    fn rope(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, n, s, d] = x.dims();
+        let device = x.device();
+        let half = d / 2;
+        let mut cos = Vec::with_capacity(s * half);
+        let mut sin = Vec::with_capacity(s * half);
+        for pos in 0..s {
+            for i in 0..half {
+                let freq = self.rope_theta.powf(-(2.0 * i as f64) / d as f64);
+                let angle = pos as f64 * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos: Tensor<4> = Tensor::from_data(TensorData::new(cos, [1, 1, s, half]), &device);
+        let sin: Tensor<4> = Tensor::from_data(TensorData::new(sin, [1, 1, s, half]), &device);
+        let pairs = x.reshape([b, n, s, half, 2]);
+        let even = pairs
+            .clone()
+            .slice([0..b, 0..n, 0..s, 0..half, 0..1])
+            .reshape([b, n, s, half]);
+        let odd = pairs
+            .slice([0..b, 0..n, 0..s, 0..half, 1..2])
+            .reshape([b, n, s, half]);
+        let re = even.clone() * cos.clone() - odd.clone() * sin.clone();
+        let im = even * sin + odd * cos;
+        Tensor::stack::<5>(vec![re, im], 4).reshape([b, n, s, d])
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let qkv = self.qkv.forward(x)?;
+        let [s, b, _] = qkv.dims();
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let part = |start: usize, n: usize| {
+            qkv.clone()
+                .slice([0..s, 0..b, start * d..(start + n) * d])
+                .reshape([s, b, n, d])
+                .permute([1, 2, 0, 3])
+        };
+        let q = self.rope(part(0, h));
+        let k = self.rope(part(h, kv));
+        let v = part(h + kv, kv);
+        // Each key/value head serves h / kv query heads.
+        let group = h / kv;
+        let expand = |t: Tensor<4>| {
+            t.unsqueeze_dim::<5>(2)
+                .repeat_dim(2, group)
+                .reshape([b, h, s, d])
+        };
+        let (k, v) = (expand(k), expand(v));
+        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
+        let mask = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores.device());
+        let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+        let ctx = activation::softmax(scores, 3).matmul(v);
+        Ok(self
+            .out
+            .forward(ctx.permute([2, 0, 1, 3]).reshape([s, b, h * d]))?)
+    }
+}
+
+impl ParallelParams for Attention {
+    fn param_roles(&self, out: &mut Vec<(ParamId, ParamRole)>) {
+        self.qkv.param_roles(out);
+        self.out.param_roles(out);
+    }
+}
+
+/// Dense SwiGLU FFN: fused gate/up column-parallel, down row-parallel.
+#[derive(Module, Debug)]
+pub struct DenseFfn {
+    /// `[H, 2F / tp]`: this rank's gate columns, then up columns.
+    pub fc1: ColumnParallelLinear,
+    /// `[F / tp, H]`.
+    pub fc2: RowParallelLinear,
+}
+
+impl DenseFfn {
+    fn new(
+        cfg: &ModelConfig,
+        seed: u64,
+        stream: u64,
+        tp: &Group,
+        sp: bool,
+        d: &Device,
+    ) -> Result<Self> {
+        let (h, f) = (cfg.hidden, cfg.ffn_hidden);
+        let k = f / tp.size();
+        let r = tp.rank();
+        let w1 = Tensor::from_data(normal(seed, stream, vec![h, 2 * f], cfg.init_std), d);
+        let local = column_blocks(w1, &[(r * k, k), (f + r * k, k)]);
+        let w2 = Tensor::from_data(normal(seed, stream + 1, vec![f, h], cfg.init_std), d);
+        Ok(Self {
+            fc1: ColumnParallelLinear::from_local(local, None, tp.clone(), false, sp),
+            fc2: RowParallelLinear::from_full(w2, None, tp.clone(), sp)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let h = self.fc1.forward(x)?;
+        let [s, b, w] = h.dims();
+        let gate = h.clone().slice([0..s, 0..b, 0..w / 2]);
+        let up = h.slice([0..s, 0..b, w / 2..w]);
+        Ok(self.fc2.forward(activation::silu(gate) * up)?)
+    }
+}
+
+/// One transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// Pre-attention norm.
+    pub norm1: RmsNorm,
+    /// Attention.
+    pub attn: Attention,
+    /// Pre-FFN norm.
+    pub norm2: RmsNorm,
+    /// Dense FFN (layers without MoE).
+    pub dense: Option<DenseFfn>,
+    /// MoE FFN.
+    pub moe: Option<MoeLayer>,
+}
+
+/// What one forward pass returns.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// Mean cross-entropy over the rank's tokens (same on every TP rank).
+    pub ce: Tensor<1>,
+    /// This rank's load-balancing losses (sum over MoE layers), when any.
+    pub aux: Option<Tensor<1>>,
+    /// This rank's z-losses, when any.
+    pub z: Option<Tensor<1>>,
+    /// Tokens per expert of each MoE layer (this rank's tokens).
+    pub expert_load: Vec<Tensor<1, Int>>,
+}
+
+/// The language model.
+#[derive(Module, Debug)]
+pub struct MoeLm {
+    /// Token embedding `[V / tp, H]`.
+    pub embed: VocabParallelEmbedding,
+    /// Blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub norm_f: RmsNorm,
+    /// LM head `[H, V / tp]`.
+    pub head: ColumnParallelLinear,
+    #[module(skip)]
+    tp: Group,
+}
+
+fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+impl MoeLm {
+    /// Builds this rank's part of the model for `groups` (one rank: `ProcessGroups::single()`).
+    pub fn new(
+        cfg: &ModelConfig,
+        seed: u64,
+        groups: &ProcessGroups,
+        dispatcher: Dispatcher,
+        d: &Device,
+    ) -> Result<Self> {
+        let tp = groups.group(GroupKind::Tp).clone();
+        let sp = tp.size() > 1;
+        let h = cfg.hidden;
+        let norm = || RmsNorm::from_full(Tensor::ones([h], d), 1e-6, sp);
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for layer in 0..cfg.layers {
+            let stream = 100 * (layer as u64 + 1);
+            let is_moe = cfg.moe_every > 0 && (layer + 1).is_multiple_of(cfg.moe_every);
+            let (dense, moe) = if is_moe {
+                (
+                    None,
+                    Some(moe_layer(cfg, seed, stream + 10, groups, dispatcher, d)?),
+                )
+            } else {
+                (
+                    Some(DenseFfn::new(cfg, seed, stream + 10, &tp, sp, d)?),
+                    None,
+                )
+            };
+            blocks.push(Block {
+                norm1: norm(),
+                attn: Attention::new(cfg, seed, stream, &tp, sp, d)?,
+                norm2: norm(),
+                dense,
+                moe,
+            });
+        }
+        let embed = Tensor::from_data(normal(seed, 1, vec![cfg.vocab, h], cfg.init_std), d);
+        let head = Tensor::from_data(normal(seed, 2, vec![h, cfg.vocab], cfg.init_std), d);
+        Ok(Self {
+            embed: VocabParallelEmbedding::from_full(embed, tp.clone(), sp)?,
+            blocks,
+            norm_f: norm(),
+            head: ColumnParallelLinear::from_full(head, None, tp.clone(), false, sp)?,
+            tp,
+        })
+    }
+
+    /// Next-token prediction on `ids` `[S, B]` with `targets` `[S, B]`.
+    pub fn forward(&self, ids: Tensor<2, Int>, targets: Tensor<2, Int>) -> Result<Forward> {
+        let mut x = self.embed.forward(ids)?;
+        let (mut aux, mut z, mut load) = (None, None, Vec::new());
+        for block in &self.blocks {
+            x = x.clone() + block.attn.forward(block.norm1.forward(x))?;
+            let h = block.norm2.forward(x.clone());
+            let y = match (&block.dense, &block.moe) {
+                (Some(dense), _) => dense.forward(h)?,
+                (None, Some(moe)) => {
+                    let out = moe.forward(h)?;
+                    aux = add(aux, out.aux_loss.clone());
+                    z = add(z, out.z_loss.clone());
+                    load.push(out.tokens_per_expert.clone());
+                    out.output
+                }
+                (None, None) => h,
+            };
+            x = x + y;
+        }
+        let logits = self.head.forward(self.norm_f.forward(x))?;
+        let [s, b, v] = logits.dims();
+        let ce = vocab_parallel_cross_entropy(
+            logits.reshape([s * b, v]),
+            targets.reshape([s * b]),
+            &self.tp,
+        )?
+        .mean();
+        Ok(Forward {
+            ce,
+            aux,
+            z,
+            expert_load: load,
+        })
+    }
+
+    /// Every parameter's role for the distributed optimizer.
+    pub fn roles(&self) -> Vec<(ParamId, ParamRole)> {
+        let mut out = Vec::new();
+        self.embed.param_roles(&mut out);
+        for b in &self.blocks {
+            b.norm1.param_roles(&mut out);
+            b.attn.param_roles(&mut out);
+            b.norm2.param_roles(&mut out);
+            if let Some(d) = &b.dense {
+                d.fc1.param_roles(&mut out);
+                d.fc2.param_roles(&mut out);
+            }
+            if let Some(m) = &b.moe {
+                m.param_roles(&mut out);
+            }
+        }
+        self.norm_f.param_roles(&mut out);
+        self.head.param_roles(&mut out);
+        out
+    }
+}
+
+fn moe_layer(
+    cfg: &ModelConfig,
+    seed: u64,
+    stream: u64,
+    groups: &ProcessGroups,
+    dispatcher: Dispatcher,
+    d: &Device,
+) -> Result<MoeLayer> {
+    let (h, e) = (cfg.hidden, cfg.experts);
+    let f = cfg.expert_ffn_hidden.unwrap_or(cfg.ffn_hidden);
+    let mut router = RouterConfig::new(h, e, cfg.topk)
+        .with_aux_loss_coeff(cfg.aux_loss_coeff)
+        .with_z_loss_coeff(cfg.z_loss_coeff)
+        .with_init_std(cfg.init_std);
+    if let Some(c) = cfg.capacity_factor {
+        router = router
+            .with_capacity_factor(Some(c))
+            .with_pad_to_capacity(true);
+    }
+    let router = Router::from_weight(
+        router,
+        Tensor::from_data(normal(seed, stream, vec![e, h], cfg.init_std), d),
+    )?;
+    let experts = Experts::from_weights(
+        ExpertsConfig::new(e, h, f).with_init_std(cfg.init_std),
+        Tensor::from_data(normal(seed, stream + 1, vec![e, h, 2 * f], cfg.init_std), d),
+        Tensor::from_data(normal(seed, stream + 2, vec![e, f, h], cfg.init_std), d),
+    )?;
+    let shared = match cfg.shared_expert_ffn_hidden {
+        Some(fs) => Some(SharedExperts::from_weights(
+            SharedExpertsConfig::new(h, fs),
+            Tensor::from_data(normal(seed, stream + 3, vec![h, 2 * fs], cfg.init_std), d),
+            Tensor::from_data(normal(seed, stream + 4, vec![fs, h], cfg.init_std), d),
+            None,
+        )?),
+        None => None,
+    };
+    let kind = match dispatcher {
+        Dispatcher::Alltoall => DispatcherKind::AllToAll,
+        Dispatcher::Allgather => DispatcherKind::AllGather,
+    };
+    Ok(MoeLayer::new(router, experts, shared)?.parallelize(groups, kind)?)
+}

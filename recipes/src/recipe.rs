@@ -1,0 +1,603 @@
+//! TOML recipes: parsing, `--set section.key=value` overrides and validation.
+//!
+//! Every key is known (unknown keys are errors), every value is checked, and errors name the
+//! key (`model.heads`, `parallel.tp`, …) in one line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RecipeError, Result};
+
+/// A training recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Where the run writes and its seed.
+    pub run: RunConfig,
+    /// The model.
+    pub model: ModelConfig,
+    /// The data source.
+    pub data: DataConfig,
+    /// The optimisation.
+    pub training: TrainingConfig,
+    /// The parallel layout.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Everything the run writes goes here (relative paths are relative to the working
+    /// directory).
+    pub dir: PathBuf,
+    /// Seed of the model initialisation and of the data.
+    pub seed: u64,
+    /// Peak TFLOP/s of one rank's device, for the MFU estimate (default: 0.19, the AVX2 f32
+    /// peak of two x86 cores measured for ../shared/DESIGN.md).
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
+}
+
+/// `[model]`: a decoder-only transformer with MoE FFNs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Vocabulary size (256 for byte-level text).
+    pub vocab: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Transformer layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to `heads`.
+    #[serde(default)]
+    pub kv_heads: Option<usize>,
+    /// Dense FFN width (layers without MoE).
+    pub ffn_hidden: usize,
+    /// MoE on every `moe_every`-th layer (1 = every layer, 0 = none).
+    #[serde(default = "one")]
+    pub moe_every: usize,
+    /// Routed experts.
+    #[serde(default = "one")]
+    pub experts: usize,
+    /// Experts per token.
+    #[serde(default = "one")]
+    pub topk: usize,
+    /// FFN width of one expert; defaults to `ffn_hidden`.
+    #[serde(default)]
+    pub expert_ffn_hidden: Option<usize>,
+    /// FFN width of the shared expert (none when absent).
+    #[serde(default)]
+    pub shared_expert_ffn_hidden: Option<usize>,
+    /// Switch aux-loss coefficient.
+    #[serde(default)]
+    pub aux_loss_coeff: f64,
+    /// z-loss coefficient.
+    #[serde(default)]
+    pub z_loss_coeff: Option<f64>,
+    /// Capacity factor (dropless when absent).
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+    /// RoPE base.
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+    /// Standard deviation of the initialisation.
+    #[serde(default = "init_std")]
+    pub init_std: f64,
+}
+
+fn one() -> usize {
+    1
+}
+fn rope_theta() -> f64 {
+    10_000.0
+}
+fn init_std() -> f64 {
+    0.02
+}
+
+/// Where tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A seeded sparse Markov chain over the vocabulary with a known entropy rate.
+    Markov,
+    /// Byte-level tokens of a text file or of every file in a folder.
+    Bytes,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The source.
+    pub source: Source,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// File or folder (`bytes` source).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Successors per state (`markov` source).
+    #[serde(default = "branching")]
+    pub branching: usize,
+}
+
+fn branching() -> usize {
+    4
+}
+
+/// Numeric precision of the parameters and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 (where the backend supports it).
+    Bf16,
+}
+
+/// `[training]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch per data-parallel rank.
+    pub micro_batch: usize,
+    /// Sequences per optimizer step over all data-parallel ranks.
+    pub global_batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    #[serde(default = "weight_decay")]
+    pub weight_decay: f64,
+    /// AdamW β1.
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    /// AdamW β2.
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    /// AdamW ε.
+    #[serde(default = "eps")]
+    pub eps: f64,
+    /// Gradient clipping by global norm (none when absent).
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Recompute activations in the backward pass (Burn's balanced checkpointing).
+    #[serde(default)]
+    pub recompute: bool,
+    /// Precision.
+    #[serde(default = "precision")]
+    pub precision: Precision,
+    /// Write a JSONL metrics line every this many steps.
+    #[serde(default = "one")]
+    pub log_every: usize,
+    /// Checkpoint every this many steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept.
+    #[serde(default = "keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn weight_decay() -> f64 {
+    0.1
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.95
+}
+fn eps() -> f64 {
+    1e-8
+}
+fn precision() -> Precision {
+    Precision::F32
+}
+fn keep() -> usize {
+    2
+}
+
+/// Expert-parallel token dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatcher {
+    /// All-to-all-v over EP.
+    Alltoall,
+    /// All-gather over ETP×EP.
+    Allgather,
+}
+
+/// `[parallel]`: attention TP × CP × DP × PP and MoE ETP × EP × EDP on the same ranks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Tensor parallel (with sequence parallelism when > 1).
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// Context parallel.
+    #[serde(default = "one")]
+    pub cp: usize,
+    /// Pipeline parallel.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// Virtual pipeline stages per rank.
+    #[serde(default)]
+    pub virtual_pp: Option<usize>,
+    /// Micro-batches in flight per pipeline (defaults to the accumulation count).
+    #[serde(default)]
+    pub microbatches: Option<usize>,
+    /// Expert parallel.
+    #[serde(default = "one")]
+    pub ep: usize,
+    /// Expert tensor parallel.
+    #[serde(default = "one")]
+    pub etp: usize,
+    /// Dispatcher.
+    #[serde(default = "dispatcher")]
+    pub dispatcher: Dispatcher,
+    /// Number of GPUs the recipe is written for (full-scale recipes); the world size of a
+    /// run comes from the launcher.
+    #[serde(default)]
+    pub gpus: Option<usize>,
+}
+
+fn dispatcher() -> Dispatcher {
+    Dispatcher::Alltoall
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            tp: 1,
+            cp: 1,
+            pp: 1,
+            virtual_pp: None,
+            microbatches: None,
+            ep: 1,
+            etp: 1,
+            dispatcher: Dispatcher::Alltoall,
+            gpus: None,
+        }
+    }
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> RecipeError {
+    RecipeError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Recipe {
+    /// Peak TFLOP/s per rank used for MFU.
+    pub fn run_peak_tflops(&self) -> f64 {
+        self.run.peak_tflops.unwrap_or(0.19)
+    }
+
+    /// Reads a recipe file and applies `overrides` (`section.key=value`, TOML values).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, overrides)
+    }
+
+    /// Parses recipe text and applies `overrides`.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut value: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let recipe: Recipe = Recipe::deserialize(toml::Value::Table(value))
+            .map_err(|e| from_serde(&e.to_string()))?;
+        Ok(recipe)
+    }
+
+    /// Checks every value that does not depend on the world size.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(p) = self.run.peak_tflops
+            && !(p.is_finite() && p > 0.0)
+        {
+            return Err(bad("run.peak_tflops", "must be a positive number"));
+        }
+        if self.run.dir.as_os_str().is_empty() {
+            return Err(bad("run.dir", "must not be empty"));
+        }
+        let m = &self.model;
+        let positive = [
+            ("model.vocab", m.vocab),
+            ("model.hidden", m.hidden),
+            ("model.layers", m.layers),
+            ("model.heads", m.heads),
+            ("model.ffn_hidden", m.ffn_hidden),
+            ("model.experts", m.experts),
+            ("model.topk", m.topk),
+            ("data.seq_len", self.data.seq_len),
+            ("training.steps", self.training.steps),
+            ("training.micro_batch", self.training.micro_batch),
+            ("training.global_batch", self.training.global_batch),
+            ("training.log_every", self.training.log_every),
+            ("training.keep_checkpoints", self.training.keep_checkpoints),
+            ("parallel.tp", self.parallel.tp),
+            ("parallel.cp", self.parallel.cp),
+            ("parallel.pp", self.parallel.pp),
+            ("parallel.ep", self.parallel.ep),
+            ("parallel.etp", self.parallel.etp),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
+        if !m.hidden.is_multiple_of(m.heads) {
+            return Err(bad(
+                "model.heads",
+                format!("{} heads do not divide hidden = {}", m.heads, m.hidden),
+            ));
+        }
+        if !(m.hidden / m.heads).is_multiple_of(2) {
+            return Err(bad(
+                "model.heads",
+                "the head dimension must be even for RoPE",
+            ));
+        }
+        let kv = m.kv_heads.unwrap_or(m.heads);
+        if kv == 0 || !m.heads.is_multiple_of(kv) {
+            return Err(bad(
+                "model.kv_heads",
+                format!("{kv} key/value heads do not divide {} heads", m.heads),
+            ));
+        }
+        if m.topk > m.experts {
+            return Err(bad(
+                "model.topk",
+                format!("{} exceeds the {} experts", m.topk, m.experts),
+            ));
+        }
+        if m.expert_ffn_hidden == Some(0) {
+            return Err(bad("model.expert_ffn_hidden", "must be at least 1"));
+        }
+        if m.shared_expert_ffn_hidden == Some(0) {
+            return Err(bad("model.shared_expert_ffn_hidden", "must be at least 1"));
+        }
+        if !(m.aux_loss_coeff.is_finite() && m.aux_loss_coeff >= 0.0) {
+            return Err(bad("model.aux_loss_coeff", "must be a finite number >= 0"));
+        }
+        if let Some(z) = m.z_loss_coeff
+            && !(z.is_finite() && z >= 0.0)
+        {
+            return Err(bad("model.z_loss_coeff", "must be a finite number >= 0"));
+        }
+        if let Some(c) = m.capacity_factor
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(bad("model.capacity_factor", "must be a positive number"));
+        }
+        if !(m.rope_theta.is_finite() && m.rope_theta > 1.0) {
+            return Err(bad("model.rope_theta", "must be a finite number > 1"));
+        }
+        if !(m.init_std.is_finite() && m.init_std > 0.0) {
+            return Err(bad("model.init_std", "must be a positive number"));
+        }
+        match self.data.source {
+            Source::Markov => {
+                if self.data.branching == 0 || self.data.branching > m.vocab {
+                    return Err(bad(
+                        "data.branching",
+                        format!("must be in 1..={} (the vocabulary)", m.vocab),
+                    ));
+                }
+                if self.data.path.is_some() {
+                    return Err(bad("data.path", "is only used by source = \"bytes\""));
+                }
+            }
+            Source::Bytes => {
+                let Some(path) = &self.data.path else {
+                    return Err(bad("data.path", "is required by source = \"bytes\""));
+                };
+                if !path.exists() {
+                    return Err(bad(
+                        "data.path",
+                        format!("{} does not exist", path.display()),
+                    ));
+                }
+                if m.vocab != 256 {
+                    return Err(bad("model.vocab", "must be 256 for byte-level tokens"));
+                }
+            }
+        }
+        let t = &self.training;
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(bad("training.lr", "must be a positive number"));
+        }
+        if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return Err(bad("training.min_lr", "must be in [0, training.lr]"));
+        }
+        if t.warmup_steps > t.steps {
+            return Err(bad("training.warmup_steps", "exceeds training.steps"));
+        }
+        for (key, b) in [("training.beta1", t.beta1), ("training.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(bad(key, "must be in [0, 1)"));
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return Err(bad("training.eps", "must be a positive number"));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(bad("training.weight_decay", "must be a finite number >= 0"));
+        }
+        if let Some(c) = t.grad_clip
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(bad("training.grad_clip", "must be a positive number"));
+        }
+        if !t.global_batch.is_multiple_of(t.micro_batch) {
+            return Err(bad(
+                "training.global_batch",
+                format!(
+                    "{} is not a multiple of training.micro_batch = {}",
+                    t.global_batch, t.micro_batch
+                ),
+            ));
+        }
+        let p = &self.parallel;
+        if !m.heads.is_multiple_of(p.tp) || !kv.is_multiple_of(p.tp) {
+            return Err(bad(
+                "parallel.tp",
+                format!(
+                    "{} does not divide the {} heads and {kv} key/value heads",
+                    p.tp, m.heads
+                ),
+            ));
+        }
+        if !m.vocab.is_multiple_of(p.tp) {
+            return Err(bad(
+                "parallel.tp",
+                format!("{} does not divide vocab = {}", p.tp, m.vocab),
+            ));
+        }
+        if p.tp > 1 && !self.data.seq_len.is_multiple_of(p.tp) {
+            return Err(bad(
+                "parallel.tp",
+                format!(
+                    "sequence parallelism needs seq_len = {} divisible by tp",
+                    self.data.seq_len
+                ),
+            ));
+        }
+        if !m.experts.is_multiple_of(p.ep) {
+            return Err(bad(
+                "parallel.ep",
+                format!("{} does not divide the {} experts", p.ep, m.experts),
+            ));
+        }
+        let expert_ffn = m.expert_ffn_hidden.unwrap_or(m.ffn_hidden);
+        if !expert_ffn.is_multiple_of(p.etp) {
+            return Err(bad(
+                "parallel.etp",
+                format!("{} does not divide expert_ffn_hidden = {expert_ffn}", p.etp),
+            ));
+        }
+        if !m.ffn_hidden.is_multiple_of(p.tp) {
+            return Err(bad(
+                "parallel.tp",
+                format!("{} does not divide ffn_hidden = {}", p.tp, m.ffn_hidden),
+            ));
+        }
+        if p.virtual_pp == Some(0) {
+            return Err(bad("parallel.virtual_pp", "must be at least 1"));
+        }
+        if p.microbatches == Some(0) {
+            return Err(bad("parallel.microbatches", "must be at least 1"));
+        }
+        if let Some(g) = p.gpus {
+            self.check_world(g).map_err(|e| match e {
+                RecipeError::Invalid { reason, .. } => bad("parallel.gpus", reason),
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks the layout against a world of `world` ranks; returns (dp, edp).
+    pub fn check_world(&self, world: usize) -> Result<(usize, usize)> {
+        let p = &self.parallel;
+        let attention = p.tp * p.cp * p.pp;
+        if world == 0 || !world.is_multiple_of(attention) {
+            return Err(bad(
+                "parallel.tp",
+                format!("tp × cp × pp = {attention} does not divide the world of {world} ranks"),
+            ));
+        }
+        let moe = p.etp * p.ep * p.pp;
+        if !world.is_multiple_of(moe) {
+            return Err(bad(
+                "parallel.ep",
+                format!("etp × ep × pp = {moe} does not divide the world of {world} ranks"),
+            ));
+        }
+        let dp = world / attention;
+        let t = &self.training;
+        if !t.global_batch.is_multiple_of(t.micro_batch * dp) {
+            return Err(bad(
+                "training.global_batch",
+                format!(
+                    "{} is not a multiple of micro_batch × dp = {} × {dp}",
+                    t.global_batch, t.micro_batch
+                ),
+            ));
+        }
+        Ok((dp, world / moe))
+    }
+}
+
+/// Sets `section.key = value` (the value parsed as TOML, or as a string when it is not TOML).
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| bad("--set", format!("`{assignment}` is not section.key=value")))?;
+    let path = path.trim();
+    let (section, key) = path
+        .split_once('.')
+        .ok_or_else(|| bad("--set", format!("`{path}` is not section.key")))?;
+    let value: toml::Value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.trim().into())),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section_table) = entry else {
+        return Err(bad(section, "is not a table"));
+    };
+    section_table.insert(key.to_string(), value);
+    Ok(())
+}
+
+/// Turns serde's message into an error naming the key.
+fn from_serde(message: &str) -> RecipeError {
+    let message = message.replace('\n', " ");
+    // toml reports `unknown field `x`, expected ...` or `invalid type: ..., expected ... for key `section.key``.
+    let key = message
+        .split("for key `")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .map(str::to_string)
+        .or_else(|| {
+            message
+                .split("unknown field `")
+                .nth(1)
+                .and_then(|s| s.split('`').next())
+                .map(str::to_string)
+        })
+        .or_else(|| {
+            message
+                .split("missing field `")
+                .nth(1)
+                .and_then(|s| s.split('`').next())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "recipe".to_string());
+    RecipeError::Invalid {
+        key,
+        reason: message.trim().to_string(),
+    }
+}

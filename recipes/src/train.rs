@@ -1,0 +1,494 @@
+//! The training loop: data-parallel micro-batches with gradient accumulation, the distributed
+//! AdamW with warm-up + cosine decay and clipping, JSONL metrics, a progress bar, tracing logs
+//! and atomic checkpoints with exact resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_parallel::comm::ReduceOp;
+use burn_parallel::prelude::{
+    AdamWConfig, DistributedAdamW, GroupKind, Mesh, MoeDims, ParallelDims, ProcessGroups, World,
+};
+use serde::Serialize;
+
+use crate::checkpoint::{self, Meta};
+use crate::data::{TokenSource, sequence_index};
+use crate::error::{RecipeError, Result};
+use crate::model::MoeLm;
+use crate::recipe::{ModelConfig, Precision, Recipe};
+
+/// How to run a recipe.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint of the run directory.
+    pub resume: bool,
+    /// The device (autodiff is turned on here).
+    pub device: Device,
+    /// Draw the progress bar (rank 0 only, and only on a terminal).
+    pub progress: bool,
+    /// Stop after this step with a checkpoint (Megatron's `--exit-interval`); `--resume`
+    /// continues the same schedule.
+    pub stop_at: Option<usize>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Mean training loss (cross-entropy) over the last ten steps.
+    pub final_loss: f64,
+    /// Loss of every step run in this invocation.
+    pub losses: Vec<f64>,
+    /// The source's entropy rate in nats per token, when known.
+    pub entropy_floor: Option<f64>,
+    /// Steps completed (including those before a resume).
+    pub steps: usize,
+    /// The run directory.
+    pub run_dir: PathBuf,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+struct StepMetrics {
+    step: usize,
+    loss: f64,
+    aux_loss: f64,
+    z_loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens_per_s: f64,
+    tflops: f64,
+    mfu: f64,
+    expert_load: Vec<Vec<f64>>,
+    seconds: f64,
+}
+
+/// Parameters of the model (all ranks together).
+pub fn parameter_count(m: &ModelConfig) -> (u64, u64) {
+    let (h, v) = (m.hidden as u64, m.vocab as u64);
+    let heads = m.heads as u64;
+    let kv = m.kv_heads.unwrap_or(m.heads) as u64;
+    let dh = h / heads;
+    let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h;
+    let f = m.ffn_hidden as u64;
+    let fe = m.expert_ffn_hidden.unwrap_or(m.ffn_hidden) as u64;
+    let e = m.experts as u64;
+    let shared = m.shared_expert_ffn_hidden.map_or(0, |s| 3 * h * s as u64);
+    let dense = 3 * h * f;
+    let (mut total, mut active) = (2 * v * h + h, 2 * v * h + h);
+    for layer in 0..m.layers {
+        let is_moe = m.moe_every > 0 && (layer + 1).is_multiple_of(m.moe_every);
+        let (t, a) = if is_moe {
+            (
+                e * h + e * 3 * h * fe + shared,
+                e * h + m.topk as u64 * 3 * h * fe + shared,
+            )
+        } else {
+            (dense, dense)
+        };
+        total += attention + t;
+        active += attention + a;
+    }
+    (total, active)
+}
+
+/// Bytes of parameters, gradients and AdamW state (f32 weights and gradients, f32 master
+/// weights and two moments) for the whole model, before any sharding.
+pub fn training_state_bytes(m: &ModelConfig) -> u64 {
+    parameter_count(m).0 * 4 * 5
+}
+
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Refuses a recipe whose parameters, gradients and optimizer state cannot fit in this
+/// machine's available memory, saying how much it needs.
+pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
+    let total_bytes = training_state_bytes(&recipe.model);
+    let need = total_bytes / world as u64;
+    let Some(have) = available_memory() else {
+        return Ok(());
+    };
+    if need <= have {
+        return Ok(());
+    }
+    let (total, active) = parameter_count(&recipe.model);
+    let layout = match recipe.parallel.gpus {
+        Some(g) => format!(
+            " ({:.1} GiB per GPU over the recipe's {g} GPUs, before activations)",
+            gib(total_bytes / g as u64)
+        ),
+        None => String::new(),
+    };
+    Err(RecipeError::Refused(format!(
+        "this recipe needs {:.1} GiB for parameters, gradients and AdamW state ({:.1} B \
+         parameters, {:.1} B active per token; f32 weights and gradients, f32 master weights \
+         and two moments){layout}; this machine has {:.1} GiB available for {world} rank(s). \
+         Run it on a GPU cluster with its [parallel] layout.",
+        gib(total_bytes),
+        total as f64 / 1e9,
+        active as f64 / 1e9,
+        gib(have)
+    )))
+}
+
+/// Refuses layouts and settings this build cannot run, with the key that says so.
+fn check_supported(recipe: &Recipe) -> Result<()> {
+    let p = &recipe.parallel;
+    let unsupported = |key: &str, what: &str| RecipeError::Invalid {
+        key: key.into(),
+        reason: format!("{what} is not implemented yet (it must be 1 here)"),
+    };
+    if p.cp > 1 {
+        return Err(unsupported("parallel.cp", "context parallelism"));
+    }
+    if p.pp > 1 || p.virtual_pp.is_some_and(|v| v > 1) {
+        return Err(unsupported("parallel.pp", "pipeline parallelism"));
+    }
+    if recipe.training.recompute {
+        return Err(RecipeError::Invalid {
+            key: "training.recompute".into(),
+            reason: "activation recomputation is not implemented yet".into(),
+        });
+    }
+    if recipe.training.precision == Precision::Bf16 {
+        return Err(RecipeError::Invalid {
+            key: "training.precision".into(),
+            reason: "bf16 training is not supported by this build's backends yet; use \"f32\""
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Learning rate of `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
+pub fn learning_rate(recipe: &Recipe, step: usize) -> f64 {
+    let t = &recipe.training;
+    if step < t.warmup_steps {
+        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+    }
+    let span = (t.steps - t.warmup_steps).max(1) as f64;
+    let progress = ((step - t.warmup_steps) as f64 / span).min(1.0);
+    t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+fn value(t: Tensor<1>) -> Result<f64> {
+    let v = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| RecipeError::Refused(format!("reading a loss: {e:?}")))?;
+    Ok(f64::from(v.first().copied().unwrap_or(f32::NAN)))
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
+    RecipeError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Runs (or resumes) a recipe on this process's share of `world`.
+pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<Summary> {
+    recipe.validate()?;
+    let n = world.size();
+    check_memory(recipe, n)?;
+    check_supported(recipe)?;
+    let (dp, edp) = recipe.check_world(n)?;
+    let comm = world.communicator();
+    let main = world.is_main();
+    let run_dir = recipe.run.dir.clone();
+    let resume_from = if options.resume {
+        let found = checkpoint::latest(&run_dir)?;
+        if found.is_none() {
+            return Err(RecipeError::Invalid {
+                key: "--resume".into(),
+                reason: format!("{} has no checkpoint", run_dir.display()),
+            });
+        }
+        found
+    } else {
+        None
+    };
+    let source = TokenSource::new(&recipe.data, recipe.model.vocab, recipe.run.seed)?;
+    // Everything is checked: now the run directory may be written.
+    if main {
+        std::fs::create_dir_all(&run_dir).map_err(|e| io(&run_dir, e))?;
+        let copy = run_dir.join("recipe.toml");
+        let text = toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?;
+        std::fs::write(&copy, text).map_err(|e| io(&copy, e))?;
+    }
+    comm.barrier()?;
+    let p = &recipe.parallel;
+    let mesh = Mesh::new(
+        n,
+        ParallelDims::new(p.tp, p.cp, dp, p.pp),
+        MoeDims::new(p.etp, p.ep, edp),
+    )?;
+    let groups = ProcessGroups::new(mesh, comm.clone())?;
+    let device = options.device.clone().autodiff();
+    let mut model = MoeLm::new(
+        &recipe.model,
+        recipe.run.seed,
+        &groups,
+        p.dispatcher,
+        &device,
+    )?;
+    let t = &recipe.training;
+    let adamw = AdamWConfig {
+        lr: t.lr,
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+        max_grad_norm: t.grad_clip,
+    };
+    let dp_group = groups.group(GroupKind::Dp).clone();
+    let mut opt = DistributedAdamW::new(
+        adamw,
+        dp_group.clone(),
+        groups.group(GroupKind::Tp).clone(),
+        groups.world().clone(),
+    )?
+    .with_expert_group(groups.group(GroupKind::ExpertDp).clone());
+    let mut start = 0;
+    if let Some((dir, meta)) = resume_from {
+        if meta.world != n {
+            return Err(RecipeError::Invalid {
+                key: "--resume".into(),
+                reason: format!(
+                    "the checkpoint was written by {} ranks, this run has {n}",
+                    meta.world
+                ),
+            });
+        }
+        let (loaded, state) = checkpoint::load(&dir, model, comm.rank())?;
+        model = loaded;
+        opt.load_state(state)?;
+        start = meta.step;
+    }
+    let micro_batches = t.global_batch / (t.micro_batch * dp);
+    {
+        let (total, active) = parameter_count(&recipe.model);
+        tracing::info!(
+            world = n,
+            tp = p.tp,
+            dp,
+            ep = p.ep,
+            etp = p.etp,
+            edp,
+            micro_batches,
+            parameters = total,
+            active_parameters = active,
+            start_step = start,
+            "training"
+        );
+    }
+    let seq = recipe.data.seq_len;
+    let tp_comm = groups.group(GroupKind::Tp).communicator()?;
+    let dp_comm = dp_group.communicator()?;
+    let dp_rank = dp_group.rank();
+    let (_, active) = parameter_count(&recipe.model);
+    let m = &recipe.model;
+    let flops_per_token = 6.0 * active as f64 + 6.0 * (m.layers * seq * m.hidden) as f64;
+    let peak = recipe.run_peak_tflops();
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics = if main {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| io(&metrics_path, e))?,
+        )
+    } else {
+        None
+    };
+    let bar = (main && options.progress).then(|| {
+        let bar = indicatif::ProgressBar::new(t.steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(start as u64);
+        bar
+    });
+    let mut losses = Vec::new();
+    for step in start..t.steps {
+        let began = Instant::now();
+        let mut grads = Vec::with_capacity(micro_batches);
+        let (mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0);
+        let mut load: Vec<Vec<f64>> = Vec::new();
+        for micro in 0..micro_batches {
+            let mut ids = Vec::with_capacity(t.micro_batch * (seq + 1));
+            let mut columns = Vec::with_capacity(t.micro_batch);
+            for i in 0..t.micro_batch {
+                let index =
+                    sequence_index(step, micro, dp_rank, i, (t.micro_batch, micro_batches, dp));
+                columns.push(source.sequence(index, seq));
+            }
+            // Sequence-first [S + 1, B].
+            for pos in 0..=seq {
+                for col in &columns {
+                    ids.push(col[pos]);
+                }
+            }
+            let all = Tensor::<2, Int>::from_data(
+                TensorData::new(ids, [seq + 1, t.micro_batch]),
+                &device,
+            );
+            let inputs = all.clone().slice([0..seq, 0..t.micro_batch]);
+            let targets = all.slice([1..seq + 1, 0..t.micro_batch]);
+            let out = model.forward(inputs, targets)?;
+            let scale = 1.0 / micro_batches as f64;
+            ce_sum += value(out.ce.clone())? * scale;
+            let mut loss = out.ce.clone();
+            if let Some(a) = out.aux.clone() {
+                aux_sum += value(a.clone())? * scale;
+                loss = loss + a;
+            }
+            if let Some(z) = out.z.clone() {
+                z_sum += value(z.clone())? * scale;
+                loss = loss + z;
+            }
+            for (layer, counts) in out.expert_load.iter().enumerate() {
+                let c: Vec<f64> = counts
+                    .clone()
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|v| v as f64)
+                    .collect();
+                if load.len() <= layer {
+                    load.push(vec![0.0; c.len()]);
+                }
+                load[layer].iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+            }
+            grads.push((loss * scale).backward());
+            burn_parallel::group::check()?;
+        }
+        opt.set_lr(learning_rate(recipe, step));
+        let roles = model.roles();
+        let (next, stats) = opt.step_accumulated(model, &grads, &roles)?;
+        model = next;
+        // Reported: CE averaged over DP; aux and z summed over TP (each rank routes its own
+        // tokens) and averaged over DP; expert load summed over every rank.
+        let mut side = [aux_sum as f32, z_sum as f32];
+        tp_comm.all_reduce(&mut side, ReduceOp::Sum)?;
+        let mut reported = [ce_sum as f32, side[0], side[1]];
+        dp_comm.all_reduce(&mut reported, ReduceOp::Avg)?;
+        let mut flat: Vec<f32> = load.iter().flatten().map(|&v| v as f32).collect();
+        comm.all_reduce(&mut flat, ReduceOp::Sum)?;
+        let loss = f64::from(reported[0]);
+        losses.push(loss);
+        let seconds = began.elapsed().as_secs_f64();
+        let tokens = (t.global_batch * seq) as f64;
+        let tokens_per_s = tokens / seconds;
+        let tflops = tokens_per_s * flops_per_token / 1e12;
+        if let Some(file) = metrics.as_mut()
+            && (step + 1).is_multiple_of(t.log_every)
+        {
+            let mut at = 0;
+            let expert_load = load
+                .iter()
+                .map(|l| {
+                    let row = flat[at..at + l.len()]
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .collect();
+                    at += l.len();
+                    row
+                })
+                .collect();
+            let line = StepMetrics {
+                step: step + 1,
+                loss,
+                aux_loss: f64::from(reported[1]),
+                z_loss: f64::from(reported[2]),
+                lr: learning_rate(recipe, step),
+                grad_norm: stats.grad_norm,
+                tokens_per_s,
+                tflops,
+                mfu: tflops / (peak * n as f64),
+                expert_load,
+                seconds,
+            };
+            let text = serde_json::to_string(&line).map_err(|e| io(&metrics_path, e))?;
+            writeln!(file, "{text}").map_err(|e| io(&metrics_path, e))?;
+        }
+        tracing::info!(
+            step = step + 1,
+            loss,
+            grad_norm = stats.grad_norm,
+            tokens_per_s,
+            "step"
+        );
+        if let Some(bar) = &bar {
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
+        }
+        let stop = options.stop_at == Some(step + 1);
+        let last = step + 1 == t.steps || stop;
+        if last || (t.checkpoint_every > 0 && (step + 1).is_multiple_of(t.checkpoint_every)) {
+            let meta = Meta {
+                step: step + 1,
+                world: n,
+                next_sequence: sequence_index(
+                    step + 1,
+                    0,
+                    0,
+                    0,
+                    (t.micro_batch, micro_batches, dp),
+                ),
+                seed: recipe.run.seed,
+            };
+            checkpoint::save(
+                &run_dir,
+                &meta,
+                &model,
+                &opt.state(),
+                comm.as_ref(),
+                t.keep_checkpoints,
+            )?;
+        }
+        if stop {
+            break;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    let final_loss = if tail.is_empty() {
+        f64::NAN
+    } else {
+        tail.iter().sum::<f64>() / tail.len() as f64
+    };
+    let summary = Summary {
+        final_loss,
+        losses,
+        entropy_floor: source.entropy_rate(),
+        steps: t.steps,
+        run_dir,
+    };
+    if main {
+        let path = summary.run_dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| io(&path, e))?;
+        crate::plot::plot(&summary.run_dir, summary.entropy_floor)?;
+    }
+    Ok(summary)
+}

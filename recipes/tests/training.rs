@@ -1,0 +1,98 @@
+//! Training runs of the tiny recipe: exact resume, and (with `--features mpi`) a 4-rank launch
+//! that reproduces the single-rank loss curve.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("moe-tiny.toml")
+}
+
+fn train(run: &Path, extra: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+        .args(["train", &tiny().display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
+        .args([
+            "--set",
+            "training.steps=20",
+            "--set",
+            "training.checkpoint_every=0",
+        ])
+        .args(extra)
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `loss` field of every line of `metrics.jsonl`, as written.
+fn losses(run: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            v["loss"].to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn ten_steps_then_resume_is_bit_identical_to_twenty_steps() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let straight = tmp.path().join("straight");
+    let resumed = tmp.path().join("resumed");
+    train(&straight, &[]);
+    train(&resumed, &["--stop-at", "10"]);
+    assert_eq!(losses(&resumed).len(), 10);
+    train(&resumed, &["--resume"]);
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a, b, "losses differ after resume");
+    assert!(straight.join("checkpoints/step-000020/meta.json").exists());
+    assert!(straight.join("recipe.toml").exists());
+    for file in ["loss.png", "expert_load.png", "summary.json", "train.log"] {
+        assert!(straight.join(file).exists(), "no {file}");
+    }
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let single = tmp.path().join("single");
+    let multi = tmp.path().join("multi");
+    let steps = [
+        "--set",
+        "training.steps=10",
+        "--set",
+        "training.warmup_steps=5",
+        "--set",
+        "training.checkpoint_every=0",
+    ];
+    train(&single, &steps[..]);
+    let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+        .args(["launch", "-n", "4", &tiny().display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", multi.display())])
+        .args(steps)
+        .args(["--set", "parallel.tp=2", "--set", "parallel.ep=2"])
+        .env("BURN_PARALLEL_TIMEOUT_S", "120")
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parse = |v: Vec<String>| -> Vec<f64> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let (a, b) = (parse(losses(&single)), parse(losses(&multi)));
+    assert_eq!(a.len(), 10);
+    assert_eq!(b.len(), 10);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "step {step}: {x} vs {y}");
+    }
+}
