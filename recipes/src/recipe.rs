@@ -173,7 +173,8 @@ pub struct TrainingConfig {
     /// Gradient clipping by global norm (none when absent).
     #[serde(default)]
     pub grad_clip: Option<f64>,
-    /// Recompute activations in the backward pass (Burn's balanced checkpointing).
+    /// Recompute activations in the backward pass (Burn's balanced gradient checkpointing:
+    /// memory-bound intermediates are recomputed, compute-bound ones kept).
     #[serde(default)]
     pub recompute: bool,
     /// Precision.

@@ -154,12 +154,6 @@ fn check_supported(recipe: &Recipe) -> Result<()> {
     if p.pp > 1 || p.virtual_pp.is_some_and(|v| v > 1) {
         return Err(unsupported("parallel.pp", "pipeline parallelism"));
     }
-    if recipe.training.recompute {
-        return Err(RecipeError::Invalid {
-            key: "training.recompute".into(),
-            reason: "activation recomputation is not implemented yet".into(),
-        });
-    }
     if recipe.training.precision == Precision::Bf16 {
         return Err(RecipeError::Invalid {
             key: "training.precision".into(),
@@ -235,7 +229,12 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         MoeDims::new(p.etp, p.ep, edp),
     )?;
     let groups = ProcessGroups::new(mesh, comm.clone())?;
-    let device = options.device.clone().autodiff();
+    let mut device = options.device.clone().autodiff();
+    if recipe.training.recompute {
+        // Burn's balanced checkpointing: memory-bound activations are recomputed in the
+        // backward pass instead of being kept.
+        device = device.gradient_checkpointing();
+    }
     let mut model = MoeLm::new(
         &recipe.model,
         recipe.run.seed,

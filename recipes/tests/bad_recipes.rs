@@ -184,8 +184,8 @@ fn unknown_precision() {
 }
 
 #[test]
-fn recompute_not_available() {
-    set("training.recompute=true", "training.recompute");
+fn recompute_of_the_wrong_type() {
+    set("training.recompute=\"yes\"", "recompute");
 }
 
 #[test]

@@ -59,6 +59,54 @@ fn ten_steps_then_resume_is_bit_identical_to_twenty_steps() {
     }
 }
 
+#[test]
+fn recomputation_gives_the_same_losses() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let (plain, recompute) = (tmp.path().join("plain"), tmp.path().join("recompute"));
+    let short = [
+        "--set",
+        "training.steps=5",
+        "--set",
+        "training.warmup_steps=2",
+    ];
+    train(&plain, &short);
+    let mut args = short.to_vec();
+    args.extend(["--set", "training.recompute=true"]);
+    train(&recompute, &args);
+    assert_eq!(losses(&plain), losses(&recompute));
+}
+
+#[test]
+fn byte_level_text_trains_and_old_checkpoints_are_pruned() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let run = tmp.path().join("run");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let args = [
+        "--set".to_string(),
+        "data.source=\"bytes\"".to_string(),
+        "--set".to_string(),
+        format!("data.path=\"{}\"", corpus.display()),
+        "--set".to_string(),
+        "model.vocab=256".to_string(),
+        "--set".to_string(),
+        "training.steps=6".to_string(),
+        "--set".to_string(),
+        "training.warmup_steps=2".to_string(),
+        "--set".to_string(),
+        "training.checkpoint_every=2".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    train(&run, &args);
+    assert_eq!(losses(&run).len(), 6);
+    let mut kept: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    kept.sort();
+    // Checkpoints at steps 2, 4 and 6; keep_checkpoints = 2 keeps the newest two.
+    assert_eq!(kept, ["step-000004", "step-000006"]);
+}
+
 #[cfg(feature = "mpi")]
 #[test]
 fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
