@@ -4,7 +4,8 @@
 //! TOML recipes for training MoE transformer language models with burn-moe and burn-parallel:
 //! [`recipe`] (parsing, `--set` overrides, validation), [`data`] (a Markov source with a known
 //! entropy rate, byte-level text), [`model`] (the decoder-only MoE transformer), [`train`] (the
-//! loop, metrics, progress), [`checkpoint`] (atomic checkpoints, exact resume) and [`plot`]
+//! loop, metrics, progress), [`plan`] (memory, step time and MFU of a layout; layout search),
+//! [`checkpoint`] (atomic checkpoints, exact resume) and [`plot`]
 //! (PNG plots of a run). The
 //! `burn-recipes` binary is the command line over them.
 
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod plan;
 pub mod plot;
 pub mod recipe;
 pub mod train;

@@ -10,6 +10,7 @@ use burn_moe::prelude::*;
 use burn_moe::timing::time_forward_backward;
 use burn_parallel::launch::MpiRun;
 use burn_parallel::world::World;
+use burn_recipes::plan::{self, Estimate};
 use burn_recipes::recipe::Recipe;
 use burn_recipes::train::{TrainOptions, train};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -31,10 +32,33 @@ enum Command {
     Train(TrainArgs),
     /// Run a recipe on N local processes (wraps `mpirun -np N burn-recipes train …`).
     Launch(LaunchArgs),
+    /// Estimate memory per GPU, step time and MFU of a recipe's layout on its cluster.
+    Plan(PlanArgs),
     /// Write PNG plots (loss, expert load) of a run directory's metrics.
     Plot(PlotArgs),
     /// Run one MoE layer forward + backward on random tokens and report routing and speed.
     Layer(LayerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    /// The recipe file (omit with --calibrate).
+    recipe: Option<PathBuf>,
+    /// Override a recipe value, e.g. `cluster.gpus=512`, `parallel.tp=4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Print the estimate as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Rank every layout that fits and print the best ones.
+    #[arg(long)]
+    search: bool,
+    /// How many layouts --search prints.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Fit the four efficiency numbers to the MFUs of an anchors file and report the fit.
+    #[arg(long, value_name = "ANCHORS_JSON")]
+    calibrate: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -248,6 +272,147 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `println!` into a `String`.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+fn describe(e: &Estimate) -> String {
+    let l = &e.layout;
+    let t = &e.time;
+    let m = &e.memory;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    format!(
+        "TP{} CP{} PP{}×{} EP{} ETP{} mb{}: MFU {:.1}%, step {:.2} s ({} micro-batches), {:.1} GiB/GPU{}\n  \
+         time: compute {:.2} s, TP comm {:.2}, EP all-to-all {:.2}, ETP comm {:.2}, PP {:.2}, DP {:.2}, overhead {:.2}, bubble {:.2}\n  \
+         memory: weights {:.1} GiB, gradients {:.1}, optimizer {:.1}, activations {:.1}, dispatcher {:.1}",
+        l.tp,
+        l.cp,
+        l.pp,
+        l.vpp,
+        l.ep,
+        l.etp,
+        l.micro_batch,
+        100.0 * e.mfu,
+        e.step_time_s,
+        e.micro_batches,
+        gib(e.memory_per_gpu_bytes),
+        if e.fits { "" } else { " (does not fit)" },
+        t.compute_s,
+        t.tp_comm_s,
+        t.ep_comm_s,
+        t.etp_comm_s,
+        t.pp_comm_s,
+        t.dp_comm_s,
+        t.overhead_s,
+        t.bubble_s,
+        gib(m.weights),
+        gib(m.gradients),
+        gib(m.optimizer),
+        gib(m.activations),
+        gib(m.dispatcher),
+    )
+}
+
+fn run_plan(args: &PlanArgs) -> Result<(), String> {
+    let mut out = String::new();
+    let result = plan_report(args, &mut out);
+    // A closed pipe (`plan … | head`) is not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+    result
+}
+
+fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
+    if let Some(anchors) = &args.calibrate {
+        let rows = plan::load_anchors(anchors).map_err(|e| e.to_string())?;
+        let measurements: Vec<_> = rows.iter().map(|(_, _, m)| m.clone()).collect();
+        let (cal, worst) = plan::calibrate(&measurements);
+        say!(
+            out,
+            "fitted: gemm_efficiency = {:.4}, alltoall_efficiency = {:.4}, overlap = {:.4}, layer_overhead_s = {:.4e} (largest error {:.1}%)",
+            cal.gemm_efficiency,
+            cal.alltoall_efficiency,
+            cal.overlap,
+            cal.layer_overhead_s,
+            100.0 * worst
+        );
+        say!(
+            out,
+            "| model | GPUs | system | TP | EP | PP | ETP | paper MFU | predicted | error |"
+        );
+        say!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        for (name, system, m) in &rows {
+            let mut p = m.problem.clone();
+            p.calibration = cal;
+            let e = p.estimate(&m.layout).map_err(|e| e.to_string())?;
+            let l = m.layout;
+            say!(
+                out,
+                "| {name} | {} | {system} | {} | {} | {} | {} | {:.1}% | {:.1}% | {:+.1}% |",
+                p.cluster.gpus,
+                l.tp,
+                l.ep,
+                l.pp,
+                l.etp,
+                100.0 * m.mfu,
+                100.0 * e.mfu,
+                100.0 * (e.mfu / m.mfu - 1.0)
+            );
+        }
+        return Ok(());
+    }
+    let path = args
+        .recipe
+        .as_ref()
+        .ok_or("`RECIPE`: give a recipe file (or --calibrate ANCHORS_JSON)")?;
+    let recipe = Recipe::load(path, &args.overrides).map_err(|e| e.to_string())?;
+    recipe.validate().map_err(|e| e.to_string())?;
+    let (problem, layout) = plan::Problem::from_recipe(&recipe).map_err(|e| e.to_string())?;
+    if args.search {
+        let ranked = problem.search();
+        if ranked.is_empty() {
+            return Err(format!(
+                "`cluster.gpus`: no layout of {} GPUs fits this model",
+                problem.cluster.gpus
+            ));
+        }
+        if args.json {
+            let top: Vec<_> = ranked.iter().take(args.top).collect();
+            say!(
+                out,
+                "{}",
+                serde_json::to_string(&top).map_err(|e| e.to_string())?
+            );
+        } else {
+            say!(
+                out,
+                "{} layouts fit on {} GPUs; the best {}:",
+                ranked.len(),
+                problem.cluster.gpus,
+                args.top.min(ranked.len())
+            );
+            for (i, e) in ranked.iter().take(args.top).enumerate() {
+                say!(out, "{}. {}", i + 1, describe(e));
+            }
+        }
+        return Ok(());
+    }
+    let estimate = problem.estimate(&layout).map_err(|e| e.to_string())?;
+    if args.json {
+        say!(
+            out,
+            "{}",
+            serde_json::to_string(&estimate).map_err(|e| e.to_string())?
+        );
+    } else {
+        say!(out, "{}", describe(&estimate));
+    }
+    Ok(())
+}
+
 fn run_plot(args: &PlotArgs) -> Result<(), String> {
     // The entropy floor, when the run recorded one.
     let floor = std::fs::read_to_string(args.run_dir.join("summary.json"))
@@ -301,6 +466,7 @@ fn main() -> ExitCode {
         Command::Train(args) => run_train(args),
         Command::Launch(args) => run_launch(args),
         Command::Plot(args) => run_plot(args),
+        Command::Plan(args) => run_plan(args),
         Command::Layer(args) => run_layer(args),
     };
     match result {

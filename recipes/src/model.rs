@@ -379,7 +379,10 @@ fn moe_layer(
 ) -> Result<MoeLayer> {
     let (h, e) = (cfg.hidden, cfg.experts);
     let f = cfg.expert_ffn_hidden.unwrap_or(cfg.ffn_hidden);
+    // Top-1 routing takes the softmax before the top-k (Switch / Megatron's pre-softmax),
+    // otherwise the router gets no gradient.
     let mut router = RouterConfig::new(h, e, cfg.topk)
+        .with_pre_softmax(cfg.topk == 1)
         .with_aux_loss_coeff(cfg.aux_loss_coeff)
         .with_z_loss_coeff(cfg.z_loss_coeff)
         .with_init_std(cfg.init_std);

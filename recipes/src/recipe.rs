@@ -24,6 +24,12 @@ pub struct Recipe {
     /// The parallel layout.
     #[serde(default)]
     pub parallel: ParallelConfig,
+    /// The cluster `plan` estimates for (H100 defaults).
+    #[serde(default)]
+    pub cluster: Option<crate::plan::ClusterConfig>,
+    /// The planner's efficiency numbers (defaults fitted to the seed paper).
+    #[serde(default)]
+    pub calibration: Option<crate::plan::Calibration>,
 }
 
 /// `[run]`.

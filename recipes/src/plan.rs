@@ -1,0 +1,677 @@
+//! `burn-recipes plan`: memory per GPU, step time and MFU of a model on a cluster under a
+//! parallel layout, with a breakdown; `--search` ranks every valid layout.
+//!
+//! The model is analytical. Compute: FLOPs of each GEMM (attention projections with GQA, the
+//! causal attention core, router, routed and shared experts, LM head; backward = 2 × forward)
+//! at `gemm_efficiency × d / (d + 128)` of peak, `d` the GEMM's smallest dimension on one GPU.
+//! Communication, bf16 activations: sequence-parallel all-gather / reduce-scatter over TP on
+//! NVLink; the EP all-to-all (dispatch and combine, forward and backward) at
+//! `alltoall_efficiency` of NVLink within a node and of InfiniBand for the share of peers on
+//! other nodes (EP groups span `etp × ep` consecutive ranks); the ETP all-gather /
+//! reduce-scatter of dispatched rows on NVLink; pipeline send/recv and the distributed
+//! optimizer's reduce-scatter + all-gather over DP (dense) and expert-DP (experts) on
+//! InfiniBand, of which `overlap` is hidden behind compute. A fixed `layer_overhead_s` per
+//! layer and micro-batch (kernel launches, routing, permutation) and the pipeline bubble of
+//! 1F1B (`(pp − 1) / v` extra micro-batch slots, `v` virtual stages) complete the step.
+//! MFU = model FLOPs / (step time × GPUs × peak).
+//!
+//! The four efficiency numbers are data ([`Calibration`]); `calibrate` fits them to measured
+//! MFUs (the defaults were fitted to the seed paper's Table 1 only).
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::mix;
+use crate::error::{RecipeError, Result};
+use crate::recipe::{ModelConfig, Recipe};
+use crate::train::parameter_count;
+
+/// Hardware of the cluster (`[cluster]`, H100 defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// GPUs in the job.
+    #[serde(default = "gpus")]
+    pub gpus: usize,
+    /// GPUs per node (NVLink domain).
+    #[serde(default = "gpus_per_node")]
+    pub gpus_per_node: usize,
+    /// Dense BF16 peak per GPU.
+    #[serde(default = "peak")]
+    pub peak_tflops: f64,
+    /// NVLink bandwidth per GPU, GB/s.
+    #[serde(default = "nvlink")]
+    pub nvlink_gbytes_per_s: f64,
+    /// InfiniBand bandwidth per GPU, Gbit/s.
+    #[serde(default = "ib")]
+    pub ib_gbits_per_s: f64,
+    /// Memory per GPU, GiB.
+    #[serde(default = "hbm")]
+    pub memory_gib: f64,
+}
+
+fn gpus() -> usize {
+    8
+}
+fn gpus_per_node() -> usize {
+    8
+}
+fn peak() -> f64 {
+    989.5
+}
+fn nvlink() -> f64 {
+    450.0
+}
+fn ib() -> f64 {
+    400.0
+}
+fn hbm() -> f64 {
+    80.0
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            gpus: gpus(),
+            gpus_per_node: gpus_per_node(),
+            peak_tflops: peak(),
+            nvlink_gbytes_per_s: nvlink(),
+            ib_gbits_per_s: ib(),
+            memory_gib: hbm(),
+        }
+    }
+}
+
+/// The four fitted numbers (`[calibration]`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Fraction of peak reached by large GEMMs.
+    pub gemm_efficiency: f64,
+    /// Fraction of link bandwidth reached by the EP all-to-all.
+    pub alltoall_efficiency: f64,
+    /// Fraction of pipeline and data-parallel communication hidden behind compute.
+    pub overlap: f64,
+    /// Fixed time per layer and micro-batch (forward + backward), seconds.
+    pub layer_overhead_s: f64,
+}
+
+impl Default for Calibration {
+    /// Fitted by `burn-recipes plan --calibrate` on ../shared/anchors/moe_parallel_folding_table1.json.
+    fn default() -> Self {
+        Self {
+            gemm_efficiency: 0.7080,
+            alltoall_efficiency: 0.5816,
+            overlap: 0.0,
+            layer_overhead_s: 9.5395e-4,
+        }
+    }
+}
+
+/// A parallel layout to estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    /// Tensor parallel (sequence parallel on).
+    pub tp: usize,
+    /// Context parallel.
+    pub cp: usize,
+    /// Pipeline parallel.
+    pub pp: usize,
+    /// Virtual pipeline stages per rank.
+    pub vpp: usize,
+    /// Expert parallel.
+    pub ep: usize,
+    /// Expert tensor parallel.
+    pub etp: usize,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+}
+
+/// Time per step, seconds, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct TimeBreakdown {
+    /// GEMMs and attention.
+    pub compute_s: f64,
+    /// TP all-gather / reduce-scatter.
+    pub tp_comm_s: f64,
+    /// EP all-to-all.
+    pub ep_comm_s: f64,
+    /// ETP all-gather / reduce-scatter of dispatched rows.
+    pub etp_comm_s: f64,
+    /// Pipeline send/recv (exposed part).
+    pub pp_comm_s: f64,
+    /// Distributed-optimizer reduce-scatter + all-gather (exposed part).
+    pub dp_comm_s: f64,
+    /// Fixed per-layer overhead.
+    pub overhead_s: f64,
+    /// Pipeline bubble.
+    pub bubble_s: f64,
+}
+
+/// Bytes per GPU (the first pipeline stage, which holds the most activations), by part.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct MemoryBreakdown {
+    /// BF16 weights.
+    pub weights: u64,
+    /// FP32 gradients.
+    pub gradients: u64,
+    /// FP32 master weights and two moments, sharded over DP (dense) and EDP (experts).
+    pub optimizer: u64,
+    /// Activations of the micro-batches in flight.
+    pub activations: u64,
+    /// Dispatcher buffers (dispatched rows and expert intermediates).
+    pub dispatcher: u64,
+}
+
+/// One estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Estimate {
+    /// The layout.
+    pub layout: Layout,
+    /// Model FLOPs utilisation.
+    pub mfu: f64,
+    /// Seconds per optimizer step.
+    pub step_time_s: f64,
+    /// Peak bytes per GPU.
+    pub memory_per_gpu_bytes: u64,
+    /// Whether that fits the GPU memory.
+    pub fits: bool,
+    /// Model FLOPs of one step.
+    pub model_flops_per_step: f64,
+    /// Micro-batches per step per pipeline.
+    pub micro_batches: usize,
+    /// Time by part.
+    pub time: TimeBreakdown,
+    /// Memory by part.
+    pub memory: MemoryBreakdown,
+}
+
+/// Everything that does not change with the layout.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// The model.
+    pub model: ModelConfig,
+    /// Sequence length.
+    pub seq_len: usize,
+    /// Sequences per step.
+    pub global_batch: usize,
+    /// Hardware.
+    pub cluster: ClusterConfig,
+    /// Efficiencies.
+    pub calibration: Calibration,
+    /// Full activation recomputation (only layer inputs are kept; forward runs twice).
+    pub recompute: bool,
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> RecipeError {
+    RecipeError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Problem {
+    /// The problem and layout of a recipe (its `[cluster]`, `[calibration]`, `[parallel]`).
+    pub fn from_recipe(recipe: &Recipe) -> Result<(Self, Layout)> {
+        let cluster = recipe.cluster.clone().unwrap_or_else(|| ClusterConfig {
+            gpus: recipe.parallel.gpus.unwrap_or(8),
+            ..ClusterConfig::default()
+        });
+        let p = &recipe.parallel;
+        Ok((
+            Self {
+                model: recipe.model.clone(),
+                seq_len: recipe.data.seq_len,
+                global_batch: recipe.training.global_batch,
+                cluster,
+                calibration: recipe.calibration.unwrap_or_default(),
+                recompute: recipe.training.recompute,
+            },
+            Layout {
+                tp: p.tp,
+                cp: p.cp,
+                pp: p.pp,
+                vpp: p.virtual_pp.unwrap_or(1),
+                ep: p.ep,
+                etp: p.etp,
+                micro_batch: recipe.training.micro_batch,
+            },
+        ))
+    }
+
+    /// Why `layout` cannot run this problem, if it cannot.
+    pub fn check(&self, l: &Layout) -> Result<()> {
+        let m = &self.model;
+        let g = self.cluster.gpus;
+        let kv = m.kv_heads.unwrap_or(m.heads);
+        let attention = l.tp * l.cp * l.pp;
+        if g == 0 || !g.is_multiple_of(attention) {
+            return Err(invalid(
+                "parallel.tp",
+                format!("tp × cp × pp = {attention} does not divide {g} GPUs"),
+            ));
+        }
+        if !g.is_multiple_of(l.etp * l.ep * l.pp) {
+            return Err(invalid(
+                "parallel.ep",
+                format!(
+                    "etp × ep × pp = {} does not divide {g} GPUs",
+                    l.etp * l.ep * l.pp
+                ),
+            ));
+        }
+        if !m.heads.is_multiple_of(l.tp) || !kv.is_multiple_of(l.tp) {
+            return Err(invalid(
+                "parallel.tp",
+                "must divide the heads and key/value heads",
+            ));
+        }
+        if !m.experts.is_multiple_of(l.ep) {
+            return Err(invalid("parallel.ep", "must divide the experts"));
+        }
+        if !m.layers.is_multiple_of(l.pp * l.vpp) {
+            return Err(invalid(
+                "parallel.pp",
+                "pp × virtual_pp must divide the layers",
+            ));
+        }
+        let dp = g / attention;
+        if !self.global_batch.is_multiple_of(dp * l.micro_batch) {
+            return Err(invalid(
+                "training.global_batch",
+                format!(
+                    "must be a multiple of dp × micro_batch = {}",
+                    dp * l.micro_batch
+                ),
+            ));
+        }
+        if !self.seq_len.is_multiple_of(l.cp * l.tp) {
+            return Err(invalid("data.seq_len", "must be divisible by cp × tp"));
+        }
+        Ok(())
+    }
+
+    /// The estimate of one layout.
+    pub fn estimate(&self, l: &Layout) -> Result<Estimate> {
+        self.check(l)?;
+        let m = &self.model;
+        let c = &self.cluster;
+        let cal = &self.calibration;
+        let f = |v: usize| v as f64;
+        let (h, heads, layers, e, k, v) = (
+            f(m.hidden),
+            f(m.heads),
+            f(m.layers),
+            f(m.experts),
+            f(m.topk),
+            f(m.vocab),
+        );
+        let kv = f(m.kv_heads.unwrap_or(m.heads));
+        let dh = h / heads;
+        let fe = f(m.expert_ffn_hidden.unwrap_or(m.ffn_hidden));
+        let fs = f(m.shared_expert_ffn_hidden.unwrap_or(0));
+        let fd = f(m.ffn_hidden);
+        let s = f(self.seq_len);
+        let (tp, cp, pp, ep, etp, vpp) = (f(l.tp), f(l.cp), f(l.pp), f(l.ep), f(l.etp), f(l.vpp));
+        let g = f(c.gpus);
+        let peak = c.peak_tflops * 1e12;
+        let nvlink = c.nvlink_gbytes_per_s * 1e9;
+        let ibw = c.ib_gbits_per_s / 8.0 * 1e9;
+        let dp = c.gpus / (l.tp * l.cp * l.pp);
+        let micro_batches = self.global_batch / (dp * l.micro_batch);
+        let mb = f(micro_batches);
+        let moe_layers = (0..m.layers)
+            .filter(|i| m.moe_every > 0 && (i + 1).is_multiple_of(m.moe_every))
+            .count() as f64;
+        let dense_layers = layers - moe_layers;
+
+        // Model FLOPs (forward, per token), ×3 for training.
+        let attn_tok =
+            2.0 * h * (heads + 2.0 * kv) * dh + 2.0 * heads * dh * h + 2.0 * s * heads * dh;
+        let moe_tok = 2.0 * h * e + k * 6.0 * h * fe + 6.0 * h * fs;
+        let dense_tok = 6.0 * h * fd;
+        let head_tok = 2.0 * h * v;
+        let flops_tok =
+            layers * attn_tok + moe_layers * moe_tok + dense_layers * dense_tok + head_tok;
+        let model_flops = 3.0 * flops_tok * f(self.global_batch) * s;
+
+        // One GPU, one micro-batch, one layer (forward + backward).
+        let t = f(l.micro_batch) * s; // tokens of one data-parallel replica's micro-batch
+        let tg = t / (tp * cp); // tokens per GPU after sequence parallelism
+        let eff = |d: f64| cal.gemm_efficiency * d / (d + 128.0);
+        let attn_proj = 3.0 * (2.0 * tg * h * (heads + 2.0 * kv) * dh + 2.0 * tg * heads * dh * h)
+            / (eff(h.min((heads + 2.0 * kv) * dh / tp).min(t / cp)) * peak);
+        let attn_core = 3.0 * 2.0 * t * s * heads * dh / (tp * cp) / (eff(s.min(4.0 * dh)) * peak);
+        let rows = ep * etp * t * k / (tp * cp * e); // rows per local expert on one GPU
+        let experts = 3.0 * (k * 6.0 * tg * h * fe + 6.0 * tg * h * fs)
+            / (eff(rows.min(h).min(fe / etp)) * peak)
+            + 3.0 * 2.0 * tg * h * e / (cal.gemm_efficiency * peak);
+        let dense_mlp = 3.0 * 6.0 * tg * h * fd / (eff(h.min(fd / tp)) * peak);
+        let head = 3.0 * 2.0 * tg * h * v / (eff(h.min(v / tp)) * peak);
+        let act_bytes = t / cp * h * 2.0;
+        let tp_comm = if l.tp > 1 {
+            8.0 * act_bytes * (tp - 1.0) / tp / nvlink
+        } else {
+            0.0
+        };
+        let dense_tp_comm = if l.tp > 1 {
+            8.0 * act_bytes * (tp - 1.0) / tp / nvlink
+        } else {
+            0.0
+        };
+        let sent = tg * k * h * 2.0 * (ep - 1.0) / ep;
+        let span = l.ep * l.etp;
+        let a2a = if l.ep == 1 {
+            0.0
+        } else if span <= c.gpus_per_node {
+            4.0 * sent / (nvlink * cal.alltoall_efficiency)
+        } else {
+            let inner = (c.gpus_per_node / l.etp).saturating_sub(1) as f64;
+            let inter = ((ep - 1.0 - inner) / (ep - 1.0)).clamp(0.0, 1.0);
+            4.0 * (sent * (1.0 - inter) / (nvlink * cal.alltoall_efficiency))
+                .max(sent * inter / (ibw * cal.alltoall_efficiency))
+        };
+        let etp_comm = if l.etp > 1 {
+            4.0 * rows * e / ep * h * 2.0 * (etp - 1.0) / etp / nvlink
+        } else {
+            0.0
+        };
+        // Full recomputation runs each layer's forward again in the backward pass: 4/3 compute.
+        let rc = if self.recompute { 4.0 / 3.0 } else { 1.0 };
+        let per_moe_layer = rc * (attn_proj + attn_core + experts)
+            + tp_comm
+            + a2a
+            + etp_comm
+            + cal.layer_overhead_s;
+        let per_dense_layer = rc * (attn_proj + attn_core + dense_mlp)
+            + tp_comm
+            + dense_tp_comm
+            + cal.layer_overhead_s;
+        let stage = (moe_layers * per_moe_layer + dense_layers * per_dense_layer) / pp + head;
+        let pp_comm = if l.pp > 1 {
+            2.0 * (tg * h * 2.0) / ibw * (1.0 - cal.overlap)
+        } else {
+            0.0
+        };
+        let micro = stage + pp_comm;
+        let bubble = (pp - 1.0) / vpp * micro;
+        // Distributed optimizer: reduce-scatter grads + all-gather params (bf16) per step.
+        let (total, _) = parameter_count(m);
+        let expert_params = moe_layers * e * 3.0 * h * fe;
+        let dense_params = total as f64 - expert_params;
+        let edp = c.gpus / (l.etp * l.ep * l.pp);
+        let ring = |n: usize| (n as f64 - 1.0) / n as f64;
+        let dp_comm = (2.0 * 2.0 * dense_params / (tp * pp) * ring(dp)
+            + 2.0 * 2.0 * expert_params / (etp * ep * pp) * ring(edp))
+            / ibw
+            * (1.0 - cal.overlap);
+        let step_time = mb * micro + bubble + dp_comm;
+        let scale = mb + (pp - 1.0) / vpp;
+        let layers_stage = layers / pp;
+        let time = TimeBreakdown {
+            compute_s: scale
+                * (rc
+                    * (moe_layers * (attn_proj + attn_core + experts)
+                        + dense_layers * (attn_proj + attn_core + dense_mlp))
+                    / pp
+                    + head),
+            tp_comm_s: scale * (moe_layers * tp_comm + dense_layers * (tp_comm + dense_tp_comm))
+                / pp,
+            ep_comm_s: scale * moe_layers * a2a / pp,
+            etp_comm_s: scale * moe_layers * etp_comm / pp,
+            pp_comm_s: scale * pp_comm,
+            dp_comm_s: dp_comm,
+            overhead_s: scale * layers_stage * cal.layer_overhead_s,
+            bubble_s: bubble,
+        };
+
+        // Memory of the first stage.
+        let dense_gpu = dense_params / (tp * pp);
+        let expert_gpu = expert_params / (etp * ep * pp);
+        let weights = 2.0 * (dense_gpu + expert_gpu);
+        let gradients = 4.0 * (dense_gpu + expert_gpu);
+        let optimizer = 12.0 * (dense_gpu / f(dp) + expert_gpu / f(edp));
+        // Megatron's per-layer activation bytes with sequence parallelism and a fused
+        // (flash) attention that keeps no s² scores: s·b·h·34/tp; with full recomputation only
+        // each layer's input (2·s·b·h/tp) is kept.
+        let b = f(l.micro_batch);
+        let per_layer = if self.recompute {
+            2.0 * s * b * h / (tp * cp)
+        } else {
+            s * b * h * 34.0 / (tp * cp)
+        };
+        let in_flight = f(l.pp.min(micro_batches.max(1)));
+        let activations = per_layer * layers_stage * in_flight;
+        // Dispatched rows (in and out) and expert intermediates, balanced routing, bounded by
+        // the capacity factor when there is one.
+        let rows_gpu = rows * e / ep * m.capacity_factor.unwrap_or(1.0);
+        let kept = if self.recompute {
+            0.0
+        } else {
+            3.0 * fe / etp * 2.0
+        };
+        let dispatcher = rows_gpu * (2.0 * h * 2.0 + kept) * (moe_layers / pp) * in_flight;
+        let memory = MemoryBreakdown {
+            weights: weights as u64,
+            gradients: gradients as u64,
+            optimizer: optimizer as u64,
+            activations: activations as u64,
+            dispatcher: dispatcher as u64,
+        };
+        let bytes = memory.weights
+            + memory.gradients
+            + memory.optimizer
+            + memory.activations
+            + memory.dispatcher;
+        Ok(Estimate {
+            layout: *l,
+            mfu: model_flops / (step_time * g * peak),
+            step_time_s: step_time,
+            memory_per_gpu_bytes: bytes,
+            fits: (bytes as f64) <= c.memory_gib * (1u64 << 30) as f64,
+            model_flops_per_step: model_flops,
+            micro_batches,
+            time,
+            memory,
+        })
+    }
+
+    /// Every layout that runs and fits, best MFU first.
+    pub fn search(&self) -> Vec<Estimate> {
+        let g = self.cluster.gpus;
+        let divisors = |n: usize| (1..=n).filter(|d| n.is_multiple_of(*d)).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        let tps: Vec<usize> = divisors(g)
+            .into_iter()
+            .filter(|t| *t <= self.cluster.gpus_per_node)
+            .collect();
+        for &tp in &tps {
+            for pp in divisors(g / tp) {
+                for vpp in [1, 2, 4] {
+                    for ep in divisors(self.model.experts) {
+                        for &etp in &tps {
+                            if etp > tp {
+                                continue;
+                            }
+                            for micro_batch in [1, 2] {
+                                let l = Layout {
+                                    tp,
+                                    cp: 1,
+                                    pp,
+                                    vpp,
+                                    ep,
+                                    etp,
+                                    micro_batch,
+                                };
+                                if let Ok(est) = self.estimate(&l)
+                                    && est.fits
+                                {
+                                    out.push(est);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| b.mfu.total_cmp(&a.mfu));
+        out
+    }
+}
+
+/// A measured row to calibrate on.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    /// The problem.
+    pub problem: Problem,
+    /// Its layout.
+    pub layout: Layout,
+    /// Measured MFU.
+    pub mfu: f64,
+}
+
+/// Largest relative MFU error over `rows` with calibration `cal`.
+pub fn worst_error(rows: &[Measurement], cal: Calibration) -> f64 {
+    rows.iter()
+        .map(|r| {
+            let mut p = r.problem.clone();
+            p.calibration = cal;
+            p.estimate(&r.layout)
+                .map_or(f64::INFINITY, |e| (e.mfu / r.mfu - 1.0).abs())
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Fits the four calibration numbers to `rows` (minimising the largest relative error): a
+/// coarse grid, then a seeded random local search.
+pub fn calibrate(rows: &[Measurement]) -> (Calibration, f64) {
+    let mut best = (
+        Calibration::default(),
+        worst_error(rows, Calibration::default()),
+    );
+    for g in [0.5, 0.6, 0.7, 0.8, 0.9] {
+        for a in [0.1, 0.2, 0.4, 0.6, 0.8, 1.0] {
+            for o in [0.0, 0.5, 0.9] {
+                for c in [0.0, 2e-4, 5e-4, 1e-3, 2e-3] {
+                    let cal = Calibration {
+                        gemm_efficiency: g,
+                        alltoall_efficiency: a,
+                        overlap: o,
+                        layer_overhead_s: c,
+                    };
+                    let err = worst_error(rows, cal);
+                    if err < best.1 {
+                        best = (cal, err);
+                    }
+                }
+            }
+        }
+    }
+    let mut state = 0x5EEDu64;
+    let mut normal = || {
+        state = state.wrapping_add(1);
+        let u1 = ((mix(state) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        state = state.wrapping_add(1);
+        let u2 = (mix(state) >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    for _ in 0..20_000 {
+        let p = best.0;
+        let cal = Calibration {
+            gemm_efficiency: (p.gemm_efficiency * (0.05 * normal()).exp()).clamp(0.05, 1.0),
+            alltoall_efficiency: (p.alltoall_efficiency * (0.1 * normal()).exp()).clamp(0.02, 1.0),
+            overlap: (p.overlap + 0.05 * normal()).clamp(0.0, 0.99),
+            layer_overhead_s: (p.layer_overhead_s * (0.1 * normal()).exp() + 1e-5 * normal())
+                .max(0.0),
+        };
+        let err = worst_error(rows, cal);
+        if err < best.1 {
+            best = (cal, err);
+        }
+    }
+    best
+}
+
+/// The rows of an anchors file (the seed paper's Table 1 format).
+pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measurement)>> {
+    let io = |e: String| RecipeError::Io {
+        path: path.to_path_buf(),
+        reason: e,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| io(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(e.to_string()))?;
+    let hw = &v["hardware"];
+    let num = |x: &serde_json::Value, key: &str| -> Result<f64> {
+        x[key]
+            .as_f64()
+            .ok_or_else(|| io(format!("missing number `{key}`")))
+    };
+    let cluster = |gpus: usize| -> Result<ClusterConfig> {
+        Ok(ClusterConfig {
+            gpus,
+            gpus_per_node: num(hw, "gpus_per_node")? as usize,
+            peak_tflops: num(hw, "peak_bf16_tflops")?,
+            nvlink_gbytes_per_s: num(hw, "nvlink_gbytes_per_s")?,
+            ib_gbits_per_s: num(hw, "ib_gbits_per_s_per_gpu")?,
+            memory_gib: hbm(),
+        })
+    };
+    let mut out = Vec::new();
+    for row in v["rows"].as_array().ok_or_else(|| io("no rows".into()))? {
+        let name = row["model"]
+            .as_str()
+            .ok_or_else(|| io("row without model".into()))?;
+        let m = &v["models"][name];
+        let us = |key: &str| -> Result<usize> { Ok(num(m, key)? as usize) };
+        let opt = |key: &str| m[key].as_f64().map(|x| x as usize);
+        let ffn = opt("ffn_hidden")
+            .or(opt("expert_ffn_hidden"))
+            .ok_or_else(|| io(format!("{name}: no FFN size")))?;
+        let model = ModelConfig {
+            vocab: us("vocab")?,
+            hidden: us("hidden")?,
+            layers: us("layers")?,
+            heads: us("heads")?,
+            kv_heads: opt("kv_heads"),
+            ffn_hidden: ffn,
+            moe_every: 1,
+            experts: us("experts")?,
+            topk: us("topk")?,
+            expert_ffn_hidden: opt("expert_ffn_hidden"),
+            shared_expert_ffn_hidden: opt("shared_expert_ffn_hidden"),
+            aux_loss_coeff: 0.0,
+            z_loss_coeff: None,
+            capacity_factor: Some(1.0),
+            rope_theta: 1e6,
+            init_std: 0.02,
+        };
+        let gpus = num(row, "gpus")? as usize;
+        let problem = Problem {
+            model,
+            seq_len: 4096,
+            global_batch: 256,
+            cluster: cluster(gpus)?,
+            calibration: Calibration::default(),
+            recompute: false,
+        };
+        let layout = Layout {
+            tp: num(row, "tp")? as usize,
+            cp: 1,
+            pp: num(row, "pp")? as usize,
+            vpp: 1,
+            ep: num(row, "ep")? as usize,
+            etp: num(row, "etp")? as usize,
+            micro_batch: 1,
+        };
+        let system = row["system"].as_str().unwrap_or("").to_string();
+        out.push((
+            name.to_string(),
+            system,
+            Measurement {
+                problem,
+                layout,
+                mfu: num(row, "mfu")?,
+            },
+        ));
+    }
+    Ok(out)
+}
