@@ -56,30 +56,42 @@ fn tp_sp_dp_zero1_match_one_rank_on_1_2_4_8_ranks() {
 fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
     let bin = env!("CARGO_BIN_EXE_burn-parallel-dead-peer");
     let timeout_s = 3;
-    // The shell reports each rank's exit status (mpirun does not, once recovery is enabled).
-    let script = format!("\"{bin}\"; echo \"rank $OMPI_COMM_WORLD_RANK exit $?\" >&2");
+    // Each rank's exit status (mpirun does not report it once recovery is enabled) and its
+    // verdict go to files: mpirun may interleave the ranks' output lines.
+    let reports =
+        std::env::temp_dir().join(format!("burn-parallel-dead-peer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&reports);
+    std::fs::create_dir_all(&reports).expect("report folder");
+    let script = format!(
+        "\"{bin}\"; echo $? > \"{}/exit-$OMPI_COMM_WORLD_RANK.txt\"",
+        reports.display()
+    );
     let out = run(MpiRun::new(4, ["sh", "-c", script.as_str()])
         .mpirun_arg("--enable-recovery")
         .env("BURN_PARALLEL_TIMEOUT_S", timeout_s.to_string())
+        .env("BURN_PARALLEL_REPORT_DIR", reports.display().to_string())
         .limit(Duration::from_secs(60)));
+    let read = |name: String| std::fs::read_to_string(reports.join(name)).unwrap_or_default();
     for rank in 0..3 {
-        assert!(
-            out.stderr.contains(&format!("rank {rank} exit 3")),
-            "rank {rank} did not exit with the lost-peer code:\n{}",
+        let code = read(format!("exit-{rank}.txt"));
+        assert_eq!(
+            code.trim(),
+            "3",
+            "rank {rank} exit status; stderr:\n{}",
             out.stderr
         );
-        let named = out.stderr.lines().any(|l| {
-            l.starts_with(&format!("rank {rank}: error:"))
-                && l.contains("lost peer rank(s) [")
-                && l.contains("rank 3 (pid")
-        });
-        assert!(named, "rank {rank} did not name rank 3:\n{}", out.stderr);
+        let verdict = read(format!("rank-{rank}.txt"));
+        assert!(
+            verdict.starts_with(&format!("rank {rank}: error:"))
+                && verdict.contains("lost peer rank(s) [")
+                && verdict.contains("rank 3 (pid"),
+            "rank {rank} did not name rank 3: {verdict}\nstderr:\n{}",
+            out.stderr
+        );
     }
-    assert!(
-        !out.stderr.contains("rank 3 exit 0"),
-        "the killed rank exited cleanly:\n{}",
-        out.stderr
-    );
+    let killed = read("exit-3.txt".to_string());
+    assert_ne!(killed.trim(), "0", "the killed rank exited cleanly");
+    let _ = std::fs::remove_dir_all(&reports);
     // Timeout plus start-up and the grace period, far from a hang.
     assert!(
         out.elapsed < Duration::from_secs(timeout_s + 15),

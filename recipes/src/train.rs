@@ -211,6 +211,15 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         }
         found
     } else {
+        if checkpoint::latest(&run_dir)?.is_some() || run_dir.join("metrics.jsonl").exists() {
+            return Err(RecipeError::Invalid {
+                key: "run.dir".into(),
+                reason: format!(
+                    "{} already holds a run; continue it with --resume or choose another run.dir",
+                    run_dir.display()
+                ),
+            });
+        }
         None
     };
     let source = TokenSource::new(&recipe.data, recipe.model.vocab, recipe.run.seed)?;

@@ -267,3 +267,30 @@ fn full_scale_recipes_state_their_memory_and_refuse() {
         assert!(!run.exists(), "{name}: the run directory was written");
     }
 }
+
+#[test]
+fn a_fresh_run_into_a_used_run_directory_is_refused() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let file = tmp.path().join("recipe.toml");
+    std::fs::write(&file, TINY).expect("write recipe");
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).expect("run dir");
+    std::fs::write(run.join("metrics.jsonl"), "{}\n").expect("old metrics");
+    let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+        .args(["train", &file.display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
+        .output()
+        .expect("binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("run.dir") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&run).expect("list").collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "something was written next to the old metrics"
+    );
+}

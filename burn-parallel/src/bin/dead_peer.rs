@@ -2,7 +2,28 @@
 //! the middle of a run of all-reduces; every other rank must fail within the timeout with an
 //! error naming it. Exit codes: 3 = the expected `PeerLost` error, 1 = anything else.
 
+use std::io::Write;
 use std::process::ExitCode;
+
+/// One `write` per line: ranks share one pipe, and writes up to PIPE_BUF bytes do not
+/// interleave (`eprintln!` may split a line into several writes).
+fn say(line: String) {
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
+}
+
+/// Also writes the line to `$BURN_PARALLEL_REPORT_DIR/rank-R.txt` when that is set (the test
+/// reads each rank's verdict there, whatever mpirun does to interleaved output).
+fn report(rank: usize, line: String) {
+    if let Some(dir) = std::env::var_os("BURN_PARALLEL_REPORT_DIR") {
+        let _ = std::fs::write(
+            std::path::Path::new(&dir).join(format!("rank-{rank}.txt")),
+            &line,
+        );
+    }
+    say(line);
+}
 
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::comm::mpi::{MpiConfig, MpiWorld};
@@ -38,22 +59,28 @@ fn main() -> ExitCode {
         match comm.all_reduce(&mut buf, ReduceOp::Sum) {
             Ok(()) => {}
             Err(err @ ParallelError::PeerLost { .. }) => {
-                eprintln!("rank {}: error: {err}", comm.rank());
+                report(comm.rank(), format!("rank {}: error: {err}", comm.rank()));
                 // Stay alive briefly so the other survivors do not count this rank as lost.
                 std::thread::sleep(std::time::Duration::from_millis(500));
                 drop(world);
                 return ExitCode::from(3);
             }
             Err(err) => {
-                eprintln!("rank {}: unexpected error: {err}", comm.rank());
+                report(
+                    comm.rank(),
+                    format!("rank {}: unexpected error: {err}", comm.rank()),
+                );
                 drop(world);
                 return ExitCode::from(1);
             }
         }
     }
-    eprintln!(
-        "rank {}: the run finished although rank {victim} died",
-        comm.rank()
+    report(
+        comm.rank(),
+        format!(
+            "rank {}: the run finished although rank {victim} died",
+            comm.rank()
+        ),
     );
     ExitCode::from(1)
 }
