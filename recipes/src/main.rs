@@ -15,6 +15,11 @@ use burn_recipes::recipe::Recipe;
 use burn_recipes::train::{TrainOptions, train};
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc keeps freed tensor buffers for reuse; glibc's malloc returns large ones to the
+/// kernel and faults them in again every step (millions of page faults per step on moe-small).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "burn-recipes",
