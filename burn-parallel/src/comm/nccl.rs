@@ -129,6 +129,11 @@ impl NcclComm {
         })
     }
 
+    /// The timeout of every blocking call.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.engine.timeout()
+    }
+
     fn call<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
