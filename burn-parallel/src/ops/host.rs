@@ -9,10 +9,11 @@ use crate::comm::{Communicator, ReduceOp};
 use crate::error::{ParallelError, Result};
 use crate::group::{GroupId, lookup, record_error};
 
-/// Host copy of a tensor.
-enum Host {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+/// A tensor's values on the host, widened to f32 (exact for bf16; reductions then accumulate
+/// in f32, as the communicators' bf16 methods do), and whether to narrow them back.
+struct Host {
+    values: Vec<f32>,
+    bf16: bool,
 }
 
 fn read<B: Backend>(x: FloatTensor<B>) -> Result<Host> {
@@ -21,14 +22,21 @@ fn read<B: Backend>(x: FloatTensor<B>) -> Result<Host> {
         .ok_or_else(|| backend_error("read", "cannot block on this platform"))?
         .map_err(|e| backend_error("read", e))?;
     match dtype {
-        DType::F32 => Ok(Host::F32(
-            data.try_into_vec::<f32>()
+        DType::F32 => Ok(Host {
+            values: data
+                .try_into_vec::<f32>()
                 .map_err(|e| backend_error("read", e))?,
-        )),
-        DType::BF16 => Ok(Host::Bf16(
-            data.try_into_vec::<bf16>()
-                .map_err(|e| backend_error("read", e))?,
-        )),
+            bf16: false,
+        }),
+        DType::BF16 => Ok(Host {
+            values: data
+                .try_into_vec::<bf16>()
+                .map_err(|e| backend_error("read", e))?
+                .into_iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            bf16: true,
+        }),
         other => Err(ParallelError::InvalidArgument {
             name: "tensor",
             reason: format!("collectives take f32 or bf16 tensors, got {other:?}"),
@@ -36,10 +44,19 @@ fn read<B: Backend>(x: FloatTensor<B>) -> Result<Host> {
     }
 }
 
-fn write<B: Backend>(host: Host, shape: Shape, device: &B::Device) -> FloatTensor<B> {
-    let data = match host {
-        Host::F32(v) => TensorData::new(v, shape),
-        Host::Bf16(v) => TensorData::new(v, shape),
+fn write<B: Backend>(
+    values: Vec<f32>,
+    bf16: bool,
+    shape: Shape,
+    device: &B::Device,
+) -> FloatTensor<B> {
+    let data = if bf16 {
+        TensorData::new(
+            values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
+            shape,
+        )
+    } else {
+        TensorData::new(values, shape)
     };
     B::float_from_data(data, device)
 }
@@ -51,21 +68,36 @@ fn backend_error(context: &'static str, e: impl std::fmt::Debug) -> ParallelErro
     }
 }
 
-/// Runs a host-side collective; on error, parks it and returns zeros of `out_shape`.
+/// The host-side exchange of a validated collective.
+type Exchange = Box<dyn FnOnce(&dyn Communicator, Vec<f32>) -> Result<Vec<f32>>>;
+
+/// Validates the call with `plan` (given the group's communicator and the input shape, it
+/// returns the output shape and the exchange), then runs the exchange on host memory.
+/// Backend operations cannot return errors, so errors are parked (see `group::check`): an
+/// invalid call returns `x` unchanged, a failed exchange zeros of the output shape.
 fn run<B: Backend>(
     x: FloatTensor<B>,
-    out_shape: Shape,
-    f: impl FnOnce(&dyn Communicator, Host) -> Result<Host>,
     group: GroupId,
+    plan: impl FnOnce(&dyn Communicator, &Shape) -> Result<(Shape, Exchange)>,
 ) -> FloatTensor<B> {
+    let shape = x.shape();
+    let planned = lookup(group).and_then(|comm| {
+        let p = plan(comm.as_ref(), &shape)?;
+        Ok((comm, p))
+    });
+    let (comm, (out_shape, exchange)) = match planned {
+        Ok(p) => p,
+        Err(err) => {
+            record_error(err);
+            return x;
+        }
+    };
     let device = x.device();
     let dtype = x.dtype();
-    let result = lookup(group).and_then(|comm| {
-        let host = read::<B>(x)?;
-        f(comm.as_ref(), host)
-    });
+    let result =
+        read::<B>(x).and_then(|host| Ok((exchange(comm.as_ref(), host.values)?, host.bf16)));
     match result {
-        Ok(host) => write::<B>(host, out_shape, &device),
+        Ok((values, bf16)) => write::<B>(values, bf16, out_shape, &device),
         Err(err) => {
             record_error(err);
             B::float_zeros(out_shape, &device, dtype.into())
@@ -144,15 +176,24 @@ fn slice_chunk<T: Copy>(v: &[T], pre: usize, n: usize, post: usize, g: usize, r:
     out
 }
 
-fn map_host(
-    host: Host,
-    f32_op: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>,
-    bf16_op: impl FnOnce(Vec<bf16>) -> Result<Vec<bf16>>,
-) -> Result<Host> {
-    Ok(match host {
-        Host::F32(v) => Host::F32(f32_op(v)?),
-        Host::Bf16(v) => Host::Bf16(bf16_op(v)?),
-    })
+fn row_shape(shape: &Shape) -> (usize, usize) {
+    let rows = shape.as_slice().first().copied().unwrap_or(0);
+    let row_len = shape.as_slice().iter().skip(1).product();
+    (rows, row_len)
+}
+
+fn invalid(name: &'static str, reason: String) -> ParallelError {
+    ParallelError::InvalidArgument { name, reason }
+}
+
+fn check_count_len(counts: &[usize], size: usize) -> Result<()> {
+    if counts.len() != size {
+        return Err(invalid(
+            "counts",
+            format!("has {} entries for a group of {size} ranks", counts.len()),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn all_reduce<B: Backend>(
@@ -160,72 +201,34 @@ pub(super) fn all_reduce<B: Backend>(
     group: GroupId,
     op: ReduceOp,
 ) -> FloatTensor<B> {
-    let shape = x.shape();
-    run::<B>(
-        x,
-        shape,
-        |comm, host| {
-            map_host(
-                host,
-                |mut v| comm.all_reduce(&mut v, op).map(|()| v),
-                |mut v| comm.all_reduce_bf16(&mut v, op).map(|()| v),
-            )
-        },
-        group,
-    )
+    run::<B>(x, group, |_, shape| {
+        let exchange: Exchange = Box::new(move |comm, mut v| {
+            comm.all_reduce(&mut v, op)?;
+            Ok(v)
+        });
+        Ok((shape.clone(), exchange))
+    })
 }
 
 pub(super) fn split<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
-    let shape = x.shape();
-    let out = (|| {
-        let comm = lookup(group)?;
-        let n = chunk_of(&shape, dim, comm.size())?;
-        Ok((comm.size(), comm.rank(), n))
-    })();
-    let (g, r, n) = match out {
-        Ok(v) => v,
-        Err(err) => {
-            record_error(err);
-            return x;
-        }
-    };
-    let (pre, _, post) = around(&shape, dim);
-    run::<B>(
-        x,
-        with_dim(&shape, dim, n),
-        |_, host| {
-            map_host(
-                host,
-                |v| Ok(slice_chunk(&v, pre, n, post, g, r)),
-                |v| Ok(slice_chunk(&v, pre, n, post, g, r)),
-            )
-        },
-        group,
-    )
+    run::<B>(x, group, |comm, shape| {
+        let (g, r) = (comm.size(), comm.rank());
+        let n = chunk_of(shape, dim, g)?;
+        let (pre, _, post) = around(shape, dim);
+        let exchange: Exchange = Box::new(move |_, v| Ok(slice_chunk(&v, pre, n, post, g, r)));
+        Ok((with_dim(shape, dim, n), exchange))
+    })
 }
 
 pub(super) fn gather<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
-    let shape = x.shape();
-    let g = match lookup(group).and_then(|c| check_dim(&shape, dim).map(|()| c.size())) {
-        Ok(g) => g,
-        Err(err) => {
-            record_error(err);
-            return x;
-        }
-    };
-    let (pre, n, post) = around(&shape, dim);
-    run::<B>(
-        x,
-        with_dim(&shape, dim, n * g),
-        |comm, host| {
-            map_host(
-                host,
-                |v| Ok(from_blocks(&comm.all_gather(&v)?, pre, n, post, g)),
-                |v| Ok(from_blocks(&comm.all_gather_bf16(&v)?, pre, n, post, g)),
-            )
-        },
-        group,
-    )
+    run::<B>(x, group, |comm, shape| {
+        check_dim(shape, dim)?;
+        let g = comm.size();
+        let (pre, n, post) = around(shape, dim);
+        let exchange: Exchange =
+            Box::new(move |comm, v| Ok(from_blocks(&comm.all_gather(&v)?, pre, n, post, g)));
+        Ok((with_dim(shape, dim, n * g), exchange))
+    })
 }
 
 pub(super) fn reduce_scatter<B: Backend>(
@@ -233,32 +236,15 @@ pub(super) fn reduce_scatter<B: Backend>(
     group: GroupId,
     dim: usize,
 ) -> FloatTensor<B> {
-    let shape = x.shape();
-    let out = (|| {
-        let comm = lookup(group)?;
-        let n = chunk_of(&shape, dim, comm.size())?;
-        Ok((comm.size(), n))
-    })();
-    let (g, n) = match out {
-        Ok(v) => v,
-        Err(err) => {
-            record_error(err);
-            return x;
-        }
-    };
-    let (pre, _, post) = around(&shape, dim);
-    run::<B>(
-        x,
-        with_dim(&shape, dim, n),
-        |comm, host| {
-            map_host(
-                host,
-                |v| comm.reduce_scatter(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum),
-                |v| comm.reduce_scatter_bf16(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum),
-            )
-        },
-        group,
-    )
+    run::<B>(x, group, |comm, shape| {
+        let g = comm.size();
+        let n = chunk_of(shape, dim, g)?;
+        let (pre, _, post) = around(shape, dim);
+        let exchange: Exchange = Box::new(move |comm, v| {
+            comm.reduce_scatter(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum)
+        });
+        Ok((with_dim(shape, dim, n), exchange))
+    })
 }
 
 pub(super) fn all_to_all_v<B: Backend>(
@@ -267,48 +253,21 @@ pub(super) fn all_to_all_v<B: Backend>(
     send_counts: &[usize],
     recv_counts: &[usize],
 ) -> FloatTensor<B> {
-    let shape = x.shape();
-    let rows = shape.as_slice().first().copied().unwrap_or(0);
-    let row_len: usize = shape.as_slice().iter().skip(1).product();
-    let sent: usize = send_counts.iter().sum();
-    let received: usize = recv_counts.iter().sum();
-    if sent != rows {
-        record_error(ParallelError::InvalidArgument {
-            name: "send_counts",
-            reason: format!("sum to {sent} rows but the tensor has {rows}"),
-        });
-        return x;
-    }
-    let scale = |c: &[usize]| c.iter().map(|n| n * row_len).collect::<Vec<_>>();
-    let (sc, rc) = (scale(send_counts), scale(recv_counts));
-    run::<B>(
-        x,
-        with_dim(&shape, 0, received),
-        |comm, host| {
-            map_host(
-                host,
-                |v| comm.all_to_all_v(&v, &sc, &rc),
-                |v| comm.all_to_all_v_bf16(&v, &sc, &rc),
-            )
-        },
-        group,
-    )
-}
-
-fn row_shape(shape: &Shape) -> (usize, usize) {
-    let rows = shape.as_slice().first().copied().unwrap_or(0);
-    let row_len = shape.as_slice().iter().skip(1).product();
-    (rows, row_len)
-}
-
-fn check_rows(name: &'static str, counts: &[usize], size: usize) -> Result<()> {
-    if counts.len() != size {
-        return Err(ParallelError::InvalidArgument {
-            name,
-            reason: format!("has {} entries for a group of {size} ranks", counts.len()),
-        });
-    }
-    Ok(())
+    run::<B>(x, group, |_, shape| {
+        let (rows, row_len) = row_shape(shape);
+        let sent: usize = send_counts.iter().sum();
+        if sent != rows {
+            return Err(invalid(
+                "send_counts",
+                format!("sum to {sent} rows but the tensor has {rows}"),
+            ));
+        }
+        let received: usize = recv_counts.iter().sum();
+        let scale = |c: &[usize]| c.iter().map(|n| n * row_len).collect::<Vec<_>>();
+        let (sc, rc) = (scale(send_counts), scale(recv_counts));
+        let exchange: Exchange = Box::new(move |comm, v| comm.all_to_all_v(&v, &sc, &rc));
+        Ok((with_dim(shape, 0, received), exchange))
+    })
 }
 
 pub(super) fn gather_v<B: Backend>(
@@ -316,44 +275,24 @@ pub(super) fn gather_v<B: Backend>(
     group: GroupId,
     counts: &[usize],
 ) -> FloatTensor<B> {
-    let shape = x.shape();
-    let (rows, row_len) = row_shape(&shape);
-    let checked = lookup(group).and_then(|c| {
-        check_rows("counts", counts, c.size())?;
-        if counts[c.rank()] != rows {
-            return Err(ParallelError::InvalidArgument {
-                name: "counts",
-                reason: format!(
+    run::<B>(x, group, |comm, shape| {
+        let (rows, row_len) = row_shape(shape);
+        check_count_len(counts, comm.size())?;
+        if counts[comm.rank()] != rows {
+            return Err(invalid(
+                "counts",
+                format!(
                     "counts[{}] = {} but this rank has {rows} rows",
-                    c.rank(),
-                    counts[c.rank()]
+                    comm.rank(),
+                    counts[comm.rank()]
                 ),
-            });
+            ));
         }
-        Ok(())
-    });
-    if let Err(err) = checked {
-        record_error(err);
-        return x;
-    }
-    let total: usize = counts.iter().sum();
-    let scaled: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
-    run::<B>(
-        x,
-        with_dim(&shape, 0, total),
-        |comm, host| {
-            map_host(
-                host,
-                |v| comm.all_gather_v(&v, &scaled),
-                |v| {
-                    let wide: Vec<f32> = v.iter().map(|b| b.to_f32()).collect();
-                    let out = comm.all_gather_v(&wide, &scaled)?;
-                    Ok(out.into_iter().map(bf16::from_f32).collect())
-                },
-            )
-        },
-        group,
-    )
+        let total: usize = counts.iter().sum();
+        let scaled: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
+        let exchange: Exchange = Box::new(move |comm, v| comm.all_gather_v(&v, &scaled));
+        Ok((with_dim(shape, 0, total), exchange))
+    })
 }
 
 pub(super) fn reduce_scatter_v<B: Backend>(
@@ -361,56 +300,33 @@ pub(super) fn reduce_scatter_v<B: Backend>(
     group: GroupId,
     counts: &[usize],
 ) -> FloatTensor<B> {
-    let shape = x.shape();
-    let (rows, row_len) = row_shape(&shape);
-    let total: usize = counts.iter().sum();
-    let checked = lookup(group).and_then(|c| {
-        check_rows("counts", counts, c.size())?;
+    run::<B>(x, group, |comm, shape| {
+        let (rows, row_len) = row_shape(shape);
+        check_count_len(counts, comm.size())?;
+        let total: usize = counts.iter().sum();
         if total != rows {
-            return Err(ParallelError::InvalidArgument {
-                name: "counts",
-                reason: format!("sum to {total} rows but the tensor has {rows}"),
-            });
+            return Err(invalid(
+                "counts",
+                format!("sum to {total} rows but the tensor has {rows}"),
+            ));
         }
-        Ok(c.rank())
-    });
-    let me = match checked {
-        Ok(r) => r,
-        Err(err) => {
-            record_error(err);
-            return x;
-        }
-    };
-    // Every rank sends rank p's rows to p and sums what it receives (one all-to-all-v).
-    let g = counts.len();
-    let send: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
-    let mine = counts[me] * row_len;
-    let recv = vec![mine; g];
-    let sum_blocks = |v: Vec<f32>| -> Vec<f32> {
-        let mut out = vec![0f32; mine];
-        for block in v.chunks(mine.max(1)).take(if mine == 0 { 0 } else { g }) {
-            for (o, b) in out.iter_mut().zip(block) {
-                *o += b;
+        // Every rank sends rank p's rows to p and sums what it receives (one all-to-all-v).
+        let g = counts.len();
+        let send: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
+        let mine = counts[comm.rank()] * row_len;
+        let recv = vec![mine; g];
+        let exchange: Exchange = Box::new(move |comm, v| {
+            let received = comm.all_to_all_v(&v, &send, &recv)?;
+            let mut out = vec![0f32; mine];
+            if mine > 0 {
+                for block in received.chunks(mine) {
+                    out.iter_mut().zip(block).for_each(|(o, b)| *o += b);
+                }
             }
-        }
-        out
-    };
-    run::<B>(
-        x,
-        with_dim(&shape, 0, counts[me]),
-        |comm, host| {
-            map_host(
-                host,
-                |v| Ok(sum_blocks(comm.all_to_all_v(&v, &send, &recv)?)),
-                |v| {
-                    let wide: Vec<f32> = v.iter().map(|b| b.to_f32()).collect();
-                    let out = sum_blocks(comm.all_to_all_v(&wide, &send, &recv)?);
-                    Ok(out.into_iter().map(bf16::from_f32).collect())
-                },
-            )
-        },
-        group,
-    )
+            Ok(out)
+        });
+        Ok((with_dim(shape, 0, counts[comm.rank()]), exchange))
+    })
 }
 
 /// The forward implementation shared by every concrete backend.
