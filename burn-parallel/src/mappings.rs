@@ -20,7 +20,7 @@
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
-use crate::comm::ReduceOp;
+use crate::comm::{ReduceOp, check_counts};
 use crate::error::{ParallelError, Result};
 use crate::group::{Group, check};
 use crate::ops::{GatherGrad, ParallelBackend};
@@ -167,20 +167,6 @@ pub fn gather_dim<const D: usize>(
     })
 }
 
-fn check_count_len(name: &'static str, counts: &[usize], group: &Group) -> Result<()> {
-    if counts.len() != group.size() {
-        return Err(ParallelError::InvalidArgument {
-            name,
-            reason: format!(
-                "has {} entries for a group of {} ranks",
-                counts.len(),
-                group.size()
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// All-gathers rows (dim 0) with uneven counts: rank `p` contributes `counts[p]` rows. Backward:
 /// reduce-scatter-v (each rank gets the sum of the gradients of its rows). Megatron's
 /// `gather_from_sequence_parallel_region` with `output_split_sizes`.
@@ -189,7 +175,7 @@ pub fn gather_rows_v<const D: usize>(
     group: &Group,
     counts: &[usize],
 ) -> Result<Tensor<D>> {
-    check_count_len("counts", counts, group)?;
+    check_counts("counts", counts, group.size())?;
     let rows = x.dims().first().copied().unwrap_or(0);
     if counts[group.rank()] != rows {
         return Err(ParallelError::InvalidArgument {
@@ -217,9 +203,8 @@ pub fn reduce_scatter_rows_v<const D: usize>(
     group: &Group,
     counts: &[usize],
 ) -> Result<Tensor<D>> {
-    check_count_len("counts", counts, group)?;
+    let total = check_counts("counts", counts, group.size())?;
     let rows = x.dims().first().copied().unwrap_or(0);
-    let total: usize = counts.iter().sum();
     if total != rows {
         return Err(ParallelError::InvalidArgument {
             name: "counts",
@@ -243,18 +228,8 @@ pub fn all_to_all_v<const D: usize>(
     send_counts: &[usize],
     recv_counts: &[usize],
 ) -> Result<Tensor<D>> {
-    for (name, counts) in [("send_counts", send_counts), ("recv_counts", recv_counts)] {
-        if counts.len() != group.size() {
-            return Err(ParallelError::InvalidArgument {
-                name,
-                reason: format!(
-                    "has {} entries for a group of {} ranks",
-                    counts.len(),
-                    group.size()
-                ),
-            });
-        }
-    }
+    check_counts("send_counts", send_counts, group.size())?;
+    check_counts("recv_counts", recv_counts, group.size())?;
     let rows = x.dims().first().copied().unwrap_or(0);
     let sent: usize = send_counts.iter().sum();
     if sent != rows {

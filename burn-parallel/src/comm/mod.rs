@@ -177,6 +177,27 @@ pub(crate) fn check_counts(name: &'static str, counts: &[usize], size: usize) ->
     Ok(counts.iter().sum())
 }
 
+/// Checks an all-gather-v's counts: one per rank, and this rank's equal to what it gives.
+/// Returns the total.
+pub(crate) fn check_gather_counts(
+    counts: &[usize],
+    rank: usize,
+    size: usize,
+    given: usize,
+) -> Result<usize> {
+    let total = check_counts("counts", counts, size)?;
+    if counts[rank] != given {
+        return Err(ParallelError::InvalidArgument {
+            name: "counts",
+            reason: format!(
+                "counts[{rank}] = {} but this rank gives {given} values",
+                counts[rank]
+            ),
+        });
+    }
+    Ok(total)
+}
+
 /// Checks that `len` values split into `size` equal blocks and returns the block length.
 pub(crate) fn block_len(name: &'static str, len: usize, size: usize) -> Result<usize> {
     if !len.is_multiple_of(size) {

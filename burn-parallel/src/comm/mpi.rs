@@ -24,7 +24,7 @@ use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 
 use super::worker::{Peer, Worker};
-use super::{Communicator, ReduceOp, block_len, check_counts, check_peer};
+use super::{Communicator, ReduceOp, block_len, check_counts, check_gather_counts, check_peer};
 use crate::error::{ParallelError, Result};
 
 pub use super::TIMEOUT_ENV;
@@ -271,18 +271,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
-        let total = check_counts("counts", counts, self.size())?;
-        if counts[self.rank] != send.len() {
-            return Err(ParallelError::InvalidArgument {
-                name: "counts",
-                reason: format!(
-                    "counts[{}] = {} but this rank gives {} values",
-                    self.rank,
-                    counts[self.rank],
-                    send.len()
-                ),
-            });
-        }
+        let total = check_gather_counts(counts, self.rank, self.size(), send.len())?;
         let (c, d) = counts_and_displs("counts", counts)?;
         let send = send.to_vec();
         self.call("all_gather_v", move |comm| {

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaContext, CudaSlice};
 use cudarc::nccl::{Comm, Id, ReduceOp as NcclOp, result as nccl_result};
 
 use super::worker::{Peer, Worker};
-use super::{Communicator, ReduceOp, block_len, check_counts, check_peer};
+use super::{Communicator, ReduceOp, block_len, check_counts, check_gather_counts, check_peer};
 use crate::error::{ParallelError, Result};
 
 /// Whether the CUDA driver and NCCL libraries can be loaded.
@@ -215,18 +215,7 @@ impl Communicator for NcclComm {
 
     fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
         // NCCL has no all-gather-v: pad to the largest count, gather, then compact.
-        check_counts("counts", counts, self.size())?;
-        if counts[self.rank()] != send.len() {
-            return Err(ParallelError::InvalidArgument {
-                name: "counts",
-                reason: format!(
-                    "counts[{}] = {} but this rank gives {} values",
-                    self.rank(),
-                    counts[self.rank()],
-                    send.len()
-                ),
-            });
-        }
+        check_gather_counts(counts, self.rank(), self.size(), send.len())?;
         let max = counts.iter().copied().max().unwrap_or(0);
         let mut padded = send.to_vec();
         padded.resize(max, 0.0);

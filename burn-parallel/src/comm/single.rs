@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Communicator, ReduceOp, block_len, check_counts, check_peer};
+use super::{Communicator, ReduceOp, block_len, check_counts, check_gather_counts, check_peer};
 use crate::error::{ParallelError, Result};
 
 /// A communicator of one rank (the default engine; needs no system packages).
@@ -66,13 +66,7 @@ impl Communicator for SingleRank {
     }
 
     fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
-        let total = check_counts("counts", counts, 1)?;
-        if total != send.len() {
-            return Err(ParallelError::InvalidArgument {
-                name: "counts",
-                reason: format!("counts[0] = {total} but {} values were given", send.len()),
-            });
-        }
+        check_gather_counts(counts, 0, 1, send.len())?;
         Ok(send.to_vec())
     }
 

@@ -5,7 +5,7 @@ use burn::tensor::{DType, Shape, TensorData};
 use half::bf16;
 
 use super::{GatherGrad, ParallelBackend};
-use crate::comm::{Communicator, ReduceOp};
+use crate::comm::{Communicator, ReduceOp, check_counts};
 use crate::error::{ParallelError, Result};
 use crate::group::{GroupId, lookup, record_error};
 
@@ -186,16 +186,6 @@ fn invalid(name: &'static str, reason: String) -> ParallelError {
     ParallelError::InvalidArgument { name, reason }
 }
 
-fn check_count_len(counts: &[usize], size: usize) -> Result<()> {
-    if counts.len() != size {
-        return Err(invalid(
-            "counts",
-            format!("has {} entries for a group of {size} ranks", counts.len()),
-        ));
-    }
-    Ok(())
-}
-
 pub(super) fn all_reduce<B: Backend>(
     x: FloatTensor<B>,
     group: GroupId,
@@ -277,7 +267,7 @@ pub(super) fn gather_v<B: Backend>(
 ) -> FloatTensor<B> {
     run::<B>(x, group, |comm, shape| {
         let (rows, row_len) = row_shape(shape);
-        check_count_len(counts, comm.size())?;
+        check_counts("counts", counts, comm.size())?;
         if counts[comm.rank()] != rows {
             return Err(invalid(
                 "counts",
@@ -302,8 +292,7 @@ pub(super) fn reduce_scatter_v<B: Backend>(
 ) -> FloatTensor<B> {
     run::<B>(x, group, |comm, shape| {
         let (rows, row_len) = row_shape(shape);
-        check_count_len(counts, comm.size())?;
-        let total: usize = counts.iter().sum();
+        let total = check_counts("counts", counts, comm.size())?;
         if total != rows {
             return Err(invalid(
                 "counts",
