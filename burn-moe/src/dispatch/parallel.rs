@@ -43,6 +43,37 @@ pub fn carrier(row: Tensor<2>) -> Tensor<2> {
     row.mul_scalar(0.0)
 }
 
+/// Row indices `0..len` with row `from` moved to position `to` (the others keep their order).
+fn move_row(len: usize, from: usize, to: usize) -> Vec<usize> {
+    let mut idx = without_row(len, from);
+    idx.insert(to, from);
+    idx
+}
+
+/// Row indices `0..len` without row `row`.
+fn without_row(len: usize, row: usize) -> Vec<usize> {
+    (0..len).filter(|&i| i != row).collect()
+}
+
+/// Per-peer row counts with this rank's own segment one row longer (the carrier).
+fn with_carrier(counts: &[usize], me: usize) -> Vec<usize> {
+    counts
+        .iter()
+        .enumerate()
+        .map(|(p, &n)| n + usize::from(p == me))
+        .collect()
+}
+
+/// Rows exchanged with peers other than this rank.
+fn remote_rows(counts: &[usize], me: usize) -> u64 {
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(p, _)| *p != me)
+        .map(|(_, &n)| n as u64)
+        .sum()
+}
+
 /// `rows[idx]` for host indices.
 fn take(rows: Tensor<2>, idx: &[usize]) -> Tensor<2> {
     let device = rows.device();
@@ -321,39 +352,28 @@ impl TokenDispatcher for AllToAllDispatcher {
         let width = h + 1;
         // The carrier row goes to this rank itself, at the end of its own segment.
         let my_end: usize = ep_send[..=me].iter().sum();
-        let mut idx: Vec<usize> = (0..my_end).collect();
-        idx.push(n_rows);
-        idx.extend(my_end..n_rows);
         let first = packed.clone().slice([0..1, 0..width]);
-        let packed = take(Tensor::cat(vec![packed, carrier(first)], 0), &idx);
-        let plus_me = |v: &[usize]| -> Vec<usize> {
-            v.iter()
-                .enumerate()
-                .map(|(p, &n)| n + usize::from(p == me))
-                .collect()
-        };
-        let packed = mappings::all_to_all_v(packed, ep, &plus_me(&ep_send), &plus_me(&ep_recv))?;
-        let remote = |v: &[usize]| -> u64 {
-            v.iter()
-                .enumerate()
-                .filter(|(p, _)| *p != me)
-                .map(|(_, &n)| n as u64)
-                .sum()
-        };
+        let packed = take(
+            Tensor::cat(vec![packed, carrier(first)], 0),
+            &move_row(n_rows + 1, n_rows, my_end),
+        );
+        let packed = mappings::all_to_all_v(
+            packed,
+            ep,
+            &with_carrier(&ep_send, me),
+            &with_carrier(&ep_recv, me),
+        )?;
         let prob_bytes = packed.dtype().size() as u64;
         let mut stats = DispatchStats {
-            bytes_sent: remote(&ep_send) * (bytes + prob_bytes),
-            bytes_received: remote(&ep_recv) * (bytes + prob_bytes),
+            bytes_sent: remote_rows(&ep_send, me) * (bytes + prob_bytes),
+            bytes_received: remote_rows(&ep_recv, me) * (bytes + prob_bytes),
             host_syncs: perm.host_syncs,
         };
         // Move the carrier to the end of the received rows, then gather over ETP: every ETP
         // rank's segment is its rows followed by its carrier.
         let received: usize = ep_recv.iter().sum();
         let my_carrier: usize = ep_recv[..=me].iter().sum();
-        let mut idx: Vec<usize> = (0..my_carrier).collect();
-        idx.extend(my_carrier + 1..received + 1);
-        idx.push(my_carrier);
-        let packed = take(packed, &idx);
+        let packed = take(packed, &move_row(received + 1, my_carrier, received));
         // Rows each ETP rank received for this rank's experts.
         let etp_rows: Vec<usize> = (0..n_etp)
             .map(|j| {
@@ -372,45 +392,40 @@ impl TokenDispatcher for AllToAllDispatcher {
         let packed = mappings::gather_rows_v(packed, etp, &seg)?;
         // Gathered rows arrive as (ETP rank j, EP rank p, local expert) plus one carrier per j;
         // the experts want them expert-major: (local expert, j, p).
-        let mut chunk_start = vec![0usize; n_etp * n_ep * el];
-        let mut offset = 0;
+        // Each chunk's first row in the gathered tensor and among the real rows (carriers
+        // skipped).
+        let mut chunk_start = vec![(0usize, 0usize); n_etp * n_ep * el];
+        let (mut offset, mut real) = (0, 0);
         for j in 0..n_etp {
             for p in 0..n_ep {
                 for (li, x) in mine.clone().enumerate() {
-                    chunk_start[(j * n_ep + p) * el + li] = offset;
+                    chunk_start[(j * n_ep + p) * el + li] = (offset, real);
                     offset += counts[q(p, j)][x];
+                    real += counts[q(p, j)][x];
                 }
             }
             offset += 1; // carrier of segment j
         }
-        let mut order = Vec::with_capacity(offset);
+        // order[k]: gathered row of expert-major row k; position[i]: expert-major row of real
+        // row i (what `combine` needs to restore arrival order).
+        let mut order = Vec::with_capacity(real);
+        let mut position = vec![0usize; real];
         let mut tokens_per_expert = vec![0usize; el];
         for (li, x) in mine.clone().enumerate() {
             for j in 0..n_etp {
                 for p in 0..n_ep {
-                    let start = chunk_start[(j * n_ep + p) * el + li];
+                    let (start, real_start) = chunk_start[(j * n_ep + p) * el + li];
                     let n = counts[q(p, j)][x];
-                    order.extend(start..start + n);
+                    for i in 0..n {
+                        position[real_start + i] = order.len();
+                        order.push(start + i);
+                    }
                     tokens_per_expert[li] += n;
                 }
             }
         }
         let my_carrier: usize = seg[..=my_j].iter().sum::<usize>() - 1;
         let carrier_row = carrier(packed.clone().slice([my_carrier..my_carrier + 1, 0..h]));
-        // position[i]: where gathered real row i (in arrival order, carriers skipped) went.
-        let mut position = vec![0usize; order.len()];
-        let carriers_before = |i: usize| {
-            seg.iter()
-                .scan(0, |acc, &n| {
-                    *acc += n;
-                    Some(*acc)
-                })
-                .filter(|&end| end <= i)
-                .count()
-        };
-        for (pos, &src) in order.iter().enumerate() {
-            position[src - carriers_before(src)] = pos;
-        }
         let sorted = take(packed, &order);
         let rows = order.len();
         let tokens = sorted.clone().slice([0..rows, 0..h]);
@@ -481,32 +496,19 @@ impl TokenDispatcher for AllToAllDispatcher {
         // The carrier (last row) goes back to this rank at the end of its own EP segment.
         let mine_rows = etp_rows[my_j];
         let my_end: usize = ep_recv[..=me].iter().sum();
-        let mut idx: Vec<usize> = (0..my_end).collect();
-        idx.push(mine_rows);
-        idx.extend(my_end..mine_rows);
-        let out = take(out, &idx);
-        let plus_me = |v: &[usize]| -> Vec<usize> {
-            v.iter()
-                .enumerate()
-                .map(|(p, &n)| n + usize::from(p == me))
-                .collect()
-        };
-        let remote = |v: &[usize]| -> u64 {
-            v.iter()
-                .enumerate()
-                .filter(|(p, _)| *p != me)
-                .map(|(_, &n)| n as u64)
-                .sum()
-        };
-        stats.bytes_sent += remote(&ep_recv) * row_bytes;
-        stats.bytes_received += remote(&ep_send) * row_bytes;
-        let out = mappings::all_to_all_v(out, ep, &plus_me(&ep_recv), &plus_me(&ep_send))?;
+        let out = take(out, &move_row(mine_rows + 1, mine_rows, my_end));
+        stats.bytes_sent += remote_rows(&ep_recv, me) * row_bytes;
+        stats.bytes_received += remote_rows(&ep_send, me) * row_bytes;
+        let out = mappings::all_to_all_v(
+            out,
+            ep,
+            &with_carrier(&ep_recv, me),
+            &with_carrier(&ep_send, me),
+        )?;
         // Drop the carrier and scatter the rows back to their tokens.
         let sent: usize = ep_send.iter().sum();
         let my_carrier: usize = ep_send[..=me].iter().sum();
-        let mut idx: Vec<usize> = (0..my_carrier).collect();
-        idx.extend(my_carrier + 1..sent + 1);
-        let out = take(out, &idx);
+        let out = take(out, &without_row(sent + 1, my_carrier));
         let out = permute::unpermute(out, plan.sorted_indices, plan.num_tokens);
         Ok((out, stats))
     }
