@@ -40,11 +40,11 @@ pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:06}"))
 }
 
-/// The newest complete checkpoint of a run, if any.
-pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
+/// The complete checkpoint folders of a run, oldest first.
+fn complete_steps(run_dir: &Path) -> Result<Vec<PathBuf>> {
     let dir = run_dir.join("checkpoints");
     if !dir.exists() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| io(&dir, e))?
@@ -56,7 +56,12 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
         })
         .collect();
     steps.sort();
-    match steps.pop() {
+    Ok(steps)
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
+    match complete_steps(run_dir)?.pop() {
         None => Ok(None),
         Some(path) => {
             let meta_path = path.join("meta.json");
@@ -153,17 +158,7 @@ pub fn save<M: Module>(
 }
 
 fn prune(run_dir: &Path, keep: usize) -> Result<()> {
-    let dir = run_dir.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| io(&dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
-        })
-        .collect();
-    steps.sort();
+    let steps = complete_steps(run_dir)?;
     let excess = steps.len().saturating_sub(keep);
     for old in steps.into_iter().take(excess) {
         std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;

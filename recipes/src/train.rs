@@ -332,6 +332,8 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         bar.set_position(start as u64);
         bar
     });
+    // Parameter ids survive optimizer steps (new values, same parameters).
+    let roles = model.roles();
     let mut losses = Vec::new();
     for step in start..t.steps {
         let began = Instant::now();
@@ -389,7 +391,6 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             burn_parallel::group::check()?;
         }
         opt.set_lr(learning_rate(recipe, step));
-        let roles = model.roles();
         let (next, stats) = opt.step_accumulated(model, &grads, &roles)?;
         model = next;
         // Reported: CE averaged over DP; aux and z summed over TP (each rank routes its own
