@@ -147,3 +147,57 @@ impl MpiRun {
         })
     }
 }
+
+/// The `main` of a multi-rank check program (feature `mpi`): initialises MPI from the
+/// environment, runs `check` (which returns the line to print on success and the failures
+/// found on this rank), shares whether any rank failed, finalises MPI, and reports — rank 0
+/// prints the success line when no rank failed; otherwise every rank prints its failures (a
+/// rank that found none but whose peers did says so) and exits 1.
+#[cfg(feature = "mpi")]
+pub fn check_program(
+    check: impl FnOnce(&crate::comm::mpi::MpiWorld) -> Result<(String, Vec<String>), String>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+
+    use crate::comm::ReduceOp;
+    use crate::comm::mpi::{MpiConfig, MpiWorld};
+
+    let world = match MpiConfig::from_env().and_then(MpiWorld::init) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rank = world.rank();
+    let result = check(&world).and_then(|(line, mut failures)| {
+        let mut any = [failures.len() as f32];
+        world
+            .communicator()
+            .all_reduce(&mut any, ReduceOp::Sum)
+            .map_err(|e| e.to_string())?;
+        if any[0] > 0.0 && failures.is_empty() {
+            failures.push("another rank failed".into());
+        }
+        Ok((line, failures))
+    });
+    drop(world);
+    match result {
+        Ok((line, failures)) if failures.is_empty() => {
+            if rank == 0 {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((_, failures)) => {
+            for f in failures {
+                eprintln!("rank {rank}: {f}");
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("rank {rank}: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

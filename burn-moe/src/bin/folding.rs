@@ -12,8 +12,8 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_moe::prelude::*;
-use burn_parallel::comm::mpi::{MpiConfig, MpiWorld};
 use burn_parallel::comm::{Communicator, ReduceOp};
+use burn_parallel::launch::check_program;
 use burn_parallel::prelude::{
     AdamWConfig, ColumnParallelLinear, DistributedAdamW, Group, GroupKind, Mesh, MoeDims,
     ParallelAttention, ParallelDims, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
@@ -334,53 +334,19 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
 }
 
 fn main() -> ExitCode {
-    let world = match MpiConfig::from_env().and_then(MpiWorld::init) {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
+    check_program(|world| {
+        let comm = world.communicator();
+        let d = Device::flex().autodiff();
+        let cases = layouts(world.size());
+        let mut failures = Vec::new();
+        for layout in &cases {
+            failures.extend(run_layout(&comm, *layout, &d)?);
         }
-    };
-    let (rank, size) = (world.rank(), world.size());
-    let comm = world.communicator();
-    let d = Device::flex().autodiff();
-    let cases = layouts(size);
-    let mut result: Res<Vec<String>> = Ok(Vec::new());
-    for layout in &cases {
-        match (result.as_mut(), run_layout(&comm, *layout, &d)) {
-            (Ok(all), Ok(f)) => all.extend(f),
-            (Ok(_), Err(e)) => result = Err(e),
-            (Err(_), _) => break,
-        }
-    }
-    if let Ok(failures) = &mut result {
-        let mut any = [failures.len() as f32];
-        if comm.all_reduce(&mut any, ReduceOp::Sum).is_err() || any[0] > 0.0 && failures.is_empty()
-        {
-            failures.push("another rank failed".into());
-        }
-    }
-    drop(comm);
-    drop(world);
-    match result {
-        Ok(f) if f.is_empty() => {
-            if rank == 0 {
-                println!(
-                    "folding ({size} ranks): {} layouts match one rank (loss and parameters after {STEPS} steps)",
-                    cases.len()
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(f) => {
-            for line in f {
-                eprintln!("rank {rank}: {line}");
-            }
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("rank {rank}: error: {e}");
-            ExitCode::from(1)
-        }
-    }
+        let line = format!(
+            "folding ({} ranks): {} layouts match one rank (loss and parameters after {STEPS} steps)",
+            world.size(),
+            cases.len()
+        );
+        Ok((line, failures))
+    })
 }
