@@ -330,6 +330,18 @@ impl ParallelParams for RmsNorm {
     }
 }
 
+/// Causal scaled-dot-product attention of `q`, `k`, `v` `[B, heads, S, d]` (one key/value head
+/// per query head), returned sequence-first `[S, B, heads·d]`.
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+    let [b, h, s, d] = q.dims();
+    let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
+    // True strictly above the diagonal: position i attends to j ≤ i.
+    let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([s, s], 0, &scores.device());
+    let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+    let ctx = activation::softmax(scores, 3).matmul(v);
+    ctx.permute([2, 0, 1, 3]).reshape([s, b, h * d])
+}
+
 /// Causal self-attention with heads split over TP: fused QKV column-parallel projection, output
 /// row-parallel projection.
 #[derive(Module, Debug)]
@@ -397,14 +409,7 @@ impl ParallelAttention {
                 .reshape([b, h, s, d])
         };
         let (q, k, v) = (take(0), take(1), take(2));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-        // True strictly above the diagonal: position i attends to j ≤ i.
-        let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([s, s], 0, &scores.device());
-        let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
-        let ctx = activation::softmax(scores, 3).matmul(v);
-        // [B, h, S, d] → [S, B, h·d].
-        let ctx = ctx.permute([2, 0, 1, 3]).reshape([s, b, h * d]);
-        self.out.forward(ctx)
+        self.out.forward(causal_attention(q, k, v))
     }
 }
 

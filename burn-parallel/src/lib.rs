@@ -83,7 +83,7 @@ pub mod prelude {
     pub use crate::group::{Group, GroupId, ProcessGroups};
     pub use crate::layers::{
         ColumnParallelLinear, ParallelAttention, ParallelMlp, ParallelParams, ParamRole, RmsNorm,
-        RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy,
+        RowParallelLinear, VocabParallelEmbedding, causal_attention, vocab_parallel_cross_entropy,
     };
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
     pub use crate::ops::GatherGrad;

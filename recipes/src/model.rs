@@ -8,14 +8,14 @@
 //! run starts from exactly the single-rank model.
 
 use burn::module::{Module, ParamId};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
+use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use burn_moe::prelude::{
     DispatcherKind, Experts, ExpertsConfig, MoeLayer, Router, RouterConfig, SharedExperts,
     SharedExpertsConfig,
 };
 use burn_parallel::prelude::{
     ColumnParallelLinear, Group, GroupKind, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
-    RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy,
+    RowParallelLinear, VocabParallelEmbedding, causal_attention, vocab_parallel_cross_entropy,
 };
 
 use crate::data::mix;
@@ -157,13 +157,7 @@ impl Attention {
                 .reshape([b, h, s, d])
         };
         let (k, v) = (expand(k), expand(v));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-        let mask = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores.device());
-        let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
-        let ctx = activation::softmax(scores, 3).matmul(v);
-        Ok(self
-            .out
-            .forward(ctx.permute([2, 0, 1, 3]).reshape([s, b, h * d]))?)
+        Ok(self.out.forward(causal_attention(q, k, v))?)
     }
 }
 
