@@ -87,6 +87,8 @@ pub mod prelude {
     };
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
     pub use crate::ops::GatherGrad;
-    pub use crate::optim::{AdamWConfig, DistributedAdamW, OptimizerState, StepStats};
+    pub use crate::optim::{
+        AdamWConfig, DistributedAdamW, GradientBuffer, OptimizerState, StepStats,
+    };
     pub use crate::world::World;
 }

@@ -160,15 +160,8 @@ pub struct DistributedAdamW {
     step: u64,
 }
 
-/// Collects every float parameter's values and gradient, flattened, in module order.
 /// A parameter's id, values and gradient (when it has one), flattened.
 type Flat = (ParamId, Vec<f32>, Option<Vec<f32>>);
-
-struct Collect<'a> {
-    grads: &'a [Gradients],
-    params: Vec<Flat>,
-    error: Option<ParallelError>,
-}
 
 fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.into_data()
@@ -180,28 +173,85 @@ fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         })
 }
 
-impl ModuleVisitor for Collect<'_> {
+/// Gradients of several micro-batches summed on the host as they arrive, like Megatron's f32
+/// `main_grad` buffers: [`add`](Self::add) reads a micro-batch's gradients and drops them, so
+/// gradient accumulation holds one f32 copy of the gradients however many micro-batches run.
+#[derive(Debug, Clone, Default)]
+pub struct GradientBuffer {
+    sums: HashMap<ParamId, Vec<f32>>,
+    micro_batches: usize,
+}
+
+struct Accumulate<'a> {
+    grads: &'a Gradients,
+    sums: &'a mut HashMap<ParamId, Vec<f32>>,
+    error: Option<ParallelError>,
+}
+
+impl ModuleVisitor for Accumulate<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if !value.is_require_grad() || self.error.is_some() {
+            return;
+        }
+        let Some(g) = value.grad(self.grads) else {
+            return;
+        };
+        match read(g) {
+            Ok(g) => match self.sums.get_mut(&param.id) {
+                Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                None => {
+                    self.sums.insert(param.id, g);
+                }
+            },
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+impl GradientBuffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the gradients of `module`'s trained parameters from one backward pass (drop
+    /// `grads` afterwards: the buffer holds the sum).
+    pub fn add<M: Module>(&mut self, module: &M, grads: &Gradients) -> Result<()> {
+        let mut visit = Accumulate {
+            grads,
+            sums: &mut self.sums,
+            error: None,
+        };
+        module.visit(&mut visit);
+        if let Some(e) = visit.error {
+            return Err(e);
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Backward passes added so far.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+}
+
+/// Collects every trained float parameter's values and summed gradient, in module order.
+struct Collect {
+    sums: HashMap<ParamId, Vec<f32>>,
+    params: Vec<Flat>,
+    error: Option<ParallelError>,
+}
+
+impl ModuleVisitor for Collect {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.val();
         if !value.is_require_grad() {
             // Not trained by the optimizer (buffers such as an expert bias).
             return;
         }
-        // Gradients of every micro-batch, summed in order.
-        let mut sum: Option<Vec<f32>> = None;
-        for grads in self.grads {
-            let Some(g) = value.grad(grads) else { continue };
-            match read(g) {
-                Ok(g) => match sum.as_mut() {
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                    None => sum = Some(g),
-                },
-                Err(e) => {
-                    self.error.get_or_insert(e);
-                    return;
-                }
-            }
-        }
+        let sum = self.sums.remove(&param.id);
         match read(value) {
             Ok(v) => self.params.push((param.id, v, sum)),
             Err(e) => {
@@ -340,9 +390,24 @@ impl DistributedAdamW {
         grads: &[Gradients],
         roles: &[(ParamId, ParamRole)],
     ) -> Result<(M, StepStats)> {
+        let mut buffer = GradientBuffer::new();
+        for g in grads {
+            buffer.add(&module, g)?;
+        }
+        self.step_buffered(module, buffer, roles)
+    }
+
+    /// [`step`](Self::step) with gradients summed in a [`GradientBuffer`] (gradient
+    /// accumulation that keeps one copy of the gradients).
+    pub fn step_buffered<M: Module>(
+        &mut self,
+        module: M,
+        buffer: GradientBuffer,
+        roles: &[(ParamId, ParamRole)],
+    ) -> Result<(M, StepStats)> {
         crate::group::check()?;
         let mut collect = Collect {
-            grads,
+            sums: buffer.sums,
             params: Vec::new(),
             error: None,
         };

@@ -164,7 +164,7 @@ fn params(m: &Small) -> Vec<Vec<f32>> {
 }
 
 #[test]
-fn zero1_adamw_on_one_rank_is_textbook_adamw_with_clipping_and_decay_masks() {
+fn zero1_adamw_on_one_rank_is_textbook_adamw_with_clipping_decay_masks_and_accumulation() {
     let d = device();
     let g = Group::single();
     let (h, o) = (6, 4);
@@ -244,7 +244,26 @@ fn zero1_adamw_on_one_rank_is_textbook_adamw_with_clipping_and_decay_masks() {
                 p[i] -= 0.05 * (m[i] / bc1) / ((v[i] / bc2).sqrt() + 1e-6);
             }
         }
-        let (next, stats) = opt.step(model, &grads, &roles).unwrap();
+        let (next, stats) = if step == 2 {
+            // Gradient accumulation: the same loss as two micro-batches of 2 and 1 rows.
+            let n = (3 * 2 * o) as f64;
+            let mut buffer = GradientBuffer::new();
+            for rows in [0..2, 2..3] {
+                let part = x.clone().slice([rows, 0..2, 0..h]);
+                let loss = model
+                    .proj
+                    .forward(model.norm.forward(part))
+                    .unwrap()
+                    .square()
+                    .sum()
+                    / n;
+                buffer.add(&model, &loss.backward()).unwrap();
+            }
+            assert_eq!(buffer.micro_batches(), 2);
+            opt.step_buffered(model, buffer, &roles).unwrap()
+        } else {
+            opt.step(model, &grads, &roles).unwrap()
+        };
         assert!(
             (stats.grad_norm - norm).abs() <= 1e-5 * norm,
             "step {step}: norm"

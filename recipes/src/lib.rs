@@ -5,13 +5,14 @@
 //! [`recipe`] (parsing, `--set` overrides, validation), [`data`] (a Markov source with a known
 //! entropy rate, byte-level text), [`model`] (the decoder-only MoE transformer), [`train`] (the
 //! loop, metrics, progress), [`plan`] (memory, step time and MFU of a layout; layout search),
-//! [`checkpoint`] (atomic checkpoints, exact resume) and [`plot`]
-//! (PNG plots of a run). The
+//! [`checkpoint`] (atomic checkpoints, exact resume), [`memory`] (heap accounting for the
+//! per-step memory report) and [`plot`] (PNG plots of a run). The
 //! `burn-recipes` binary is the command line over them.
 
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod memory;
 pub mod model;
 pub mod plan;
 pub mod plot;

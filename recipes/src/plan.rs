@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::mix;
 use crate::error::{RecipeError, Result};
-use crate::recipe::{ModelConfig, Recipe};
+use crate::recipe::{ModelConfig, Precision, Recipe};
 use crate::train::parameter_count;
 
 /// Hardware of the cluster (`[cluster]`, H100 defaults).
@@ -47,6 +47,23 @@ pub struct ClusterConfig {
     /// Memory per GPU, GiB.
     #[serde(default = "hbm")]
     pub memory_gib: f64,
+    /// The training stack's kernels, for the activation memory.
+    #[serde(default)]
+    pub kernels: Kernels,
+}
+
+/// How the training stack computes a layer, which decides the activations it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Megatron-Core on GPUs: flash attention (no s² scores kept), fused kernels, gradients
+    /// accumulated in place into the f32 `main_grad` buffer.
+    #[default]
+    Fused,
+    /// Eager autodiff (this project's CPU trainer): attention scores and probabilities kept,
+    /// key/value heads expanded to every query head, each op's inputs kept separately, and a
+    /// micro-batch's gradients materialised before they are added to the f32 buffer.
+    Eager,
 }
 
 fn gpus() -> usize {
@@ -77,6 +94,7 @@ impl Default for ClusterConfig {
             nvlink_gbytes_per_s: nvlink(),
             ib_gbits_per_s: ib(),
             memory_gib: hbm(),
+            kernels: Kernels::default(),
         }
     }
 }
@@ -200,6 +218,8 @@ pub struct Problem {
     pub calibration: Calibration,
     /// Full activation recomputation (only layer inputs are kept; forward runs twice).
     pub recompute: bool,
+    /// Precision of the weights and activations (`training.precision`).
+    pub precision: Precision,
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> RecipeError {
@@ -225,6 +245,7 @@ impl Problem {
                 cluster,
                 calibration: recipe.calibration.unwrap_or_default(),
                 recompute: recipe.training.recompute,
+                precision: recipe.training.precision,
             },
             Layout {
                 tp: p.tp,
@@ -425,31 +446,60 @@ impl Problem {
         };
 
         // Memory of the first stage.
+        let elem = match self.precision {
+            Precision::Bf16 => 2.0,
+            Precision::F32 => 4.0,
+        };
+        let eager = c.kernels == Kernels::Eager;
         let dense_gpu = dense_params / (tp * pp);
         let expert_gpu = expert_params / (etp * ep * pp);
-        let weights = 2.0 * (dense_gpu + expert_gpu);
-        let gradients = 4.0 * (dense_gpu + expert_gpu);
+        let weights = elem * (dense_gpu + expert_gpu);
+        // The f32 accumulation buffer; eager autodiff also holds one micro-batch's gradients
+        // in the weights' precision before adding them to it.
+        let in_backward = if eager { elem } else { 0.0 };
+        let gradients = (4.0 + in_backward) * (dense_gpu + expert_gpu);
         let optimizer = 12.0 * (dense_gpu / f(dp) + expert_gpu / f(edp));
-        // Megatron's per-layer activation bytes with sequence parallelism and a fused
-        // (flash) attention that keeps no s² scores: s·b·h·34/tp; with full recomputation only
-        // each layer's input (2·s·b·h/tp) is kept.
         let b = f(l.micro_batch);
-        let per_layer = if self.recompute {
-            2.0 * s * b * h / (tp * cp)
-        } else {
-            s * b * h * 34.0 / (tp * cp)
-        };
         let in_flight = f(l.pp.min(micro_batches.max(1)));
-        let activations = per_layer * layers_stage * in_flight;
-        // Dispatched rows (in and out) and expert intermediates, balanced routing, bounded by
-        // the capacity factor when there is one.
+        let (moe_stage, dense_stage) = (moe_layers / pp, dense_layers / pp);
+        // Dispatched rows on this GPU (balanced routing, bounded by the capacity factor).
         let rows_gpu = rows * e / ep * m.capacity_factor.unwrap_or(1.0);
-        let kept = if self.recompute {
-            0.0
+        let (activations, dispatcher) = if self.recompute {
+            // Only each layer's input is kept, and the dispatched rows in and out.
+            (
+                elem * tg * h * layers_stage * in_flight,
+                elem * rows_gpu * 2.0 * h * moe_stage * in_flight,
+            )
+        } else if eager {
+            // Per layer, in elements: both norms keep input, normalised input and output
+            // (6·T·h); attention keeps rotated queries, keys and values expanded to every
+            // head, and the context (4·T·h), plus scores and probabilities (2·a·s²·b); a
+            // SwiGLU MLP keeps its fused gate|up output, the sigmoid, the SiLU and the product
+            // (5·T·F) for dense layers and shared experts; routed experts keep each dispatched
+            // row in and out (2·h) and 5·F/etp. The last stage adds the final norm (3·T·h) and
+            // logits, exponentials and probabilities (3·T·V).
+            let common = 10.0 * tg * h + 2.0 * heads / tp * (s / cp) * s * b;
+            let per_dense = common + 5.0 * tg * fd;
+            let per_moe = common + 5.0 * tg * fs;
+            let head_stage = if l.pp == 1 {
+                3.0 * tg * h + 3.0 * t / cp * v / tp
+            } else {
+                0.0
+            };
+            (
+                elem * ((moe_stage * per_moe + dense_stage * per_dense) * in_flight + head_stage),
+                elem * rows_gpu * (2.0 * h + 5.0 * fe / etp) * moe_stage * in_flight,
+            )
         } else {
-            3.0 * fe / etp * 2.0
+            // Megatron's per-layer activation bytes (16-bit) with sequence parallelism and
+            // flash attention that keeps no s² scores: s·b·h·34/tp; the expert intermediates
+            // (3 of F/etp per row) beside the dispatched rows in and out.
+            let scale = elem / 2.0;
+            (
+                scale * s * b * h * 34.0 / (tp * cp) * layers_stage * in_flight,
+                scale * rows_gpu * (2.0 * h * 2.0 + 3.0 * fe / etp * 2.0) * moe_stage * in_flight,
+            )
         };
-        let dispatcher = rows_gpu * (2.0 * h * 2.0 + kept) * (moe_layers / pp) * in_flight;
         let memory = MemoryBreakdown {
             weights: weights as u64,
             gradients: gradients as u64,
@@ -613,6 +663,7 @@ pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measu
             nvlink_gbytes_per_s: num(hw, "nvlink_gbytes_per_s")?,
             ib_gbits_per_s: num(hw, "ib_gbits_per_s_per_gpu")?,
             memory_gib: hbm(),
+            kernels: Kernels::Fused,
         })
     };
     let mut out = Vec::new();
@@ -652,6 +703,7 @@ pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measu
             cluster: cluster(gpus)?,
             calibration: Calibration::default(),
             recompute: false,
+            precision: Precision::Bf16,
         };
         let layout = Layout {
             tp: num(row, "tp")? as usize,

@@ -6,10 +6,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::prelude::{
-    AdamWConfig, DistributedAdamW, GroupKind, Mesh, MoeDims, ParallelDims, ProcessGroups, World,
+    AdamWConfig, DistributedAdamW, GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims,
+    ProcessGroups, World,
 };
 use serde::Serialize;
 
@@ -46,6 +48,12 @@ pub struct Summary {
     pub steps: usize,
     /// The run directory.
     pub run_dir: PathBuf,
+    /// The most training memory a step of this invocation held: the weights and optimizer
+    /// state, plus the step's peak of heap bytes above what was live when it began
+    /// (gradients, activations, transient buffers). Memory the process holds for other
+    /// reasons (the data source, the matmul library's per-thread scratch) is not counted.
+    /// `None` unless the binary counts its allocations ([`crate::memory`]).
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -60,6 +68,9 @@ struct StepMetrics {
     tokens_per_s: f64,
     tflops: f64,
     mfu: f64,
+    /// Training memory of this step (see [`Summary::peak_memory_bytes`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_memory_bytes: Option<u64>,
     expert_load: Vec<Vec<f64>>,
     seconds: f64,
 }
@@ -335,9 +346,14 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     // Parameter ids survive optimizer steps (new values, same parameters).
     let roles = model.roles();
     let mut losses = Vec::new();
+    let mut peak_memory: Option<u64> = None;
     for step in start..t.steps {
         let began = Instant::now();
-        let mut grads = Vec::with_capacity(micro_batches);
+        // Weights and optimizer state are f32 on the host and in Flex tensors.
+        let resident = 4 * (model.num_params() + opt.state_len()) as u64;
+        let step_start = crate::memory::live();
+        crate::memory::reset_peak();
+        let mut grads = GradientBuffer::new();
         let (mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0);
         let mut load: Vec<Vec<f64>> = Vec::new();
         for micro in 0..micro_batches {
@@ -387,12 +403,16 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
                 }
                 load[layer].iter_mut().zip(&c).for_each(|(a, b)| *a += b);
             }
-            grads.push((loss * scale).backward());
+            grads.add(&model, &(loss * scale).backward())?;
             burn_parallel::group::check()?;
         }
         opt.set_lr(learning_rate(recipe, step));
-        let (next, stats) = opt.step_accumulated(model, &grads, &roles)?;
+        let (next, stats) = opt.step_buffered(model, grads, &roles)?;
         model = next;
+        let step_peak = crate::memory::peak()
+            .zip(step_start)
+            .map(|(p, b)| resident + p.saturating_sub(b) as u64);
+        peak_memory = peak_memory.max(step_peak);
         // Reported: CE averaged over DP; aux and z summed over TP (each rank routes its own
         // tokens) and averaged over DP; expert load summed over every rank.
         let mut side = [aux_sum as f32, z_sum as f32];
@@ -432,6 +452,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
                 tokens_per_s,
                 tflops,
                 mfu: tflops / (peak * n as f64),
+                peak_memory_bytes: step_peak,
                 expert_load,
                 seconds,
             };
@@ -492,6 +513,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         entropy_floor: source.entropy_rate(),
         steps: t.steps,
         run_dir,
+        peak_memory_bytes: peak_memory,
     };
     if main {
         let path = summary.run_dir.join("summary.json");

@@ -9,8 +9,8 @@ use burn::module::Module;
 use burn::tensor::Device;
 use burn_parallel::prelude::ProcessGroups;
 use burn_recipes::model::MoeLm;
-use burn_recipes::plan::{self, Layout, Problem};
-use burn_recipes::recipe::{Dispatcher, Recipe};
+use burn_recipes::plan::{self, Kernels, Layout, Problem};
+use burn_recipes::recipe::{Dispatcher, Precision, Recipe};
 use burn_recipes::train::parameter_count;
 
 fn anchors() -> PathBuf {
@@ -80,10 +80,14 @@ fn parameter_and_state_bytes_equal_the_built_models() {
         let mut problem = problem;
         problem.cluster.gpus = 1;
         let e = problem.estimate(&layout).expect("estimate");
-        // One GPU: bf16 weights, fp32 gradients, fp32 master + two moments.
-        assert_eq!(e.memory.weights, 2 * built, "{overrides:?}");
+        // One GPU: the recipe's f32 weights, f32 gradients, f32 master + two moments.
+        assert_eq!(e.memory.weights, 4 * built, "{overrides:?}");
         assert_eq!(e.memory.gradients, 4 * built, "{overrides:?}");
         assert_eq!(e.memory.optimizer, 12 * built, "{overrides:?}");
+        problem.precision = Precision::Bf16;
+        let e = problem.estimate(&layout).expect("estimate");
+        assert_eq!(e.memory.weights, 2 * built, "{overrides:?}");
+        assert_eq!(e.memory.gradients, 4 * built, "{overrides:?}");
     }
 }
 
@@ -105,6 +109,7 @@ fn memory_shards_match_a_hand_computed_case() {
             "data.seq_len=8",
             "training.micro_batch=1",
             "training.global_batch=4",
+            "training.precision=\"bf16\"",
         ],
     );
     // Per layer: qkv 8·(2+2·2)·4 = 192, out 8·8 = 64, two norms 16, router 4·8 = 32,
@@ -135,6 +140,20 @@ fn memory_shards_match_a_hand_computed_case() {
     );
     // Activations: s·b·h·34 per layer, one layer per stage, two micro-batches in flight.
     assert_eq!(e.memory.activations, (8.0 * 8.0 * 34.0 * 1.0 * 2.0) as u64);
+
+    // The same in f32 with eager kernels (this project's CPU trainer).
+    problem.precision = Precision::F32;
+    problem.cluster.kernels = Kernels::Eager;
+    let e = problem.estimate(&layout).expect("estimate");
+    assert_eq!(e.memory.weights, (4.0 * (dense_gpu + expert_gpu)) as u64);
+    // The f32 buffer and one micro-batch's gradients in flight.
+    assert_eq!(e.memory.gradients, (8.0 * (dense_gpu + expert_gpu)) as u64);
+    // Per layer 10·T·h + 2·heads·s²·b = 640 + 256 elements; one MoE layer on the first stage
+    // (no head), two micro-batches in flight, 4 bytes.
+    assert_eq!(e.memory.activations, 4 * (640 + 256) * 2);
+    // Rows on this GPU: 8 tokens × top-1 over 2 EP ranks' tokens onto 2 of 4 experts = 8,
+    // each keeping 2·h + 5·F = 36 values; two micro-batches in flight.
+    assert_eq!(e.memory.dispatcher, 4 * 8 * 36 * 2);
 }
 
 #[test]
@@ -156,12 +175,38 @@ fn search_on_mixtral_128_gpus_puts_a_folded_layout_in_the_top_three() {
     assert!(ranked.iter().all(|e| e.fits));
 }
 
+/// `burn-recipes plan RECIPE --json --set …` as JSON.
+fn plan_json(recipe: &Path, sets: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_burn-recipes"));
+    cmd.args(["plan", &recipe.display().to_string(), "--json"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+/// The planner's memory estimate of moe-tiny (eager kernels, one rank) against the peak training
+/// memory the trainer measures with its counting allocator.
 #[test]
-fn plan_prints_json_with_overrides() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("mixtral-8x22b.toml");
+fn moe_tiny_memory_estimate_is_within_20_percent_of_the_measured_peak() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let run = tmp.path().join("run");
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("moe-tiny.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
-        .args(["plan", &path.display().to_string(), "--json"])
-        .args(["--set", "cluster.gpus=256", "--set", "parallel.tp=4"])
+        .args(["train", &tiny.display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
+        .args([
+            "--set",
+            "training.steps=3",
+            "--set",
+            "training.warmup_steps=1",
+        ])
         .output()
         .expect("binary runs");
     assert!(
@@ -169,7 +214,25 @@ fn plan_prints_json_with_overrides() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("summary.json")).expect("summary.json"),
+    )
+    .expect("JSON");
+    let measured = summary["peak_memory_bytes"].as_f64().expect("peak memory");
+    let estimate = plan_json(&tiny, &["cluster.gpus=1", "cluster.kernels=\"eager\""]);
+    let estimated = estimate["memory_per_gpu_bytes"].as_f64().expect("memory");
+    let rel = (estimated - measured) / measured;
+    println!("moe-tiny memory: estimated {estimated} B, measured {measured} B ({rel:+.3})");
+    assert!(
+        rel.abs() < 0.2,
+        "estimated {estimated}, measured {measured}"
+    );
+}
+
+#[test]
+fn plan_prints_json_with_overrides() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("mixtral-8x22b.toml");
+    let v = plan_json(&path, &["cluster.gpus=256", "parallel.tp=4"]);
     for key in ["mfu", "step_time_s", "memory_per_gpu_bytes"] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }

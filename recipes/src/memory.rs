@@ -1,0 +1,103 @@
+//! Heap accounting for the training loop's memory report (like `torch.cuda.max_memory_allocated`
+//! in torchtitan's per-step memory log, for the CPU backend whose tensors live on the heap).
+//!
+//! Install [`Counting`] as the global allocator of a binary (the `burn-recipes` binary does) and
+//! [`live`] / [`peak`] report the bytes requested and not yet freed; without it they report
+//! `None`.
+//!
+//! ```
+//! use burn_recipes::memory::Counting;
+//! #[global_allocator]
+//! static GLOBAL: Counting<std::alloc::System> = Counting(std::alloc::System);
+//! # fn main() {
+//! let before = burn_recipes::memory::live().unwrap();
+//! let buffer = vec![0u8; 1 << 20];
+//! assert!(burn_recipes::memory::live().unwrap() >= before + (1 << 20));
+//! drop(buffer);
+//! assert!(burn_recipes::memory::peak().unwrap() >= before + (1 << 20));
+//! # }
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// A global allocator that counts the live bytes of allocator `A` and their peak.
+#[derive(Debug, Default)]
+pub struct Counting<A>(pub A);
+
+fn grew(bytes: usize) {
+    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+fn shrank(bytes: usize) {
+    LIVE.fetch_sub(bytes, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to the wrapped allocator; the counters are atomics
+// and never allocate. (The one place the workspace's `unsafe_code` lint is lifted: a global
+// allocator cannot be written without it.)
+#[allow(unsafe_code)]
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Counting<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on.
+        let p = unsafe { self.0.alloc(layout) };
+        if !p.is_null() {
+            INSTALLED.store(true, Ordering::Relaxed);
+            grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { self.0.alloc_zeroed(layout) };
+        if !p.is_null() {
+            INSTALLED.store(true, Ordering::Relaxed);
+            grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { self.0.dealloc(ptr, layout) };
+        shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { self.0.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                grew(new_size - layout.size());
+            } else {
+                shrank(layout.size() - new_size);
+            }
+        }
+        p
+    }
+}
+
+/// Bytes allocated and not yet freed, when [`Counting`] is the global allocator.
+pub fn live() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| LIVE.load(Ordering::Relaxed))
+}
+
+/// The most bytes live at once since the start or the last [`reset_peak`].
+pub fn peak() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| PEAK.load(Ordering::Relaxed))
+}
+
+/// Starts a new peak from the bytes live now.
+pub fn reset_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
