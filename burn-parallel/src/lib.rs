@@ -16,6 +16,8 @@
 //!   sequence-parallel RMSNorm, TP attention and MLP.
 //! - [`optim`]: data parallelism with the distributed optimizer (ZeRO-1 AdamW, global-norm
 //!   clipping).
+//! - [`schedule`]: pipeline schedules (GPipe, 1F1B, interleaved 1F1B) in Megatron's order,
+//!   with a replay that checks them for deadlocks and measures their bubble.
 //! - [`world`]: one binary runs alone or under `mpirun -np N`; [`launch`] starts such runs.
 //!
 //! ```
@@ -72,6 +74,7 @@ pub mod mappings;
 pub mod mesh;
 pub mod ops;
 pub mod optim;
+pub mod schedule;
 pub mod world;
 
 pub use error::{ParallelError, Result};
