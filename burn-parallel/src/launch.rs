@@ -148,6 +148,25 @@ impl MpiRun {
     }
 }
 
+/// Norm-wise relative error `‖got − want‖ / ‖want‖` of a check program's result (the absolute
+/// norm of the difference when `want` is zero; infinite when the lengths differ).
+pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
 /// The `main` of a multi-rank check program (feature `mpi`): initialises MPI from the
 /// environment, runs `check` (which returns the line to print on success and the failures
 /// found on this rank), shares whether any rank failed, finalises MPI, and reports — rank 0

@@ -14,10 +14,13 @@
 //!   with the conjugate backward rules of Megatron's `tensor_parallel/mappings.py`.
 //! - [`layers`]: column/row-parallel linear, vocab-parallel embedding and cross-entropy,
 //!   sequence-parallel RMSNorm, TP attention and MLP.
+//! - [`context`]: context parallelism: load-balanced sequence split, ring attention and
+//!   all-gather-KV attention.
 //! - [`optim`]: data parallelism with the distributed optimizer (ZeRO-1 AdamW, global-norm
 //!   clipping).
 //! - [`schedule`]: pipeline schedules (GPipe, 1F1B, interleaved 1F1B) in Megatron's order,
 //!   with a replay that checks them for deadlocks and measures their bubble.
+//! - [`memory`]: a counting global allocator for peak-memory reports.
 //! - [`world`]: one binary runs alone or under `mpirun -np N`; [`launch`] starts such runs.
 //!
 //! ```
@@ -66,11 +69,13 @@
 //! ```
 
 pub mod comm;
+pub mod context;
 pub mod error;
 pub mod group;
 pub mod launch;
 pub mod layers;
 pub mod mappings;
+pub mod memory;
 pub mod mesh;
 pub mod ops;
 pub mod optim;

@@ -53,6 +53,11 @@ fn tp_sp_dp_zero1_match_one_rank_on_1_2_4_8_ranks() {
 }
 
 #[test]
+fn context_parallel_attention_matches_one_rank_on_1_2_4_8_ranks() {
+    check_binary(env!("CARGO_BIN_EXE_burn-parallel-context"), "context");
+}
+
+#[test]
 fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
     let bin = env!("CARGO_BIN_EXE_burn-parallel-dead-peer");
     let timeout_s = 3;

@@ -12,7 +12,8 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
-pub mod memory;
+/// Heap accounting (from burn-parallel).
+pub use burn_parallel::memory;
 pub mod model;
 pub mod plan;
 pub mod plot;

@@ -24,7 +24,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use burn_moe::prelude::*;
 use burn_parallel::comm::mpi::MpiWorld;
 use burn_parallel::comm::{Communicator, ReduceOp};
-use burn_parallel::launch::check_program;
+use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{GroupKind, Mesh, MoeDims, ParallelDims, ProcessGroups};
 
 const H: usize = 16;
@@ -124,23 +124,6 @@ fn tokens(r: usize, starve: bool) -> Vec<f32> {
     }
 }
 
-fn rel(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-    if norm == 0.0 {
-        diff.sqrt()
-    } else {
-        (diff / norm).sqrt()
-    }
-}
-
 struct Checker {
     label: String,
     failures: Vec<String>,
@@ -149,7 +132,7 @@ struct Checker {
 
 impl Checker {
     fn close(&mut self, what: &str, got: &[f32], want: &[f32]) {
-        let err = rel(got, want);
+        let err = rel_error(got, want);
         if err.is_nan() || err > TOL {
             self.failures
                 .push(format!("{}: {what} (rel {err:.2e})", self.label));

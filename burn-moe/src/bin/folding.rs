@@ -13,7 +13,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_moe::prelude::*;
 use burn_parallel::comm::{Communicator, ReduceOp};
-use burn_parallel::launch::check_program;
+use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{
     AdamWConfig, ColumnParallelLinear, DistributedAdamW, Group, GroupKind, Mesh, MoeDims,
     ParallelAttention, ParallelDims, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
@@ -243,19 +243,6 @@ fn layouts(n: usize) -> Vec<Layout> {
     }
 }
 
-fn rel(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
 fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<Vec<String>> {
     let n = world.size();
     let dp = n / layout.tp;
@@ -304,7 +291,7 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
     let label = format!("{layout:?}");
     let mut failures = Vec::new();
     for (step, (a, b)) in losses.iter().zip(&want_losses).enumerate() {
-        let e = rel(&[*a], &[*b]);
+        let e = rel_error(&[*a], &[*b]);
         if e.is_nan() || e > 1e-5 {
             failures.push(format!(
                 "{label}: loss at step {step}: {a} vs {b} (rel {e:.2e})"
@@ -323,7 +310,7 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
     )?);
     for (i, (got, want)) in params(&model).iter().zip(&expected).enumerate() {
         let f = |t: &TensorData| t.clone().try_into_vec::<f32>().unwrap_or_default();
-        let e = rel(&f(got), &f(want));
+        let e = rel_error(&f(got), &f(want));
         if e.is_nan() || e > 1e-5 {
             failures.push(format!(
                 "{label}: parameter {i} after {STEPS} steps (rel {e:.2e})"

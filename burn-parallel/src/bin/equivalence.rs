@@ -12,7 +12,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 use burn_parallel::comm::mpi::MpiWorld;
 use burn_parallel::comm::{Communicator, ReduceOp};
-use burn_parallel::launch::check_program;
+use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::*;
 
 const VOCAB: usize = 64;
@@ -177,19 +177,6 @@ fn exceeds(err: f64) -> bool {
     err.is_nan() || err > TOL
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
-}
-
 const NAMES: [&str; 11] = [
     "embed.weight",
     "norm1.weight",
@@ -344,7 +331,7 @@ fn run_config(
         dp_comm
             .all_reduce(&mut g, ReduceOp::Avg)
             .map_err(|e| e.to_string())?;
-        let err = rel_err(&g, &f32s(want));
+        let err = rel_error(&g, &f32s(want));
         if exceeds(err) {
             failures.push(format!("{label}: gradient of {} (rel {err:.2e})", NAMES[i]));
         }
@@ -360,7 +347,7 @@ fn run_config(
         None,
     );
     for (i, (got, want)) in trace.params.iter().zip(&expected_params).enumerate() {
-        let err = rel_err(&f32s(got), &f32s(want));
+        let err = rel_error(&f32s(got), &f32s(want));
         if exceeds(err) {
             failures.push(format!(
                 "{label}: {} after {STEPS} steps (rel {err:.2e})",

@@ -1,20 +1,20 @@
 //! Heap accounting for the training loop's memory report (like `torch.cuda.max_memory_allocated`
 //! in torchtitan's per-step memory log, for the CPU backend whose tensors live on the heap).
 //!
-//! Install [`Counting`] as the global allocator of a binary (the `burn-recipes` binary does) and
+//! Install [`Counting`] as the global allocator of a binary (the `burn-recipes` binary and the context-parallel check do) and
 //! [`live`] / [`peak`] report the bytes requested and not yet freed; without it they report
 //! `None`.
 //!
 //! ```
-//! use burn_recipes::memory::Counting;
+//! use burn_parallel::memory::Counting;
 //! #[global_allocator]
 //! static GLOBAL: Counting<std::alloc::System> = Counting(std::alloc::System);
 //! # fn main() {
-//! let before = burn_recipes::memory::live().unwrap();
+//! let before = burn_parallel::memory::live().unwrap();
 //! let buffer = vec![0u8; 1 << 20];
-//! assert!(burn_recipes::memory::live().unwrap() >= before + (1 << 20));
+//! assert!(burn_parallel::memory::live().unwrap() >= before + (1 << 20));
 //! drop(buffer);
-//! assert!(burn_recipes::memory::peak().unwrap() >= before + (1 << 20));
+//! assert!(burn_parallel::memory::peak().unwrap() >= before + (1 << 20));
 //! # }
 //! ```
 
@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// A global allocator that counts the live bytes of allocator `A` and their peak.
@@ -30,6 +31,7 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 pub struct Counting<A>(pub A);
 
 fn grew(bytes: usize) {
+    LARGEST.fetch_max(bytes, Ordering::Relaxed);
     let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
@@ -97,7 +99,16 @@ pub fn peak() -> Option<usize> {
         .then(|| PEAK.load(Ordering::Relaxed))
 }
 
-/// Starts a new peak from the bytes live now.
+/// The largest single allocation (or growth of one) since the start or the last
+/// [`reset_peak`]: the largest intermediate buffer.
+pub fn largest() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| LARGEST.load(Ordering::Relaxed))
+}
+
+/// Starts a new peak from the bytes live now, and a new [`largest`].
 pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    LARGEST.store(0, Ordering::Relaxed);
 }
