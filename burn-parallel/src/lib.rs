@@ -18,6 +18,8 @@
 //!   all-gather-KV attention.
 //! - [`optim`]: data parallelism with the distributed optimizer (ZeRO-1 AdamW, global-norm
 //!   clipping).
+//! - [`pipeline`]: runs a stage's share of a schedule with autodiff, exchanging activations
+//!   and gradients with posted sends.
 //! - [`schedule`]: pipeline schedules (GPipe, 1F1B, interleaved 1F1B) in Megatron's order,
 //!   with a replay that checks them for deadlocks and measures their bubble.
 //! - [`memory`]: a counting global allocator for peak-memory reports.
@@ -79,6 +81,7 @@ pub mod memory;
 pub mod mesh;
 pub mod ops;
 pub mod optim;
+pub mod pipeline;
 pub mod schedule;
 pub mod world;
 

@@ -235,6 +235,11 @@ impl GradientBuffer {
     pub fn micro_batches(&self) -> usize {
         self.micro_batches
     }
+
+    /// The summed gradient of a parameter, flattened, when it received one.
+    pub fn get(&self, id: ParamId) -> Option<&[f32]> {
+        self.sums.get(&id).map(Vec::as_slice)
+    }
 }
 
 /// Collects every trained float parameter's values and summed gradient, in module order.

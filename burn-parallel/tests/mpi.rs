@@ -58,6 +58,11 @@ fn context_parallel_attention_matches_one_rank_on_1_2_4_8_ranks() {
 }
 
 #[test]
+fn pipeline_schedules_train_like_one_rank_on_1_2_4_8_ranks() {
+    check_binary(env!("CARGO_BIN_EXE_burn-parallel-pipeline"), "pipeline");
+}
+
+#[test]
 fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
     let bin = env!("CARGO_BIN_EXE_burn-parallel-dead-peer");
     let timeout_s = 3;

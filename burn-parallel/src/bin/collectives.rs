@@ -175,6 +175,30 @@ fn host_checks(c: &mut Checker, comm: &dyn Communicator, label: &str) {
         if let Some(got) = got {
             c.eq(&format!("{label} send/recv"), &got, &data(6, prev, n));
         }
+        // Posted sends both ways before any receive, three in a row, each far above MPI's
+        // eager limit (blocking sends would deadlock here): they arrive in order.
+        let big = 1 << 18;
+        for i in 0..3 {
+            c.ok("post_send", comm.post_send(data(20 + i, r, big), next, 8));
+            c.ok("post_send", comm.post_send(data(30 + i, r, big), prev, 9));
+        }
+        for i in 0..3 {
+            if let Some(got) = c.ok("recv", comm.recv(big, prev, 8)) {
+                c.eq(
+                    &format!("{label} posted send {i} from prev"),
+                    &got,
+                    &data(20 + i, prev, big),
+                );
+            }
+            if let Some(got) = c.ok("recv", comm.recv(big, next, 9)) {
+                c.eq(
+                    &format!("{label} posted send {i} from next"),
+                    &got,
+                    &data(30 + i, next, big),
+                );
+            }
+        }
+        c.ok("flush_sends", comm.flush_sends());
     }
     c.ok("barrier", comm.barrier());
 }

@@ -107,6 +107,19 @@ pub trait Communicator: Send + Sync + Debug {
     fn send(&self, buf: &[f32], dest: usize, tag: u16) -> Result<()>;
     /// Point-to-point receive of `count` values from group rank `src`.
     fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>>;
+    /// Point-to-point send that returns without waiting for the receiver: the engine owns
+    /// `buf` until it is delivered (MPI: a nonblocking send completed in the background, so two
+    /// ranks may post sends to each other before either receives, as pipeline schedules do).
+    /// Messages with the same source, destination and tag arrive in order. Engines without
+    /// background sends send at once (the default: [`send`](Self::send)).
+    fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
+        self.send(&buf, dest, tag)
+    }
+    /// Waits until every send posted with [`post_send`](Self::post_send) on this engine was
+    /// delivered.
+    fn flush_sends(&self) -> Result<()> {
+        Ok(())
+    }
     /// Broadcast from group rank `root`, in place.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Broadcast of bytes from `root`; the other ranks' `buf` is resized to the root's length.

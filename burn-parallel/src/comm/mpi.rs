@@ -55,8 +55,51 @@ impl MpiConfig {
 
 /// State owned by the engine thread. Communicators drop before the universe (MPI_Finalize).
 struct MpiState {
+    /// Sends posted with `post_send` and not yet known to be complete.
+    pending: Vec<PendingSend>,
     comms: Vec<SimpleCommunicator>,
     _universe: Universe,
+}
+
+/// A nonblocking send and the buffer it reads (leaked from a `Box` until MPI is done with it).
+struct PendingSend {
+    request: mpi::request::Request<'static, [f32]>,
+    buf: &'static [f32],
+}
+
+/// Returns the buffer of a completed send to the allocator.
+#[allow(unsafe_code)]
+fn release(buf: &'static [f32]) {
+    // SAFETY: `buf` comes from `Box::leak` in `post_send`, and the only other user of it, the
+    // MPI request, has completed and was consumed; no reference to it remains.
+    drop(unsafe { Box::from_raw(std::ptr::from_ref(buf).cast_mut()) });
+}
+
+impl MpiState {
+    /// Completes the posted sends that are done (all of them when `wait`), releasing their
+    /// buffers.
+    fn reap(&mut self, wait: bool) {
+        let mut open = Vec::new();
+        for PendingSend { request, buf } in self.pending.drain(..) {
+            let done = if wait {
+                Ok(request.wait())
+            } else {
+                request.test()
+            };
+            match done {
+                Ok(_) => release(buf),
+                Err(request) => open.push(PendingSend { request, buf }),
+            }
+        }
+        self.pending = open;
+    }
+}
+
+impl Drop for MpiState {
+    fn drop(&mut self) {
+        // Before MPI_Finalize: every posted send must complete.
+        self.reap(true);
+    }
 }
 
 type Engine = Worker<MpiState>;
@@ -118,6 +161,7 @@ impl MpiWorld {
             let mut peers = vec![0u64; 2 * size];
             world.all_gather_into(&[me.host, me.pid][..], &mut peers[..]);
             let state = MpiState {
+                pending: Vec::new(),
                 comms: vec![world],
                 _universe: universe,
             };
@@ -187,6 +231,17 @@ impl MpiComm {
         let id = self.id;
         self.engine
             .call(op, &self.world_ranks, move |state| f(&state.comms[id]))
+    }
+
+    /// [`call`](Self::call) with the whole engine state and this group's index in it.
+    fn call_state<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut MpiState, usize) -> Result<T> + Send + 'static,
+    {
+        let id = self.id;
+        self.engine
+            .call(op, &self.world_ranks, move |state| f(state, id))
     }
 }
 
@@ -330,9 +385,31 @@ impl Communicator for MpiComm {
         })
     }
 
+    fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
+        check_peer("dest", dest, self.size())?;
+        self.call_state("post_send", move |state, id| {
+            state.reap(false);
+            let buf: &'static [f32] = Box::leak(buf.into_boxed_slice());
+            let request = state.comms[id]
+                .process_at_rank(dest as i32)
+                .immediate_send_with_tag(mpi::request::StaticScope, buf, i32::from(tag));
+            state.pending.push(PendingSend { request, buf });
+            Ok(())
+        })
+    }
+
+    fn flush_sends(&self) -> Result<()> {
+        self.call_state("flush_sends", |state, _| {
+            state.reap(true);
+            Ok(())
+        })
+    }
+
     fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
         check_peer("src", src, self.size())?;
-        self.call("recv", move |comm| {
+        self.call_state("recv", move |state, id| {
+            state.reap(false);
+            let comm = &state.comms[id];
             let mut buf = vec![0f32; count];
             let status = comm
                 .process_at_rank(src as i32)
