@@ -13,6 +13,8 @@ use burn_moe::prelude::{
     DispatcherKind, Experts, ExpertsConfig, MoeLayer, Router, RouterConfig, SharedExperts,
     SharedExpertsConfig,
 };
+use burn_parallel::context::{ContextLayout, CpAttention, context_attention};
+use burn_parallel::pipeline::StageOutput;
 use burn_parallel::prelude::{
     ColumnParallelLinear, Group, GroupKind, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
     RowParallelLinear, VocabParallelEmbedding, causal_attention, vocab_parallel_cross_entropy,
@@ -106,14 +108,15 @@ impl Attention {
         })
     }
 
-    /// Rotary position embedding on `[B, n, S, d]` (positions 0..S, pairs (2i, 2i+1)).
-    fn rope(&self, x: Tensor<4>) -> Tensor<4> {
+    /// Rotary position embedding on `[B, n, S, d]` (global `positions` of the S tokens, pairs
+    /// (2i, 2i+1)).
+    fn rope(&self, x: Tensor<4>, positions: &[usize]) -> Tensor<4> {
         let [b, n, s, d] = x.dims();
         let device = x.device();
         let half = d / 2;
         let mut cos = Vec::with_capacity(s * half);
         let mut sin = Vec::with_capacity(s * half);
-        for pos in 0..s {
+        for &pos in positions {
             for i in 0..half {
                 let freq = self.rope_theta.powf(-(2.0 * i as f64) / d as f64);
                 let angle = pos as f64 * freq;
@@ -136,7 +139,10 @@ impl Attention {
         Tensor::stack::<5>(vec![re, im], 4).reshape([b, n, s, d])
     }
 
-    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+    /// Attention over `x` `[S, B, H]` (sequence-parallel shards under TP); with a CP group of
+    /// more than one rank, `x` holds this rank's chunks of the sequence ([`ContextLayout`]) and
+    /// attention runs as ring attention over `cp`.
+    fn forward(&self, x: Tensor<3>, cp: &Group) -> Result<Tensor<3>> {
         let qkv = self.qkv.forward(x)?;
         let [s, b, _] = qkv.dims();
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -146,8 +152,10 @@ impl Attention {
                 .reshape([s, b, n, d])
                 .permute([1, 2, 0, 3])
         };
-        let q = self.rope(part(0, h));
-        let k = self.rope(part(h, kv));
+        let layout = ContextLayout::new(s * cp.size(), cp.size())?;
+        let positions = layout.positions(cp.rank());
+        let q = self.rope(part(0, h), &positions);
+        let k = self.rope(part(h, kv), &positions);
         let v = part(h + kv, kv);
         // Each key/value head serves h / kv query heads.
         let group = h / kv;
@@ -157,7 +165,14 @@ impl Attention {
                 .reshape([b, h, s, d])
         };
         let (k, v) = (expand(k), expand(v));
-        Ok(self.out.forward(causal_attention(q, k, v))?)
+        let context = if cp.size() > 1 {
+            context_attention(q, k, v, &layout, cp, CpAttention::Ring)?
+                .permute([2, 0, 1, 3])
+                .reshape([s, b, h * d])
+        } else {
+            causal_attention(q, k, v)
+        };
+        Ok(self.out.forward(context)?)
     }
 }
 
@@ -222,32 +237,47 @@ pub struct Block {
     pub moe: Option<MoeLayer>,
 }
 
-/// What one forward pass returns.
+/// What one model chunk returns for one micro-batch.
 #[derive(Debug, Clone)]
 pub struct Forward {
-    /// Mean cross-entropy over the rank's tokens (same on every TP rank).
-    pub ce: Tensor<1>,
-    /// This rank's load-balancing losses (sum over MoE layers), when any.
+    /// The hidden states for the next pipeline stage (`[S / cp / tp, B, H]`); `None` on the
+    /// chunk that holds the head.
+    pub hidden: Option<Tensor<3>>,
+    /// Mean cross-entropy over the rank's tokens (same on every TP rank), on the chunk that
+    /// holds the head.
+    pub ce: Option<Tensor<1>>,
+    /// This rank's load-balancing losses (sum over the chunk's MoE layers), when any.
     pub aux: Option<Tensor<1>>,
     /// This rank's z-losses, when any.
     pub z: Option<Tensor<1>>,
-    /// Tokens per expert of each MoE layer (this rank's tokens).
-    pub expert_load: Vec<Tensor<1, Int>>,
+    /// Tokens per expert of each of the chunk's MoE layers (this rank's tokens), with the
+    /// layer's index among the model's MoE layers.
+    pub expert_load: Vec<(usize, Tensor<1, Int>)>,
 }
 
-/// The language model.
+/// The language model, or the part of it one pipeline stage holds: the embedding on the
+/// first stage, the blocks of each of its model chunks (virtual stages), the final norm and
+/// the head on the stage holding the last virtual stage.
 #[derive(Module, Debug)]
 pub struct MoeLm {
-    /// Token embedding `[V / tp, H]`.
-    pub embed: VocabParallelEmbedding,
-    /// Blocks.
+    /// Token embedding `[V / tp, H]` (first stage).
+    pub embed: Option<VocabParallelEmbedding>,
+    /// This stage's blocks, chunk after chunk.
     pub blocks: Vec<Block>,
-    /// Final norm.
-    pub norm_f: RmsNorm,
-    /// LM head `[H, V / tp]`.
-    pub head: ColumnParallelLinear,
+    /// Final norm (last stage).
+    pub norm_f: Option<RmsNorm>,
+    /// LM head `[H, V / tp]` (last stage).
+    pub head: Option<ColumnParallelLinear>,
     #[module(skip)]
     tp: Group,
+    #[module(skip)]
+    cp: Group,
+    /// Per chunk: the range of `blocks` it runs.
+    #[module(skip)]
+    chunks: Vec<std::ops::Range<usize>>,
+    /// Per block: its index among the model's MoE layers, for MoE blocks.
+    #[module(skip)]
+    moe_index: Vec<Option<usize>>,
 }
 
 fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
@@ -258,8 +288,23 @@ fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
     }
 }
 
+/// The global layers of model chunk `chunk` on pipeline stage `stage` of `stages`, with
+/// `chunks` chunks per stage: virtual stage `chunk · stages + stage` of equal shares.
+pub fn chunk_layers(
+    layers: usize,
+    stage: usize,
+    stages: usize,
+    chunk: usize,
+    chunks: usize,
+) -> std::ops::Range<usize> {
+    let per = layers / (stages * chunks);
+    let vs = chunk * stages + stage;
+    vs * per..(vs + 1) * per
+}
+
 impl MoeLm {
-    /// Builds this rank's part of the model for `groups` (one rank: `ProcessGroups::single()`).
+    /// Builds this rank's part of the whole model for `groups` without pipeline parallelism
+    /// (one rank: `ProcessGroups::single()`).
     pub fn new(
         cfg: &ModelConfig,
         seed: u64,
@@ -267,50 +312,175 @@ impl MoeLm {
         dispatcher: Dispatcher,
         d: &Device,
     ) -> Result<Self> {
+        Self::stage(cfg, seed, groups, dispatcher, 1, d)
+    }
+
+    /// Builds this rank's pipeline stage (its rank in the PP group) with `chunks` model chunks
+    /// (virtual pipeline stages); `layers` must divide into `pp × chunks` equal shares.
+    pub fn stage(
+        cfg: &ModelConfig,
+        seed: u64,
+        groups: &ProcessGroups,
+        dispatcher: Dispatcher,
+        chunks: usize,
+        d: &Device,
+    ) -> Result<Self> {
         let tp = groups.group(GroupKind::Tp).clone();
+        let pp = groups.group(GroupKind::Pp);
+        let (stage, stages) = (pp.rank(), pp.size());
+        if chunks == 0 || !cfg.layers.is_multiple_of(stages * chunks) {
+            return Err(crate::error::RecipeError::Invalid {
+                key: "parallel.pp".into(),
+                reason: format!(
+                    "{} layers do not split into pp × virtual_pp = {} equal shares",
+                    cfg.layers,
+                    stages * chunks
+                ),
+            });
+        }
         let sp = tp.size() > 1;
         let h = cfg.hidden;
         let norm = || RmsNorm::from_full(Tensor::ones([h], d), 1e-6, sp);
-        let mut blocks = Vec::with_capacity(cfg.layers);
-        for layer in 0..cfg.layers {
-            let stream = 100 * (layer as u64 + 1);
-            let is_moe = cfg.moe_every > 0 && (layer + 1).is_multiple_of(cfg.moe_every);
-            let (dense, moe) = if is_moe {
-                (
-                    None,
-                    Some(moe_layer(cfg, seed, stream + 10, groups, dispatcher, d)?),
-                )
-            } else {
-                (
-                    Some(DenseFfn::new(cfg, seed, stream + 10, &tp, sp, d)?),
-                    None,
-                )
-            };
-            blocks.push(Block {
-                norm1: norm(),
-                attn: Attention::new(cfg, seed, stream, &tp, sp, d)?,
-                norm2: norm(),
-                dense,
-                moe,
-            });
+        let is_moe = |layer: usize| cfg.moe_every > 0 && (layer + 1).is_multiple_of(cfg.moe_every);
+        let mut blocks = Vec::new();
+        let mut ranges = Vec::with_capacity(chunks);
+        let mut moe_index = Vec::new();
+        for chunk in 0..chunks {
+            let start = blocks.len();
+            for layer in chunk_layers(cfg.layers, stage, stages, chunk, chunks) {
+                let stream = 100 * (layer as u64 + 1);
+                let (dense, moe) = if is_moe(layer) {
+                    (
+                        None,
+                        Some(moe_layer(cfg, seed, stream + 10, groups, dispatcher, d)?),
+                    )
+                } else {
+                    (
+                        Some(DenseFfn::new(cfg, seed, stream + 10, &tp, sp, d)?),
+                        None,
+                    )
+                };
+                moe_index.push(is_moe(layer).then(|| (0..layer).filter(|&l| is_moe(l)).count()));
+                blocks.push(Block {
+                    norm1: norm(),
+                    attn: Attention::new(cfg, seed, stream, &tp, sp, d)?,
+                    norm2: norm(),
+                    dense,
+                    moe,
+                });
+            }
+            ranges.push(start..blocks.len());
         }
-        let embed = Tensor::from_data(normal(seed, 1, vec![cfg.vocab, h], cfg.init_std), d);
-        let head = Tensor::from_data(normal(seed, 2, vec![h, cfg.vocab], cfg.init_std), d);
+        let first = stage == 0;
+        let last = stage + 1 == stages;
+        let embed = if first {
+            let w = Tensor::from_data(normal(seed, 1, vec![cfg.vocab, h], cfg.init_std), d);
+            Some(VocabParallelEmbedding::from_full(w, tp.clone(), sp)?)
+        } else {
+            None
+        };
+        let head = if last {
+            let w = Tensor::from_data(normal(seed, 2, vec![h, cfg.vocab], cfg.init_std), d);
+            Some(ColumnParallelLinear::from_full(
+                w,
+                None,
+                tp.clone(),
+                false,
+                sp,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
-            embed: VocabParallelEmbedding::from_full(embed, tp.clone(), sp)?,
+            embed,
             blocks,
-            norm_f: norm(),
-            head: ColumnParallelLinear::from_full(head, None, tp.clone(), false, sp)?,
+            norm_f: last.then(norm),
+            head,
             tp,
+            cp: groups.group(GroupKind::Cp).clone(),
+            chunks: ranges,
+            moe_index,
         })
     }
 
-    /// Next-token prediction on `ids` `[S, B]` with `targets` `[S, B]`.
+    /// Model chunks on this stage.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// A chunk's output for the pipeline, every loss term scaled by `scale` (gradient
+    /// accumulation): the total loss on the last chunk, the auxiliary losses elsewhere.
+    ///
+    /// Gradients are averaged over DP × CP. The cross-entropy is a mean over this rank's
+    /// tokens, so that average is the mean over all tokens; the router losses are this rank's
+    /// shares of losses summed over TP × CP, so they are multiplied by CP here to stay sums.
+    pub fn stage_output(&self, out: &Forward, scale: f64) -> StageOutput {
+        let cp = self.cp.size() as f64;
+        let local = add(out.aux.clone(), out.z.clone()).map(|l| l * cp);
+        match (&out.hidden, &out.ce) {
+            (Some(hidden), _) => StageOutput::activation(hidden.clone(), local.map(|l| l * scale)),
+            (None, Some(ce)) => {
+                let total = match local {
+                    Some(l) => ce.clone() + l,
+                    None => ce.clone(),
+                };
+                StageOutput::loss(total * scale)
+            }
+            (None, None) => StageOutput {
+                hidden: None,
+                loss: None,
+            },
+        }
+    }
+
+    /// Next-token prediction with the whole model on `ids` `[S, B]` with `targets` `[S, B]`
+    /// (this CP rank's tokens when CP > 1).
     pub fn forward(&self, ids: Tensor<2, Int>, targets: Tensor<2, Int>) -> Result<Forward> {
-        let mut x = self.embed.forward(ids)?;
+        if self.embed.is_none() || self.head.is_none() || self.chunks.len() != 1 {
+            return Err(crate::error::RecipeError::Invalid {
+                key: "parallel.pp".into(),
+                reason: "this model is one pipeline stage of several; run it with forward_chunk"
+                    .into(),
+            });
+        }
+        self.forward_chunk(0, None, &ids, &targets)
+    }
+
+    /// Runs model chunk `chunk` on one micro-batch: from `input` (the previous stage's hidden
+    /// states) or, without one, from the embedding of `ids`; through the head and the loss
+    /// against `targets` when this chunk is the model's last.
+    pub fn forward_chunk(
+        &self,
+        chunk: usize,
+        input: Option<Tensor<3>>,
+        ids: &Tensor<2, Int>,
+        targets: &Tensor<2, Int>,
+    ) -> Result<Forward> {
+        let range =
+            self.chunks
+                .get(chunk)
+                .cloned()
+                .ok_or_else(|| crate::error::RecipeError::Invalid {
+                    key: "chunk".into(),
+                    reason: format!("this stage has {} model chunks", self.chunks.len()),
+                })?;
+        let mut x = match (input, &self.embed) {
+            (Some(x), _) => x,
+            (None, Some(embed)) => embed.forward(ids.clone())?,
+            (None, None) => {
+                return Err(crate::error::RecipeError::Invalid {
+                    key: "input".into(),
+                    reason: "a chunk after the first needs the previous stage's hidden states"
+                        .into(),
+                });
+            }
+        };
         let (mut aux, mut z, mut load) = (None, None, Vec::new());
-        for block in &self.blocks {
-            x = x.clone() + block.attn.forward(block.norm1.forward(x))?;
+        for (block, moe_index) in self.blocks[range.clone()]
+            .iter()
+            .zip(&self.moe_index[range])
+        {
+            x = x.clone() + block.attn.forward(block.norm1.forward(x), &self.cp)?;
             let h = block.norm2.forward(x.clone());
             let y = match (&block.dense, &block.moe) {
                 (Some(dense), _) => dense.forward(h)?,
@@ -318,22 +488,30 @@ impl MoeLm {
                     let out = moe.forward(h)?;
                     aux = add(aux, out.aux_loss.clone());
                     z = add(z, out.z_loss.clone());
-                    load.push(out.tokens_per_expert.clone());
+                    load.push((moe_index.unwrap_or(0), out.tokens_per_expert.clone()));
                     out.output
                 }
                 (None, None) => h,
             };
             x = x + y;
         }
-        let logits = self.head.forward(self.norm_f.forward(x))?;
-        let [s, b, v] = logits.dims();
-        let ce = vocab_parallel_cross_entropy(
-            logits.reshape([s * b, v]),
-            targets.reshape([s * b]),
-            &self.tp,
-        )?
-        .mean();
+        let last = chunk + 1 == self.chunks.len();
+        let (hidden, ce) = match (&self.norm_f, &self.head) {
+            (Some(norm), Some(head)) if last => {
+                let logits = head.forward(norm.forward(x))?;
+                let [s, b, v] = logits.dims();
+                let ce = vocab_parallel_cross_entropy(
+                    logits.reshape([s * b, v]),
+                    targets.clone().reshape([s * b]),
+                    &self.tp,
+                )?
+                .mean();
+                (None, Some(ce))
+            }
+            _ => (Some(x), None),
+        };
         Ok(Forward {
+            hidden,
             ce,
             aux,
             z,
@@ -344,7 +522,9 @@ impl MoeLm {
     /// Every parameter's role for the distributed optimizer.
     pub fn roles(&self) -> Vec<(ParamId, ParamRole)> {
         let mut out = Vec::new();
-        self.embed.param_roles(&mut out);
+        if let Some(e) = &self.embed {
+            e.param_roles(&mut out);
+        }
         for b in &self.blocks {
             b.norm1.param_roles(&mut out);
             b.attn.param_roles(&mut out);
@@ -357,8 +537,12 @@ impl MoeLm {
                 m.param_roles(&mut out);
             }
         }
-        self.norm_f.param_roles(&mut out);
-        self.head.param_roles(&mut out);
+        if let Some(n) = &self.norm_f {
+            n.param_roles(&mut out);
+        }
+        if let Some(h) = &self.head {
+            h.param_roles(&mut out);
+        }
         out
     }
 }

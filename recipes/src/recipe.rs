@@ -242,7 +242,8 @@ pub struct ParallelConfig {
     /// Virtual pipeline stages per rank.
     #[serde(default)]
     pub virtual_pp: Option<usize>,
-    /// Micro-batches in flight per pipeline (defaults to the accumulation count).
+    /// Micro-batches per step and data-parallel rank, when given: must equal
+    /// `global_batch / (micro_batch × dp)` (the pipeline runs them all each step).
     #[serde(default)]
     pub microbatches: Option<usize>,
     /// Expert parallel.
@@ -510,6 +511,29 @@ impl Recipe {
         if p.virtual_pp == Some(0) {
             return Err(bad("parallel.virtual_pp", "must be at least 1"));
         }
+        let stages = p.pp * p.virtual_pp.unwrap_or(1);
+        if !m.layers.is_multiple_of(stages) {
+            return Err(bad(
+                "parallel.pp",
+                format!(
+                    "pp × virtual_pp = {stages} does not divide the {} layers",
+                    m.layers
+                ),
+            ));
+        }
+        let seq = self.data.seq_len;
+        if p.cp > 1 && (!seq.is_multiple_of(2 * p.cp) || !(seq / p.cp).is_multiple_of(p.tp)) {
+            return Err(bad(
+                "data.seq_len",
+                format!(
+                    "context parallelism splits the sequence into 2 × cp = {} equal chunks and \
+                     each rank's {} tokens over tp = {}; {seq} does not allow it",
+                    2 * p.cp,
+                    seq / p.cp,
+                    p.tp
+                ),
+            ));
+        }
         if p.microbatches == Some(0) {
             return Err(bad("parallel.microbatches", "must be at least 1"));
         }
@@ -546,6 +570,17 @@ impl Recipe {
                 "training.global_batch",
                 format!(
                     "{} is not a multiple of micro_batch × dp = {} × {dp}",
+                    t.global_batch, t.micro_batch
+                ),
+            ));
+        }
+        if let Some(m) = p.microbatches
+            && m != t.global_batch / (t.micro_batch * dp)
+        {
+            return Err(bad(
+                "parallel.microbatches",
+                format!(
+                    "{m} differs from global_batch / (micro_batch × dp) = {} / ({} × {dp})",
                     t.global_batch, t.micro_batch
                 ),
             ));

@@ -9,10 +9,12 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_parallel::comm::ReduceOp;
+use burn_parallel::context::ContextLayout;
+use burn_parallel::pipeline::run_stage;
 use burn_parallel::prelude::{
-    AdamWConfig, DistributedAdamW, GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims,
-    ProcessGroups, World,
+    AdamWConfig, DistributedAdamW, GroupKind, Mesh, MoeDims, ParallelDims, ProcessGroups, World,
 };
+use burn_parallel::schedule::{Schedule, ScheduleKind};
 use serde::Serialize;
 
 use crate::checkpoint::{self, Meta};
@@ -154,17 +156,6 @@ pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
 
 /// Refuses layouts and settings this build cannot run, with the key that says so.
 fn check_supported(recipe: &Recipe) -> Result<()> {
-    let p = &recipe.parallel;
-    let unsupported = |key: &str, what: &str| RecipeError::Invalid {
-        key: key.into(),
-        reason: format!("{what} is not implemented yet (it must be 1 here)"),
-    };
-    if p.cp > 1 {
-        return Err(unsupported("parallel.cp", "context parallelism"));
-    }
-    if p.pp > 1 || p.virtual_pp.is_some_and(|v| v > 1) {
-        return Err(unsupported("parallel.pp", "pipeline parallelism"));
-    }
     if recipe.training.precision == Precision::Bf16 {
         return Err(RecipeError::Invalid {
             key: "training.precision".into(),
@@ -255,11 +246,13 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         // backward pass instead of being kept.
         device = device.gradient_checkpointing();
     }
-    let mut model = MoeLm::new(
+    let chunks = p.virtual_pp.unwrap_or(1);
+    let mut model = MoeLm::stage(
         &recipe.model,
         recipe.run.seed,
         &groups,
         p.dispatcher,
+        chunks,
         &device,
     )?;
     let t = &recipe.training;
@@ -271,10 +264,13 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         weight_decay: t.weight_decay,
         max_grad_norm: t.grad_clip,
     };
+    // Gradients are averaged over the data-parallel and context-parallel ranks (each holds
+    // its own tokens of replicated parameters).
     let dp_group = groups.group(GroupKind::Dp).clone();
+    let dp_cp_group = groups.group(GroupKind::DpCp).clone();
     let mut opt = DistributedAdamW::new(
         adamw,
-        dp_group.clone(),
+        dp_cp_group.clone(),
         groups.group(GroupKind::Tp).clone(),
         groups.world().clone(),
     )?
@@ -296,11 +292,33 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         start = meta.step;
     }
     let micro_batches = t.global_batch / (t.micro_batch * dp);
+    let kind = if chunks > 1 {
+        ScheduleKind::Interleaved {
+            virtual_stages: chunks,
+            group: None,
+        }
+    } else {
+        ScheduleKind::OneFOneB
+    };
+    let schedule = Schedule::new(kind, p.pp, micro_batches).map_err(|e| RecipeError::Invalid {
+        key: "parallel.virtual_pp".into(),
+        reason: e.to_string(),
+    })?;
+    let pp_group = groups.group(GroupKind::Pp).clone();
+    let cp_group = groups.group(GroupKind::Cp).clone();
+    let context = ContextLayout::new(recipe.data.seq_len, p.cp)?;
+    let positions = context.positions(cp_group.rank());
+    let moe_layers = (0..recipe.model.layers)
+        .filter(|l| recipe.model.moe_every > 0 && (l + 1).is_multiple_of(recipe.model.moe_every))
+        .count();
     {
         let (total, active) = parameter_count(&recipe.model);
         tracing::info!(
             world = n,
             tp = p.tp,
+            cp = p.cp,
+            pp = p.pp,
+            virtual_pp = chunks,
             dp,
             ep = p.ep,
             etp = p.etp,
@@ -313,8 +331,9 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         );
     }
     let seq = recipe.data.seq_len;
-    let tp_comm = groups.group(GroupKind::Tp).communicator()?;
-    let dp_comm = dp_group.communicator()?;
+    let tp_cp_comm = groups.group(GroupKind::TpCp).communicator()?;
+    let dp_cp_comm = dp_cp_group.communicator()?;
+    let pp_comm = pp_group.communicator()?;
     let dp_rank = dp_group.rank();
     let (_, active) = parameter_count(&recipe.model);
     let m = &recipe.model;
@@ -353,59 +372,64 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         let resident = 4 * (model.num_params() + opt.state_len()) as u64;
         let step_start = crate::memory::live();
         crate::memory::reset_peak();
-        let mut grads = GradientBuffer::new();
         let (mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0);
-        let mut load: Vec<Vec<f64>> = Vec::new();
-        for micro in 0..micro_batches {
-            let mut ids = Vec::with_capacity(t.micro_batch * (seq + 1));
-            let mut columns = Vec::with_capacity(t.micro_batch);
-            for i in 0..t.micro_batch {
-                let index =
-                    sequence_index(step, micro, dp_rank, i, (t.micro_batch, micro_batches, dp));
-                columns.push(source.sequence(index, seq));
-            }
-            // Sequence-first [S + 1, B].
-            for pos in 0..=seq {
-                for col in &columns {
-                    ids.push(col[pos]);
+        let experts = recipe.model.experts;
+        let mut load: Vec<Vec<f64>> = vec![vec![0.0; experts]; moe_layers];
+        let scale = 1.0 / micro_batches as f64;
+        let shape = [seq / p.cp / p.tp, t.micro_batch, recipe.model.hidden];
+        let run = run_stage(
+            &schedule,
+            &pp_group,
+            &model,
+            shape,
+            &device,
+            |chunk, micro, input| {
+                // Sequence-first [S, B] ids of this rank's tokens (its CP chunks) and their
+                // next-token targets.
+                let mut columns = Vec::with_capacity(t.micro_batch);
+                for i in 0..t.micro_batch {
+                    let index =
+                        sequence_index(step, micro, dp_rank, i, (t.micro_batch, micro_batches, dp));
+                    columns.push(source.sequence(index, seq));
                 }
-            }
-            let all = Tensor::<2, Int>::from_data(
-                TensorData::new(ids, [seq + 1, t.micro_batch]),
-                &device,
-            );
-            let inputs = all.clone().slice([0..seq, 0..t.micro_batch]);
-            let targets = all.slice([1..seq + 1, 0..t.micro_batch]);
-            let out = model.forward(inputs, targets)?;
-            let scale = 1.0 / micro_batches as f64;
-            ce_sum += value(out.ce.clone())? * scale;
-            let mut loss = out.ce.clone();
-            if let Some(a) = out.aux.clone() {
-                aux_sum += value(a.clone())? * scale;
-                loss = loss + a;
-            }
-            if let Some(z) = out.z.clone() {
-                z_sum += value(z.clone())? * scale;
-                loss = loss + z;
-            }
-            for (layer, counts) in out.expert_load.iter().enumerate() {
-                let c: Vec<f64> = counts
-                    .clone()
-                    .into_data()
-                    .convert::<i64>()
-                    .try_into_vec::<i64>()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|v| v as f64)
-                    .collect();
-                if load.len() <= layer {
-                    load.push(vec![0.0; c.len()]);
+                let (mut ids, mut next) = (Vec::new(), Vec::new());
+                for &pos in &positions {
+                    for col in &columns {
+                        ids.push(col[pos]);
+                        next.push(col[pos + 1]);
+                    }
                 }
-                load[layer].iter_mut().zip(&c).for_each(|(a, b)| *a += b);
-            }
-            grads.add(&model, &(loss * scale).backward())?;
-            burn_parallel::group::check()?;
-        }
+                let local = [positions.len(), t.micro_batch];
+                let inputs = Tensor::<2, Int>::from_data(TensorData::new(ids, local), &device);
+                let targets = Tensor::<2, Int>::from_data(TensorData::new(next, local), &device);
+                let out = model.forward_chunk(chunk, input, &inputs, &targets)?;
+                if let Some(ce) = out.ce.clone() {
+                    ce_sum += value(ce)? * scale;
+                }
+                if let Some(a) = out.aux.clone() {
+                    aux_sum += value(a)? * scale;
+                }
+                if let Some(z) = out.z.clone() {
+                    z_sum += value(z)? * scale;
+                }
+                for (layer, counts) in &out.expert_load {
+                    let c: Vec<f64> = counts
+                        .clone()
+                        .into_data()
+                        .convert::<i64>()
+                        .try_into_vec::<i64>()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|v| v as f64)
+                        .collect();
+                    if let Some(slot) = load.get_mut(*layer) {
+                        slot.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+                    }
+                }
+                Ok::<_, RecipeError>(model.stage_output(&out, scale))
+            },
+        )?;
+        let grads = run.grads;
         opt.set_lr(learning_rate(recipe, step));
         let (next, stats) = opt.step_buffered(model, grads, &roles)?;
         model = next;
@@ -413,12 +437,13 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             .zip(step_start)
             .map(|(p, b)| resident + p.saturating_sub(b) as u64);
         peak_memory = peak_memory.max(step_peak);
-        // Reported: CE averaged over DP; aux and z summed over TP (each rank routes its own
-        // tokens) and averaged over DP; expert load summed over every rank.
-        let mut side = [aux_sum as f32, z_sum as f32];
-        tp_comm.all_reduce(&mut side, ReduceOp::Sum)?;
-        let mut reported = [ce_sum as f32, side[0], side[1]];
-        dp_comm.all_reduce(&mut reported, ReduceOp::Avg)?;
+        // Reported: CE (on the last pipeline stage) averaged over DP × CP; aux and z summed
+        // over the pipeline's stages and over TP × CP (each rank routes its own tokens) and
+        // averaged over DP; expert load summed over every rank.
+        let mut reported = [ce_sum as f32, aux_sum as f32, z_sum as f32];
+        pp_comm.all_reduce(&mut reported, ReduceOp::Sum)?;
+        tp_cp_comm.all_reduce(&mut reported[1..], ReduceOp::Sum)?;
+        dp_cp_comm.all_reduce(&mut reported, ReduceOp::Avg)?;
         let mut flat: Vec<f32> = load.iter().flatten().map(|&v| v as f32).collect();
         comm.all_reduce(&mut flat, ReduceOp::Sum)?;
         let loss = f64::from(reported[0]);
@@ -430,17 +455,9 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         if let Some(file) = metrics.as_mut()
             && (step + 1).is_multiple_of(t.log_every)
         {
-            let mut at = 0;
-            let expert_load = load
-                .iter()
-                .map(|l| {
-                    let row = flat[at..at + l.len()]
-                        .iter()
-                        .map(|&v| f64::from(v))
-                        .collect();
-                    at += l.len();
-                    row
-                })
+            let expert_load = flat
+                .chunks(experts.max(1))
+                .map(|row| row.iter().map(|&v| f64::from(v)).collect())
                 .collect();
             let line = StepMetrics {
                 step: step + 1,

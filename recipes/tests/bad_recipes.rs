@@ -204,8 +204,19 @@ fn etp_not_dividing_the_expert_ffn() {
 }
 
 #[test]
-fn context_parallel_not_available() {
-    set("parallel.cp=2", "parallel.cp");
+fn context_parallel_needs_the_sequence_in_2cp_chunks() {
+    set("parallel.cp=3", "data.seq_len");
+}
+
+#[test]
+fn pipeline_stages_must_split_the_layers() {
+    set("parallel.pp=3", "parallel.pp");
+    set("parallel.virtual_pp=4", "parallel.pp");
+}
+
+#[test]
+fn microbatches_must_match_the_batch() {
+    set("parallel.microbatches=3", "parallel.microbatches");
 }
 
 #[test]
