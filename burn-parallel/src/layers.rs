@@ -260,6 +260,24 @@ impl ParallelParams for VocabParallelEmbedding {
     }
 }
 
+/// Mean next-token cross-entropy of hidden states `x [S, B, H]` (sequence-parallel shards
+/// under TP) through the final `norm` and the column-parallel LM `head`, against
+/// `targets [S, B]`.
+pub fn lm_loss(
+    norm: &RmsNorm,
+    head: &ColumnParallelLinear,
+    x: Tensor<3>,
+    targets: Tensor<2, Int>,
+    tp: &Group,
+) -> Result<Tensor<1>> {
+    let logits = head.forward(norm.forward(x))?;
+    let [s, b, v] = logits.dims();
+    Ok(
+        vocab_parallel_cross_entropy(logits.reshape([s * b, v]), targets.reshape([s * b]), tp)?
+            .mean(),
+    )
+}
+
 /// Cross-entropy over logits whose vocabulary is split over TP (`logits [N, vocab / tp]`, the
 /// local columns starting at `tp.rank() · vocab / tp`); returns the per-token loss `[N]`,
 /// identical on every TP rank, without gathering the logits.

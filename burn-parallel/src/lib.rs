@@ -94,7 +94,8 @@ pub mod prelude {
     pub use crate::group::{Group, GroupId, ProcessGroups};
     pub use crate::layers::{
         ColumnParallelLinear, ParallelAttention, ParallelMlp, ParallelParams, ParamRole, RmsNorm,
-        RowParallelLinear, VocabParallelEmbedding, causal_attention, vocab_parallel_cross_entropy,
+        RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
+        vocab_parallel_cross_entropy,
     };
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
     pub use crate::ops::GatherGrad;

@@ -17,7 +17,7 @@ use burn_parallel::context::{ContextLayout, CpAttention, context_attention};
 use burn_parallel::pipeline::StageOutput;
 use burn_parallel::prelude::{
     ColumnParallelLinear, Group, GroupKind, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
-    RowParallelLinear, VocabParallelEmbedding, causal_attention, vocab_parallel_cross_entropy,
+    RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
 };
 
 use crate::data::mix;
@@ -497,17 +497,10 @@ impl MoeLm {
         }
         let last = chunk + 1 == self.chunks.len();
         let (hidden, ce) = match (&self.norm_f, &self.head) {
-            (Some(norm), Some(head)) if last => {
-                let logits = head.forward(norm.forward(x))?;
-                let [s, b, v] = logits.dims();
-                let ce = vocab_parallel_cross_entropy(
-                    logits.reshape([s * b, v]),
-                    targets.clone().reshape([s * b]),
-                    &self.tp,
-                )?
-                .mean();
-                (None, Some(ce))
-            }
+            (Some(norm), Some(head)) if last => (
+                None,
+                Some(lm_loss(norm, head, x, targets.clone(), &self.tp)?),
+            ),
             _ => (Some(x), None),
         };
         Ok(Forward {

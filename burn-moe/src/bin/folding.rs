@@ -17,7 +17,7 @@ use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{
     AdamWConfig, ColumnParallelLinear, DistributedAdamW, Group, GroupKind, Mesh, MoeDims,
     ParallelAttention, ParallelDims, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
-    VocabParallelEmbedding, vocab_parallel_cross_entropy,
+    VocabParallelEmbedding, lm_loss,
 };
 
 const VOCAB: usize = 64;
@@ -128,15 +128,7 @@ impl MoeLm {
             .forward(self.norm2.forward(x.clone()))
             .map_err(err)?;
         let x = x + moe.output.clone();
-        let logits = self.head.forward(self.norm_f.forward(x)).map_err(err)?;
-        let [s, b, v] = logits.dims();
-        let ce = vocab_parallel_cross_entropy(
-            logits.reshape([s * b, v]),
-            targets.reshape([s * b]),
-            &self.tp,
-        )
-        .map_err(err)?
-        .mean();
+        let ce = lm_loss(&self.norm_f, &self.head, x, targets, &self.tp).map_err(err)?;
         Ok((ce, moe.total_aux_loss().ok_or("no aux loss")?))
     }
 

@@ -119,14 +119,7 @@ impl TinyLm {
         let x = self.embed.forward(ids)?;
         let x = x.clone() + self.attn.forward(self.norm1.forward(x))?;
         let x = x.clone() + self.mlp.forward(self.norm2.forward(x))?;
-        let logits = self.head.forward(self.norm_f.forward(x))?;
-        let [s, b, v] = logits.dims();
-        let per_token = vocab_parallel_cross_entropy(
-            logits.reshape([s * b, v]),
-            targets.reshape([s * b]),
-            &self.tp,
-        )?;
-        Ok(per_token.mean())
+        lm_loss(&self.norm_f, &self.head, x, targets, &self.tp)
     }
 
     fn roles(&self) -> Vec<(ParamId, ParamRole)> {

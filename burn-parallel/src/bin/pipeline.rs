@@ -208,16 +208,9 @@ impl Stage {
             x = block.forward(x)?;
         }
         match (&self.norm_f, &self.head) {
-            (Some(norm), Some(head)) if chunk + 1 == self.chunks.len() => {
-                let logits = head.forward(norm.forward(x))?;
-                let [s, b, v] = logits.dims();
-                let ce = vocab_parallel_cross_entropy(
-                    logits.reshape([s * b, v]),
-                    targets.clone().reshape([s * b]),
-                    &self.tp,
-                )?;
-                Ok(StageOutput::loss(ce.mean() * scale))
-            }
+            (Some(norm), Some(head)) if chunk + 1 == self.chunks.len() => Ok(StageOutput::loss(
+                lm_loss(norm, head, x, targets.clone(), &self.tp)? * scale,
+            )),
             _ => Ok(StageOutput::activation(x, None)),
         }
     }
