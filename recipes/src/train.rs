@@ -6,13 +6,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::context::ContextLayout;
 use burn_parallel::pipeline::run_stage;
 use burn_parallel::prelude::{
-    AdamWConfig, DistributedAdamW, GroupKind, Mesh, MoeDims, ParallelDims, ProcessGroups, World,
+    AdamWConfig, DistributedAdamW, GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims,
+    ParamRole, ProcessGroups, StepStats, World,
 };
 use burn_parallel::schedule::{Schedule, ScheduleKind};
 use serde::Serialize;
@@ -193,6 +194,312 @@ fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
     }
 }
 
+/// One rank's share of a recipe's training: its model stage, the distributed optimizer, the
+/// pipeline schedule and the data. [`train`] drives it; check programs drive it step by step.
+pub struct Trainer {
+    recipe: Recipe,
+    groups: ProcessGroups,
+    device: Device,
+    model: Option<MoeLm>,
+    opt: DistributedAdamW,
+    schedule: Schedule,
+    source: TokenSource,
+    positions: Vec<usize>,
+    roles: Vec<(ParamId, ParamRole)>,
+    dp: usize,
+    micro_batches: usize,
+    moe_layers: usize,
+}
+
+/// A step's forward and backward passes on one rank, before the optimizer.
+#[derive(Debug, Clone)]
+pub struct Backward {
+    /// This rank's parameter gradients summed over its micro-batches (not reduced over ranks).
+    pub grads: GradientBuffer,
+    /// This rank's cross-entropy (on the stage holding the head), aux and z losses, each the
+    /// mean over micro-batches.
+    pub ce: f64,
+    /// See `ce`.
+    pub aux: f64,
+    /// See `ce`.
+    pub z: f64,
+    /// Tokens per expert of each MoE layer routed on this rank.
+    pub load: Vec<Vec<f64>>,
+}
+
+/// What a step reports: the same on every rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reported {
+    /// Cross-entropy averaged over the step's tokens.
+    pub loss: f64,
+    /// Load-balancing loss (summed over TP × CP, averaged over DP).
+    pub aux: f64,
+    /// z-loss.
+    pub z: f64,
+    /// Tokens per expert of each MoE layer, over every rank.
+    pub expert_load: Vec<Vec<f64>>,
+}
+
+impl Trainer {
+    /// The trainer of this rank in `groups` (built from the recipe's `[parallel]` layout) on
+    /// `device` (with autodiff). The model starts from the recipe's seed.
+    pub fn new(recipe: &Recipe, groups: ProcessGroups, device: &Device) -> Result<Self> {
+        let p = &recipe.parallel;
+        let t = &recipe.training;
+        let chunks = p.virtual_pp.unwrap_or(1);
+        let model = MoeLm::stage(
+            &recipe.model,
+            recipe.run.seed,
+            &groups,
+            p.dispatcher,
+            chunks,
+            device,
+        )?;
+        let adamw = AdamWConfig {
+            lr: t.lr,
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            max_grad_norm: t.grad_clip,
+        };
+        // Gradients are averaged over the data-parallel and context-parallel ranks (each
+        // holds its own tokens of replicated parameters).
+        let opt = DistributedAdamW::new(
+            adamw,
+            groups.group(GroupKind::DpCp).clone(),
+            groups.group(GroupKind::Tp).clone(),
+            groups.world().clone(),
+        )?
+        .with_expert_group(groups.group(GroupKind::ExpertDp).clone());
+        let dp = groups.group(GroupKind::Dp).size();
+        let micro_batches = t.global_batch / (t.micro_batch * dp);
+        let kind = if chunks > 1 {
+            ScheduleKind::Interleaved {
+                virtual_stages: chunks,
+                group: None,
+            }
+        } else {
+            ScheduleKind::OneFOneB
+        };
+        let schedule =
+            Schedule::new(kind, p.pp, micro_batches).map_err(|e| RecipeError::Invalid {
+                key: "parallel.virtual_pp".into(),
+                reason: e.to_string(),
+            })?;
+        let context = ContextLayout::new(recipe.data.seq_len, p.cp)?;
+        let positions = context.positions(groups.group(GroupKind::Cp).rank());
+        let m = &recipe.model;
+        let moe_layers = (0..m.layers)
+            .filter(|l| m.moe_every > 0 && (l + 1).is_multiple_of(m.moe_every))
+            .count();
+        // Parameter ids survive optimizer steps (new values, same parameters).
+        let roles = model.roles();
+        Ok(Self {
+            source: TokenSource::new(&recipe.data, m.vocab, recipe.run.seed)?,
+            recipe: recipe.clone(),
+            groups,
+            device: device.clone(),
+            model: Some(model),
+            opt,
+            schedule,
+            positions,
+            roles,
+            dp,
+            micro_batches,
+            moe_layers,
+        })
+    }
+
+    fn gone() -> RecipeError {
+        RecipeError::Invalid {
+            key: "model".into(),
+            reason: "an earlier optimizer step failed and took the model with it".into(),
+        }
+    }
+
+    /// This rank's model stage.
+    pub fn model(&self) -> Result<&MoeLm> {
+        self.model.as_ref().ok_or_else(Self::gone)
+    }
+
+    /// The process groups.
+    pub fn groups(&self) -> &ProcessGroups {
+        &self.groups
+    }
+
+    /// Each trained parameter's role.
+    pub fn roles(&self) -> &[(ParamId, ParamRole)] {
+        &self.roles
+    }
+
+    /// Micro-batches per step on each data-parallel rank.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// The data source.
+    pub fn source(&self) -> &TokenSource {
+        &self.source
+    }
+
+    /// Bytes of the weights and optimizer state this rank holds (f32).
+    pub fn resident_bytes(&self) -> u64 {
+        let params = self.model.as_ref().map_or(0, Module::num_params);
+        4 * (params + self.opt.state_len()) as u64
+    }
+
+    /// The sequence index after `step` steps (for checkpoints).
+    pub fn next_sequence(&self, step: usize) -> u64 {
+        let t = &self.recipe.training;
+        sequence_index(step, 0, 0, 0, (t.micro_batch, self.micro_batches, self.dp))
+    }
+
+    /// Loads this rank's model and optimizer state from checkpoint folder `dir`.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let model = self.model.take().ok_or_else(Self::gone)?;
+        let rank = self.groups.world().rank();
+        let (loaded, state) = checkpoint::load(dir, model, rank)?;
+        self.model = Some(loaded);
+        self.opt.load_state(state)?;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of every rank (collective over the world); returns its folder.
+    pub fn save(&self, run_dir: &Path, meta: &Meta, keep: usize) -> Result<PathBuf> {
+        let comm = self.groups.world().communicator()?;
+        checkpoint::save(
+            run_dir,
+            meta,
+            self.model()?,
+            &self.opt.state(),
+            comm.as_ref(),
+            keep,
+        )
+    }
+
+    /// Forward and backward passes of every micro-batch of `step` (0-based) on this rank,
+    /// through the pipeline schedule. Collective over the model's groups.
+    pub fn backward(&self, step: usize) -> Result<Backward> {
+        let t = &self.recipe.training;
+        let p = &self.recipe.parallel;
+        let model = self.model()?;
+        let seq = self.recipe.data.seq_len;
+        let (micro_batches, dp) = (self.micro_batches, self.dp);
+        let dp_rank = self.groups.group(GroupKind::Dp).rank();
+        let (mut ce, mut aux, mut z) = (0.0, 0.0, 0.0);
+        let experts = self.recipe.model.experts;
+        let mut load = vec![vec![0.0; experts]; self.moe_layers];
+        let scale = 1.0 / micro_batches as f64;
+        let shape = [seq / p.cp / p.tp, t.micro_batch, self.recipe.model.hidden];
+        let device = &self.device;
+        let run = run_stage(
+            &self.schedule,
+            self.groups.group(GroupKind::Pp),
+            model,
+            shape,
+            device,
+            |chunk, micro, input| {
+                // Sequence-first [S, B] ids of this rank's tokens (its CP chunks) and their
+                // next-token targets.
+                let columns: Vec<Vec<i64>> = (0..t.micro_batch)
+                    .map(|i| {
+                        let index = sequence_index(
+                            step,
+                            micro,
+                            dp_rank,
+                            i,
+                            (t.micro_batch, micro_batches, dp),
+                        );
+                        self.source.sequence(index, seq)
+                    })
+                    .collect();
+                let (mut ids, mut next) = (Vec::new(), Vec::new());
+                for &pos in &self.positions {
+                    for col in &columns {
+                        ids.push(col[pos]);
+                        next.push(col[pos + 1]);
+                    }
+                }
+                let local = [self.positions.len(), t.micro_batch];
+                let inputs = Tensor::<2, Int>::from_data(TensorData::new(ids, local), device);
+                let targets = Tensor::<2, Int>::from_data(TensorData::new(next, local), device);
+                let out = model.forward_chunk(chunk, input, &inputs, &targets)?;
+                if let Some(v) = out.ce.clone() {
+                    ce += value(v)? * scale;
+                }
+                if let Some(v) = out.aux.clone() {
+                    aux += value(v)? * scale;
+                }
+                if let Some(v) = out.z.clone() {
+                    z += value(v)? * scale;
+                }
+                for (layer, counts) in &out.expert_load {
+                    let c = counts
+                        .clone()
+                        .into_data()
+                        .convert::<i64>()
+                        .try_into_vec::<i64>()
+                        .unwrap_or_default();
+                    if let Some(slot) = load.get_mut(*layer) {
+                        slot.iter_mut().zip(&c).for_each(|(a, b)| *a += *b as f64);
+                    }
+                }
+                Ok::<_, RecipeError>(model.stage_output(&out, scale))
+            },
+        )?;
+        Ok(Backward {
+            grads: run.grads,
+            ce,
+            aux,
+            z,
+            load,
+        })
+    }
+
+    /// The step's reported values from every rank's [`Backward`]: cross-entropy (on the last
+    /// pipeline stage) averaged over DP × CP; aux and z summed over the pipeline's stages and
+    /// over TP × CP (each rank routes its own tokens), averaged over DP; expert load summed
+    /// over every rank. Collective over the world.
+    pub fn report(&self, b: &Backward) -> Result<Reported> {
+        let g = &self.groups;
+        let mut reported = [b.ce as f32, b.aux as f32, b.z as f32];
+        g.group(GroupKind::Pp)
+            .communicator()?
+            .all_reduce(&mut reported, ReduceOp::Sum)?;
+        g.group(GroupKind::TpCp)
+            .communicator()?
+            .all_reduce(&mut reported[1..], ReduceOp::Sum)?;
+        g.group(GroupKind::DpCp)
+            .communicator()?
+            .all_reduce(&mut reported, ReduceOp::Avg)?;
+        let mut flat: Vec<f32> = b.load.iter().flatten().map(|&v| v as f32).collect();
+        g.world()
+            .communicator()?
+            .all_reduce(&mut flat, ReduceOp::Sum)?;
+        let experts = self.recipe.model.experts.max(1);
+        Ok(Reported {
+            loss: f64::from(reported[0]),
+            aux: f64::from(reported[1]),
+            z: f64::from(reported[2]),
+            expert_load: flat
+                .chunks(experts)
+                .map(|row| row.iter().map(|&v| f64::from(v)).collect())
+                .collect(),
+        })
+    }
+
+    /// The optimizer step of `step` (0-based; sets its learning rate) with the gradients of
+    /// [`backward`](Self::backward). Collective over the world.
+    pub fn apply(&mut self, grads: GradientBuffer, step: usize) -> Result<StepStats> {
+        self.opt.set_lr(learning_rate(&self.recipe, step));
+        let model = self.model.take().ok_or_else(Self::gone)?;
+        let (next, stats) = self.opt.step_buffered(model, grads, &self.roles)?;
+        self.model = Some(next);
+        Ok(stats)
+    }
+}
+
 /// Runs (or resumes) a recipe on this process's share of `world`.
 pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<Summary> {
     recipe.validate()?;
@@ -224,15 +531,17 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         }
         None
     };
-    let source = TokenSource::new(&recipe.data, recipe.model.vocab, recipe.run.seed)?;
-    // Everything is checked: now the run directory may be written.
-    if main {
-        std::fs::create_dir_all(&run_dir).map_err(|e| io(&run_dir, e))?;
-        let copy = run_dir.join("recipe.toml");
-        let text = toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?;
-        std::fs::write(&copy, text).map_err(|e| io(&copy, e))?;
+    if let Some((_, meta)) = &resume_from
+        && meta.world != n
+    {
+        return Err(RecipeError::Invalid {
+            key: "--resume".into(),
+            reason: format!(
+                "the checkpoint was written by {} ranks, this run has {n}",
+                meta.world
+            ),
+        });
     }
-    comm.barrier()?;
     let p = &recipe.parallel;
     let mesh = Mesh::new(
         n,
@@ -246,71 +555,21 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         // backward pass instead of being kept.
         device = device.gradient_checkpointing();
     }
-    let chunks = p.virtual_pp.unwrap_or(1);
-    let mut model = MoeLm::stage(
-        &recipe.model,
-        recipe.run.seed,
-        &groups,
-        p.dispatcher,
-        chunks,
-        &device,
-    )?;
-    let t = &recipe.training;
-    let adamw = AdamWConfig {
-        lr: t.lr,
-        beta1: t.beta1,
-        beta2: t.beta2,
-        eps: t.eps,
-        weight_decay: t.weight_decay,
-        max_grad_norm: t.grad_clip,
-    };
-    // Gradients are averaged over the data-parallel and context-parallel ranks (each holds
-    // its own tokens of replicated parameters).
-    let dp_group = groups.group(GroupKind::Dp).clone();
-    let dp_cp_group = groups.group(GroupKind::DpCp).clone();
-    let mut opt = DistributedAdamW::new(
-        adamw,
-        dp_cp_group.clone(),
-        groups.group(GroupKind::Tp).clone(),
-        groups.world().clone(),
-    )?
-    .with_expert_group(groups.group(GroupKind::ExpertDp).clone());
+    let mut trainer = Trainer::new(recipe, groups, &device)?;
+    // Everything is checked: now the run directory may be written.
+    if main {
+        std::fs::create_dir_all(&run_dir).map_err(|e| io(&run_dir, e))?;
+        let copy = run_dir.join("recipe.toml");
+        let text = toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?;
+        std::fs::write(&copy, text).map_err(|e| io(&copy, e))?;
+    }
+    comm.barrier()?;
     let mut start = 0;
     if let Some((dir, meta)) = resume_from {
-        if meta.world != n {
-            return Err(RecipeError::Invalid {
-                key: "--resume".into(),
-                reason: format!(
-                    "the checkpoint was written by {} ranks, this run has {n}",
-                    meta.world
-                ),
-            });
-        }
-        let (loaded, state) = checkpoint::load(&dir, model, comm.rank())?;
-        model = loaded;
-        opt.load_state(state)?;
+        trainer.load(&dir)?;
         start = meta.step;
     }
-    let micro_batches = t.global_batch / (t.micro_batch * dp);
-    let kind = if chunks > 1 {
-        ScheduleKind::Interleaved {
-            virtual_stages: chunks,
-            group: None,
-        }
-    } else {
-        ScheduleKind::OneFOneB
-    };
-    let schedule = Schedule::new(kind, p.pp, micro_batches).map_err(|e| RecipeError::Invalid {
-        key: "parallel.virtual_pp".into(),
-        reason: e.to_string(),
-    })?;
-    let pp_group = groups.group(GroupKind::Pp).clone();
-    let cp_group = groups.group(GroupKind::Cp).clone();
-    let context = ContextLayout::new(recipe.data.seq_len, p.cp)?;
-    let positions = context.positions(cp_group.rank());
-    let moe_layers = (0..recipe.model.layers)
-        .filter(|l| recipe.model.moe_every > 0 && (l + 1).is_multiple_of(recipe.model.moe_every))
-        .count();
+    let t = &recipe.training;
     {
         let (total, active) = parameter_count(&recipe.model);
         tracing::info!(
@@ -318,12 +577,12 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             tp = p.tp,
             cp = p.cp,
             pp = p.pp,
-            virtual_pp = chunks,
+            virtual_pp = p.virtual_pp.unwrap_or(1),
             dp,
             ep = p.ep,
             etp = p.etp,
             edp,
-            micro_batches,
+            micro_batches = trainer.micro_batches(),
             parameters = total,
             active_parameters = active,
             start_step = start,
@@ -331,10 +590,6 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         );
     }
     let seq = recipe.data.seq_len;
-    let tp_cp_comm = groups.group(GroupKind::TpCp).communicator()?;
-    let dp_cp_comm = dp_cp_group.communicator()?;
-    let pp_comm = pp_group.communicator()?;
-    let dp_rank = dp_group.rank();
     let (_, active) = parameter_count(&recipe.model);
     let m = &recipe.model;
     let flops_per_token = 6.0 * active as f64 + 6.0 * (m.layers * seq * m.hidden) as f64;
@@ -362,91 +617,21 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         bar.set_position(start as u64);
         bar
     });
-    // Parameter ids survive optimizer steps (new values, same parameters).
-    let roles = model.roles();
     let mut losses = Vec::new();
     let mut peak_memory: Option<u64> = None;
     for step in start..t.steps {
         let began = Instant::now();
-        // Weights and optimizer state are f32 on the host and in Flex tensors.
-        let resident = 4 * (model.num_params() + opt.state_len()) as u64;
+        let resident = trainer.resident_bytes();
         let step_start = crate::memory::live();
         crate::memory::reset_peak();
-        let (mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0);
-        let experts = recipe.model.experts;
-        let mut load: Vec<Vec<f64>> = vec![vec![0.0; experts]; moe_layers];
-        let scale = 1.0 / micro_batches as f64;
-        let shape = [seq / p.cp / p.tp, t.micro_batch, recipe.model.hidden];
-        let run = run_stage(
-            &schedule,
-            &pp_group,
-            &model,
-            shape,
-            &device,
-            |chunk, micro, input| {
-                // Sequence-first [S, B] ids of this rank's tokens (its CP chunks) and their
-                // next-token targets.
-                let mut columns = Vec::with_capacity(t.micro_batch);
-                for i in 0..t.micro_batch {
-                    let index =
-                        sequence_index(step, micro, dp_rank, i, (t.micro_batch, micro_batches, dp));
-                    columns.push(source.sequence(index, seq));
-                }
-                let (mut ids, mut next) = (Vec::new(), Vec::new());
-                for &pos in &positions {
-                    for col in &columns {
-                        ids.push(col[pos]);
-                        next.push(col[pos + 1]);
-                    }
-                }
-                let local = [positions.len(), t.micro_batch];
-                let inputs = Tensor::<2, Int>::from_data(TensorData::new(ids, local), &device);
-                let targets = Tensor::<2, Int>::from_data(TensorData::new(next, local), &device);
-                let out = model.forward_chunk(chunk, input, &inputs, &targets)?;
-                if let Some(ce) = out.ce.clone() {
-                    ce_sum += value(ce)? * scale;
-                }
-                if let Some(a) = out.aux.clone() {
-                    aux_sum += value(a)? * scale;
-                }
-                if let Some(z) = out.z.clone() {
-                    z_sum += value(z)? * scale;
-                }
-                for (layer, counts) in &out.expert_load {
-                    let c: Vec<f64> = counts
-                        .clone()
-                        .into_data()
-                        .convert::<i64>()
-                        .try_into_vec::<i64>()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|v| v as f64)
-                        .collect();
-                    if let Some(slot) = load.get_mut(*layer) {
-                        slot.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
-                    }
-                }
-                Ok::<_, RecipeError>(model.stage_output(&out, scale))
-            },
-        )?;
-        let grads = run.grads;
-        opt.set_lr(learning_rate(recipe, step));
-        let (next, stats) = opt.step_buffered(model, grads, &roles)?;
-        model = next;
+        let backward = trainer.backward(step)?;
+        let reported = trainer.report(&backward)?;
+        let stats = trainer.apply(backward.grads, step)?;
         let step_peak = crate::memory::peak()
             .zip(step_start)
             .map(|(p, b)| resident + p.saturating_sub(b) as u64);
         peak_memory = peak_memory.max(step_peak);
-        // Reported: CE (on the last pipeline stage) averaged over DP × CP; aux and z summed
-        // over the pipeline's stages and over TP × CP (each rank routes its own tokens) and
-        // averaged over DP; expert load summed over every rank.
-        let mut reported = [ce_sum as f32, aux_sum as f32, z_sum as f32];
-        pp_comm.all_reduce(&mut reported, ReduceOp::Sum)?;
-        tp_cp_comm.all_reduce(&mut reported[1..], ReduceOp::Sum)?;
-        dp_cp_comm.all_reduce(&mut reported, ReduceOp::Avg)?;
-        let mut flat: Vec<f32> = load.iter().flatten().map(|&v| v as f32).collect();
-        comm.all_reduce(&mut flat, ReduceOp::Sum)?;
-        let loss = f64::from(reported[0]);
+        let loss = reported.loss;
         losses.push(loss);
         let seconds = began.elapsed().as_secs_f64();
         let tokens = (t.global_batch * seq) as f64;
@@ -455,22 +640,18 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         if let Some(file) = metrics.as_mut()
             && (step + 1).is_multiple_of(t.log_every)
         {
-            let expert_load = flat
-                .chunks(experts.max(1))
-                .map(|row| row.iter().map(|&v| f64::from(v)).collect())
-                .collect();
             let line = StepMetrics {
                 step: step + 1,
                 loss,
-                aux_loss: f64::from(reported[1]),
-                z_loss: f64::from(reported[2]),
+                aux_loss: reported.aux,
+                z_loss: reported.z,
                 lr: learning_rate(recipe, step),
                 grad_norm: stats.grad_norm,
                 tokens_per_s,
                 tflops,
                 mfu: tflops / (peak * n as f64),
                 peak_memory_bytes: step_peak,
-                expert_load,
+                expert_load: reported.expert_load,
                 seconds,
             };
             let text = serde_json::to_string(&line).map_err(|e| io(&metrics_path, e))?;
@@ -493,23 +674,10 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             let meta = Meta {
                 step: step + 1,
                 world: n,
-                next_sequence: sequence_index(
-                    step + 1,
-                    0,
-                    0,
-                    0,
-                    (t.micro_batch, micro_batches, dp),
-                ),
+                next_sequence: trainer.next_sequence(step + 1),
                 seed: recipe.run.seed,
             };
-            checkpoint::save(
-                &run_dir,
-                &meta,
-                &model,
-                &opt.state(),
-                comm.as_ref(),
-                t.keep_checkpoints,
-            )?;
+            trainer.save(&run_dir, &meta, t.keep_checkpoints)?;
         }
         if stop {
             break;
@@ -527,7 +695,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     let summary = Summary {
         final_loss,
         losses,
-        entropy_floor: source.entropy_rate(),
+        entropy_floor: trainer.source().entropy_rate(),
         steps: t.steps,
         run_dir,
         peak_memory_bytes: peak_memory,
