@@ -7,7 +7,9 @@
 //! rank draws the same full weights from the recipe's seed and keeps its shards, so a parallel
 //! run starts from exactly the single-rank model.
 
-use burn::module::{Module, ParamId};
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use burn_moe::prelude::{
     DispatcherKind, Experts, ExpertsConfig, MoeLayer, Router, RouterConfig, SharedExperts,
@@ -15,13 +17,14 @@ use burn_moe::prelude::{
 };
 use burn_parallel::context::{ContextLayout, CpAttention, context_attention};
 use burn_parallel::pipeline::StageOutput;
+use burn_parallel::prelude::GradientBuffer;
 use burn_parallel::prelude::{
     ColumnParallelLinear, Group, GroupKind, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
     RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
 };
 
 use crate::data::mix;
-use crate::error::Result;
+use crate::error::{RecipeError, Result};
 use crate::recipe::{Dispatcher, ModelConfig};
 
 /// Deterministic normal(0, std) weights from `(seed, stream)` (Box–Muller on SplitMix64).
@@ -38,6 +41,50 @@ pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData
         })
         .collect();
     TensorData::new(values, shape)
+}
+
+/// Full (unsharded) tensors of a model by name; see [`MoeLm::full_tensors`] for the names.
+pub type FullTensors = BTreeMap<String, TensorData>;
+
+/// Where a model's full weights come from: drawn from the seed, or given by name (a trained
+/// model's weights or gradients, laid out again for another parallel layout).
+struct Init<'a> {
+    seed: u64,
+    std: f64,
+    given: Option<&'a FullTensors>,
+    device: Device,
+}
+
+impl Init<'_> {
+    /// Tensor `name` of `shape`: `given[name]`, or normal(0, std) from `(seed, stream)`.
+    fn get<const D: usize>(&self, name: &str, stream: u64, shape: [usize; D]) -> Result<Tensor<D>> {
+        let data = match self.given {
+            Some(given) => {
+                let t = given.get(name).ok_or_else(|| RecipeError::Invalid {
+                    key: name.into(),
+                    reason: "no such tensor in the given weights".into(),
+                })?;
+                let got: Vec<usize> = t.shape().iter().copied().collect();
+                if got.as_slice() != shape.as_slice() {
+                    return Err(RecipeError::Invalid {
+                        key: name.into(),
+                        reason: format!("has shape {got:?}, the model needs {shape:?}"),
+                    });
+                }
+                t.clone()
+            }
+            None => normal(self.seed, stream, shape.to_vec(), self.std),
+        };
+        Ok(Tensor::from_data(data, &self.device))
+    }
+
+    /// Norm weight `name` `[h]`: given, or ones.
+    fn ones(&self, name: &str, h: usize) -> Result<Tensor<1>> {
+        match self.given {
+            Some(_) => self.get(name, 0, [h]),
+            None => Ok(Tensor::ones([h], &self.device)),
+        }
+    }
 }
 
 /// Columns `[start, start + len)` of each of `parts` equal column blocks of `w` `[rows, cols]`,
@@ -73,11 +120,11 @@ pub struct Attention {
 impl Attention {
     fn new(
         cfg: &ModelConfig,
-        seed: u64,
+        init: &Init,
+        name: &str,
         stream: u64,
         tp: &Group,
         sp: bool,
-        d: &Device,
     ) -> Result<Self> {
         let (h, heads) = (cfg.hidden, cfg.heads);
         let kv = cfg.kv_heads.unwrap_or(heads);
@@ -85,7 +132,7 @@ impl Attention {
         let (lh, lkv) = (heads / tp.size(), kv / tp.size());
         let r = tp.rank();
         let cols = (heads + 2 * kv) * dh;
-        let w: Tensor<2> = Tensor::from_data(normal(seed, stream, vec![h, cols], cfg.init_std), d);
+        let w: Tensor<2> = init.get(&format!("{name}.qkv"), stream, [h, cols])?;
         let local = column_blocks(
             w,
             &[
@@ -94,10 +141,7 @@ impl Attention {
                 ((heads + kv) * dh + r * lkv * dh, lkv * dh),
             ],
         );
-        let wo = Tensor::from_data(
-            normal(seed, stream + 1, vec![heads * dh, h], cfg.init_std),
-            d,
-        );
+        let wo = init.get(&format!("{name}.out"), stream + 1, [heads * dh, h])?;
         Ok(Self {
             qkv: ColumnParallelLinear::from_local(local, None, tp.clone(), false, sp),
             out: RowParallelLinear::from_full(wo, None, tp.clone(), sp)?,
@@ -195,18 +239,18 @@ pub struct DenseFfn {
 impl DenseFfn {
     fn new(
         cfg: &ModelConfig,
-        seed: u64,
+        init: &Init,
+        name: &str,
         stream: u64,
         tp: &Group,
         sp: bool,
-        d: &Device,
     ) -> Result<Self> {
         let (h, f) = (cfg.hidden, cfg.ffn_hidden);
         let k = f / tp.size();
         let r = tp.rank();
-        let w1 = Tensor::from_data(normal(seed, stream, vec![h, 2 * f], cfg.init_std), d);
+        let w1 = init.get(&format!("{name}.fc1"), stream, [h, 2 * f])?;
         let local = column_blocks(w1, &[(r * k, k), (f + r * k, k)]);
-        let w2 = Tensor::from_data(normal(seed, stream + 1, vec![f, h], cfg.init_std), d);
+        let w2 = init.get(&format!("{name}.fc2"), stream + 1, [f, h])?;
         Ok(Self {
             fc1: ColumnParallelLinear::from_local(local, None, tp.clone(), false, sp),
             fc2: RowParallelLinear::from_full(w2, None, tp.clone(), sp)?,
@@ -325,6 +369,41 @@ impl MoeLm {
         chunks: usize,
         d: &Device,
     ) -> Result<Self> {
+        let init = Init {
+            seed,
+            std: cfg.init_std,
+            given: None,
+            device: d.clone(),
+        };
+        Self::build(cfg, &init, groups, dispatcher, chunks)
+    }
+
+    /// [`stage`](Self::stage) from full tensors given by name ([`full_tensors`](Self::full_tensors)
+    /// of a one-rank model): the same weights laid out for `groups`' layout.
+    pub fn stage_from(
+        cfg: &ModelConfig,
+        tensors: &FullTensors,
+        groups: &ProcessGroups,
+        dispatcher: Dispatcher,
+        chunks: usize,
+        d: &Device,
+    ) -> Result<Self> {
+        let init = Init {
+            seed: 0,
+            std: cfg.init_std,
+            given: Some(tensors),
+            device: d.clone(),
+        };
+        Self::build(cfg, &init, groups, dispatcher, chunks)
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        init: &Init,
+        groups: &ProcessGroups,
+        dispatcher: Dispatcher,
+        chunks: usize,
+    ) -> Result<Self> {
         let tp = groups.group(GroupKind::Tp).clone();
         let pp = groups.group(GroupKind::Pp);
         let (stage, stages) = (pp.rank(), pp.size());
@@ -340,7 +419,9 @@ impl MoeLm {
         }
         let sp = tp.size() > 1;
         let h = cfg.hidden;
-        let norm = || RmsNorm::from_full(Tensor::ones([h], d), 1e-6, sp);
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::from_full(init.ones(name, h)?, 1e-6, sp))
+        };
         let is_moe = |layer: usize| cfg.moe_every > 0 && (layer + 1).is_multiple_of(cfg.moe_every);
         let mut blocks = Vec::new();
         let mut ranges = Vec::with_capacity(chunks);
@@ -349,22 +430,27 @@ impl MoeLm {
             let start = blocks.len();
             for layer in chunk_layers(cfg.layers, stage, stages, chunk, chunks) {
                 let stream = 100 * (layer as u64 + 1);
+                let name = format!("layers.{layer}");
                 let (dense, moe) = if is_moe(layer) {
-                    (
-                        None,
-                        Some(moe_layer(cfg, seed, stream + 10, groups, dispatcher, d)?),
-                    )
+                    let moe = moe_layer(
+                        cfg,
+                        init,
+                        &format!("{name}.moe"),
+                        stream + 10,
+                        groups,
+                        dispatcher,
+                    )?;
+                    (None, Some(moe))
                 } else {
-                    (
-                        Some(DenseFfn::new(cfg, seed, stream + 10, &tp, sp, d)?),
-                        None,
-                    )
+                    let ffn =
+                        DenseFfn::new(cfg, init, &format!("{name}.ffn"), stream + 10, &tp, sp)?;
+                    (Some(ffn), None)
                 };
                 moe_index.push(is_moe(layer).then(|| (0..layer).filter(|&l| is_moe(l)).count()));
                 blocks.push(Block {
-                    norm1: norm(),
-                    attn: Attention::new(cfg, seed, stream, &tp, sp, d)?,
-                    norm2: norm(),
+                    norm1: norm(&format!("{name}.norm1"))?,
+                    attn: Attention::new(cfg, init, &format!("{name}.attn"), stream, &tp, sp)?,
+                    norm2: norm(&format!("{name}.norm2"))?,
                     dense,
                     moe,
                 });
@@ -374,33 +460,81 @@ impl MoeLm {
         let first = stage == 0;
         let last = stage + 1 == stages;
         let embed = if first {
-            let w = Tensor::from_data(normal(seed, 1, vec![cfg.vocab, h], cfg.init_std), d);
+            let w = init.get("embed", 1, [cfg.vocab, h])?;
             Some(VocabParallelEmbedding::from_full(w, tp.clone(), sp)?)
         } else {
             None
         };
-        let head = if last {
-            let w = Tensor::from_data(normal(seed, 2, vec![h, cfg.vocab], cfg.init_std), d);
-            Some(ColumnParallelLinear::from_full(
-                w,
-                None,
-                tp.clone(),
-                false,
-                sp,
-            )?)
+        let (norm_f, head) = if last {
+            let w = init.get("head", 2, [h, cfg.vocab])?;
+            (
+                Some(norm("norm_f")?),
+                Some(ColumnParallelLinear::from_full(
+                    w,
+                    None,
+                    tp.clone(),
+                    false,
+                    sp,
+                )?),
+            )
         } else {
-            None
+            (None, None)
         };
         Ok(Self {
             embed,
             blocks,
-            norm_f: last.then(norm),
+            norm_f,
             head,
             tp,
             cp: groups.group(GroupKind::Cp).clone(),
             chunks: ranges,
             moe_index,
         })
+    }
+
+    /// The full tensors of a one-rank whole model by name (its weights, or with `grads` their
+    /// gradients; zeros for a parameter without one), for [`stage_from`](Self::stage_from):
+    /// `embed`, `layers.L.norm1`, `layers.L.attn.qkv`, `layers.L.attn.out`, `layers.L.norm2`,
+    /// `layers.L.ffn.fc1` / `fc2` (dense layers), `layers.L.moe.router`, `layers.L.moe.w1` /
+    /// `w2` and `layers.L.moe.shared.w1` / `w2` (MoE layers), `norm_f`, `head`.
+    pub fn full_tensors(&self, grads: Option<&GradientBuffer>) -> Result<FullTensors> {
+        let (Some(embed), Some(norm_f), Some(head)) = (&self.embed, &self.norm_f, &self.head)
+        else {
+            return Err(not_whole());
+        };
+        if self.tp.size() != 1 || self.cp.size() != 1 || self.chunks.len() != 1 {
+            return Err(not_whole());
+        }
+        let mut out = FullTensors::new();
+        out.insert("embed".into(), read(&embed.weight, grads));
+        for (l, b) in self.blocks.iter().enumerate() {
+            let mut put = |name: &str, t: TensorData| {
+                out.insert(format!("layers.{l}.{name}"), t);
+            };
+            put("norm1", read(&b.norm1.weight, grads));
+            put("attn.qkv", read(&b.attn.qkv.weight, grads));
+            put("attn.out", read(&b.attn.out.weight, grads));
+            put("norm2", read(&b.norm2.weight, grads));
+            if let Some(d) = &b.dense {
+                put("ffn.fc1", read(&d.fc1.weight, grads));
+                put("ffn.fc2", read(&d.fc2.weight, grads));
+            }
+            if let Some(m) = &b.moe {
+                if m.experts.w1.val().dims()[0] != m.router.weight.val().dims()[0] {
+                    return Err(not_whole());
+                }
+                put("moe.router", read(&m.router.weight, grads));
+                put("moe.w1", read(&m.experts.w1, grads));
+                put("moe.w2", read(&m.experts.w2, grads));
+                if let Some(sh) = &m.shared {
+                    put("moe.shared.w1", read(&sh.w1, grads));
+                    put("moe.shared.w2", read(&sh.w2, grads));
+                }
+            }
+        }
+        out.insert("norm_f".into(), read(&norm_f.weight, grads));
+        out.insert("head".into(), read(&head.weight, grads));
+        Ok(out)
     }
 
     /// Model chunks on this stage.
@@ -540,13 +674,34 @@ impl MoeLm {
     }
 }
 
+fn not_whole() -> RecipeError {
+    RecipeError::Invalid {
+        key: "model".into(),
+        reason: "full tensors come from a one-rank model without parallelism".into(),
+    }
+}
+
+/// A parameter's values, or its gradient from `grads` (zeros without one).
+fn read<const D: usize>(p: &Param<Tensor<D>>, grads: Option<&GradientBuffer>) -> TensorData {
+    let value = p.val();
+    match grads {
+        Some(g) => {
+            let shape = value.dims().to_vec();
+            let n: usize = shape.iter().product();
+            let values = g.get(p.id).map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
+            TensorData::new(values, shape)
+        }
+        None => value.into_data(),
+    }
+}
+
 fn moe_layer(
     cfg: &ModelConfig,
-    seed: u64,
+    init: &Init,
+    name: &str,
     stream: u64,
     groups: &ProcessGroups,
     dispatcher: Dispatcher,
-    d: &Device,
 ) -> Result<MoeLayer> {
     let (h, e) = (cfg.hidden, cfg.experts);
     let f = cfg.expert_ffn_hidden.unwrap_or(cfg.ffn_hidden);
@@ -562,20 +717,17 @@ fn moe_layer(
             .with_capacity_factor(Some(c))
             .with_pad_to_capacity(true);
     }
-    let router = Router::from_weight(
-        router,
-        Tensor::from_data(normal(seed, stream, vec![e, h], cfg.init_std), d),
-    )?;
+    let router = Router::from_weight(router, init.get(&format!("{name}.router"), stream, [e, h])?)?;
     let experts = Experts::from_weights(
         ExpertsConfig::new(e, h, f).with_init_std(cfg.init_std),
-        Tensor::from_data(normal(seed, stream + 1, vec![e, h, 2 * f], cfg.init_std), d),
-        Tensor::from_data(normal(seed, stream + 2, vec![e, f, h], cfg.init_std), d),
+        init.get(&format!("{name}.w1"), stream + 1, [e, h, 2 * f])?,
+        init.get(&format!("{name}.w2"), stream + 2, [e, f, h])?,
     )?;
     let shared = match cfg.shared_expert_ffn_hidden {
         Some(fs) => Some(SharedExperts::from_weights(
             SharedExpertsConfig::new(h, fs),
-            Tensor::from_data(normal(seed, stream + 3, vec![h, 2 * fs], cfg.init_std), d),
-            Tensor::from_data(normal(seed, stream + 4, vec![fs, h], cfg.init_std), d),
+            init.get(&format!("{name}.shared.w1"), stream + 3, [h, 2 * fs])?,
+            init.get(&format!("{name}.shared.w2"), stream + 4, [fs, h])?,
             None,
         )?),
         None => None,

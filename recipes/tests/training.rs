@@ -1,5 +1,6 @@
-//! Training runs of the tiny recipe: exact resume, and (with `--features mpi`) a 4-rank launch
-//! that reproduces the single-rank loss curve.
+//! Training runs of the tiny recipe: exact resume, checkpoint pruning, recomputation, and (with
+//! `--features mpi`) 4- and 8-rank launches that reproduce the single-rank loss curve and the
+//! CP / PP / TP / EP equivalence check program.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,13 +108,14 @@ fn byte_level_text_trains_and_old_checkpoints_are_pruned() {
     assert_eq!(kept, ["step-000004", "step-000006"]);
 }
 
+/// `burn-recipes launch -n N` with `layout` reproduces the single-rank loss curve of 10 steps
+/// within `tol` (relative).
 #[cfg(feature = "mpi")]
-#[test]
-fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
+fn launch_matches_one_rank(n: usize, layout: &[&str], extra: &[&str], tol: f64) {
     let tmp = tempfile::tempdir().expect("temporary folder");
     let single = tmp.path().join("single");
     let multi = tmp.path().join("multi");
-    let steps = [
+    let mut steps = vec![
         "--set",
         "training.steps=10",
         "--set",
@@ -121,15 +123,24 @@ fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
         "--set",
         "training.checkpoint_every=0",
     ];
-    train(&single, &steps[..]);
-    let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
-        .args(["launch", "-n", "4", &tiny().display().to_string()])
-        .args(["--set", &format!("run.dir=\"{}\"", multi.display())])
-        .args(steps)
-        .args(["--set", "parallel.tp=2", "--set", "parallel.ep=2"])
-        .env("BURN_PARALLEL_TIMEOUT_S", "120")
-        .output()
-        .expect("binary runs");
+    for e in extra {
+        steps.extend(["--set", e]);
+    }
+    train(&single, &steps);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_burn-recipes"));
+    cmd.args([
+        "launch",
+        "-n",
+        &n.to_string(),
+        &tiny().display().to_string(),
+    ])
+    .args(["--set", &format!("run.dir=\"{}\"", multi.display())])
+    .args(&steps)
+    .env("BURN_PARALLEL_TIMEOUT_S", "120");
+    for l in layout {
+        cmd.args(["--set", &format!("parallel.{l}")]);
+    }
+    let out = cmd.output().expect("binary runs");
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -141,6 +152,56 @@ fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
     assert_eq!(a.len(), 10);
     assert_eq!(b.len(), 10);
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!((x - y).abs() <= 1e-4 * x.abs(), "step {step}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= tol * x.abs(),
+            "{layout:?} step {step}: {x} vs {y}"
+        );
+    }
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
+    launch_matches_one_rank(4, &["tp=2", "ep=2"], &[], 1e-4);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn eight_rank_launch_with_tp_cp_interleaved_pp_and_folded_ep_reproduces_the_single_rank_curve() {
+    launch_matches_one_rank(
+        8,
+        &[
+            "tp=2",
+            "cp=2",
+            "pp=2",
+            "virtual_pp=2",
+            "ep=2",
+            "microbatches=4",
+        ],
+        &["model.layers=4", "training.global_batch=32"],
+        1e-4,
+    );
+}
+
+/// The check program `burn-recipes-equivalence`: every CP / PP / TP + folded EP layout of 2, 4
+/// and 8 ranks against one rank (losses, every gradient, every parameter after 3 steps).
+#[cfg(feature = "mpi")]
+#[test]
+fn context_pipeline_tensor_and_expert_layouts_match_one_rank_on_2_4_8_ranks() {
+    use burn_parallel::launch::MpiRun;
+    for np in [2, 4, 8] {
+        let out = MpiRun::new(np, [env!("CARGO_BIN_EXE_burn-recipes-equivalence")])
+            .env("BURN_PARALLEL_TIMEOUT_S", "120")
+            .limit(std::time::Duration::from_secs(300))
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.success, "{np} ranks:\n{}\n{}", out.stdout, out.stderr);
+        let line = format!("recipes equivalence ({np} ranks)");
+        assert!(
+            out.stdout.contains(&line),
+            "no `{line}` in:\n{}",
+            out.stdout
+        );
+        print!("{}", out.stdout);
     }
 }
