@@ -281,6 +281,7 @@ impl ParallelParams for MoeLayer {
             sequence_parallel_grad: self.tp_partial,
             weight_decay: true,
             expert: false,
+            tied_copy: false,
         };
         self.router.visit(&mut Roles {
             out,
@@ -297,6 +298,7 @@ impl ParallelParams for MoeLayer {
             sequence_parallel_grad: false,
             weight_decay: true,
             expert: true,
+            tied_copy: false,
         };
         self.experts.visit(&mut Roles { out, role: expert });
     }

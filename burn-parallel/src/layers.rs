@@ -30,6 +30,10 @@ pub struct ParamRole {
     pub weight_decay: bool,
     /// An expert parameter: sharded over the expert-data-parallel group by the optimizer.
     pub expert: bool,
+    /// A copy of a parameter held on another pipeline stage (the output layer tied to the
+    /// embedding): its gradient was summed with the other copy's before the step, and it is
+    /// left out of the gradient norm (the other copy counts).
+    pub tied_copy: bool,
 }
 
 /// Layers report the role of each of their parameters.
@@ -118,11 +122,7 @@ impl ColumnParallelLinear {
 
     /// `[S(/tp with SP), B, in]` → `[S, B, out / tp]` (or `out` with `gather_output`).
     pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
-        let x = if self.sequence_parallel {
-            mappings::gather_from_sequence_region(x, &self.tp, GatherGrad::ReduceScatter)?
-        } else {
-            mappings::copy_to_region(x, &self.tp)?
-        };
+        let x = column_input(x, &self.tp, self.sequence_parallel)?;
         let y = linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         if self.gather_output {
             mappings::gather_from_region(y, &self.tp)
@@ -142,12 +142,23 @@ impl ParallelParams for ColumnParallelLinear {
     }
 }
 
+/// The input of a column-parallel product: gathered from the sequence-parallel shards, or
+/// copied to the TP region.
+fn column_input(x: Tensor<3>, tp: &Group, sequence_parallel: bool) -> Result<Tensor<3>> {
+    if sequence_parallel {
+        mappings::gather_from_sequence_region(x, tp, GatherGrad::ReduceScatter)
+    } else {
+        mappings::copy_to_region(x, tp)
+    }
+}
+
 fn role(tp_split: bool, sequence_parallel_grad: bool, weight_decay: bool) -> ParamRole {
     ParamRole {
         tp_split,
         sequence_parallel_grad,
         weight_decay,
         expert: false,
+        tied_copy: false,
     }
 }
 
@@ -254,23 +265,53 @@ impl VocabParallelEmbedding {
     }
 }
 
+impl VocabParallelEmbedding {
+    /// The role of the embedding weight (`split`: vocabulary split over TP ranks).
+    pub fn role(split: bool) -> ParamRole {
+        role(split, false, true)
+    }
+}
+
 impl ParallelParams for VocabParallelEmbedding {
     fn param_roles(&self, out: &mut Vec<(ParamId, ParamRole)>) {
-        out.push((self.weight.id, role(self.tp.size() > 1, false, true)));
+        out.push((self.weight.id, Self::role(self.tp.size() > 1)));
+    }
+}
+
+/// The output layer of a language model: its own column-parallel weight `[H, V / tp]`, or
+/// the transposed vocab-parallel embedding (tied weights, Megatron's
+/// `share_embeddings_and_output_weights`).
+#[derive(Debug, Clone, Copy)]
+pub enum LmHead<'a> {
+    /// A separate weight.
+    Linear(&'a ColumnParallelLinear),
+    /// The embedding's weight, transposed.
+    Tied(&'a VocabParallelEmbedding),
+}
+
+impl LmHead<'_> {
+    /// This rank's vocabulary shard of the logits of `x [S, B, H]`: `[S·tp (SP) or S, B, V / tp]`.
+    pub fn logits(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        match self {
+            Self::Linear(head) => head.forward(x),
+            Self::Tied(embed) => {
+                let x = column_input(x, &embed.tp, embed.sequence_parallel)?;
+                Ok(linear(x, embed.weight.val().swap_dims(0, 1), None))
+            }
+        }
     }
 }
 
 /// Mean next-token cross-entropy of hidden states `x [S, B, H]` (sequence-parallel shards
-/// under TP) through the final `norm` and the column-parallel LM `head`, against
-/// `targets [S, B]`.
+/// under TP) through the final `norm` and the LM `head`, against `targets [S, B]`.
 pub fn lm_loss(
     norm: &RmsNorm,
-    head: &ColumnParallelLinear,
+    head: LmHead,
     x: Tensor<3>,
     targets: Tensor<2, Int>,
     tp: &Group,
 ) -> Result<Tensor<1>> {
-    let logits = head.forward(norm.forward(x))?;
+    let logits = head.logits(norm.forward(x))?;
     let [s, b, v] = logits.dims();
     Ok(
         vocab_parallel_cross_entropy(logits.reshape([s * b, v]), targets.reshape([s * b]), tp)?

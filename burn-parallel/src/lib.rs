@@ -93,8 +93,8 @@ pub mod prelude {
     pub use crate::error::ParallelError;
     pub use crate::group::{Group, GroupId, ProcessGroups};
     pub use crate::layers::{
-        ColumnParallelLinear, ParallelAttention, ParallelMlp, ParallelParams, ParamRole, RmsNorm,
-        RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
+        ColumnParallelLinear, LmHead, ParallelAttention, ParallelMlp, ParallelParams, ParamRole,
+        RmsNorm, RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
         vocab_parallel_cross_entropy,
     };
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};

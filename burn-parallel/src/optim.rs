@@ -240,6 +240,16 @@ impl GradientBuffer {
     pub fn get(&self, id: ParamId) -> Option<&[f32]> {
         self.sums.get(&id).map(Vec::as_slice)
     }
+
+    /// Adds `values` to a parameter's gradient (which starts at zero when it has none).
+    pub fn accumulate(&mut self, id: ParamId, values: &[f32]) {
+        match self.sums.get_mut(&id) {
+            Some(acc) => acc.iter_mut().zip(values).for_each(|(a, b)| *a += b),
+            None => {
+                self.sums.insert(id, values.to_vec());
+            }
+        }
+    }
 }
 
 /// Collects every trained float parameter's values and summed gradient, in module order.
@@ -427,6 +437,7 @@ impl DistributedAdamW {
                 sequence_parallel_grad: false,
                 weight_decay: true,
                 expert: false,
+                tied_copy: false,
             })
         };
         let has_expert_group = self.expert.is_some();
@@ -511,7 +522,7 @@ impl DistributedAdamW {
                 if lo >= hi {
                     continue;
                 }
-                let once = e.role.tp_split || tp.rank() == 0;
+                let once = (e.role.tp_split || tp.rank() == 0) && !e.role.tied_copy;
                 if once {
                     sq += grad_shard[lo - start..hi - start]
                         .iter()

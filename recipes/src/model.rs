@@ -19,8 +19,8 @@ use burn_parallel::context::{ContextLayout, CpAttention, context_attention};
 use burn_parallel::pipeline::StageOutput;
 use burn_parallel::prelude::GradientBuffer;
 use burn_parallel::prelude::{
-    ColumnParallelLinear, Group, GroupKind, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
-    RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
+    ColumnParallelLinear, Group, GroupKind, LmHead, ParallelParams, ParamRole, ProcessGroups,
+    RmsNorm, RowParallelLinear, VocabParallelEmbedding, causal_attention, lm_loss,
 };
 
 use crate::data::mix;
@@ -322,6 +322,10 @@ pub struct MoeLm {
     /// Per block: its index among the model's MoE layers, for MoE blocks.
     #[module(skip)]
     moe_index: Vec<Option<usize>>,
+    /// The output layer is the embedding (`head` is `None` on a stage that holds both, a copy
+    /// on the last stage otherwise).
+    #[module(skip)]
+    tied: bool,
 }
 
 fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
@@ -466,17 +470,16 @@ impl MoeLm {
             None
         };
         let (norm_f, head) = if last {
-            let w = init.get("head", 2, [h, cfg.vocab])?;
-            (
-                Some(norm("norm_f")?),
-                Some(ColumnParallelLinear::from_full(
-                    w,
-                    None,
-                    tp.clone(),
-                    false,
-                    sp,
-                )?),
-            )
+            let head = match (cfg.tie_embeddings, first) {
+                (true, true) => None,
+                // The last stage's copy of the tied weight.
+                (true, false) => Some(init.get::<2>("embed", 1, [cfg.vocab, h])?.swap_dims(0, 1)),
+                (false, _) => Some(init.get("head", 2, [h, cfg.vocab])?),
+            };
+            let head = head
+                .map(|w| ColumnParallelLinear::from_full(w, None, tp.clone(), false, sp))
+                .transpose()?;
+            (Some(norm("norm_f")?), head)
         } else {
             (None, None)
         };
@@ -489,6 +492,7 @@ impl MoeLm {
             cp: groups.group(GroupKind::Cp).clone(),
             chunks: ranges,
             moe_index,
+            tied: cfg.tie_embeddings,
         })
     }
 
@@ -496,10 +500,9 @@ impl MoeLm {
     /// gradients; zeros for a parameter without one), for [`stage_from`](Self::stage_from):
     /// `embed`, `layers.L.norm1`, `layers.L.attn.qkv`, `layers.L.attn.out`, `layers.L.norm2`,
     /// `layers.L.ffn.fc1` / `fc2` (dense layers), `layers.L.moe.router`, `layers.L.moe.w1` /
-    /// `w2` and `layers.L.moe.shared.w1` / `w2` (MoE layers), `norm_f`, `head`.
+    /// `w2` and `layers.L.moe.shared.w1` / `w2` (MoE layers), `norm_f`, `head` (unless tied).
     pub fn full_tensors(&self, grads: Option<&GradientBuffer>) -> Result<FullTensors> {
-        let (Some(embed), Some(norm_f), Some(head)) = (&self.embed, &self.norm_f, &self.head)
-        else {
+        let (Some(embed), Some(norm_f)) = (&self.embed, &self.norm_f) else {
             return Err(not_whole());
         };
         if self.tp.size() != 1 || self.cp.size() != 1 || self.chunks.len() != 1 {
@@ -533,7 +536,13 @@ impl MoeLm {
             }
         }
         out.insert("norm_f".into(), read(&norm_f.weight, grads));
-        out.insert("head".into(), read(&head.weight, grads));
+        match &self.head {
+            Some(head) => {
+                out.insert("head".into(), read(&head.weight, grads));
+            }
+            None if self.tied => {}
+            None => return Err(not_whole()),
+        }
         Ok(out)
     }
 
@@ -570,7 +579,7 @@ impl MoeLm {
     /// Next-token prediction with the whole model on `ids` `[S, B]` with `targets` `[S, B]`
     /// (this CP rank's tokens when CP > 1).
     pub fn forward(&self, ids: Tensor<2, Int>, targets: Tensor<2, Int>) -> Result<Forward> {
-        if self.embed.is_none() || self.head.is_none() || self.chunks.len() != 1 {
+        if self.embed.is_none() || self.norm_f.is_none() || self.chunks.len() != 1 {
             return Err(crate::error::RecipeError::Invalid {
                 key: "parallel.pp".into(),
                 reason: "this model is one pipeline stage of several; run it with forward_chunk"
@@ -630,7 +639,12 @@ impl MoeLm {
             x = x + y;
         }
         let last = chunk + 1 == self.chunks.len();
-        let (hidden, ce) = match (&self.norm_f, &self.head) {
+        let head = match (&self.head, &self.embed) {
+            (Some(head), _) => Some(LmHead::Linear(head)),
+            (None, Some(embed)) if self.tied => Some(LmHead::Tied(embed)),
+            _ => None,
+        };
+        let (hidden, ce) = match (&self.norm_f, head) {
             (Some(norm), Some(head)) if last => (
                 None,
                 Some(lm_loss(norm, head, x, targets.clone(), &self.tp)?),
@@ -668,9 +682,50 @@ impl MoeLm {
             n.param_roles(&mut out);
         }
         if let Some(h) = &self.head {
+            let at = out.len();
             h.param_roles(&mut out);
+            if self.tied {
+                // The last stage's copy of the embedding: the same role as the embedding.
+                let embed = VocabParallelEmbedding::role(self.tp.size() > 1);
+                for (_, role) in &mut out[at..] {
+                    *role = ParamRole {
+                        tied_copy: true,
+                        ..embed
+                    };
+                }
+            }
         }
         out
+    }
+
+    /// With tied embeddings over several pipeline stages: sums the gradients of the first
+    /// stage's embedding and the last stage's copy (transposed) into both, so that both copies
+    /// take the same step. Collective between the first and last stages of `pp`.
+    pub fn tie_gradients(&self, grads: &mut GradientBuffer, pp: &Group) -> Result<()> {
+        let (stages, stage) = (pp.size(), pp.rank());
+        if !self.tied || stages == 1 || (stage != 0 && stage + 1 != stages) {
+            return Ok(());
+        }
+        const TAG: u16 = 32_767;
+        let (weight, peer) = match (&self.embed, &self.head) {
+            (Some(e), _) if stage == 0 => (e.weight.clone(), stages - 1),
+            (_, Some(h)) => (h.weight.clone(), 0),
+            _ => return Ok(()),
+        };
+        let [rows, cols] = weight.val().dims();
+        let mine = grads
+            .get(weight.id)
+            .map_or_else(|| vec![0.0; rows * cols], <[f32]>::to_vec);
+        let comm = pp.communicator()?;
+        comm.post_send(mine, peer, TAG)?;
+        // The peer's gradient is the transpose of this copy's layout.
+        let theirs = comm.recv(rows * cols, peer, TAG)?;
+        comm.flush_sends()?;
+        let transposed: Vec<f32> = (0..rows * cols)
+            .map(|i| theirs[(i % cols) * rows + i / cols])
+            .collect();
+        grads.accumulate(weight.id, &transposed);
+        Ok(())
     }
 }
 

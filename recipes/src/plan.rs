@@ -694,6 +694,7 @@ pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measu
             capacity_factor: Some(1.0),
             rope_theta: 1e6,
             init_std: 0.02,
+            tie_embeddings: false,
         };
         let gpus = num(row, "gpus")? as usize;
         let problem = Problem {

@@ -94,6 +94,10 @@ pub struct ModelConfig {
     /// Standard deviation of the initialisation.
     #[serde(default = "init_std")]
     pub init_std: f64,
+    /// Tie the output layer to the embedding (one `[vocab, hidden]` weight; with pipeline
+    /// parallelism the last stage holds a copy whose gradient is summed with the first's).
+    #[serde(default)]
+    pub tie_embeddings: bool,
 }
 
 fn one() -> usize {

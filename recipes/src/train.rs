@@ -90,7 +90,13 @@ pub fn parameter_count(m: &ModelConfig) -> (u64, u64) {
     let e = m.experts as u64;
     let shared = m.shared_expert_ffn_hidden.map_or(0, |s| 3 * h * s as u64);
     let dense = 3 * h * f;
-    let (mut total, mut active) = (2 * v * h + h, 2 * v * h + h);
+    // Embedding, output layer (unless tied to it), final norm.
+    let io = if m.tie_embeddings {
+        v * h + h
+    } else {
+        2 * v * h + h
+    };
+    let (mut total, mut active) = (io, io);
     for layer in 0..m.layers {
         let is_moe = m.moe_every > 0 && (layer + 1).is_multiple_of(m.moe_every);
         let (t, a) = if is_moe {
@@ -393,7 +399,7 @@ impl Trainer {
         let scale = 1.0 / micro_batches as f64;
         let shape = [seq / p.cp / p.tp, t.micro_batch, self.recipe.model.hidden];
         let device = &self.device;
-        let run = run_stage(
+        let mut run = run_stage(
             &self.schedule,
             self.groups.group(GroupKind::Pp),
             model,
@@ -448,6 +454,7 @@ impl Trainer {
                 Ok::<_, RecipeError>(model.stage_output(&out, scale))
             },
         )?;
+        model.tie_gradients(&mut run.grads, self.groups.group(GroupKind::Pp))?;
         Ok(Backward {
             grads: run.grads,
             ce,

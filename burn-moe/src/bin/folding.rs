@@ -15,7 +15,7 @@ use burn_moe::prelude::*;
 use burn_parallel::comm::{Communicator, ReduceOp};
 use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{
-    AdamWConfig, ColumnParallelLinear, DistributedAdamW, Group, GroupKind, Mesh, MoeDims,
+    AdamWConfig, ColumnParallelLinear, DistributedAdamW, Group, GroupKind, LmHead, Mesh, MoeDims,
     ParallelAttention, ParallelDims, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
     VocabParallelEmbedding, lm_loss,
 };
@@ -128,7 +128,14 @@ impl MoeLm {
             .forward(self.norm2.forward(x.clone()))
             .map_err(err)?;
         let x = x + moe.output.clone();
-        let ce = lm_loss(&self.norm_f, &self.head, x, targets, &self.tp).map_err(err)?;
+        let ce = lm_loss(
+            &self.norm_f,
+            LmHead::Linear(&self.head),
+            x,
+            targets,
+            &self.tp,
+        )
+        .map_err(err)?;
         Ok((ce, moe.total_aux_loss().ok_or("no aux loss")?))
     }
 

@@ -119,7 +119,13 @@ impl TinyLm {
         let x = self.embed.forward(ids)?;
         let x = x.clone() + self.attn.forward(self.norm1.forward(x))?;
         let x = x.clone() + self.mlp.forward(self.norm2.forward(x))?;
-        lm_loss(&self.norm_f, &self.head, x, targets, &self.tp)
+        lm_loss(
+            &self.norm_f,
+            LmHead::Linear(&self.head),
+            x,
+            targets,
+            &self.tp,
+        )
     }
 
     fn roles(&self) -> Vec<(ParamId, ParamRole)> {

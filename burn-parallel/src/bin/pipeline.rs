@@ -209,7 +209,7 @@ impl Stage {
         }
         match (&self.norm_f, &self.head) {
             (Some(norm), Some(head)) if chunk + 1 == self.chunks.len() => Ok(StageOutput::loss(
-                lm_loss(norm, head, x, targets.clone(), &self.tp)? * scale,
+                lm_loss(norm, LmHead::Linear(head), x, targets.clone(), &self.tp)? * scale,
             )),
             _ => Ok(StageOutput::activation(x, None)),
         }

@@ -2,9 +2,10 @@
 //! context, pipeline, tensor and expert parallelism equals the same model on one rank.
 //!
 //! The model is moe-tiny with 8 layers (MoE on every other one) on 256-token sequences. For
-//! each layout of the world size — CP 2 and PP 2 (1F1B) on 2 ranks; CP 4, PP 4 (1F1B) and
-//! PP 2 × 2 virtual stages (interleaved) on 4; TP2·CP2·PP2 with the MoE layers at EP2 folded,
-//! with 1F1B and interleaved, on 8 — it runs 3 AdamW steps and checks, against one rank
+//! each layout of the world size — CP 2 and PP 2 (1F1B, also with the output layer tied to the
+//! embedding) on 2 ranks; CP 4, PP 4 (1F1B), PP 2 × 2 virtual stages and PP 4 × 2 (interleaved,
+//! tied) on 4; TP2·CP2·PP2 with the MoE layers at EP2 folded, with 1F1B and with interleaved
+//! and tied, on 8 — it runs 3 AdamW steps and checks, against one rank
 //! (computed on every rank): the loss, aux and z losses of every step; every gradient of the
 //! first step (this rank's shard, reduced over ranks as the optimizer reduces it); every
 //! parameter after the last step; all within 1e-5 norm-wise.
@@ -96,8 +97,8 @@ struct Reference {
     last: FullTensors,
 }
 
-fn reference(device: &Device) -> Res<Reference> {
-    let r = recipe(&[])?;
+fn reference(tied: bool, device: &Device) -> Res<Reference> {
+    let r = recipe(&[format!("model.tie_embeddings={tied}")])?;
     let mut t = Trainer::new(&r, ProcessGroups::single().map_err(err)?, device).map_err(err)?;
     let (mut reported, mut grads) = (Vec::new(), None);
     for step in 0..STEPS {
@@ -138,6 +139,7 @@ fn reduced(
             sequence_parallel_grad: false,
             weight_decay: true,
             expert: false,
+            tied_copy: false,
         });
         let mut g = g.clone();
         if role.sequence_parallel_grad {
@@ -162,11 +164,12 @@ fn reduced(
 
 fn run_layout(
     world: &MpiWorld,
-    layout: &[&str],
+    (layout, tied): &(Vec<&str>, bool),
     want: &Reference,
     device: &Device,
 ) -> Res<(Vec<String>, Worst)> {
-    let overrides: Vec<String> = layout.iter().map(|s| format!("parallel.{s}")).collect();
+    let mut overrides: Vec<String> = layout.iter().map(|s| format!("parallel.{s}")).collect();
+    overrides.push(format!("model.tie_embeddings={tied}"));
     let r = recipe(&overrides)?;
     let n = world.size();
     let (dp, edp) = r.check_world(n).map_err(err)?;
@@ -179,7 +182,12 @@ fn run_layout(
     .map_err(err)?;
     let groups = ProcessGroups::new(mesh, world.communicator()).map_err(err)?;
     let mut trainer = Trainer::new(&r, groups.clone(), device).map_err(err)?;
-    let label = format!("{} (rank {})", layout.join(" "), world.rank());
+    let label = format!(
+        "{}{} (rank {})",
+        layout.join(" "),
+        if *tied { " tied" } else { "" },
+        world.rank()
+    );
     let mut failures = Vec::new();
     let mut worst = Worst::default();
     let mut check = |what: String, got: &[f32], want: &[f32], tol: f64, slot: &mut f64| {
@@ -255,13 +263,23 @@ struct Worst {
     param: f64,
 }
 
-fn layouts(n: usize) -> Vec<Vec<&'static str>> {
+/// Parallel settings and whether the output layer is tied to the embedding.
+fn layouts(n: usize) -> Vec<(Vec<&'static str>, bool)> {
     match n {
-        2 => vec![vec!["cp=2"], vec!["pp=2"]],
-        4 => vec![vec!["cp=4"], vec!["pp=4"], vec!["pp=2", "virtual_pp=2"]],
+        2 => vec![
+            (vec!["cp=2"], false),
+            (vec!["pp=2"], false),
+            (vec!["pp=2"], true),
+        ],
+        4 => vec![
+            (vec!["cp=4"], false),
+            (vec!["pp=4"], false),
+            (vec!["pp=2", "virtual_pp=2"], false),
+            (vec!["pp=4", "virtual_pp=2"], true),
+        ],
         8 => vec![
-            vec!["tp=2", "cp=2", "pp=2", "ep=2"],
-            vec!["tp=2", "cp=2", "pp=2", "ep=2", "virtual_pp=2"],
+            (vec!["tp=2", "cp=2", "pp=2", "ep=2"], false),
+            (vec!["tp=2", "cp=2", "pp=2", "ep=2", "virtual_pp=2"], true),
         ],
         _ => Vec::new(),
     }
@@ -270,12 +288,12 @@ fn layouts(n: usize) -> Vec<Vec<&'static str>> {
 fn main() -> ExitCode {
     check_program(|world| {
         let device = Device::flex().autodiff();
-        let want = reference(&device)?;
+        let want = [reference(false, &device)?, reference(true, &device)?];
         let mut failures = Vec::new();
         let cases = layouts(world.size());
         let mut all = Worst::default();
-        for layout in &cases {
-            let (f, w) = run_layout(world, layout, &want, &device)?;
+        for case in &cases {
+            let (f, w) = run_layout(world, case, &want[usize::from(case.1)], &device)?;
             failures.extend(f);
             all.loss = all.loss.max(w.loss);
             all.grad = all.grad.max(w.grad);
