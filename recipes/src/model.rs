@@ -185,8 +185,8 @@ impl Attention {
 
     /// Attention over `x` `[S, B, H]` (sequence-parallel shards under TP); with a CP group of
     /// more than one rank, `x` holds this rank's chunks of the sequence ([`ContextLayout`]) and
-    /// attention runs as ring attention over `cp`.
-    fn forward(&self, x: Tensor<3>, cp: &Group) -> Result<Tensor<3>> {
+    /// attention runs over `cp` as ring or all-gather attention (`kind`).
+    fn forward(&self, x: Tensor<3>, cp: &Group, kind: CpAttention) -> Result<Tensor<3>> {
         let qkv = self.qkv.forward(x)?;
         let [s, b, _] = qkv.dims();
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -210,7 +210,7 @@ impl Attention {
         };
         let (k, v) = (expand(k), expand(v));
         let context = if cp.size() > 1 {
-            context_attention(q, k, v, &layout, cp, CpAttention::Ring)?
+            context_attention(q, k, v, &layout, cp, kind)?
                 .permute([2, 0, 1, 3])
                 .reshape([s, b, h * d])
         } else {
@@ -326,6 +326,9 @@ pub struct MoeLm {
     /// on the last stage otherwise).
     #[module(skip)]
     tied: bool,
+    /// Attention under context parallelism.
+    #[module(skip)]
+    cp_attention: CpAttention,
 }
 
 fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
@@ -336,22 +339,114 @@ fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
     }
 }
 
-/// The global layers of model chunk `chunk` on pipeline stage `stage` of `stages`, with
-/// `chunks` chunks per stage: virtual stage `chunk · stages + stage` of equal shares.
-pub fn chunk_layers(
-    layers: usize,
-    stage: usize,
+/// Which layers each virtual pipeline stage holds: virtual stage `chunk · stages + stage` is
+/// model chunk `chunk` of pipeline stage `stage`, and virtual stages hold consecutive layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSplit {
     stages: usize,
-    chunk: usize,
     chunks: usize,
-) -> std::ops::Range<usize> {
-    let per = layers / (stages * chunks);
-    let vs = chunk * stages + stage;
-    vs * per..(vs + 1) * per
+    /// Layers of each virtual stage.
+    counts: Vec<usize>,
+}
+
+impl LayerSplit {
+    /// Equal shares of `layers` over `stages × chunks` virtual stages.
+    pub fn uniform(layers: usize, stages: usize, chunks: usize) -> Result<Self> {
+        let n = stages * chunks;
+        if n == 0 || !layers.is_multiple_of(n) {
+            return Err(RecipeError::Invalid {
+                key: "parallel.pp".into(),
+                reason: format!(
+                    "{layers} layers do not split into pp × virtual_pp = {n} equal shares \
+                     (give parallel.pp_layers for an uneven split)"
+                ),
+            });
+        }
+        Ok(Self {
+            stages,
+            chunks,
+            counts: vec![layers / n; n],
+        })
+    }
+
+    /// `counts[v]` layers on virtual stage `v` (Megatron's uneven first / last stages).
+    pub fn given(layers: usize, stages: usize, chunks: usize, counts: &[usize]) -> Result<Self> {
+        let bad = |reason: String| RecipeError::Invalid {
+            key: "parallel.pp_layers".into(),
+            reason,
+        };
+        if counts.len() != stages * chunks {
+            return Err(bad(format!(
+                "has {} entries, one per virtual stage (pp × virtual_pp = {}) is needed",
+                counts.len(),
+                stages * chunks
+            )));
+        }
+        let total: usize = counts.iter().sum();
+        if total != layers {
+            return Err(bad(format!(
+                "sums to {total}, the model has {layers} layers"
+            )));
+        }
+        Ok(Self {
+            stages,
+            chunks,
+            counts: counts.to_vec(),
+        })
+    }
+
+    /// The split a recipe asks for (`parallel.pp_layers`, or uniform).
+    pub fn from_recipe(recipe: &crate::recipe::Recipe) -> Result<Self> {
+        let p = &recipe.parallel;
+        let chunks = p.virtual_pp.unwrap_or(1);
+        match &p.pp_layers {
+            Some(counts) => Self::given(recipe.model.layers, p.pp, chunks, counts),
+            None => Self::uniform(recipe.model.layers, p.pp, chunks),
+        }
+    }
+
+    /// Model chunks per stage.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// The global layers of model chunk `chunk` on pipeline stage `stage`.
+    pub fn layers(&self, stage: usize, chunk: usize) -> std::ops::Range<usize> {
+        let vs = chunk * self.stages + stage;
+        let start: usize = self.counts[..vs].iter().sum();
+        start..start + self.counts[vs]
+    }
+}
+
+/// How a rank's stage of the model is laid out beyond the process groups: the MoE token
+/// dispatcher, the pipeline layer split and the context-parallel attention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageLayout {
+    /// Token dispatcher of the MoE layers.
+    pub dispatcher: Dispatcher,
+    /// Layers of each virtual pipeline stage.
+    pub split: LayerSplit,
+    /// Ring (`p2p`) or all-gather attention under context parallelism.
+    pub cp_attention: CpAttention,
+}
+
+impl StageLayout {
+    /// The layout a recipe's `[parallel]` table asks for.
+    pub fn from_recipe(recipe: &crate::recipe::Recipe) -> Result<Self> {
+        let p = &recipe.parallel;
+        Ok(Self {
+            dispatcher: p.dispatcher,
+            split: LayerSplit::from_recipe(recipe)?,
+            cp_attention: match p.cp_comm {
+                crate::recipe::CpComm::P2p => CpAttention::Ring,
+                crate::recipe::CpComm::Allgather => CpAttention::AllGather,
+            },
+        })
+    }
 }
 
 impl MoeLm {
-    /// Builds this rank's part of the whole model for `groups` without pipeline parallelism
+    /// Builds this rank's part of the whole model for `groups` with an even pipeline split
     /// (one rank: `ProcessGroups::single()`).
     pub fn new(
         cfg: &ModelConfig,
@@ -360,17 +455,21 @@ impl MoeLm {
         dispatcher: Dispatcher,
         d: &Device,
     ) -> Result<Self> {
-        Self::stage(cfg, seed, groups, dispatcher, 1, d)
+        let layout = StageLayout {
+            dispatcher,
+            split: LayerSplit::uniform(cfg.layers, groups.group(GroupKind::Pp).size(), 1)?,
+            cp_attention: CpAttention::Ring,
+        };
+        Self::stage(cfg, seed, groups, &layout, d)
     }
 
-    /// Builds this rank's pipeline stage (its rank in the PP group) with `chunks` model chunks
-    /// (virtual pipeline stages); `layers` must divide into `pp × chunks` equal shares.
+    /// Builds this rank's pipeline stage (its rank in the PP group) with the model chunks
+    /// (virtual pipeline stages) of `layout.split`.
     pub fn stage(
         cfg: &ModelConfig,
         seed: u64,
         groups: &ProcessGroups,
-        dispatcher: Dispatcher,
-        chunks: usize,
+        layout: &StageLayout,
         d: &Device,
     ) -> Result<Self> {
         let init = Init {
@@ -379,7 +478,7 @@ impl MoeLm {
             given: None,
             device: d.clone(),
         };
-        Self::build(cfg, &init, groups, dispatcher, chunks)
+        Self::build(cfg, &init, groups, layout)
     }
 
     /// [`stage`](Self::stage) from full tensors given by name ([`full_tensors`](Self::full_tensors)
@@ -388,8 +487,7 @@ impl MoeLm {
         cfg: &ModelConfig,
         tensors: &FullTensors,
         groups: &ProcessGroups,
-        dispatcher: Dispatcher,
-        chunks: usize,
+        layout: &StageLayout,
         d: &Device,
     ) -> Result<Self> {
         let init = Init {
@@ -398,26 +496,26 @@ impl MoeLm {
             given: Some(tensors),
             device: d.clone(),
         };
-        Self::build(cfg, &init, groups, dispatcher, chunks)
+        Self::build(cfg, &init, groups, layout)
     }
 
     fn build(
         cfg: &ModelConfig,
         init: &Init,
         groups: &ProcessGroups,
-        dispatcher: Dispatcher,
-        chunks: usize,
+        layout: &StageLayout,
     ) -> Result<Self> {
+        let (split, dispatcher) = (&layout.split, layout.dispatcher);
         let tp = groups.group(GroupKind::Tp).clone();
         let pp = groups.group(GroupKind::Pp);
         let (stage, stages) = (pp.rank(), pp.size());
-        if chunks == 0 || !cfg.layers.is_multiple_of(stages * chunks) {
-            return Err(crate::error::RecipeError::Invalid {
+        let chunks = split.chunks();
+        if split.stages != stages {
+            return Err(RecipeError::Invalid {
                 key: "parallel.pp".into(),
                 reason: format!(
-                    "{} layers do not split into pp × virtual_pp = {} equal shares",
-                    cfg.layers,
-                    stages * chunks
+                    "the layer split is for {} stages, the pipeline group has {stages}",
+                    split.stages
                 ),
             });
         }
@@ -432,7 +530,7 @@ impl MoeLm {
         let mut moe_index = Vec::new();
         for chunk in 0..chunks {
             let start = blocks.len();
-            for layer in chunk_layers(cfg.layers, stage, stages, chunk, chunks) {
+            for layer in split.layers(stage, chunk) {
                 let stream = 100 * (layer as u64 + 1);
                 let name = format!("layers.{layer}");
                 let (dense, moe) = if is_moe(layer) {
@@ -493,6 +591,7 @@ impl MoeLm {
             chunks: ranges,
             moe_index,
             tied: cfg.tie_embeddings,
+            cp_attention: layout.cp_attention,
         })
     }
 
@@ -623,7 +722,10 @@ impl MoeLm {
             .iter()
             .zip(&self.moe_index[range])
         {
-            x = x.clone() + block.attn.forward(block.norm1.forward(x), &self.cp)?;
+            x = x.clone()
+                + block
+                    .attn
+                    .forward(block.norm1.forward(x), &self.cp, self.cp_attention)?;
             let h = block.norm2.forward(x.clone());
             let y = match (&block.dense, &block.moe) {
                 (Some(dense), _) => dense.forward(h)?,

@@ -230,6 +230,17 @@ pub enum Dispatcher {
     Allgather,
 }
 
+/// How context-parallel attention exchanges keys and values (Megatron's `--cp-comm-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CpComm {
+    /// Ring attention: key/value blocks passed around the CP group.
+    #[default]
+    P2p,
+    /// All-gather the keys and values (short contexts).
+    Allgather,
+}
+
 /// `[parallel]`: attention TP × CP × DP × PP and MoE ETP × EP × EDP on the same ranks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -246,6 +257,13 @@ pub struct ParallelConfig {
     /// Virtual pipeline stages per rank.
     #[serde(default)]
     pub virtual_pp: Option<usize>,
+    /// Context-parallel attention: `p2p` (ring) or `allgather`.
+    #[serde(default)]
+    pub cp_comm: CpComm,
+    /// Layers of each virtual pipeline stage (`pp × virtual_pp` entries in virtual-stage
+    /// order, summing to the layers); an even split when absent.
+    #[serde(default)]
+    pub pp_layers: Option<Vec<usize>>,
     /// Micro-batches per step and data-parallel rank, when given: must equal
     /// `global_batch / (micro_batch × dp)` (the pipeline runs them all each step).
     #[serde(default)]
@@ -277,6 +295,8 @@ impl Default for ParallelConfig {
             pp: 1,
             virtual_pp: None,
             microbatches: None,
+            pp_layers: None,
+            cp_comm: CpComm::default(),
             ep: 1,
             etp: 1,
             dispatcher: Dispatcher::Alltoall,
@@ -515,16 +535,7 @@ impl Recipe {
         if p.virtual_pp == Some(0) {
             return Err(bad("parallel.virtual_pp", "must be at least 1"));
         }
-        let stages = p.pp * p.virtual_pp.unwrap_or(1);
-        if !m.layers.is_multiple_of(stages) {
-            return Err(bad(
-                "parallel.pp",
-                format!(
-                    "pp × virtual_pp = {stages} does not divide the {} layers",
-                    m.layers
-                ),
-            ));
-        }
+        crate::model::LayerSplit::from_recipe(self)?;
         let seq = self.data.seq_len;
         if p.cp > 1 && (!seq.is_multiple_of(2 * p.cp) || !(seq / p.cp).is_multiple_of(p.tp)) {
             return Err(bad(

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::checkpoint::{self, Meta};
 use crate::data::{TokenSource, sequence_index};
 use crate::error::{RecipeError, Result};
-use crate::model::MoeLm;
+use crate::model::{MoeLm, StageLayout};
 use crate::recipe::{ModelConfig, Precision, Recipe};
 
 /// How to run a recipe.
@@ -252,15 +252,9 @@ impl Trainer {
     pub fn new(recipe: &Recipe, groups: ProcessGroups, device: &Device) -> Result<Self> {
         let p = &recipe.parallel;
         let t = &recipe.training;
-        let chunks = p.virtual_pp.unwrap_or(1);
-        let model = MoeLm::stage(
-            &recipe.model,
-            recipe.run.seed,
-            &groups,
-            p.dispatcher,
-            chunks,
-            device,
-        )?;
+        let layout = StageLayout::from_recipe(recipe)?;
+        let chunks = layout.split.chunks();
+        let model = MoeLm::stage(&recipe.model, recipe.run.seed, &groups, &layout, device)?;
         let adamw = AdamWConfig {
             lr: t.lr,
             beta1: t.beta1,
@@ -342,6 +336,12 @@ impl Trainer {
     /// Micro-batches per step on each data-parallel rank.
     pub fn micro_batches(&self) -> usize {
         self.micro_batches
+    }
+
+    /// The pipeline schedule's bubble: `(p − 1) / (m + p − 1)` for 1F1B, with `p − 1` divided
+    /// by the virtual stages when interleaved (0 without pipeline parallelism).
+    pub fn bubble_fraction(&self) -> f64 {
+        self.schedule.bubble_fraction()
     }
 
     /// The data source.
@@ -590,6 +590,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             etp = p.etp,
             edp,
             micro_batches = trainer.micro_batches(),
+            pipeline_bubble = trainer.bubble_fraction(),
             parameters = total,
             active_parameters = active,
             start_step = start,

@@ -215,6 +215,17 @@ fn pipeline_stages_must_split_the_layers() {
 }
 
 #[test]
+fn uneven_pipeline_split_must_cover_the_layers() {
+    set("parallel.pp_layers=[1, 2]", "parallel.pp_layers");
+    set("parallel.pp_layers=[3]", "parallel.pp_layers");
+}
+
+#[test]
+fn unknown_context_parallel_exchange() {
+    set("parallel.cp_comm=\"a2a\"", "parallel.cp_comm");
+}
+
+#[test]
 fn microbatches_must_match_the_batch() {
     set("parallel.microbatches=3", "parallel.microbatches");
 }

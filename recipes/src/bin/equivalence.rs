@@ -2,10 +2,11 @@
 //! context, pipeline, tensor and expert parallelism equals the same model on one rank.
 //!
 //! The model is moe-tiny with 8 layers (MoE on every other one) on 256-token sequences. For
-//! each layout of the world size — CP 2 and PP 2 (1F1B, also with the output layer tied to the
-//! embedding) on 2 ranks; CP 4, PP 4 (1F1B), PP 2 × 2 virtual stages and PP 4 × 2 (interleaved,
-//! tied) on 4; TP2·CP2·PP2 with the MoE layers at EP2 folded, with 1F1B and with interleaved
-//! and tied, on 8 — it runs 3 AdamW steps and checks, against one rank
+//! each layout of the world size it runs 3 AdamW steps: on 2 ranks CP 2, PP 2 (1F1B) and PP 2
+//! split 3 + 5 layers with the output layer tied to the embedding; on 4 ranks CP 4, all-gather
+//! CP 2 × PP 2, PP 4 (1F1B), PP 2 × 2 virtual stages and PP 4 × 2 (interleaved, tied); on 8
+//! ranks TP2·CP2·PP2 with the MoE layers at EP2 folded, with 1F1B and with interleaved + tied.
+//! It checks, against one rank
 //! (computed on every rank): the loss, aux and z losses of every step; every gradient of the
 //! first step (this rank's shard, reduced over ranks as the optimizer reduces it); every
 //! parameter after the last step; all within 1e-5 norm-wise.
@@ -22,7 +23,7 @@ use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{
     GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims, ParamRole, ProcessGroups,
 };
-use burn_recipes::model::{FullTensors, MoeLm};
+use burn_recipes::model::{FullTensors, MoeLm, StageLayout};
 use burn_recipes::recipe::Recipe;
 use burn_recipes::train::Trainer;
 
@@ -198,7 +199,7 @@ fn run_layout(
         }
     };
     let roles: HashMap<ParamId, ParamRole> = trainer.roles().iter().copied().collect();
-    let chunks = p.virtual_pp.unwrap_or(1);
+    let stage = StageLayout::from_recipe(&r).map_err(err)?;
     for step in 0..STEPS {
         let b = trainer.backward(step).map_err(err)?;
         let rep = trainer.report(&b).map_err(err)?;
@@ -216,8 +217,7 @@ fn run_layout(
             let model = trainer.model().map_err(err)?;
             let mine = reduced(&values(model, Some(&b.grads)), &roles, &groups)?;
             let expected =
-                MoeLm::stage_from(&r.model, &want.grads, &groups, p.dispatcher, chunks, device)
-                    .map_err(err)?;
+                MoeLm::stage_from(&r.model, &want.grads, &groups, &stage, device).map_err(err)?;
             let expected = values(&expected, None);
             if expected.len() != mine.len() {
                 check(
@@ -240,8 +240,7 @@ fn run_layout(
         }
         trainer.apply(b.grads, step).map_err(err)?;
     }
-    let expected = MoeLm::stage_from(&r.model, &want.last, &groups, p.dispatcher, chunks, device)
-        .map_err(err)?;
+    let expected = MoeLm::stage_from(&r.model, &want.last, &groups, &stage, device).map_err(err)?;
     let got = values(trainer.model().map_err(err)?, None);
     for (i, ((_, g), (_, w))) in got.iter().zip(&values(&expected, None)).enumerate() {
         check(
@@ -273,6 +272,7 @@ fn layouts(n: usize) -> Vec<(Vec<&'static str>, bool)> {
         ],
         4 => vec![
             (vec!["cp=4"], false),
+            (vec!["cp=2", "cp_comm=\"allgather\"", "pp=2"], false),
             (vec!["pp=4"], false),
             (vec!["pp=2", "virtual_pp=2"], false),
             (vec!["pp=4", "virtual_pp=2"], true),
