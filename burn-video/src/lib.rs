@@ -1,8 +1,12 @@
 #![warn(missing_docs)]
 //! # burn-video
 //!
-//! The video-generation half of the project (clip pipeline, causal video VAE, DiT, rectified
-//! flow) is being built; what ships today are the reconstruction metrics used to evaluate it.
+//! The first half of a MUG-V-style video pretraining pipeline: [`clip`] (PNG-frame folders and
+//! animated GIFs in, PNG and GIF previews out), [`filter`] (scene-cut, sharpness and motion
+//! scores and thresholds), [`pipeline`] (scan a folder, bucket by resolution and length, JSONL
+//! manifest with the reason for every rejection), [`synthetic`] (labelled clips of moving
+//! shapes) and [`metrics`] (PSNR, SSIM). The causal video VAE, the DiT and rectified flow are
+//! being built.
 //!
 //! ```
 //! use burn_video::metrics::{Frame, psnr};
@@ -12,4 +16,11 @@
 //! assert!((psnr(&a, &b, 1.0).unwrap() - 20.0).abs() < 1e-4); // MSE 0.01 → 20 dB
 //! ```
 
+pub mod clip;
+pub mod error;
+pub mod filter;
 pub mod metrics;
+pub mod pipeline;
+pub mod synthetic;
+
+pub use error::{Result, VideoError};

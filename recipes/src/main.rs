@@ -45,6 +45,143 @@ enum Command {
     Plot(PlotArgs),
     /// Run one MoE layer forward + backward on random tokens and report routing and speed.
     Layer(LayerArgs),
+    /// The video clip pipeline: score, filter and bucket clips; generate labelled clips.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Score every clip of a folder (PNG-frame folders, GIFs), filter and bucket them, and write
+    /// a JSONL manifest with each clip's scores and the reasons for every rejection.
+    Scan(ScanArgs),
+    /// Write labelled synthetic clips (moving shapes) and their captions.
+    Synth(SynthArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ScanArgs {
+    /// Folder of clips.
+    clips: PathBuf,
+    /// Manifest to write.
+    #[arg(long, default_value = "manifest.jsonl")]
+    out: PathBuf,
+    /// Histogram distance between consecutive frames above which a scene cut is found.
+    #[arg(long)]
+    max_cut: Option<f64>,
+    /// Smallest sharpness (variance of the Laplacian of 8-bit luma).
+    #[arg(long)]
+    min_sharpness: Option<f64>,
+    /// Smallest motion (mean absolute 8-bit luma difference of consecutive frames).
+    #[arg(long)]
+    min_motion: Option<f64>,
+    /// Largest motion.
+    #[arg(long)]
+    max_motion: Option<f64>,
+    /// Allowed clip lengths, longest first used (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "17,9,5,1")]
+    lengths: Vec<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+struct SynthArgs {
+    /// Folder to write `clip_NNNN/` folders and `captions.jsonl` into (must not exist).
+    out: PathBuf,
+    /// Number of clips.
+    #[arg(long, default_value_t = 48)]
+    count: usize,
+    /// Frame width and height.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Frames per clip.
+    #[arg(long, default_value_t = 17)]
+    frames: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn run_scan(args: &ScanArgs) -> Result<(), String> {
+    use burn_video::filter::Filters;
+    use burn_video::pipeline::{Buckets, scan, write_manifest};
+    let d = Filters::default();
+    let filters = Filters {
+        max_cut: args.max_cut.unwrap_or(d.max_cut),
+        min_sharpness: args.min_sharpness.unwrap_or(d.min_sharpness),
+        min_motion: args.min_motion.unwrap_or(d.min_motion),
+        max_motion: args.max_motion.unwrap_or(d.max_motion),
+        min_frames: d.min_frames,
+    };
+    let buckets = Buckets {
+        lengths: args.lengths.clone(),
+        resolutions: Vec::new(),
+    };
+    let entries = scan(&args.clips, &filters, &buckets).map_err(|e| e.to_string())?;
+    if entries.is_empty() {
+        return Err(format!(
+            "{}: no clips (PNG-frame folders or GIFs)",
+            args.clips.display()
+        ));
+    }
+    write_manifest(&args.out, &entries).map_err(|e| e.to_string())?;
+    let accepted = entries.iter().filter(|e| e.accepted).count();
+    println!(
+        "{} clips: {accepted} accepted, {} rejected; manifest {}",
+        entries.len(),
+        entries.len() - accepted,
+        args.out.display()
+    );
+    let mut buckets = std::collections::BTreeMap::new();
+    for b in entries.iter().filter_map(|e| e.bucket) {
+        *buckets.entry(b).or_insert(0usize) += 1;
+    }
+    for (b, n) in buckets {
+        println!("  bucket {}x{}x{}: {n}", b.frames, b.height, b.width);
+    }
+    for e in entries.iter().filter(|e| !e.accepted) {
+        println!("  rejected {}: {}", e.clip.display(), e.reasons.join("; "));
+    }
+    Ok(())
+}
+
+fn run_synth(args: &SynthArgs) -> Result<(), String> {
+    use burn_video::synthetic::{Label, generate};
+    if args.out.exists() {
+        return Err(format!("{}: already exists", args.out.display()));
+    }
+    // Everything is generated before anything is written.
+    let clips = (0..args.count)
+        .map(|i| {
+            let label = Label::nth(i);
+            generate(
+                &label,
+                args.size,
+                args.frames,
+                args.seed.wrapping_add(i as u64),
+            )
+            .map(|c| (label, c))
+            .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tmp = args.out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut captions = String::new();
+    for (i, (label, clip)) in clips.iter().enumerate() {
+        let name = format!("clip_{i:04}");
+        clip.write_dir(&tmp.join(&name))
+            .map_err(|e| e.to_string())?;
+        let line = serde_json::json!({ "clip": name, "caption": label.caption(), "label": label });
+        captions.push_str(&line.to_string());
+        captions.push('\n');
+    }
+    std::fs::write(tmp.join("captions.jsonl"), captions).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, &args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    println!(
+        "{} clips and captions.jsonl in {}",
+        clips.len(),
+        args.out.display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -482,6 +619,8 @@ fn main() -> ExitCode {
         Command::Plot(args) => run_plot(args),
         Command::Plan(args) => run_plan(args),
         Command::Layer(args) => run_layer(args),
+        Command::Data(DataCommand::Scan(args)) => run_scan(args),
+        Command::Data(DataCommand::Synth(args)) => run_synth(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

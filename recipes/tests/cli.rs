@@ -66,3 +66,55 @@ fn bad_layer_config_exits_2_naming_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`topk`"), "{stderr}");
 }
+
+/// Runs the binary with `args`; asserts success and returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn data_synth_then_scan_writes_clips_captions_and_a_manifest() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let clips = tmp.path().join("synth").display().to_string();
+    let manifest = tmp.path().join("manifest.jsonl").display().to_string();
+    ok(&["data", "synth", &clips, "--count", "6"]);
+    let captions =
+        std::fs::read_to_string(tmp.path().join("synth/captions.jsonl")).expect("captions");
+    assert_eq!(captions.lines().count(), 6);
+    assert!(captions.contains("1 red square moving left"), "{captions}");
+    // The output folder exists now: a second run refuses and leaves it alone.
+    let again = bin()
+        .args(["data", "synth", &clips])
+        .output()
+        .expect("binary runs");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let stdout = ok(&["data", "scan", &clips, "--out", &manifest]);
+    assert!(stdout.contains("6 clips: 6 accepted"), "{stdout}");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    assert_eq!(text.lines().count(), 6);
+    // A stricter filter rejects them all, and says why.
+    let stdout = ok(&[
+        "data",
+        "scan",
+        &clips,
+        "--out",
+        &manifest,
+        "--min-motion",
+        "1000",
+    ]);
+    assert!(stdout.contains("6 clips: 0 accepted") && stdout.contains("static (motion"));
+    let nothing = tmp.path().join("nothing").display().to_string();
+    let missing = bin()
+        .args(["data", "scan", &nothing])
+        .output()
+        .expect("binary runs");
+    assert_eq!(missing.status.code(), Some(2));
+}
