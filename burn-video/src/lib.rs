@@ -5,8 +5,8 @@
 //! animated GIFs in, PNG and GIF previews out), [`filter`] (scene-cut, sharpness and motion
 //! scores and thresholds), [`pipeline`] (scan a folder, bucket by resolution and length, JSONL
 //! manifest with the reason for every rejection), [`synthetic`] (labelled clips of moving
-//! shapes) and [`metrics`] (PSNR, SSIM). The causal video VAE, the DiT and rectified flow are
-//! being built.
+//! shapes), [`vae`] (the causal 3-D convolutional VAE) and [`metrics`] (PSNR, SSIM). VAE
+//! training, the DiT and rectified flow are being built.
 //!
 //! ```
 //! use burn_video::metrics::{Frame, psnr};
@@ -22,5 +22,6 @@ pub mod filter;
 pub mod metrics;
 pub mod pipeline;
 pub mod synthetic;
+pub mod vae;
 
 pub use error::{Result, VideoError};

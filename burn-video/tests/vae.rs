@@ -1,0 +1,123 @@
+//! The causal VAE: latent shapes at 4×8×8 and 8×8×8, decode restoring the input shape,
+//! causality (a later frame never changes an earlier latent), configuration errors.
+
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_video::vae::VaeConfig;
+
+fn small(temporal_down: usize) -> VaeConfig {
+    VaeConfig {
+        channels: vec![8, 8, 16, 16],
+        latent: 4,
+        spatial_down: 3,
+        temporal_down,
+        groups: 4,
+        ..VaeConfig::default()
+    }
+}
+
+fn clip(d: &Device) -> Tensor<5> {
+    Tensor::random([1, 3, 17, 64, 64], Distribution::Uniform(-1.0, 1.0), d)
+}
+
+#[test]
+fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
+    let d = Device::flex();
+    let x = clip(&d);
+    for (td, t) in [(2, 5), (3, 3)] {
+        let cfg = small(td);
+        let vae = cfg.init(&d).expect("vae");
+        let p = vae.encode(x.clone());
+        assert_eq!(p.mean.dims(), [1, 4, t, 8, 8], "temporal_down {td}");
+        assert_eq!(cfg.latent_shape(17, 64, 64).unwrap(), [4, t, 8, 8]);
+        assert_eq!(vae.decode(p.mean).dims(), [1, 3, 17, 64, 64]);
+    }
+    // The default: 16 latent channels at 4×8×8.
+    assert_eq!(
+        VaeConfig::default().latent_shape(17, 64, 64).unwrap(),
+        [16, 5, 8, 8]
+    );
+    assert!(
+        VaeConfig::default()
+            .latent_shape(16, 64, 64)
+            .unwrap_err()
+            .to_string()
+            .contains("frames")
+    );
+}
+
+#[test]
+fn a_changed_frame_changes_no_earlier_latent() {
+    let d = Device::flex();
+    let vae = small(2).init(&d).expect("vae");
+    let x = clip(&d);
+    let base = vae
+        .encode(x.clone())
+        .mean
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    for t in [4usize, 9, 16] {
+        let noise = Tensor::random([1, 3, 1, 64, 64], Distribution::Uniform(-1.0, 1.0), &d);
+        let changed = x
+            .clone()
+            .slice_assign([0..1, 0..3, t..t + 1, 0..64, 0..64], noise);
+        let got = vae
+            .encode(changed)
+            .mean
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        // Latent step j sees frames up to 4j: steps j < t / 4 must be bit-identical.
+        let [c, steps] = [4, 5];
+        let mut changed_steps = Vec::new();
+        for j in 0..steps {
+            let same = (0..c).all(|ch| {
+                let at = ch * steps * 64 + j * 64;
+                base[at..at + 64] == got[at..at + 64]
+            });
+            if !same {
+                changed_steps.push(j);
+            }
+        }
+        let first = changed_steps.first().copied().unwrap_or(steps);
+        assert!(4 * first >= t, "frame {t} changed latent step {first}");
+        assert!(!changed_steps.is_empty(), "frame {t} changed nothing");
+    }
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    for (cfg, field) in [
+        (
+            VaeConfig {
+                channels: vec![8, 8],
+                ..small(2)
+            },
+            "channels",
+        ),
+        (
+            VaeConfig {
+                temporal_down: 4,
+                ..small(2)
+            },
+            "temporal_down",
+        ),
+        (
+            VaeConfig {
+                groups: 3,
+                ..small(2)
+            },
+            "groups",
+        ),
+        (
+            VaeConfig {
+                kl_weight: -1.0,
+                ..small(2)
+            },
+            "kl_weight",
+        ),
+    ] {
+        let e = cfg.init(&Device::flex()).unwrap_err().to_string();
+        assert!(e.contains(field), "{e}");
+    }
+}
