@@ -5,7 +5,7 @@
 //! animated GIFs in, PNG and GIF previews out), [`filter`] (scene-cut, sharpness and motion
 //! scores and thresholds), [`pipeline`] (scan a folder, bucket by resolution and length, JSONL
 //! manifest with the reason for every rejection), [`synthetic`] (labelled clips of moving
-//! shapes), [`vae`] (the causal 3-D convolutional VAE) and [`metrics`] (PSNR, SSIM). VAE
+//! shapes), [`resample`] (anti-aliased resizing, the VAE baseline), [`vae`] (the causal 3-D convolutional VAE) and [`metrics`] (PSNR, SSIM). VAE
 //! training, the DiT and rectified flow are being built.
 //!
 //! ```
@@ -21,6 +21,7 @@ pub mod error;
 pub mod filter;
 pub mod metrics;
 pub mod pipeline;
+pub mod resample;
 pub mod synthetic;
 pub mod vae;
 

@@ -256,3 +256,30 @@ fn synthetic_clips_show_their_label() {
             .contains("size")
     );
 }
+
+#[test]
+fn the_squeeze_baseline_scores_about_20_db_on_the_public_clips() {
+    use burn_video::resample::{quality, resize, squeeze};
+    // Resizing to the same size is the identity; a constant clip stays constant.
+    let c = clip(1);
+    let same = resize(&c, 17, 64, 64).expect("resize");
+    let (p, _) = quality(&[(c.clone(), same)]).expect("quality");
+    assert!(p > 90.0, "identity resize PSNR {p}");
+    // The baseline of a 5×8×8×16 latent: 5 frames of 18×18 RGB, resized back.
+    let pairs: Vec<(Clip, Clip)> = list_clips(&clips_dir())
+        .expect("list")
+        .iter()
+        .map(|p| {
+            let c = Clip::read(p).expect("clip");
+            let s = squeeze(&c, 5, 18).expect("squeeze");
+            (c, s)
+        })
+        .collect();
+    let (psnr_db, ssim_v) = quality(&pairs).expect("quality");
+    println!(
+        "baseline on {} public clips: PSNR {psnr_db:.2} dB, SSIM {ssim_v:.4}",
+        pairs.len()
+    );
+    // The independent reference: about 20.3 dB.
+    assert!((psnr_db - 20.3).abs() < 0.5, "{psnr_db}");
+}
