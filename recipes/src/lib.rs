@@ -5,7 +5,8 @@
 //! [`recipe`] (parsing, `--set` overrides, validation), [`data`] (a Markov source with a known
 //! entropy rate, byte-level text), [`model`] (the decoder-only MoE transformer), [`train`] (the
 //! loop, metrics, progress), [`plan`] (memory, step time and MFU of a layout; layout search),
-//! [`checkpoint`] (atomic checkpoints, exact resume), [`memory`] (heap accounting for the
+//! [`video`] (video VAE recipes: training and evaluation), [`checkpoint`] (atomic checkpoints,
+//! exact resume), [`memory`] (heap accounting for the
 //! per-step memory report) and [`plot`] (PNG plots of a run). The
 //! `burn-recipes` binary is the command line over them.
 
@@ -19,5 +20,6 @@ pub mod plan;
 pub mod plot;
 pub mod recipe;
 pub mod train;
+pub mod video;
 
 pub use error::{RecipeError, Result};

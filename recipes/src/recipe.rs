@@ -305,7 +305,7 @@ impl Default for ParallelConfig {
     }
 }
 
-fn bad(key: &str, reason: impl Into<String>) -> RecipeError {
+pub(crate) fn bad(key: &str, reason: impl Into<String>) -> RecipeError {
     RecipeError::Invalid {
         key: key.to_string(),
         reason: reason.into(),
@@ -605,7 +605,7 @@ impl Recipe {
 }
 
 /// Sets `section.key = value` (the value parsed as TOML, or as a string when it is not TOML).
-fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (path, raw) = assignment
         .split_once('=')
         .ok_or_else(|| bad("--set", format!("`{assignment}` is not section.key=value")))?;
@@ -630,7 +630,7 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
 }
 
 /// Turns serde's message into an error naming the key.
-fn from_serde(message: &str) -> RecipeError {
+pub(crate) fn from_serde(message: &str) -> RecipeError {
     let message = message.replace('\n', " ");
     // toml reports `unknown field `x`, expected ...` or `invalid type: ..., expected ... for key `section.key``.
     let key = message

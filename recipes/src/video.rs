@@ -1,0 +1,522 @@
+//! Video VAE recipes: `burn-recipes train` on a recipe with a `[vae]` table trains the causal
+//! video VAE of burn-video on random crops of a folder of clips, keeps every `holdout_every`-th
+//! clip out of training, and writes metrics, checkpoints, per-channel latent statistics and a
+//! summary with held-out PSNR / SSIM next to the same-size resize baseline;
+//! `burn-recipes eval vae` scores a run on any folder of clips.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
+use burn_video::clip::{Clip, list_clips};
+use burn_video::metrics::Frame;
+use burn_video::resample::{quality, squeeze};
+use burn_video::vae::{Vae, VaeConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Meta};
+use crate::data::mix;
+use crate::error::{RecipeError, Result};
+use crate::recipe::{RunConfig, apply_override, bad, from_serde};
+
+/// `[data]` of a VAE recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeData {
+    /// Folder of clips (PNG-frame folders, GIFs).
+    pub clips: PathBuf,
+    /// Every this-many-th clip (sorted by name, the last of each group) is held out.
+    pub holdout_every: usize,
+    /// Frames of a training crop (`1 + k × temporal factor`).
+    pub frames: usize,
+    /// Side of a square training crop (a multiple of the spatial factor).
+    pub crop: usize,
+}
+
+/// `[training]` of a VAE recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeTraining {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Crops per step.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Gradient clipping by global norm.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Write a metrics line every this many steps.
+    #[serde(default = "one")]
+    pub log_every: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A video VAE recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeRecipe {
+    /// Run folder and seed.
+    pub run: RunConfig,
+    /// The VAE.
+    pub vae: VaeConfig,
+    /// The clips.
+    pub data: VaeData,
+    /// The optimisation.
+    pub training: VaeTraining,
+}
+
+/// Whether recipe text is a VAE recipe (it has a `[vae]` table).
+pub fn is_vae_recipe(text: &str) -> bool {
+    text.parse::<toml::Table>()
+        .is_ok_and(|t| t.contains_key("vae"))
+}
+
+impl VaeRecipe {
+    /// Reads a recipe file and applies `--set` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut value: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let recipe = VaeRecipe::deserialize(toml::Value::Table(value))
+            .map_err(|e| from_serde(&e.to_string()))?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    /// Checks every value; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        self.vae.validate().map_err(|e| match e {
+            burn_video::VideoError::InvalidArgument { name, reason } => {
+                bad(&format!("vae.{name}"), reason)
+            }
+            other => bad("vae", other.to_string()),
+        })?;
+        let (d, t) = (&self.data, &self.training);
+        let (ft, fs) = (self.vae.time_factor(), self.vae.space_factor());
+        if d.frames == 0 || !(d.frames - 1).is_multiple_of(ft) {
+            return Err(bad(
+                "data.frames",
+                format!(
+                    "{} is not 1 + a multiple of the temporal factor {ft}",
+                    d.frames
+                ),
+            ));
+        }
+        if d.crop == 0 || !d.crop.is_multiple_of(fs) {
+            return Err(bad(
+                "data.crop",
+                format!("{} is not a multiple of the spatial factor {fs}", d.crop),
+            ));
+        }
+        for (key, v) in [
+            ("data.holdout_every", d.holdout_every),
+            ("training.steps", t.steps),
+            ("training.batch", t.batch),
+            ("training.log_every", t.log_every),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(bad("training.lr", "must be a positive number"));
+        }
+        if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return Err(bad("training.min_lr", "must be in [0, lr]"));
+        }
+        if t.warmup_steps > t.steps {
+            return Err(bad("training.warmup_steps", "exceeds training.steps"));
+        }
+        Ok(())
+    }
+
+    fn lr(&self, step: usize) -> f64 {
+        let t = &self.training;
+        crate::train::warmup_cosine(step, t.steps, t.warmup_steps, t.lr, t.min_lr)
+    }
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
+    RecipeError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn video(e: burn_video::VideoError) -> RecipeError {
+    RecipeError::Invalid {
+        key: "data.clips".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// Clips of `dir`, split into (training, held out): clip `i` is held out when
+/// `i % every == every − 1`.
+pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
+    let paths = list_clips(dir).map_err(video)?;
+    if paths.is_empty() {
+        return Err(RecipeError::Invalid {
+            key: "data.clips".into(),
+            reason: format!("{}: no clips", dir.display()),
+        });
+    }
+    let (mut train, mut held) = (Vec::new(), Vec::new());
+    for (i, p) in paths.iter().enumerate() {
+        let c = Clip::read(p).map_err(video)?;
+        if every > 1 && i % every == every - 1 {
+            held.push(c);
+        } else {
+            train.push(c);
+        }
+    }
+    Ok((train, held))
+}
+
+/// `[B, 3, T, H, W]` in `[-1, 1]` from `(clip, first frame, y, x)` crops of `frames × side²`.
+fn crops(
+    clips: &[&Clip],
+    at: &[(usize, usize, usize)],
+    frames: usize,
+    side: usize,
+    d: &Device,
+) -> Tensor<5> {
+    let mut v = Vec::with_capacity(clips.len() * 3 * frames * side * side);
+    for (clip, &(t0, y0, x0)) in clips.iter().zip(at) {
+        let (w, _) = clip.size();
+        for c in 0..3 {
+            for t in 0..frames {
+                let px = clip.frames()[t0 + t].pixels();
+                for y in 0..side {
+                    for x in 0..side {
+                        v.push(px[((y0 + y) * w + x0 + x) * 3 + c] * 2.0 - 1.0);
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(v, [clips.len(), 3, frames, side, side]), d)
+}
+
+/// A clip from `[1, 3, T, H, W]` in `[-1, 1]` (clamped).
+fn to_clip(x: Tensor<5>) -> Result<Clip> {
+    let [_, _, t, h, w] = x.dims();
+    let v = x
+        .clamp(-1.0, 1.0)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| bad("vae", format!("{e:?}")))?;
+    let plane = h * w;
+    let frames = (0..t)
+        .map(|f| {
+            let px = (0..plane)
+                .flat_map(|i| (0..3).map(move |c| (c, i)))
+                .map(|(c, i)| (v[(c * t + f) * plane + i] + 1.0) / 2.0)
+                .collect();
+            Frame::new(w, h, 3, px)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad("vae", e.to_string()))?;
+    Clip::new(frames).map_err(video)
+}
+
+/// The largest `1 + k × factor` frames of `clip` (VAE input length).
+fn usable(clip: &Clip, factor: usize) -> Clip {
+    clip.trim(1 + (clip.len() - 1) / factor * factor)
+}
+
+/// Reconstructs `clip` through the posterior mean.
+pub fn reconstruct(vae: &Vae, cfg: &VaeConfig, clip: &Clip, d: &Device) -> Result<Clip> {
+    let c = usable(clip, cfg.time_factor());
+    let (w, h) = c.size();
+    cfg.latent_shape(c.len(), h, w)
+        .map_err(|e| bad("clips", e.to_string()))?;
+    if w != h {
+        return Err(bad("clips", format!("{w}x{h} clips are not square")));
+    }
+    let x = crops(&[&c], &[(0, 0, 0)], c.len(), w, d);
+    to_clip(vae.decode(vae.encode(x).mean))
+}
+
+/// What `eval vae` reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VaeEval {
+    /// Clips scored.
+    pub clips: usize,
+    /// Mean PSNR (dB) of the VAE over every frame.
+    pub vae_psnr: f64,
+    /// Mean SSIM of the VAE.
+    pub vae_ssim: f64,
+    /// Mean PSNR of the same-size resize baseline.
+    pub baseline_psnr: f64,
+    /// Mean SSIM of the baseline.
+    pub baseline_ssim: f64,
+}
+
+/// Scores `vae` and the baseline of its latent size on `clips`; writes a side-by-side preview
+/// (original | VAE | baseline) of the first clip to `preview` when given.
+pub fn evaluate(
+    vae: &Vae,
+    cfg: &VaeConfig,
+    clips: &[Clip],
+    preview: Option<&Path>,
+    d: &Device,
+) -> Result<VaeEval> {
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for clip in clips {
+        let c = usable(clip, cfg.time_factor());
+        let (w, h) = c.size();
+        let [z, t, lh, lw] = cfg
+            .latent_shape(c.len(), h, w)
+            .map_err(|e| bad("clips", e.to_string()))?;
+        let rec = reconstruct(vae, cfg, &c, d)?;
+        // As many numbers as the latent holds: t frames of side² RGB.
+        let side = ((z * lh * lw) as f64 / 3.0).sqrt().floor() as usize;
+        let b = squeeze(&c, t, side).map_err(video)?;
+        ours.push((c.clone(), rec));
+        base.push((c, b));
+    }
+    if let (Some(path), Some((c, r)), Some((_, b))) = (preview, ours.first(), base.first()) {
+        c.side_by_side(r)
+            .and_then(|x| x.side_by_side(b))
+            .and_then(|x| x.write_gif(path, 100))
+            .map_err(video)?;
+    }
+    let (vae_psnr, vae_ssim) = quality(&ours).map_err(video)?;
+    let (baseline_psnr, baseline_ssim) = quality(&base).map_err(video)?;
+    Ok(VaeEval {
+        clips: clips.len(),
+        vae_psnr,
+        vae_ssim,
+        baseline_psnr,
+        baseline_ssim,
+    })
+}
+
+/// What a VAE training run reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VaeSummary {
+    /// Mean loss of the last ten steps.
+    pub final_loss: f64,
+    /// Held-out evaluation.
+    pub holdout: VaeEval,
+    /// Per-channel mean of the latent posterior means over the training clips.
+    pub latent_mean: Vec<f64>,
+    /// Per-channel standard deviation.
+    pub latent_std: Vec<f64>,
+    /// Seconds of training.
+    pub seconds: f64,
+}
+
+#[derive(Serialize)]
+struct VaeMetrics {
+    step: usize,
+    loss: f64,
+    l1: f64,
+    gradient: f64,
+    kl: f64,
+    lr: f64,
+    seconds: f64,
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
+}
+
+/// Trains a VAE recipe from scratch in its (new) run folder.
+pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
+    let run = &recipe.run.dir;
+    if checkpoint::latest(run)?.is_some() || run.join("metrics.jsonl").exists() {
+        return Err(RecipeError::Invalid {
+            key: "run.dir".into(),
+            reason: format!(
+                "{} already holds a run; choose another run.dir",
+                run.display()
+            ),
+        });
+    }
+    let (train, held) = split_clips(&recipe.data.clips, recipe.data.holdout_every)?;
+    let (d, t, cfg) = (&recipe.data, &recipe.training, &recipe.vae);
+    for c in &train {
+        let (w, h) = c.size();
+        if c.len() < d.frames || w < d.crop || h < d.crop {
+            return Err(bad(
+                "data.crop",
+                format!(
+                    "a {w}x{h} clip of {} frames is smaller than a crop",
+                    c.len()
+                ),
+            ));
+        }
+    }
+    let device = Device::flex().autodiff();
+    let mut vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
+    let single = Group::single();
+    let mut opt = DistributedAdamW::new(
+        AdamWConfig {
+            lr: t.lr,
+            weight_decay: 0.0,
+            max_grad_norm: t.grad_clip,
+            ..AdamWConfig::default()
+        },
+        single.clone(),
+        single.clone(),
+        single,
+    )?;
+    std::fs::create_dir_all(run).map_err(|e| io(run, e))?;
+    let copy = run.join("recipe.toml");
+    std::fs::write(
+        &copy,
+        toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?,
+    )
+    .map_err(|e| io(&copy, e))?;
+    let metrics_path = run.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| io(&metrics_path, e))?;
+    let began = Instant::now();
+    let mut losses = Vec::new();
+    for step in 0..t.steps {
+        let mut state = mix(recipe.run.seed ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        let mut draw = |n: usize| {
+            state = mix(state);
+            (state % n as u64) as usize
+        };
+        let (mut picked, mut at) = (Vec::new(), Vec::new());
+        for _ in 0..t.batch {
+            let c = &train[draw(train.len())];
+            let (w, h) = c.size();
+            at.push((
+                draw(c.len() - d.frames + 1),
+                draw(h - d.crop + 1),
+                draw(w - d.crop + 1),
+            ));
+            picked.push(c);
+        }
+        let x = crops(&picked, &at, d.frames, d.crop, &device);
+        let loss = vae.loss(x, cfg, true);
+        let value = scalar(loss.total.clone());
+        let mut grads = GradientBuffer::new();
+        grads.add(&vae, &loss.total.backward())?;
+        opt.set_lr(recipe.lr(step));
+        vae = opt.step_buffered(vae, grads, &[])?.0;
+        losses.push(value);
+        if (step + 1).is_multiple_of(t.log_every) {
+            let line = VaeMetrics {
+                step: step + 1,
+                loss: value,
+                l1: scalar(loss.l1),
+                gradient: scalar(loss.gradient),
+                kl: scalar(loss.kl),
+                lr: recipe.lr(step),
+                seconds: began.elapsed().as_secs_f64(),
+            };
+            let text = serde_json::to_string(&line).map_err(|e| io(&metrics_path, e))?;
+            writeln!(metrics, "{text}").map_err(|e| io(&metrics_path, e))?;
+        }
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    let meta = Meta {
+        step: t.steps,
+        world: 1,
+        next_sequence: 0,
+        seed: recipe.run.seed,
+    };
+    let comm = burn_parallel::comm::SingleRank::new();
+    checkpoint::save(run, &meta, &vae, &opt.state(), &comm, 1)?;
+    // Per-channel latent statistics over the training clips (posterior means).
+    let eval_device = device.clone();
+    let (mut sum, mut sq, mut n) = (vec![0f64; cfg.latent], vec![0f64; cfg.latent], 0f64);
+    for c in &train {
+        let c = usable(c, cfg.time_factor());
+        let (w, _) = c.size();
+        let z = vae
+            .encode(crops(&[&c], &[(0, 0, 0)], c.len(), w, &eval_device))
+            .mean;
+        let [_, ch, zt, zh, zw] = z.dims();
+        let v = z
+            .into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .map_err(|e| bad("vae", format!("{e:?}")))?;
+        let per = zt * zh * zw;
+        for c in 0..ch {
+            for x in &v[c * per..(c + 1) * per] {
+                sum[c] += x;
+                sq[c] += x * x;
+            }
+        }
+        n += per as f64;
+    }
+    let latent_mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let latent_std: Vec<f64> = sq
+        .iter()
+        .zip(&latent_mean)
+        .map(|(s, m)| (s / n - m * m).max(0.0).sqrt())
+        .collect();
+    let holdout = evaluate(
+        &vae,
+        cfg,
+        &held,
+        Some(&run.join("holdout_preview.gif")),
+        &eval_device,
+    )?;
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    let summary = VaeSummary {
+        final_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        holdout,
+        latent_mean,
+        latent_std,
+        seconds,
+    };
+    let path = run.join("summary.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&summary).map_err(|e| io(&path, e))?,
+    )
+    .map_err(|e| io(&path, e))?;
+    Ok(summary)
+}
+
+/// Loads a run's VAE: its recipe and the latest (or the given) checkpoint.
+pub fn load_vae(run: &Path, checkpoint_dir: Option<&Path>) -> Result<(VaeRecipe, Vae)> {
+    let recipe = VaeRecipe::load(&run.join("recipe.toml"), &[])?;
+    let dir = match checkpoint_dir {
+        Some(d) => d.to_path_buf(),
+        None => checkpoint::latest(run)?
+            .map(|(d, _)| d)
+            .ok_or_else(|| RecipeError::Invalid {
+                key: "--run".into(),
+                reason: format!("{} has no checkpoint", run.display()),
+            })?,
+    };
+    let device = Device::flex();
+    let vae = recipe
+        .vae
+        .init(&device)
+        .map_err(|e| bad("vae", e.to_string()))?;
+    let (vae, _) = checkpoint::load(&dir, vae, 0)?;
+    Ok((recipe, vae))
+}
