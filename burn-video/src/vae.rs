@@ -12,6 +12,11 @@
 //! into space and time; temporal upsampling drops the first of the duplicated frames so
 //! `1 + n` frames become `1 + 2n`).
 //!
+//! Every down- and upsampling step and the latent bottleneck also carry DC-AE's
+//! non-parametric shortcuts (Chen et al. 2024, residual autoencoding): space-to-channel then a
+//! mean over channel groups going down, channel repetition then depth-to-space going up, so the
+//! network starts close to a box-filter resize and learns the residual.
+//!
 //! The loss is L1 + a gradient (structural) term: the L1 of the spatial finite differences,
 //! + `kl_weight` × KL to the standard normal.
 
@@ -48,7 +53,7 @@ impl Default for VaeConfig {
     /// 4×8×8 compression, 16 latent channels.
     fn default() -> Self {
         Self {
-            channels: vec![32, 64, 96, 128],
+            channels: vec![32, 64, 128, 128],
             latent: 16,
             spatial_down: 3,
             temporal_down: 2,
@@ -146,6 +151,8 @@ impl VaeConfig {
                 DownLevel {
                     res: ResBlock::new(c[i], c[i], g, device),
                     down: CausalConv3d::new(c[i], c[i + 1], [3, 3, 3], [st, 2, 2], device),
+                    temporal: st == 2,
+                    c_out: c[i + 1],
                 }
             })
             .collect();
@@ -167,6 +174,7 @@ impl VaeConfig {
                         temporal,
                     },
                     res: ResBlock::new(c[i], c[i], g, device),
+                    c_out: c[i],
                 }
             })
             .collect();
@@ -260,6 +268,10 @@ impl ResBlock {
         }
     }
 
+    fn channels(&self) -> usize {
+        self.conv2.conv.weight.val().dims()[0]
+    }
+
     fn forward(&self, x: Tensor<5>) -> Tensor<5> {
         let h = self
             .conv1
@@ -274,19 +286,129 @@ impl ResBlock {
     }
 }
 
+/// Space (and, when `temporal`, time) to channels, then the mean over groups of channels down to
+/// `c_out`: the non-parametric shortcut of a downsampling step (DC-AE's residual
+/// autoencoding). Time is made even by repeating the first frame in front (causal), so
+/// `1 + 2n` frames become `1 + n`. `None` when the channels do not divide.
+fn space_to_channel(x: Tensor<5>, c_out: usize, temporal: bool) -> Option<Tensor<5>> {
+    let [b, c, t, h, w] = x.dims();
+    let rt = if temporal { 2 } else { 1 };
+    let packed = c * rt * 4;
+    if !packed.is_multiple_of(c_out) {
+        return None;
+    }
+    let (x, t) = if temporal {
+        (Tensor::cat(vec![x.clone().narrow(2, 0, 1), x], 2), t + 1)
+    } else {
+        (x, t)
+    };
+    let y = x
+        .reshape([b, c, t / rt, rt, h / 2, 2, w / 2, 2])
+        .permute([0, 1, 3, 5, 7, 2, 4, 6])
+        .reshape([b, c_out, packed / c_out, t / rt, h / 2, w / 2])
+        .mean_dim(2)
+        .reshape([b, c_out, t / rt, h / 2, w / 2]);
+    Some(y)
+}
+
+/// Channels repeated up to `c_out · r_t · 4`, then rearranged into `r_t×` time and `2×` space:
+/// the shortcut of an upsampling step (the first frame dropped when temporal). `None` when the
+/// channels do not divide.
+fn channel_to_space(x: Tensor<5>, c_out: usize, temporal: bool) -> Option<Tensor<5>> {
+    let [b, c, t, h, w] = x.dims();
+    let rt = if temporal { 2 } else { 1 };
+    let packed = c_out * rt * 4;
+    if !packed.is_multiple_of(c) {
+        return None;
+    }
+    let y = x
+        .unsqueeze_dim::<6>(2)
+        .repeat_dim(2, packed / c)
+        .reshape([b, packed, t, h, w]);
+    Some(depth_to_space(y, temporal))
+}
+
+/// `[B, c · r_t · 4, T, H, W]` → `[B, c, r_t·T (− 1 when temporal), 2H, 2W]`.
+fn depth_to_space(y: Tensor<5>, temporal: bool) -> Tensor<5> {
+    let [b, c4, t, h, w] = y.dims();
+    let rt = if temporal { 2 } else { 1 };
+    let c = c4 / (rt * 4);
+    // [B, C, rt, 2, 2, T, H, W] → [B, C, T, rt, H, 2, W, 2].
+    let y = y
+        .reshape([b, c, rt, 2, 2, t, h, w])
+        .permute([0, 1, 5, 2, 6, 3, 7, 4])
+        .reshape([b, c, t * rt, 2 * h, 2 * w]);
+    if temporal {
+        y.narrow(2, 1, t * 2 - 1)
+    } else {
+        y
+    }
+}
+
+/// Mean over groups of channels down to `c_out` (`None` when they do not divide).
+fn channel_mean(x: Tensor<5>, c_out: usize) -> Option<Tensor<5>> {
+    let [b, c, t, h, w] = x.dims();
+    c.is_multiple_of(c_out).then(|| {
+        x.reshape([b, c_out, c / c_out, t, h, w])
+            .mean_dim(2)
+            .reshape([b, c_out, t, h, w])
+    })
+}
+
+/// Channels repeated up to `c_out` (`None` when they do not divide).
+fn channel_repeat(x: Tensor<5>, c_out: usize) -> Option<Tensor<5>> {
+    let [b, c, t, h, w] = x.dims();
+    c_out.is_multiple_of(c).then(|| {
+        x.unsqueeze_dim::<6>(2)
+            .repeat_dim(2, c_out / c)
+            .reshape([b, c_out, t, h, w])
+    })
+}
+
+fn plus(a: Tensor<5>, shortcut: Option<Tensor<5>>) -> Tensor<5> {
+    match shortcut {
+        Some(s) => a + s,
+        None => a,
+    }
+}
+
 /// One encoder level: a residual block, then a strided causal convolution (space halved,
-/// time too when temporal).
+/// time too when temporal), plus the space-to-channel shortcut.
 #[derive(Module, Debug)]
 pub struct DownLevel {
     res: ResBlock,
     down: CausalConv3d,
+    #[module(skip)]
+    temporal: bool,
+    #[module(skip)]
+    c_out: usize,
 }
 
-/// One decoder level: depth-to-space upsampling, then a residual block.
+impl DownLevel {
+    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
+        let h = self.res.forward(x);
+        plus(
+            self.down.forward(h.clone()),
+            space_to_channel(h, self.c_out, self.temporal),
+        )
+    }
+}
+
+/// One decoder level: depth-to-space upsampling plus the channel-to-space shortcut, then a
+/// residual block.
 #[derive(Module, Debug)]
 pub struct UpLevel {
     up: Upsample,
     res: ResBlock,
+    #[module(skip)]
+    c_out: usize,
+}
+
+impl UpLevel {
+    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
+        let shortcut = channel_to_space(x.clone(), self.c_out, self.up.temporal);
+        self.res.forward(plus(self.up.forward(x), shortcut))
+    }
 }
 
 /// A causal convolution to `r_t · 2 · 2 · c` channels rearranged into `r_t×` time and `2×`
@@ -300,20 +422,7 @@ pub struct Upsample {
 
 impl Upsample {
     fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let y = self.conv.forward(x);
-        let [b, c4, t, h, w] = y.dims();
-        let rt = if self.temporal { 2 } else { 1 };
-        let c = c4 / (rt * 4);
-        // [B, C, rt, 2, 2, T, H, W] → [B, C, T, rt, H, 2, W, 2].
-        let y = y
-            .reshape([b, c, rt, 2, 2, t, h, w])
-            .permute([0, 1, 5, 2, 6, 3, 7, 4])
-            .reshape([b, c, t * rt, 2 * h, 2 * w]);
-        if self.temporal {
-            y.narrow(2, 1, t * 2 - 1)
-        } else {
-            y
-        }
+        depth_to_space(self.conv.forward(x), self.temporal)
     }
 }
 
@@ -393,24 +502,26 @@ impl Vae {
     pub fn encode(&self, x: Tensor<5>) -> Posterior {
         let mut h = self.conv_in.forward(x);
         for level in &self.down {
-            h = level.down.forward(level.res.forward(h));
+            h = level.forward(h);
         }
         let h = self.mid_enc.forward(h);
+        let z = self.latent;
         let m = self
             .conv_moments
-            .forward(activation::silu(frame_norm(&self.norm_out, h)));
-        let z = self.latent;
+            .forward(activation::silu(frame_norm(&self.norm_out, h.clone())));
         Posterior {
-            mean: m.clone().narrow(1, 0, z),
+            mean: plus(m.clone().narrow(1, 0, z), channel_mean(h, z)),
             logvar: m.narrow(1, z, z).clamp(-30.0, 20.0),
         }
     }
 
     /// The clip of latent `z` `[B, latent, t, h, w]`, in `[-1, 1]` (not clamped).
     pub fn decode(&self, z: Tensor<5>) -> Tensor<5> {
-        let mut h = self.mid_dec.forward(self.conv_latent.forward(z));
+        let c = self.mid_dec.channels();
+        let h = plus(self.conv_latent.forward(z.clone()), channel_repeat(z, c));
+        let mut h = self.mid_dec.forward(h);
         for level in &self.up {
-            h = level.res.forward(level.up.forward(h));
+            h = level.forward(h);
         }
         self.conv_out
             .forward(activation::silu(frame_norm(&self.norm_dec, h)))
