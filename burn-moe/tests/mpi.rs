@@ -5,28 +5,13 @@
 
 use std::time::Duration;
 
-use burn_parallel::launch::MpiRun;
+use burn_parallel::launch::run_check_program;
 
-/// One `mpirun` at a time (two cores).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn check(bin: &str, expect: &str) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for np in [2, 4, 8] {
-        let out = MpiRun::new(np, [bin])
-            .env("BURN_PARALLEL_TIMEOUT_S", "60")
-            .limit(Duration::from_secs(180))
-            .run()
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(out.success, "{np} ranks:\n{}\n{}", out.stdout, out.stderr);
-        let line = format!("{expect} ({np} ranks):");
-        assert!(
-            out.stdout.contains(&line),
-            "no `{line}` in:\n{}",
-            out.stdout
-        );
-        print!("{}", out.stdout);
-    }
+/// Runs a check program on 2, 4 and 8 ranks and prints what it reported.
+fn check(bin: &str, name: &str) {
+    let out = run_check_program(bin, name, &[2, 4, 8], 60, Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}"));
+    print!("{out}");
 }
 
 #[test]

@@ -78,6 +78,16 @@ pub enum ParallelError {
         /// Why (feature not compiled in, no GPU, library missing, …).
         reason: String,
     },
+    /// A multi-rank check program failed or did not report success.
+    #[error("check program {program} on {np} ranks failed: {reason}")]
+    CheckFailed {
+        /// The program.
+        program: String,
+        /// Ranks it ran on.
+        np: usize,
+        /// Its output, or what was missing from it.
+        reason: String,
+    },
     /// A tensor could not be read from or written to its device.
     #[error("backend error in {context}: {reason}")]
     Backend {

@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{ParallelError, Result};
@@ -82,6 +83,14 @@ impl MpiRun {
         cmd
     }
 
+    /// [`run`](Self::run), one job at a time in this process (concurrent `mpirun` jobs
+    /// oversubscribe the cores and distort timeouts).
+    pub fn run_exclusive(&self) -> Result<RunOutput> {
+        static EXCLUSIVE: Mutex<()> = Mutex::new(());
+        let _one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+        self.run()
+    }
+
     /// Runs to completion, capturing the output; kills the run after the limit.
     pub fn run(&self) -> Result<RunOutput> {
         if self.np == 0 || self.program.is_empty() {
@@ -146,6 +155,40 @@ impl MpiRun {
             elapsed: start.elapsed(),
         })
     }
+}
+
+/// Runs a check program (one built on [`check_program`]) under `mpirun -np N` for each N of
+/// `ranks`, one job at a time, every blocking call timing out after `timeout_s` seconds and each
+/// run killed after `limit`. Returns the runs' standard output, or the first failure: a run that
+/// did not succeed, or whose output lacks `"{name} (N ranks):"`.
+pub fn run_check_program(
+    program: &str,
+    name: &str,
+    ranks: &[usize],
+    timeout_s: u64,
+    limit: Duration,
+) -> Result<String> {
+    let mut all = String::new();
+    for &np in ranks {
+        let out = MpiRun::new(np, [program])
+            .env(crate::comm::TIMEOUT_ENV, timeout_s.to_string())
+            .limit(limit)
+            .run_exclusive()?;
+        let failed = |reason: String| ParallelError::CheckFailed {
+            program: program.to_string(),
+            np,
+            reason,
+        };
+        if !out.success {
+            return Err(failed(format!("{}\n{}", out.stdout, out.stderr)));
+        }
+        let line = format!("{name} ({np} ranks):");
+        if !out.stdout.contains(&line) {
+            return Err(failed(format!("no `{line}` in:\n{}", out.stdout)));
+        }
+        all.push_str(&out.stdout);
+    }
+    Ok(all)
 }
 
 /// Norm-wise relative error `‖got − want‖ / ‖want‖` of a check program's result (the absolute

@@ -3,37 +3,15 @@
 //! (`scripts/setup-mpi`); built only with `--features mpi`.
 #![cfg(feature = "mpi")]
 
-use std::sync::Mutex;
 use std::time::Duration;
 
-use burn_parallel::launch::{MpiRun, RunOutput};
+use burn_parallel::launch::{MpiRun, run_check_program};
 
-/// One `mpirun` at a time: concurrent jobs oversubscribe two cores and distort the timing test.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn run(job: MpiRun) -> RunOutput {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    job.run().unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn check_binary(bin: &str, expect: &str) {
-    for np in [1, 2, 4, 8] {
-        let out = run(MpiRun::new(np, [bin])
-            .env("BURN_PARALLEL_TIMEOUT_S", "60")
-            .limit(Duration::from_secs(120)));
-        assert!(
-            out.success,
-            "{bin} failed on {np} ranks:\n{}\n{}",
-            out.stdout, out.stderr
-        );
-        let line = format!("{expect} ({np} ranks)");
-        assert!(
-            out.stdout.contains(&line),
-            "no `{line}` in:\n{}",
-            out.stdout
-        );
-        print!("{}", out.stdout);
-    }
+/// Runs a check program on 1, 2, 4 and 8 ranks and prints what it reported.
+fn check_binary(bin: &str, name: &str) {
+    let out = run_check_program(bin, name, &[1, 2, 4, 8], 60, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    print!("{out}");
 }
 
 #[test]
@@ -76,11 +54,13 @@ fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
         "\"{bin}\"; echo $? > \"{}/exit-$OMPI_COMM_WORLD_RANK.txt\"",
         reports.display()
     );
-    let out = run(MpiRun::new(4, ["sh", "-c", script.as_str()])
+    let out = MpiRun::new(4, ["sh", "-c", script.as_str()])
         .mpirun_arg("--enable-recovery")
         .env("BURN_PARALLEL_TIMEOUT_S", timeout_s.to_string())
         .env("BURN_PARALLEL_REPORT_DIR", reports.display().to_string())
-        .limit(Duration::from_secs(60)));
+        .limit(Duration::from_secs(60))
+        .run_exclusive()
+        .unwrap_or_else(|e| panic!("{e}"));
     let read = |name: String| std::fs::read_to_string(reports.join(name)).unwrap_or_default();
     for rank in 0..3 {
         let code = read(format!("exit-{rank}.txt"));

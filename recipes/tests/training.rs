@@ -188,20 +188,13 @@ fn eight_rank_launch_with_tp_cp_interleaved_pp_and_folded_ep_reproduces_the_sing
 #[cfg(feature = "mpi")]
 #[test]
 fn context_pipeline_tensor_and_expert_layouts_match_one_rank_on_2_4_8_ranks() {
-    use burn_parallel::launch::MpiRun;
-    for np in [2, 4, 8] {
-        let out = MpiRun::new(np, [env!("CARGO_BIN_EXE_burn-recipes-equivalence")])
-            .env("BURN_PARALLEL_TIMEOUT_S", "120")
-            .limit(std::time::Duration::from_secs(300))
-            .run()
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(out.success, "{np} ranks:\n{}\n{}", out.stdout, out.stderr);
-        let line = format!("recipes equivalence ({np} ranks)");
-        assert!(
-            out.stdout.contains(&line),
-            "no `{line}` in:\n{}",
-            out.stdout
-        );
-        print!("{}", out.stdout);
-    }
+    let out = burn_parallel::launch::run_check_program(
+        env!("CARGO_BIN_EXE_burn-recipes-equivalence"),
+        "recipes equivalence",
+        &[2, 4, 8],
+        120,
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    print!("{out}");
 }
