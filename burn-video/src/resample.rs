@@ -86,11 +86,11 @@ pub fn resize(clip: &Clip, frames: usize, height: usize, width: usize) -> Result
     Clip::new(out)
 }
 
-/// The same-size baseline of a VAE whose latent holds `frames × side × side × 3` numbers:
+/// The same-size baseline of a VAE whose latent holds `frames × height × width × 3` numbers:
 /// squeeze the clip to that size, then resize it back.
-pub fn squeeze(clip: &Clip, frames: usize, side: usize) -> Result<Clip> {
+pub fn squeeze(clip: &Clip, frames: usize, height: usize, width: usize) -> Result<Clip> {
     let (w, h) = clip.size();
-    resize(&resize(clip, frames, side, side)?, clip.len(), h, w)
+    resize(&resize(clip, frames, height, width)?, clip.len(), h, w)
 }
 
 /// Mean PSNR and SSIM (values in `[0, 1]`) over every frame of every clip pair.

@@ -32,21 +32,30 @@ use crate::error::{Result, invalid};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaeConfig {
-    /// Channels at full resolution, then after each spatial downsampling
-    /// (`spatial_down + 1` entries).
+    /// Channels after the input patchify, then after each downsampling level
+    /// (`levels() + 1` entries).
     pub channels: Vec<usize>,
     /// Latent channels.
     pub latent: usize,
     /// Spatial halvings (8× = 3).
     pub spatial_down: usize,
-    /// How many of them also halve time (4× = 2, 8× = 3).
+    /// Temporal halvings (4× = 2, 8× = 3).
     pub temporal_down: usize,
+    /// Spatial patch size folded into channels before the first convolution (a power of two
+    /// up to the spatial factor; LTX-Video's input patchify): it takes `log2(patch)` of the
+    /// spatial halvings, so the convolutions run on `patch`× fewer rows and columns.
+    #[serde(default = "one")]
+    pub patch: usize,
     /// GroupNorm groups (must divide every channel count).
     pub groups: usize,
     /// Weight of the KL term.
     pub kl_weight: f64,
     /// Weight of the gradient term.
     pub gradient_weight: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for VaeConfig {
@@ -57,6 +66,7 @@ impl Default for VaeConfig {
             latent: 16,
             spatial_down: 3,
             temporal_down: 2,
+            patch: 1,
             groups: 8,
             kl_weight: 1e-6,
             gradient_weight: 0.5,
@@ -67,20 +77,35 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Checks the sizes; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        if self.channels.len() != self.spatial_down + 1 {
+        if self.spatial_down > 6 || self.temporal_down > 6 {
             return Err(invalid(
-                "channels",
+                if self.spatial_down > 6 {
+                    "spatial_down"
+                } else {
+                    "temporal_down"
+                },
+                "at most 6 halvings (64×)",
+            ));
+        }
+        if !self.patch.is_power_of_two() || self.patch > self.space_factor() {
+            return Err(invalid(
+                "patch",
                 format!(
-                    "needs spatial_down + 1 = {} entries, got {}",
-                    self.spatial_down + 1,
-                    self.channels.len()
+                    "{} must be a power of two no larger than the spatial factor {}",
+                    self.patch,
+                    self.space_factor()
                 ),
             ));
         }
-        if self.temporal_down > self.spatial_down {
+        let levels = self.levels().len();
+        if self.channels.len() != levels + 1 {
             return Err(invalid(
-                "temporal_down",
-                "cannot exceed spatial_down (each temporal halving rides on a spatial one)",
+                "channels",
+                format!(
+                    "needs {} entries (one per level after the patchify, plus one), got {}",
+                    levels + 1,
+                    self.channels.len()
+                ),
             ));
         }
         if self.groups == 0
@@ -109,6 +134,16 @@ impl VaeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The downsampling levels in encoder order: `(halves time, halves space)` each. The
+    /// spatial halvings left after the patchify come first, each with a temporal one while
+    /// those last; temporal halvings beyond them get levels of their own.
+    pub fn levels(&self) -> Vec<(bool, bool)> {
+        let spatial = self.spatial_down - self.patch.trailing_zeros() as usize;
+        (0..spatial.max(self.temporal_down))
+            .map(|i| (i < self.temporal_down, i < spatial))
+            .collect()
     }
 
     /// Temporal compression factor.
@@ -145,41 +180,42 @@ impl VaeConfig {
         self.validate()?;
         let c = &self.channels;
         let g = self.groups;
-        let down = (0..self.spatial_down)
-            .map(|i| {
-                let st = if i < self.temporal_down { 2 } else { 1 };
+        let levels = self.levels();
+        let down = levels
+            .iter()
+            .enumerate()
+            .map(|(i, &(temporal, spatial))| {
+                let (st, ss) = (1 + usize::from(temporal), 1 + usize::from(spatial));
                 DownLevel {
                     res: ResBlock::new(c[i], c[i], g, device),
-                    down: CausalConv3d::new(c[i], c[i + 1], [3, 3, 3], [st, 2, 2], device),
-                    temporal: st == 2,
+                    down: CausalConv3d::new(c[i], c[i + 1], [3, 3, 3], [st, ss, ss], device),
+                    temporal,
+                    spatial,
                     c_out: c[i + 1],
                 }
             })
             .collect();
-        let last = c[self.spatial_down];
-        let up = (0..self.spatial_down)
+        let last = c[levels.len()];
+        let up = levels
+            .iter()
+            .enumerate()
             .rev()
-            .map(|i| {
-                let temporal = i < self.temporal_down;
-                let rt = if temporal { 2 } else { 1 };
+            .map(|(i, &(temporal, spatial))| {
+                let r = (1 + usize::from(temporal)) * (1 + 3 * usize::from(spatial));
                 UpLevel {
                     up: Upsample {
-                        conv: CausalConv3d::new(
-                            c[i + 1],
-                            c[i] * rt * 4,
-                            [3, 3, 3],
-                            [1, 1, 1],
-                            device,
-                        ),
+                        conv: CausalConv3d::new(c[i + 1], c[i] * r, [3, 3, 3], [1, 1, 1], device),
                         temporal,
+                        spatial,
                     },
                     res: ResBlock::new(c[i], c[i], g, device),
                     c_out: c[i],
                 }
             })
             .collect();
+        let pixels = 3 * self.patch * self.patch;
         Ok(Vae {
-            conv_in: CausalConv3d::new(3, c[0], [3, 3, 3], [1, 1, 1], device),
+            conv_in: CausalConv3d::new(pixels, c[0], [3, 3, 3], [1, 1, 1], device),
             down,
             mid_enc: ResBlock::new(last, last, g, device),
             norm_out: norm(g, last, device),
@@ -188,8 +224,9 @@ impl VaeConfig {
             mid_dec: ResBlock::new(last, last, g, device),
             up,
             norm_dec: norm(g, c[0], device),
-            conv_out: CausalConv3d::new(c[0], 3, [3, 3, 3], [1, 1, 1], device),
+            conv_out: CausalConv3d::new(c[0], pixels, [3, 3, 3], [1, 1, 1], device),
             latent: self.latent,
+            patch: self.patch,
         })
     }
 }
@@ -205,6 +242,54 @@ fn frame_norm(norm: &GroupNorm, x: Tensor<5>) -> Tensor<5> {
     norm.forward(frames)
         .reshape([b, t, c, h, w])
         .permute([0, 2, 1, 3, 4])
+}
+
+/// The causal state carried from one chunk of a clip to the next (the feature cache of
+/// CogVideoX's and MUG-V's chunked VAEs): for every temporal convolution, in call order, the
+/// input frames that the next chunk's first outputs still see. A clip encoded (or decoded) in
+/// chunks this way gives the same latents as in one piece, with memory bounded by the chunk.
+#[derive(Debug)]
+struct Stream {
+    prev: std::collections::VecDeque<Tensor<5>>,
+    next: Vec<Tensor<5>>,
+    /// The chunk starts the clip (first-frame padding, the first frame alone).
+    first: bool,
+    /// Keep state for a following chunk.
+    keep: bool,
+}
+
+impl Stream {
+    /// A whole clip in one piece.
+    fn whole() -> Self {
+        Self {
+            prev: Default::default(),
+            next: Vec::new(),
+            first: true,
+            keep: false,
+        }
+    }
+
+    /// The first of several chunks.
+    fn chunked() -> Self {
+        Self {
+            keep: true,
+            ..Self::whole()
+        }
+    }
+
+    fn take(&mut self) -> Option<Tensor<5>> {
+        self.prev.pop_front()
+    }
+
+    fn put(&mut self, frames: Tensor<5>) {
+        self.next.push(frames);
+    }
+
+    /// Moves to the next chunk.
+    fn advance(&mut self) {
+        self.prev = std::mem::take(&mut self.next).into();
+        self.first = false;
+    }
 }
 
 /// A 3-D convolution padded in time at the front only (copies of the first frame), so output
@@ -236,12 +321,30 @@ impl CausalConv3d {
 
     /// `[B, C, T, H, W]` → `[B, C', 1 + (T − 1) / stride_t, H / stride_s, W / stride_s]`.
     pub fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let x = if self.front > 0 {
-            let first = x.clone().narrow(2, 0, 1).repeat_dim(2, self.front);
-            Tensor::cat(vec![first, x], 2)
-        } else {
-            x
+        self.forward_stream(x, &mut Stream::whole())
+    }
+
+    /// One chunk of a clip: the first chunk is padded with copies of its first frame, a later
+    /// one with the frames the previous chunk left in `stream`.
+    fn forward_stream(&self, x: Tensor<5>, stream: &mut Stream) -> Tensor<5> {
+        if self.front == 0 {
+            return self.conv.forward(x);
+        }
+        let x = match stream.take() {
+            Some(prev) if !stream.first => Tensor::cat(vec![prev, x], 2),
+            _ => {
+                let first = x.clone().narrow(2, 0, 1).repeat_dim(2, self.front);
+                Tensor::cat(vec![first, x], 2)
+            }
         };
+        // The next chunk's output frames start `stride` past this chunk's last one: it needs
+        // the last `kernel − stride` padded input frames.
+        let stride = self.conv.stride[0];
+        let keep = self.front + 1 - stride;
+        if stream.keep && keep > 0 {
+            let t = x.dims()[2];
+            stream.put(x.clone().narrow(2, t - keep, keep));
+        }
         self.conv.forward(x)
     }
 }
@@ -272,13 +375,13 @@ impl ResBlock {
         self.conv2.conv.weight.val().dims()[0]
     }
 
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
+    fn forward(&self, x: Tensor<5>, s: &mut Stream) -> Tensor<5> {
         let h = self
             .conv1
-            .forward(activation::silu(frame_norm(&self.norm1, x.clone())));
+            .forward_stream(activation::silu(frame_norm(&self.norm1, x.clone())), s);
         let h = self
             .conv2
-            .forward(activation::silu(frame_norm(&self.norm2, h)));
+            .forward_stream(activation::silu(frame_norm(&self.norm2, h)), s);
         match &self.skip {
             Some(s) => s.forward(x) + h,
             None => x + h,
@@ -286,38 +389,47 @@ impl ResBlock {
     }
 }
 
-/// Space (and, when `temporal`, time) to channels, then the mean over groups of channels down to
-/// `c_out`: the non-parametric shortcut of a downsampling step (DC-AE's residual
-/// autoencoding). Time is made even by repeating the first frame in front (causal), so
+/// Space (when `spatial`) and time (when `temporal`) to channels, then the mean over groups
+/// of channels down to `c_out`: the non-parametric shortcut of a downsampling step (DC-AE's
+/// residual autoencoding). Time is made even by repeating the first frame in front (causal), so
 /// `1 + 2n` frames become `1 + n`. `None` when the channels do not divide.
-fn space_to_channel(x: Tensor<5>, c_out: usize, temporal: bool) -> Option<Tensor<5>> {
+fn space_to_channel(
+    x: Tensor<5>,
+    c_out: usize,
+    (temporal, spatial): (bool, bool),
+    first: bool,
+) -> Option<Tensor<5>> {
     let [b, c, t, h, w] = x.dims();
-    let rt = if temporal { 2 } else { 1 };
-    let packed = c * rt * 4;
+    let (rt, rs) = (1 + usize::from(temporal), 1 + usize::from(spatial));
+    let packed = c * rt * rs * rs;
     if !packed.is_multiple_of(c_out) {
         return None;
     }
-    let (x, t) = if temporal {
+    let (x, t) = if temporal && first {
         (Tensor::cat(vec![x.clone().narrow(2, 0, 1), x], 2), t + 1)
     } else {
         (x, t)
     };
     let y = x
-        .reshape([b, c, t / rt, rt, h / 2, 2, w / 2, 2])
+        .reshape([b, c, t / rt, rt, h / rs, rs, w / rs, rs])
         .permute([0, 1, 3, 5, 7, 2, 4, 6])
-        .reshape([b, c_out, packed / c_out, t / rt, h / 2, w / 2])
+        .reshape([b, c_out, packed / c_out, t / rt, h / rs, w / rs])
         .mean_dim(2)
-        .reshape([b, c_out, t / rt, h / 2, w / 2]);
+        .reshape([b, c_out, t / rt, h / rs, w / rs]);
     Some(y)
 }
 
-/// Channels repeated up to `c_out · r_t · 4`, then rearranged into `r_t×` time and `2×` space:
-/// the shortcut of an upsampling step (the first frame dropped when temporal). `None` when the
-/// channels do not divide.
-fn channel_to_space(x: Tensor<5>, c_out: usize, temporal: bool) -> Option<Tensor<5>> {
+/// Channels repeated up to `c_out · r_t · r_s²`, then rearranged into `r_t×` time and `r_s×`
+/// space: the shortcut of an upsampling step (the first frame dropped when temporal). `None`
+/// when the channels do not divide.
+fn channel_to_space(
+    x: Tensor<5>,
+    c_out: usize,
+    (temporal, spatial): (bool, bool),
+    first: bool,
+) -> Option<Tensor<5>> {
     let [b, c, t, h, w] = x.dims();
-    let rt = if temporal { 2 } else { 1 };
-    let packed = c_out * rt * 4;
+    let packed = c_out * (1 + usize::from(temporal)) * (1 + 3 * usize::from(spatial));
     if !packed.is_multiple_of(c) {
         return None;
     }
@@ -325,24 +437,48 @@ fn channel_to_space(x: Tensor<5>, c_out: usize, temporal: bool) -> Option<Tensor
         .unsqueeze_dim::<6>(2)
         .repeat_dim(2, packed / c)
         .reshape([b, packed, t, h, w]);
-    Some(depth_to_space(y, temporal))
+    Some(depth_to_space(y, (temporal, spatial), first))
 }
 
-/// `[B, c · r_t · 4, T, H, W]` → `[B, c, r_t·T (− 1 when temporal), 2H, 2W]`.
-fn depth_to_space(y: Tensor<5>, temporal: bool) -> Tensor<5> {
+/// `[B, c · r_t · r_s², T, H, W]` → `[B, c, r_t·T, r_s·H, r_s·W]`, less the first frame when
+/// temporal on the first chunk of a clip.
+fn depth_to_space(y: Tensor<5>, (temporal, spatial): (bool, bool), first: bool) -> Tensor<5> {
     let [b, c4, t, h, w] = y.dims();
-    let rt = if temporal { 2 } else { 1 };
-    let c = c4 / (rt * 4);
-    // [B, C, rt, 2, 2, T, H, W] → [B, C, T, rt, H, 2, W, 2].
+    let (rt, rs) = (1 + usize::from(temporal), 1 + usize::from(spatial));
+    let c = c4 / (rt * rs * rs);
+    // [B, C, rt, rs, rs, T, H, W] → [B, C, T, rt, H, rs, W, rs].
     let y = y
-        .reshape([b, c, rt, 2, 2, t, h, w])
+        .reshape([b, c, rt, rs, rs, t, h, w])
         .permute([0, 1, 5, 2, 6, 3, 7, 4])
-        .reshape([b, c, t * rt, 2 * h, 2 * w]);
-    if temporal {
+        .reshape([b, c, t * rt, rs * h, rs * w]);
+    if temporal && first {
         y.narrow(2, 1, t * 2 - 1)
     } else {
         y
     }
+}
+
+/// `[B, 3, T, H, W]` → `[B, 3·p², T, H/p, W/p]` (each `p×p` patch of a frame into channels).
+fn patchify(x: Tensor<5>, p: usize) -> Tensor<5> {
+    if p == 1 {
+        return x;
+    }
+    let [b, c, t, h, w] = x.dims();
+    x.reshape([b, c, t, h / p, p, w / p, p])
+        .permute([0, 1, 4, 6, 2, 3, 5])
+        .reshape([b, c * p * p, t, h / p, w / p])
+}
+
+/// The inverse of [`patchify`].
+fn unpatchify(x: Tensor<5>, p: usize) -> Tensor<5> {
+    if p == 1 {
+        return x;
+    }
+    let [b, cp, t, h, w] = x.dims();
+    let c = cp / (p * p);
+    x.reshape([b, c, p, p, t, h, w])
+        .permute([0, 1, 4, 5, 2, 6, 3])
+        .reshape([b, c, t, h * p, w * p])
 }
 
 /// Mean over groups of channels down to `c_out` (`None` when they do not divide).
@@ -372,8 +508,8 @@ fn plus(a: Tensor<5>, shortcut: Option<Tensor<5>>) -> Tensor<5> {
     }
 }
 
-/// One encoder level: a residual block, then a strided causal convolution (space halved,
-/// time too when temporal), plus the space-to-channel shortcut.
+/// One encoder level: a residual block, then a strided causal convolution (space and/or
+/// time halved), plus the space-to-channel shortcut.
 #[derive(Module, Debug)]
 pub struct DownLevel {
     res: ResBlock,
@@ -381,15 +517,18 @@ pub struct DownLevel {
     #[module(skip)]
     temporal: bool,
     #[module(skip)]
+    spatial: bool,
+    #[module(skip)]
     c_out: usize,
 }
 
 impl DownLevel {
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let h = self.res.forward(x);
+    fn forward(&self, x: Tensor<5>, s: &mut Stream) -> Tensor<5> {
+        let h = self.res.forward(x, s);
+        let first = s.first;
         plus(
-            self.down.forward(h.clone()),
-            space_to_channel(h, self.c_out, self.temporal),
+            self.down.forward_stream(h.clone(), s),
+            space_to_channel(h, self.c_out, (self.temporal, self.spatial), first),
         )
     }
 }
@@ -405,24 +544,37 @@ pub struct UpLevel {
 }
 
 impl UpLevel {
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let shortcut = channel_to_space(x.clone(), self.c_out, self.up.temporal);
-        self.res.forward(plus(self.up.forward(x), shortcut))
+    fn forward(&self, x: Tensor<5>, s: &mut Stream) -> Tensor<5> {
+        let shortcut = channel_to_space(
+            x.clone(),
+            self.c_out,
+            (self.up.temporal, self.up.spatial),
+            s.first,
+        );
+        let up = self.up.forward(x, s);
+        self.res.forward(plus(up, shortcut), s)
     }
 }
 
-/// A causal convolution to `r_t · 2 · 2 · c` channels rearranged into `r_t×` time and `2×`
+/// A causal convolution to `r_t · r_s² · c` channels rearranged into `r_t×` time and `r_s×`
 /// space (depth to space); temporal upsampling drops the first output frame (`1 + n` → `1 + 2n`).
 #[derive(Module, Debug)]
 pub struct Upsample {
     conv: CausalConv3d,
     #[module(skip)]
     temporal: bool,
+    #[module(skip)]
+    spatial: bool,
 }
 
 impl Upsample {
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        depth_to_space(self.conv.forward(x), self.temporal)
+    fn forward(&self, x: Tensor<5>, s: &mut Stream) -> Tensor<5> {
+        let first = s.first;
+        depth_to_space(
+            self.conv.forward_stream(x, s),
+            (self.temporal, self.spatial),
+            first,
+        )
     }
 }
 
@@ -441,6 +593,8 @@ pub struct Vae {
     conv_out: CausalConv3d,
     #[module(skip)]
     latent: usize,
+    #[module(skip)]
+    patch: usize,
 }
 
 /// The diagonal-Gaussian posterior of a clip.
@@ -500,15 +654,58 @@ impl Vae {
 
     /// The posterior of `x` `[B, 3, T, H, W]` in `[-1, 1]`.
     pub fn encode(&self, x: Tensor<5>) -> Posterior {
-        let mut h = self.conv_in.forward(x);
-        for level in &self.down {
-            h = level.forward(h);
+        self.encode_stream(x, &mut Stream::whole())
+    }
+
+    /// The posterior of `x`, encoded `chunk` latent steps at a time with the causal state
+    /// carried between chunks: the same latents as [`Vae::encode`] (up to float rounding)
+    /// while only one chunk's activations are alive, for clips too long to encode at once.
+    /// `T` must be `1 + k · time_factor`.
+    pub fn encode_chunked(&self, x: Tensor<5>, chunk: usize) -> Posterior {
+        let t = x.dims()[2];
+        let chunk = chunk.max(1);
+        let ft: usize = self
+            .down
+            .iter()
+            .map(|l| 1 + usize::from(l.temporal))
+            .product();
+        let mut stream = Stream::chunked();
+        let (mut means, mut logvars) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        while at < t {
+            let len = if at == 0 {
+                1 + (chunk - 1) * ft
+            } else {
+                chunk * ft
+            };
+            let len = len.min(t - at);
+            let p = self.encode_stream(x.clone().narrow(2, at, len), &mut stream);
+            means.push(p.mean);
+            logvars.push(p.logvar);
+            stream.advance();
+            at += len;
         }
-        let h = self.mid_enc.forward(h);
+        Posterior {
+            mean: Tensor::cat(means, 2),
+            logvar: Tensor::cat(logvars, 2),
+        }
+    }
+
+    fn encode_stream(&self, x: Tensor<5>, s: &mut Stream) -> Posterior {
+        let x = patchify(x, self.patch);
+        let c = self.conv_in.conv.weight.val().dims()[0];
+        let mut h = plus(
+            self.conv_in.forward_stream(x.clone(), s),
+            channel_repeat(x, c),
+        );
+        for level in &self.down {
+            h = level.forward(h, s);
+        }
+        let h = self.mid_enc.forward(h, s);
         let z = self.latent;
         let m = self
             .conv_moments
-            .forward(activation::silu(frame_norm(&self.norm_out, h.clone())));
+            .forward_stream(activation::silu(frame_norm(&self.norm_out, h.clone())), s);
         Posterior {
             mean: plus(m.clone().narrow(1, 0, z), channel_mean(h, z)),
             logvar: m.narrow(1, z, z).clamp(-30.0, 20.0),
@@ -517,14 +714,43 @@ impl Vae {
 
     /// The clip of latent `z` `[B, latent, t, h, w]`, in `[-1, 1]` (not clamped).
     pub fn decode(&self, z: Tensor<5>) -> Tensor<5> {
-        let c = self.mid_dec.channels();
-        let h = plus(self.conv_latent.forward(z.clone()), channel_repeat(z, c));
-        let mut h = self.mid_dec.forward(h);
-        for level in &self.up {
-            h = level.forward(h);
+        self.decode_stream(z, &mut Stream::whole())
+    }
+
+    /// [`Vae::decode`] `chunk` latent steps at a time with the causal state carried between
+    /// chunks (the same frames, one chunk's activations alive at a time).
+    pub fn decode_chunked(&self, z: Tensor<5>, chunk: usize) -> Tensor<5> {
+        let t = z.dims()[2];
+        let chunk = chunk.max(1);
+        let mut stream = Stream::chunked();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < t {
+            let len = chunk.min(t - at);
+            out.push(self.decode_stream(z.clone().narrow(2, at, len), &mut stream));
+            stream.advance();
+            at += len;
         }
-        self.conv_out
-            .forward(activation::silu(frame_norm(&self.norm_dec, h)))
+        Tensor::cat(out, 2)
+    }
+
+    fn decode_stream(&self, z: Tensor<5>, s: &mut Stream) -> Tensor<5> {
+        let c = self.mid_dec.channels();
+        let h = plus(
+            self.conv_latent.forward_stream(z.clone(), s),
+            channel_repeat(z, c),
+        );
+        let mut h = self.mid_dec.forward(h, s);
+        for level in &self.up {
+            h = level.forward(h, s);
+        }
+        let pixels = 3 * self.patch * self.patch;
+        let out = plus(
+            self.conv_out
+                .forward_stream(activation::silu(frame_norm(&self.norm_dec, h.clone())), s),
+            channel_mean(h, pixels),
+        );
+        unpatchify(out, self.patch)
     }
 
     /// Encodes, samples (or takes the mean when `sample` is false), decodes and scores `x`.

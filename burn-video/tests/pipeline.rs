@@ -271,7 +271,7 @@ fn the_squeeze_baseline_scores_about_20_db_on_the_public_clips() {
         .iter()
         .map(|p| {
             let c = Clip::read(p).expect("clip");
-            let s = squeeze(&c, 5, 18).expect("squeeze");
+            let s = squeeze(&c, 5, 18, 18).expect("squeeze");
             (c, s)
         })
         .collect();

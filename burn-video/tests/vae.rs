@@ -15,6 +15,15 @@ fn small(temporal_down: usize) -> VaeConfig {
     }
 }
 
+/// Patchified by 4: one spatial level left, so temporal halvings get levels of their own.
+fn patched(temporal_down: usize) -> VaeConfig {
+    VaeConfig {
+        channels: vec![48; temporal_down.max(1) + 1],
+        patch: 4,
+        ..small(temporal_down)
+    }
+}
+
 fn clip(d: &Device) -> Tensor<5> {
     Tensor::random([1, 3, 17, 64, 64], Distribution::Uniform(-1.0, 1.0), d)
 }
@@ -23,11 +32,20 @@ fn clip(d: &Device) -> Tensor<5> {
 fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
     let d = Device::flex();
     let x = clip(&d);
-    for (td, t) in [(2, 5), (3, 3)] {
-        let cfg = small(td);
+    for (cfg, td, t) in [
+        (small(2), 2, 5),
+        (small(3), 3, 3),
+        (patched(2), 2, 5),
+        (patched(3), 3, 3),
+    ] {
         let vae = cfg.init(&d).expect("vae");
         let p = vae.encode(x.clone());
-        assert_eq!(p.mean.dims(), [1, 4, t, 8, 8], "temporal_down {td}");
+        assert_eq!(
+            p.mean.dims(),
+            [1, 4, t, 8, 8],
+            "temporal_down {td}, patch {}",
+            cfg.patch
+        );
         assert_eq!(cfg.latent_shape(17, 64, 64).unwrap(), [4, t, 8, 8]);
         assert_eq!(vae.decode(p.mean).dims(), [1, 3, 17, 64, 64]);
     }
@@ -48,7 +66,14 @@ fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
 #[test]
 fn a_changed_frame_changes_no_earlier_latent() {
     let d = Device::flex();
-    let vae = small(2).init(&d).expect("vae");
+    for cfg in [small(2), patched(2)] {
+        causal(&cfg, &d);
+    }
+}
+
+fn causal(cfg: &VaeConfig, d: &Device) {
+    let d = d.clone();
+    let vae = cfg.init(&d).expect("vae");
     let x = clip(&d);
     let base = vae
         .encode(x.clone())
@@ -97,10 +122,24 @@ fn bad_configs_name_the_field() {
         ),
         (
             VaeConfig {
-                temporal_down: 4,
+                temporal_down: 7,
                 ..small(2)
             },
             "temporal_down",
+        ),
+        (
+            VaeConfig {
+                patch: 3,
+                ..small(2)
+            },
+            "patch",
+        ),
+        (
+            VaeConfig {
+                patch: 16,
+                ..small(2)
+            },
+            "patch",
         ),
         (
             VaeConfig {
@@ -119,5 +158,48 @@ fn bad_configs_name_the_field() {
     ] {
         let e = cfg.init(&Device::flex()).unwrap_err().to_string();
         assert!(e.contains(field), "{e}");
+    }
+}
+
+fn max_abs_diff(a: Tensor<5>, b: Tensor<5>) -> (f32, f32) {
+    let a = a.into_data().try_into_vec::<f32>().unwrap();
+    let b = b.into_data().try_into_vec::<f32>().unwrap();
+    assert_eq!(a.len(), b.len());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    (diff, scale)
+}
+
+#[test]
+fn chunked_encode_and_decode_equal_the_whole_clip() {
+    let d = Device::flex();
+    let x = clip(&d);
+    for cfg in [small(2), patched(2), patched(3)] {
+        let vae = cfg.init(&d).expect("vae");
+        let whole = vae.encode(x.clone()).mean;
+        let frames = vae.decode(whole.clone());
+        let steps = whole.dims()[2];
+        for chunk in 1..steps {
+            let (diff, scale) =
+                max_abs_diff(vae.encode_chunked(x.clone(), chunk).mean, whole.clone());
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "encode, patch {} td {}, chunk {chunk}: {diff}",
+                cfg.patch,
+                cfg.temporal_down
+            );
+            let (diff, scale) =
+                max_abs_diff(vae.decode_chunked(whole.clone(), chunk), frames.clone());
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "decode, patch {} td {}, chunk {chunk}: {diff}",
+                cfg.patch,
+                cfg.temporal_down
+            );
+        }
     }
 }

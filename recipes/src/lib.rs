@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod latents;
 /// Heap accounting (from burn-parallel).
 pub use burn_parallel::memory;
 pub mod model;

@@ -78,7 +78,7 @@ struct EvalVaeArgs {
 
 fn run_eval_vae(args: &EvalVaeArgs) -> Result<(), String> {
     use burn_recipes::video::{evaluate, load_vae};
-    let (recipe, vae) =
+    let (recipe, vae, _) =
         load_vae(&args.run, args.checkpoint.as_deref()).map_err(|e| e.to_string())?;
     let paths = burn_video::clip::list_clips(&args.clips).map_err(|e| e.to_string())?;
     if paths.is_empty() {
@@ -115,6 +115,49 @@ enum DataCommand {
     Scan(ScanArgs),
     /// Write labelled synthetic clips (moving shapes) and their captions.
     Synth(SynthArgs),
+    /// Encode clips with a trained VAE run into a latent cache for the DiT (one safetensors
+    /// file per clip, normalised by the run's latent statistics; index.jsonl, meta.json).
+    Cache(CacheArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CacheArgs {
+    /// A folder of clips, or a manifest from `data scan` (its accepted clips, cut to their
+    /// bucket length).
+    source: PathBuf,
+    /// The VAE training run.
+    #[arg(long)]
+    run: PathBuf,
+    /// A checkpoint folder of that run (default: the latest).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// The cache folder to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Latent steps encoded at a time (the causal state is carried between chunks).
+    #[arg(long, default_value_t = 4)]
+    chunk: usize,
+}
+
+fn run_cache(args: &CacheArgs) -> Result<(), String> {
+    let meta = burn_recipes::latents::cache_latents(
+        &args.run,
+        args.checkpoint.as_deref(),
+        &args.source,
+        &args.out,
+        args.chunk,
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "{} clips encoded ({} latent channels, {}x{}x{} compression) into {}",
+        meta.clips,
+        meta.latent_channels,
+        meta.time_factor,
+        meta.space_factor,
+        meta.space_factor,
+        args.out.display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -713,6 +756,7 @@ fn main() -> ExitCode {
         Command::Layer(args) => run_layer(args),
         Command::Data(DataCommand::Scan(args)) => run_scan(args),
         Command::Data(DataCommand::Synth(args)) => run_synth(args),
+        Command::Data(DataCommand::Cache(args)) => run_cache(args),
         Command::Eval(EvalCommand::Vae(args)) => run_eval_vae(args),
     };
     match result {

@@ -191,29 +191,39 @@ pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
     Ok((train, held))
 }
 
-/// `[B, 3, T, H, W]` in `[-1, 1]` from `(clip, first frame, y, x)` crops of `frames × side²`.
+/// `[B, 3, T, H, W]` in `[-1, 1]` from `(clip, first frame, y, x)` crops of
+/// `frames × height × width`.
 fn crops(
     clips: &[&Clip],
     at: &[(usize, usize, usize)],
     frames: usize,
-    side: usize,
+    (height, width): (usize, usize),
     d: &Device,
 ) -> Tensor<5> {
-    let mut v = Vec::with_capacity(clips.len() * 3 * frames * side * side);
+    let mut v = Vec::with_capacity(clips.len() * 3 * frames * height * width);
     for (clip, &(t0, y0, x0)) in clips.iter().zip(at) {
         let (w, _) = clip.size();
         for c in 0..3 {
             for t in 0..frames {
                 let px = clip.frames()[t0 + t].pixels();
-                for y in 0..side {
-                    for x in 0..side {
+                for y in 0..height {
+                    for x in 0..width {
                         v.push(px[((y0 + y) * w + x0 + x) * 3 + c] * 2.0 - 1.0);
                     }
                 }
             }
         }
     }
-    Tensor::from_data(TensorData::new(v, [clips.len(), 3, frames, side, side]), d)
+    Tensor::from_data(
+        TensorData::new(v, [clips.len(), 3, frames, height, width]),
+        d,
+    )
+}
+
+/// A whole clip as `[1, 3, T, H, W]` in `[-1, 1]`.
+pub fn clip_tensor(clip: &Clip, d: &Device) -> Tensor<5> {
+    let (w, h) = clip.size();
+    crops(&[clip], &[(0, 0, 0)], clip.len(), (h, w), d)
 }
 
 /// A clip from `[1, 3, T, H, W]` in `[-1, 1]` (clamped).
@@ -240,7 +250,7 @@ fn to_clip(x: Tensor<5>) -> Result<Clip> {
 }
 
 /// The largest `1 + k × factor` frames of `clip` (VAE input length).
-fn usable(clip: &Clip, factor: usize) -> Clip {
+pub(crate) fn usable(clip: &Clip, factor: usize) -> Clip {
     clip.trim(1 + (clip.len() - 1) / factor * factor)
 }
 
@@ -250,10 +260,7 @@ pub fn reconstruct(vae: &Vae, cfg: &VaeConfig, clip: &Clip, d: &Device) -> Resul
     let (w, h) = c.size();
     cfg.latent_shape(c.len(), h, w)
         .map_err(|e| bad("clips", e.to_string()))?;
-    if w != h {
-        return Err(bad("clips", format!("{w}x{h} clips are not square")));
-    }
-    let x = crops(&[&c], &[(0, 0, 0)], c.len(), w, d);
+    let x = clip_tensor(&c, d);
     to_clip(vae.decode(vae.encode(x).mean))
 }
 
@@ -289,9 +296,14 @@ pub fn evaluate(
             .latent_shape(c.len(), h, w)
             .map_err(|e| bad("clips", e.to_string()))?;
         let rec = reconstruct(vae, cfg, &c, d)?;
-        // As many numbers as the latent holds: t frames of side² RGB.
-        let side = ((z * lh * lw) as f64 / 3.0).sqrt().floor() as usize;
-        let b = squeeze(&c, t, side).map_err(video)?;
+        // As many numbers as the latent holds: t RGB frames with the clip's aspect
+        // (18×18 for an 8×8 latent of 16 channels).
+        let k = (z as f64 / 3.0).sqrt();
+        let (bh, bw) = (
+            ((lh as f64 * k).floor() as usize).max(1),
+            ((lw as f64 * k).floor() as usize).max(1),
+        );
+        let b = squeeze(&c, t, bh, bw).map_err(video)?;
         ours.push((c.clone(), rec));
         base.push((c, b));
     }
@@ -415,7 +427,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
             ));
             picked.push(c);
         }
-        let x = crops(&picked, &at, d.frames, d.crop, &device);
+        let x = crops(&picked, &at, d.frames, (d.crop, d.crop), &device);
         let loss = vae.loss(x, cfg, true);
         let value = scalar(loss.total.clone());
         let mut grads = GradientBuffer::new();
@@ -451,10 +463,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let (mut sum, mut sq, mut n) = (vec![0f64; cfg.latent], vec![0f64; cfg.latent], 0f64);
     for c in &train {
         let c = usable(c, cfg.time_factor());
-        let (w, _) = c.size();
-        let z = vae
-            .encode(crops(&[&c], &[(0, 0, 0)], c.len(), w, &eval_device))
-            .mean;
+        let z = vae.encode(clip_tensor(&c, &eval_device)).mean;
         let [_, ch, zt, zh, zw] = z.dims();
         let v = z
             .into_data()
@@ -500,8 +509,9 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     Ok(summary)
 }
 
-/// Loads a run's VAE: its recipe and the latest (or the given) checkpoint.
-pub fn load_vae(run: &Path, checkpoint_dir: Option<&Path>) -> Result<(VaeRecipe, Vae)> {
+/// Loads a run's VAE: its recipe, the latest (or the given) checkpoint, and that checkpoint's
+/// folder.
+pub fn load_vae(run: &Path, checkpoint_dir: Option<&Path>) -> Result<(VaeRecipe, Vae, PathBuf)> {
     let recipe = VaeRecipe::load(&run.join("recipe.toml"), &[])?;
     let dir = match checkpoint_dir {
         Some(d) => d.to_path_buf(),
@@ -518,5 +528,5 @@ pub fn load_vae(run: &Path, checkpoint_dir: Option<&Path>) -> Result<(VaeRecipe,
         .init(&device)
         .map_err(|e| bad("vae", e.to_string()))?;
     let (vae, _) = checkpoint::load(&dir, vae, 0)?;
-    Ok((recipe, vae))
+    Ok((recipe, vae, dir))
 }

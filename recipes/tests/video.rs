@@ -32,7 +32,8 @@ fn bad_vae_recipes_name_the_key_and_write_nothing() {
     let tmp = tempfile::tempdir().expect("temporary folder");
     for (set, key) in [
         ("vae.groups=3", "vae.groups"),
-        ("vae.temporal_down=5", "vae.temporal_down"),
+        ("vae.temporal_down=7", "vae.temporal_down"),
+        ("vae.patch=3", "vae.patch"),
         ("data.crop=30", "data.crop"),
         ("data.frames=8", "data.frames"),
         ("data.holdout_every=0", "data.holdout_every"),
@@ -121,4 +122,65 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
     );
     let gif = burn_video::clip::Clip::read(&preview).expect("preview");
     assert_eq!(gif.size(), (192, 64));
+
+    // data cache: the two clips, encoded two latent steps at a time, normalised.
+    std::fs::write(
+        eval_dir.join("captions.jsonl"),
+        "{\"clip\": \"clip_0000\", \"caption\": \"a test caption\"}\n",
+    )
+    .expect("captions");
+    let cache = tmp.path().join("latents");
+    let run_cache = |out: &Path, run: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+            .args(["data", "cache", &eval_dir.display().to_string()])
+            .args(["--run", &run.display().to_string()])
+            .args(["--out", &out.display().to_string()])
+            .args(["--chunk", "2"])
+            .output()
+            .expect("binary runs")
+    };
+    let out = run_cache(&cache, &run);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (meta, index) = burn_recipes::latents::read_cache(&cache).expect("cache");
+    assert_eq!((meta.clips, index.len(), meta.time_factor), (2, 2, 4));
+    assert_eq!(index[0].caption.as_deref(), Some("a test caption"));
+    assert_eq!(index[1].caption, None);
+    let device = burn::tensor::Device::flex();
+    let (_, vae, _) = burn_recipes::video::load_vae(&run, None).expect("vae");
+    for entry in &index {
+        assert_eq!(entry.shape, [4, 5, 8, 8]);
+        let got = burn_recipes::latents::read_latent(&cache, entry, &device).expect("latent");
+        let clip = burn_video::clip::Clip::read(&entry.clip).expect("clip");
+        let z = vae
+            .encode(burn_recipes::video::clip_tensor(&clip, &device))
+            .mean
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32");
+        let got = got.into_data().try_into_vec::<f32>().expect("f32");
+        let per = 5 * 8 * 8;
+        for (i, (g, z)) in got.iter().zip(&z).enumerate() {
+            let c = i / per;
+            let want = (f64::from(*z) - meta.latent_mean[c]) / meta.latent_std[c].max(1e-6);
+            assert!(
+                (f64::from(*g) - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{}: element {i}: {g} vs {want}",
+                entry.clip.display()
+            );
+        }
+    }
+    // An existing cache folder and a run without statistics are refused, naming the argument,
+    // and leave nothing behind.
+    let again = run_cache(&cache, &run);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--out"));
+    let other = tmp.path().join("latents2");
+    let bad = run_cache(&other, &eval_dir);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--run"));
+    assert!(!other.exists() && !other.with_extension("tmp").exists());
 }
