@@ -40,6 +40,14 @@ fn to_rgb(frame: &Frame) -> RgbImage {
     RgbImage::from_raw(w as u32, h as u32, raw).unwrap_or_else(|| RgbImage::new(w as u32, h as u32))
 }
 
+/// Video file extensions (read through FFmpeg with the `ffmpeg` feature).
+const VIDEO_EXTENSIONS: &[&str] = &["mp4", "mkv", "mov", "avi", "webm", "m4v"];
+
+fn is_video_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| VIDEO_EXTENSIONS.iter().any(|v| e.eq_ignore_ascii_case(v)))
+}
+
 /// Writes `bytes` through a temporary file renamed into place (nothing half-written).
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -106,10 +114,20 @@ impl Clip {
             .is_some_and(|e| e.eq_ignore_ascii_case("gif"))
         {
             Self::read_gif(path)
+        } else if is_video_file(path) {
+            #[cfg(feature = "ffmpeg")]
+            {
+                crate::ffmpeg::read_video(path)
+            }
+            #[cfg(not(feature = "ffmpeg"))]
+            Err(decode(
+                path,
+                "reading video files needs burn-video's `ffmpeg` feature",
+            ))
         } else {
             Err(decode(
                 path,
-                "not a folder of PNG frames or a .gif (MP4 needs the ffmpeg feature)",
+                "not a folder of PNG frames, a .gif or a video file (mp4, mkv, mov, avi, webm, m4v)",
             ))
         }
     }
@@ -231,7 +249,7 @@ pub fn list_clips(dir: &Path) -> Result<Vec<PathBuf>> {
                     })
                 })
             } else {
-                p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gif"))
+                p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gif")) || is_video_file(p)
             }
         })
         .collect();

@@ -20,10 +20,10 @@
 //! The loss is L1 + a gradient (structural) term: the L1 of the spatial finite differences,
 //! + `kl_weight` × KL to the standard normal.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv3d, Conv3dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig3d};
-use burn::tensor::{Device, Distribution, Tensor, activation};
+use burn::tensor::{Device, Distribution, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, invalid};
@@ -46,6 +46,12 @@ pub struct VaeConfig {
     /// spatial halvings, so the convolutions run on `patch`× fewer rows and columns.
     #[serde(default = "one")]
     pub patch: usize,
+    /// A learned linear path beside the deep one: a causal convolution from pixels to the
+    /// latent with kernel = stride = the compression (first frame alone, then groups of
+    /// frames) and its depth-to-space inverse. The network starts out able to reach the best
+    /// linear code of the patches (their principal components) and learns the rest.
+    #[serde(default)]
+    pub linear: bool,
     /// GroupNorm groups (must divide every channel count).
     pub groups: usize,
     /// Weight of the KL term.
@@ -67,6 +73,7 @@ impl Default for VaeConfig {
             spatial_down: 3,
             temporal_down: 2,
             patch: 1,
+            linear: false,
             groups: 8,
             kl_weight: 1e-6,
             gradient_weight: 0.5,
@@ -214,21 +221,128 @@ impl VaeConfig {
             })
             .collect();
         let pixels = 3 * self.patch * self.patch;
+        let (ft, fs) = (self.time_factor(), self.space_factor());
+        let mut conv_moments = moments(last, self.latent, device);
+        let mut conv_out = CausalConv3d::new(c[0], pixels, [3, 3, 3], [1, 1, 1], device);
+        if self.linear {
+            // The deep path starts as a zero residual of the linear code.
+            zero_outputs(&mut conv_moments, self.latent);
+            zero_outputs(&mut conv_out, pixels);
+        }
         Ok(Vae {
+            linear_in: self
+                .linear
+                .then(|| CausalConv3d::patch(3, self.latent, [ft, fs, fs], device)),
+            linear_out: self.linear.then(|| {
+                CausalConv3d::new(self.latent, 3 * ft * fs * fs, [1, 1, 1], [1, 1, 1], device)
+            }),
             conv_in: CausalConv3d::new(pixels, c[0], [3, 3, 3], [1, 1, 1], device),
             down,
             mid_enc: ResBlock::new(last, last, g, device),
             norm_out: norm(g, last, device),
-            conv_moments: CausalConv3d::new(last, 2 * self.latent, [3, 3, 3], [1, 1, 1], device),
+            conv_moments,
             conv_latent: CausalConv3d::new(self.latent, last, [3, 3, 3], [1, 1, 1], device),
             mid_dec: ResBlock::new(last, last, g, device),
             up,
             norm_dec: norm(g, c[0], device),
-            conv_out: CausalConv3d::new(c[0], pixels, [3, 3, 3], [1, 1, 1], device),
+            conv_out,
             latent: self.latent,
             patch: self.patch,
+            factors: (ft, fs),
         })
     }
+}
+
+/// The posterior's convolution (means, then log-variances). The log-variance bias starts at
+/// `INIT_LOGVAR`: a fresh posterior of σ ≈ 1 buries the latent under noise as large as the
+/// signal and the decoder learns nothing until the encoder has pushed it down, while the KL
+/// term (weight ~1e-6) barely resists either way.
+fn moments(c_in: usize, latent: usize, device: &Device) -> CausalConv3d {
+    let mut conv = CausalConv3d::new(c_in, 2 * latent, [3, 3, 3], [1, 1, 1], device);
+    if let Some(bias) = conv.conv.bias.take() {
+        let mean = bias.val().narrow(0, 0, latent);
+        let logvar = Tensor::<1>::full([latent], INIT_LOGVAR, device);
+        conv.conv.bias = Some(Param::from_tensor(
+            Tensor::cat(vec![mean, logvar], 0).detach(),
+        ));
+    }
+    conv
+}
+
+/// Sets the weights and biases of the first `n` output channels of `conv` to zero.
+fn zero_outputs(conv: &mut CausalConv3d, n: usize) {
+    let w = conv.conv.weight.val();
+    let dims = w.dims();
+    let device = w.device();
+    let n = n.min(dims[0]);
+    let mut parts = vec![Tensor::<5>::zeros(
+        [n, dims[1], dims[2], dims[3], dims[4]],
+        &device,
+    )];
+    if n < dims[0] {
+        parts.push(w.narrow(0, n, dims[0] - n));
+    }
+    conv.conv.weight = Param::from_tensor(Tensor::cat(parts, 0).detach());
+    if let Some(bias) = conv.conv.bias.take() {
+        let mut parts = vec![Tensor::<1>::zeros([n], &device)];
+        if n < dims[0] {
+            parts.push(bias.val().narrow(0, n, dims[0] - n));
+        }
+        conv.conv.bias = Some(Param::from_tensor(Tensor::cat(parts, 0).detach()));
+    }
+}
+
+/// Initial posterior log-variance (σ ≈ 0.007).
+const INIT_LOGVAR: f64 = -10.0;
+
+/// The `k` leading eigenvectors of the symmetric `d × d` matrix `a` (row-major) by subspace
+/// iteration with Gram–Schmidt re-orthonormalisation, `iterations` rounds, sorted by
+/// eigenvalue.
+fn top_eigenvectors(a: &[f64], d: usize, k: usize, iterations: usize) -> Vec<Vec<f64>> {
+    // A deterministic start with full rank in every direction that matters.
+    let mut q: Vec<Vec<f64>> = (0..k)
+        .map(|j| {
+            (0..d)
+                .map(|i| (((i * 7919 + j * 104_729) % 1009) as f64 / 1009.0) - 0.5)
+                .collect()
+        })
+        .collect();
+    let apply = |v: &[f64]| -> Vec<f64> {
+        (0..d)
+            .map(|i| {
+                a[i * d..(i + 1) * d]
+                    .iter()
+                    .zip(v)
+                    .map(|(x, y)| x * y)
+                    .sum()
+            })
+            .collect()
+    };
+    let orthonormalise = |q: &mut Vec<Vec<f64>>| {
+        for j in 0..q.len() {
+            for p in 0..j {
+                let dot: f64 = q[j].iter().zip(&q[p]).map(|(x, y)| x * y).sum();
+                let prev = q[p].clone();
+                q[j].iter_mut().zip(&prev).for_each(|(x, y)| *x -= dot * y);
+            }
+            let norm = q[j].iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-300);
+            q[j].iter_mut().for_each(|x| *x /= norm);
+        }
+    };
+    orthonormalise(&mut q);
+    for _ in 0..iterations {
+        q = q.iter().map(|v| apply(v)).collect();
+        orthonormalise(&mut q);
+    }
+    let mut ranked: Vec<(f64, Vec<f64>)> = q
+        .into_iter()
+        .map(|v| {
+            let av = apply(&v);
+            (v.iter().zip(&av).map(|(x, y)| x * y).sum(), v)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    ranked.into_iter().map(|(_, v)| v).collect()
 }
 
 fn norm(groups: usize, channels: usize, device: &Device) -> GroupNorm {
@@ -324,23 +438,40 @@ impl CausalConv3d {
         self.forward_stream(x, &mut Stream::whole())
     }
 
+    /// A causal convolution with kernel = stride (a patch embedding) and no spatial padding:
+    /// `[B, C, 1 + k·kt, H, W]` → `[B, C', 1 + k, H / ks, W / ks]`.
+    fn patch(c_in: usize, c_out: usize, kernel: [usize; 3], device: &Device) -> Self {
+        let conv = Conv3dConfig::new([c_in, c_out], kernel)
+            .with_stride(kernel)
+            .with_padding(PaddingConfig3d::Explicit(0, 0, 0))
+            .init(device);
+        Self {
+            conv,
+            front: kernel[0] - 1,
+        }
+    }
+
     /// One chunk of a clip: the first chunk is padded with copies of its first frame, a later
     /// one with the frames the previous chunk left in `stream`.
     fn forward_stream(&self, x: Tensor<5>, stream: &mut Stream) -> Tensor<5> {
         if self.front == 0 {
             return self.conv.forward(x);
         }
-        let x = match stream.take() {
-            Some(prev) if !stream.first => Tensor::cat(vec![prev, x], 2),
-            _ => {
-                let first = x.clone().narrow(2, 0, 1).repeat_dim(2, self.front);
-                Tensor::cat(vec![first, x], 2)
-            }
-        };
         // The next chunk's output frames start `stride` past this chunk's last one: it needs
         // the last `kernel − stride` padded input frames.
         let stride = self.conv.stride[0];
-        let keep = self.front + 1 - stride;
+        let keep = (self.front + 1).saturating_sub(stride);
+        let x = if stream.first {
+            let first = x.clone().narrow(2, 0, 1).repeat_dim(2, self.front);
+            Tensor::cat(vec![first, x], 2)
+        } else if keep > 0 {
+            match stream.take() {
+                Some(prev) => Tensor::cat(vec![prev, x], 2),
+                None => x,
+            }
+        } else {
+            x
+        };
         if stream.keep && keep > 0 {
             let t = x.dims()[2];
             stream.put(x.clone().narrow(2, t - keep, keep));
@@ -437,22 +568,25 @@ fn channel_to_space(
         .unsqueeze_dim::<6>(2)
         .repeat_dim(2, packed / c)
         .reshape([b, packed, t, h, w]);
-    Some(depth_to_space(y, (temporal, spatial), first))
+    Some(depth_to_space(
+        y,
+        (1 + usize::from(temporal), 1 + usize::from(spatial)),
+        first,
+    ))
 }
 
-/// `[B, c · r_t · r_s², T, H, W]` → `[B, c, r_t·T, r_s·H, r_s·W]`, less the first frame when
-/// temporal on the first chunk of a clip.
-fn depth_to_space(y: Tensor<5>, (temporal, spatial): (bool, bool), first: bool) -> Tensor<5> {
+/// `[B, c · r_t · r_s², T, H, W]` → `[B, c, r_t·T, r_s·H, r_s·W]`, less the first `r_t − 1`
+/// frames on the first chunk of a clip (its first latent step is one frame).
+fn depth_to_space(y: Tensor<5>, (rt, rs): (usize, usize), first: bool) -> Tensor<5> {
     let [b, c4, t, h, w] = y.dims();
-    let (rt, rs) = (1 + usize::from(temporal), 1 + usize::from(spatial));
     let c = c4 / (rt * rs * rs);
     // [B, C, rt, rs, rs, T, H, W] → [B, C, T, rt, H, rs, W, rs].
     let y = y
         .reshape([b, c, rt, rs, rs, t, h, w])
         .permute([0, 1, 5, 2, 6, 3, 7, 4])
         .reshape([b, c, t * rt, rs * h, rs * w]);
-    if temporal && first {
-        y.narrow(2, 1, t * 2 - 1)
+    if rt > 1 && first {
+        y.narrow(2, rt - 1, t * rt - (rt - 1))
     } else {
         y
     }
@@ -572,7 +706,10 @@ impl Upsample {
         let first = s.first;
         depth_to_space(
             self.conv.forward_stream(x, s),
-            (self.temporal, self.spatial),
+            (
+                1 + usize::from(self.temporal),
+                1 + usize::from(self.spatial),
+            ),
             first,
         )
     }
@@ -591,10 +728,15 @@ pub struct Vae {
     up: Vec<UpLevel>,
     norm_dec: GroupNorm,
     conv_out: CausalConv3d,
+    linear_in: Option<CausalConv3d>,
+    linear_out: Option<CausalConv3d>,
     #[module(skip)]
     latent: usize,
     #[module(skip)]
     patch: usize,
+    /// Temporal and spatial compression.
+    #[module(skip)]
+    factors: (usize, usize),
 }
 
 /// The diagonal-Gaussian posterior of a clip.
@@ -664,11 +806,7 @@ impl Vae {
     pub fn encode_chunked(&self, x: Tensor<5>, chunk: usize) -> Posterior {
         let t = x.dims()[2];
         let chunk = chunk.max(1);
-        let ft: usize = self
-            .down
-            .iter()
-            .map(|l| 1 + usize::from(l.temporal))
-            .product();
+        let ft = self.factors.0;
         let mut stream = Stream::chunked();
         let (mut means, mut logvars) = (Vec::new(), Vec::new());
         let mut at = 0;
@@ -692,6 +830,10 @@ impl Vae {
     }
 
     fn encode_stream(&self, x: Tensor<5>, s: &mut Stream) -> Posterior {
+        let linear = self
+            .linear_in
+            .as_ref()
+            .map(|l| l.forward_stream(x.clone(), s));
         let x = patchify(x, self.patch);
         let c = self.conv_in.conv.weight.val().dims()[0];
         let mut h = plus(
@@ -706,8 +848,14 @@ impl Vae {
         let m = self
             .conv_moments
             .forward_stream(activation::silu(frame_norm(&self.norm_out, h.clone())), s);
+        // With the linear path, the deep path is its residual (no channel-mean shortcut).
+        let shortcut = if linear.is_some() {
+            None
+        } else {
+            channel_mean(h, z)
+        };
         Posterior {
-            mean: plus(m.clone().narrow(1, 0, z), channel_mean(h, z)),
+            mean: plus(plus(m.clone().narrow(1, 0, z), shortcut), linear),
             logvar: m.narrow(1, z, z).clamp(-30.0, 20.0),
         }
     }
@@ -735,6 +883,11 @@ impl Vae {
     }
 
     fn decode_stream(&self, z: Tensor<5>, s: &mut Stream) -> Tensor<5> {
+        let first = s.first;
+        let linear = self
+            .linear_out
+            .as_ref()
+            .map(|l| depth_to_space(l.forward_stream(z.clone(), s), self.factors, first));
         let c = self.mid_dec.channels();
         let h = plus(
             self.conv_latent.forward_stream(z.clone(), s),
@@ -745,12 +898,130 @@ impl Vae {
             h = level.forward(h, s);
         }
         let pixels = 3 * self.patch * self.patch;
+        let shortcut = if linear.is_some() {
+            None
+        } else {
+            channel_mean(h.clone(), pixels)
+        };
         let out = plus(
             self.conv_out
-                .forward_stream(activation::silu(frame_norm(&self.norm_dec, h.clone())), s),
-            channel_mean(h, pixels),
+                .forward_stream(activation::silu(frame_norm(&self.norm_dec, h)), s),
+            shortcut,
         );
-        unpatchify(out, self.patch)
+        plus(unpatchify(out, self.patch), linear)
+    }
+
+    /// Sets the linear path to the best linear code of `clips` (`[1, 3, T, H, W]` in
+    /// `[-1, 1]`, `T = 1 + k · time_factor`): the mean and the top `latent` principal
+    /// components of their causal blocks (the first frame repeated, then groups of
+    /// `time_factor` frames, `space_factor²` pixels), found by subspace iteration on the blocks'
+    /// covariance. With the deep path's outputs zero at initialisation, the fresh VAE then
+    /// reconstructs as well as PCA of the blocks. Returns the share of the blocks' variance
+    /// the components explain.
+    pub fn fit_linear(mut self, clips: &[Tensor<5>]) -> Result<(Self, f64)> {
+        let (Some(lin_in), Some(lin_out)) = (self.linear_in.as_mut(), self.linear_out.as_mut())
+        else {
+            return Err(invalid("linear", "this VAE has no linear path"));
+        };
+        let (ft, fs) = self.factors;
+        let (z, d) = (self.latent, 3 * ft * fs * fs);
+        let mut rows: Vec<f64> = Vec::new();
+        for clip in clips {
+            let [b, c, t, h, w] = clip.dims();
+            if b != 1 || c != 3 || !(t - 1).is_multiple_of(ft) || h % fs != 0 || w % fs != 0 {
+                return Err(invalid(
+                    "clips",
+                    format!("a [{b}, {c}, {t}, {h}, {w}] clip does not tile into blocks"),
+                ));
+            }
+            let v = clip
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .map_err(|e| invalid("clips", format!("{e:?}")))?;
+            // Padded time index p maps to frame max(p − (ft − 1), 0).
+            let frame = |p: usize| p.saturating_sub(ft - 1);
+            for bt in 0..t.div_ceil(ft) {
+                for by in 0..h / fs {
+                    for bx in 0..w / fs {
+                        for ch in 0..3 {
+                            for dt in 0..ft {
+                                let f = frame(bt * ft + dt);
+                                for dy in 0..fs {
+                                    let row = ((ch * t + f) * h + by * fs + dy) * w + bx * fs;
+                                    rows.extend_from_slice(&v[row..row + fs]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let n = rows.len() / d;
+        if n < z {
+            return Err(invalid("clips", format!("{n} blocks for {z} components")));
+        }
+        let mut mean = vec![0f64; d];
+        for r in rows.chunks_exact(d) {
+            mean.iter_mut().zip(r).for_each(|(m, v)| *m += v);
+        }
+        mean.iter_mut().for_each(|m| *m /= n as f64);
+        // Covariance through the backend's matmul (d × d), on the clips' device.
+        let device = clips[0].device();
+        let centred: Vec<f32> = rows
+            .chunks_exact(d)
+            .flat_map(|r| r.iter().zip(&mean).map(|(v, m)| (v - m) as f32))
+            .collect();
+        let x = Tensor::<2>::from_data(TensorData::new(centred, [n, d]), &device);
+        let cov = x
+            .clone()
+            .transpose()
+            .matmul(x)
+            .div_scalar(n as f64)
+            .into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .map_err(|e| invalid("clips", format!("{e:?}")))?;
+        let components = top_eigenvectors(&cov, d, z, 300);
+        let total: f64 = (0..d).map(|i| cov[i * d + i]).sum();
+        let explained: f64 = components
+            .iter()
+            .map(|q| {
+                (0..d)
+                    .map(|i| q[i] * (0..d).map(|j| cov[i * d + j] * q[j]).sum::<f64>())
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / total.max(f64::MIN_POSITIVE);
+        let param_device = lin_in.conv.weight.val().device();
+        let w_in: Vec<f32> = components.iter().flatten().map(|&v| v as f32).collect();
+        let b_in: Vec<f32> = components
+            .iter()
+            .map(|q| -q.iter().zip(&mean).map(|(a, b)| a * b).sum::<f64>() as f32)
+            .collect();
+        let w_out: Vec<f32> = (0..d)
+            .flat_map(|i| components.iter().map(move |q| q[i] as f32))
+            .collect();
+        let b_out: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let param = |v: Vec<f32>, shape: [usize; 5]| {
+            Param::from_tensor(Tensor::<5>::from_data(
+                TensorData::new(v, shape),
+                &param_device,
+            ))
+        };
+        let bias = |v: Vec<f32>| {
+            let len = v.len();
+            Some(Param::from_tensor(Tensor::<1>::from_data(
+                TensorData::new(v, [len]),
+                &param_device,
+            )))
+        };
+        lin_in.conv.weight = param(w_in, [z, 3, ft, fs, fs]);
+        lin_in.conv.bias = bias(b_in);
+        lin_out.conv.weight = param(w_out, [d, z, 1, 1, 1]);
+        lin_out.conv.bias = bias(b_out);
+        Ok((self, explained))
     }
 
     /// Encodes, samples (or takes the mean when `sample` is false), decodes and scores `x`.

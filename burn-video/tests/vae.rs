@@ -24,6 +24,14 @@ fn patched(temporal_down: usize) -> VaeConfig {
     }
 }
 
+/// With the linear patch path beside the deep one.
+fn linear(temporal_down: usize) -> VaeConfig {
+    VaeConfig {
+        linear: true,
+        ..patched(temporal_down)
+    }
+}
+
 fn clip(d: &Device) -> Tensor<5> {
     Tensor::random([1, 3, 17, 64, 64], Distribution::Uniform(-1.0, 1.0), d)
 }
@@ -37,6 +45,8 @@ fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
         (small(3), 3, 3),
         (patched(2), 2, 5),
         (patched(3), 3, 3),
+        (linear(2), 2, 5),
+        (linear(3), 3, 3),
     ] {
         let vae = cfg.init(&d).expect("vae");
         let p = vae.encode(x.clone());
@@ -66,7 +76,7 @@ fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
 #[test]
 fn a_changed_frame_changes_no_earlier_latent() {
     let d = Device::flex();
-    for cfg in [small(2), patched(2)] {
+    for cfg in [small(2), patched(2), linear(2)] {
         causal(&cfg, &d);
     }
 }
@@ -178,7 +188,7 @@ fn max_abs_diff(a: Tensor<5>, b: Tensor<5>) -> (f32, f32) {
 fn chunked_encode_and_decode_equal_the_whole_clip() {
     let d = Device::flex();
     let x = clip(&d);
-    for cfg in [small(2), patched(2), patched(3)] {
+    for cfg in [small(2), patched(2), patched(3), linear(2), linear(3)] {
         let vae = cfg.init(&d).expect("vae");
         let whole = vae.encode(x.clone()).mean;
         let frames = vae.decode(whole.clone());
@@ -202,4 +212,76 @@ fn chunked_encode_and_decode_equal_the_whole_clip() {
             );
         }
     }
+}
+
+/// A clip whose causal 4×8×8 blocks are the mean plus combinations of three fixed patterns
+/// (constant over a block's frames, so the first block of repeated frames fits too).
+fn low_rank_clip(d: &Device, seed: u64) -> Tensor<5> {
+    fn generator(mut state: u64) -> impl FnMut() -> f32 {
+        move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 - 0.5
+        }
+    }
+    // The patterns are the same in every clip, the coefficients differ.
+    let mut fixed = generator(99);
+    let pattern: Vec<Vec<f32>> = (0..4)
+        .map(|_| (0..3 * 64).map(|_| fixed()).collect())
+        .collect();
+    let mut next = generator(seed);
+    let mut v = vec![0f32; 3 * 17 * 64 * 64];
+    for g in 0..5 {
+        for by in 0..8 {
+            for bx in 0..8 {
+                let a: Vec<f32> = (0..3).map(|_| next()).collect();
+                let frames = if g == 0 { 0..1 } else { 4 * g - 3..4 * g + 1 };
+                for t in frames {
+                    for c in 0..3 {
+                        for dy in 0..8 {
+                            for dx in 0..8 {
+                                let k = (c * 8 + dy) * 8 + dx;
+                                let val = 0.2 * pattern[0][k]
+                                    + (0..3).map(|j| a[j] * pattern[j + 1][k]).sum::<f32>();
+                                v[((c * 17 + t) * 64 + by * 8 + dy) * 64 + bx * 8 + dx] = val;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_data(burn::tensor::TensorData::new(v, [1, 3, 17, 64, 64]), d)
+}
+
+#[test]
+fn the_linear_path_starts_at_the_principal_components() {
+    let d = Device::flex();
+    let cfg = linear(2);
+    let clips: Vec<_> = (1..4).map(|seed| low_rank_clip(&d, seed)).collect();
+    let (vae, explained) = cfg.init(&d).expect("vae").fit_linear(&clips).expect("fit");
+    assert!((explained - 1.0).abs() < 1e-4, "explained {explained}");
+    for clip in &clips {
+        let rec = vae.decode(vae.encode(clip.clone()).mean);
+        let (diff, _) = max_abs_diff(rec, clip.clone());
+        assert!(diff < 1e-3, "reconstruction off by {diff}");
+    }
+    // Random clips are not of low rank: four components explain part of their variance only.
+    let noise = vec![clip(&d)];
+    let (vae, explained) = cfg.init(&d).expect("vae").fit_linear(&noise).expect("fit");
+    assert!(explained < 0.1, "explained {explained}");
+    let rec = vae.decode(vae.encode(noise[0].clone()).mean);
+    let (diff, _) = max_abs_diff(rec, noise[0].clone());
+    assert!(diff > 0.1, "white noise reconstructed to {diff}");
+    // A VAE without the linear path refuses.
+    assert!(
+        small(2)
+            .init(&d)
+            .expect("vae")
+            .fit_linear(&clips)
+            .unwrap_err()
+            .to_string()
+            .contains("linear")
+    );
 }

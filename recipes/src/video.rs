@@ -331,6 +331,9 @@ pub struct VaeSummary {
     pub final_loss: f64,
     /// Held-out evaluation.
     pub holdout: VaeEval,
+    /// Share of the training blocks' variance explained by the linear path's initial
+    /// principal components (`vae.linear`).
+    pub linear_explained: Option<f64>,
     /// Per-channel mean of the latent posterior means over the training clips.
     pub latent_mean: Vec<f64>,
     /// Per-channel standard deviation.
@@ -387,6 +390,33 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     }
     let device = Device::flex().autodiff();
     let mut vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
+    // The linear path starts at the principal components of the training clips' blocks (each
+    // clip cropped to whole blocks).
+    let linear_explained = if cfg.linear {
+        let fit_device = Device::flex();
+        let fs = cfg.space_factor();
+        let clips: Vec<Tensor<5>> = train
+            .iter()
+            .map(|c| {
+                let c = usable(c, cfg.time_factor());
+                let (w, h) = c.size();
+                crops(
+                    &[&c],
+                    &[(0, 0, 0)],
+                    c.len(),
+                    (h / fs * fs, w / fs * fs),
+                    &fit_device,
+                )
+            })
+            .collect();
+        let (fitted, explained) = vae
+            .fit_linear(&clips)
+            .map_err(|e| bad("vae.linear", e.to_string()))?;
+        vae = fitted;
+        Some(explained)
+    } else {
+        None
+    };
     let single = Group::single();
     let mut opt = DistributedAdamW::new(
         AdamWConfig {
@@ -495,6 +525,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = VaeSummary {
         final_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        linear_explained,
         holdout,
         latent_mean,
         latent_std,

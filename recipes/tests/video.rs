@@ -59,6 +59,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
             "vae.channels=[8, 8, 8, 8]",
             "vae.groups=4",
             "vae.latent=4",
+            "vae.linear=true",
             "data.crop=16",
             "data.holdout_every=24",
             "training.steps=3",
@@ -85,6 +86,10 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
             .expect("JSON");
     assert_eq!(summary["latent_std"].as_array().map(Vec::len), Some(4));
+    let explained = summary["linear_explained"]
+        .as_f64()
+        .expect("linear_explained");
+    assert!(explained > 0.3 && explained <= 1.0, "{explained}");
     // A second run into the same folder is refused.
     let again = train(&run, &["training.steps=1"]);
     assert_eq!(again.status.code(), Some(2));

@@ -1,0 +1,241 @@
+//! The DiT and rectified flow: 3-D RoPE depends on relative positions only, fresh blocks are
+//! the identity (AdaLN-zero), a small DiT overfits one batch, and the Euler sampler carries
+//! N(0, 1) to a Gaussian along its analytic rectified-flow velocity.
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
+use burn_video::dit::{DitConfig, apply_rope, rope_tables};
+use burn_video::flow::{self, Rng};
+use burn_video::text::Vocabulary;
+
+fn tiny() -> DitConfig {
+    DitConfig {
+        latent: 4,
+        hidden: 48,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 2,
+        vocab: 16,
+        text_len: 6,
+        rope_base: 100.0,
+    }
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn rope_scores_depend_on_relative_positions_only() {
+    let d = Device::flex();
+    let head_dim = 24;
+    let (grid_t, grid_h, grid_w) = (5, 5, 5);
+    let (cos, sin) = rope_tables((grid_t, grid_h, grid_w), head_dim, 100.0, &d);
+    let q = Tensor::<4>::random([1, 1, 1, head_dim], Distribution::Normal(0.0, 1.0), &d);
+    let k = Tensor::<4>::random([1, 1, 1, head_dim], Distribution::Normal(0.0, 1.0), &d);
+    let row = |(t, y, x): (usize, usize, usize)| {
+        let i = (t * grid_h + y) * grid_w + x;
+        (cos.clone().narrow(0, i, 1), sin.clone().narrow(0, i, 1))
+    };
+    let score = |a, b| {
+        let (ca, sa) = row(a);
+        let (cb, sb) = row(b);
+        let qa = apply_rope(q.clone(), &ca, &sa);
+        let kb = apply_rope(k.clone(), &cb, &sb);
+        values((qa * kb).sum())[0]
+    };
+    let base = score((0, 1, 2), (2, 0, 1));
+    for shift in [(1, 1, 1), (2, 3, 0), (1, 0, 2)] {
+        let s = score(
+            (shift.0, 1 + shift.1, 2 + shift.2),
+            (2 + shift.0, shift.1, 1 + shift.2),
+        );
+        assert!((s - base).abs() < 1e-4, "shift {shift:?}: {s} vs {base}");
+    }
+    // Another offset on any single axis gives another score.
+    for other in [
+        ((0, 1, 2), (3, 0, 1)),
+        ((0, 1, 2), (2, 2, 1)),
+        ((0, 1, 2), (2, 0, 4)),
+    ] {
+        let s = score(other.0, other.1);
+        assert!(
+            (s - base).abs() > 1e-3,
+            "{other:?} scored like the base pair"
+        );
+    }
+    // Rotation keeps norms.
+    let (c, s) = row((3, 4, 2));
+    let r = values(apply_rope(q.clone(), &c, &s).powi_scalar(2).sum())[0];
+    let n = values(q.powi_scalar(2).sum())[0];
+    assert!((r - n).abs() < 1e-3 * n);
+}
+
+fn batch(d: &Device) -> (Tensor<5>, Tensor<5>, Tensor<1>, burn_video::dit::Condition) {
+    let x0 = Tensor::<5>::random([2, 4, 3, 4, 4], Distribution::Normal(0.0, 1.0), d);
+    let eps = Tensor::<5>::random([2, 4, 3, 4, 4], Distribution::Normal(0.0, 1.0), d);
+    let t = Tensor::<1>::from_data(TensorData::new(vec![0.3f32, 0.8], [2]), d);
+    let vocab = Vocabulary::from_captions(&["a red square moving left", "a blue circle"]);
+    let text = vocab
+        .batch(&[Some("a red square moving left"), None], 6, d)
+        .expect("captions");
+    let cond = burn_video::dit::Condition {
+        text,
+        first_frame: None,
+    };
+    (x0, eps, t, cond)
+}
+
+#[test]
+fn a_fresh_dit_is_the_identity_in_every_block_and_predicts_zero() {
+    let d = Device::flex();
+    let dit = tiny().init(&d).expect("dit");
+    let (x0, eps, t, cond) = batch(&d);
+    let xt = flow::interpolate(x0, eps, t.clone());
+    let v = dit.forward(xt.clone(), t, &cond).expect("forward");
+    assert_eq!(v.dims(), xt.dims());
+    assert!(values(v.abs().max()).iter().all(|&m| m == 0.0));
+    // Each block alone, with the shared modulation a fresh model produces (zero).
+    let x = Tensor::<3>::random([2, 12, 48], Distribution::Normal(0.0, 1.0), &d);
+    let t6 = Tensor::<3>::zeros([2, 6, 48], &d);
+    let text = Tensor::<3>::random([2, 6, 48], Distribution::Normal(0.0, 1.0), &d);
+    let rope = rope_tables((3, 2, 2), 24, 100.0, &d);
+    for block in dit.blocks() {
+        let y = block.forward(x.clone(), &t6, &text, &cond.text.mask, &rope);
+        assert_eq!(values(y), values(x.clone()));
+    }
+}
+
+#[test]
+fn a_small_dit_overfits_one_batch() {
+    let d = Device::flex().autodiff();
+    let mut dit = tiny().init(&d).expect("dit");
+    let (x0, eps, t, cond) = batch(&d);
+    let xt = flow::interpolate(x0.clone(), eps.clone(), t.clone());
+    let g = Group::single();
+    let mut opt = DistributedAdamW::new(
+        AdamWConfig {
+            lr: 3e-3,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        g.clone(),
+        g.clone(),
+        g,
+    )
+    .expect("optimizer");
+    let mut first = None;
+    let mut last = f32::INFINITY;
+    let mut steps = 0;
+    for _ in 0..300 {
+        steps += 1;
+        let v = dit.forward(xt.clone(), t.clone(), &cond).expect("forward");
+        let loss = flow::loss(v, x0.clone(), eps.clone());
+        last = values(loss.clone())[0];
+        first.get_or_insert(last);
+        let mut grads = GradientBuffer::new();
+        grads.add(&dit, &loss.backward()).expect("gradients");
+        dit = opt.step_buffered(dit, grads, &[]).expect("step").0;
+        if last < 0.005 * first.unwrap() {
+            break;
+        }
+    }
+    let first = first.unwrap();
+    assert!(
+        last < 0.01 * first,
+        "loss {first} -> {last} in {steps} steps"
+    );
+    eprintln!("overfit: loss {first} -> {last} in {steps} steps");
+}
+
+#[test]
+fn euler_carries_noise_to_a_gaussian_along_its_analytic_velocity() {
+    // x0 ~ N(mu, s0²), eps ~ N(0, 1), x_t = (1 − t) x0 + t eps: E[eps − x0 | x_t = x] is
+    // linear in x. Integrating it from t = 1 must give N(mu, s0²).
+    let (mu, s0) = (2.0f64, 0.5f64);
+    let v = |x: f64, t: f64| {
+        let var = (1.0 - t).powi(2) * s0 * s0 + t * t;
+        let dev = x - (1.0 - t) * mu;
+        let e_eps = t / var * dev;
+        let e_x0 = mu + (1.0 - t) * s0 * s0 / var * dev;
+        e_eps - e_x0
+    };
+    let d = Device::flex();
+    let n = 20_000;
+    let mut rng = Rng::new(3);
+    let noise: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    for r in [1.0, 3.0] {
+        let x1 = Tensor::<5>::from_data(TensorData::new(noise.clone(), [n, 1, 1, 1, 1]), &d);
+        let out = flow::euler(x1, 200, r, |x, t| {
+            let xs: Vec<f32> = values(x)
+                .iter()
+                .map(|&x| v(f64::from(x), t) as f32)
+                .collect();
+            Ok(Tensor::from_data(TensorData::new(xs, [n, 1, 1, 1, 1]), &d))
+        })
+        .expect("sample");
+        let xs = values(out);
+        let mean = xs.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
+        let var = xs
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        assert!((mean - mu).abs() < 0.02, "r {r}: mean {mean}");
+        assert!((var.sqrt() - s0).abs() < 0.02, "r {r}: std {}", var.sqrt());
+    }
+}
+
+#[test]
+fn timesteps_shift_toward_noise_and_captions_encode() {
+    assert!((flow::shift(0.5, 3.0) - 0.75).abs() < 1e-12);
+    assert_eq!(flow::shift(0.0, 5.0), 0.0);
+    assert!((flow::shift(1.0, 5.0) - 1.0).abs() < 1e-12);
+    assert!((flow::resolution_shift(16, 16, 4, 16) - 2.0).abs() < 1e-12);
+    let mut rng = Rng::new(1);
+    let plain = flow::logit_normal(5000, 0.0, 1.0, 1.0, &mut rng);
+    let mut rng = Rng::new(1);
+    let shifted = flow::logit_normal(5000, 0.0, 1.0, 3.0, &mut rng);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!((mean(&plain) - 0.5).abs() < 0.02, "{}", mean(&plain));
+    assert!(mean(&shifted) > mean(&plain) + 0.1);
+    assert!(
+        plain
+            .iter()
+            .chain(&shifted)
+            .all(|t| (0.0..=1.0).contains(t))
+    );
+
+    let vocab = Vocabulary::from_captions(&["A red square, moving left.", "a blue circle"]);
+    assert_eq!(vocab.len(), 3 + 7);
+    let (ids, mask) = vocab.encode("a red circle jumping", 6).expect("encode");
+    assert_eq!(mask, [true, true, true, true, false, false]);
+    assert_eq!(ids[3], burn_video::dit::UNK);
+    assert_eq!(ids[4], burn_video::dit::PAD);
+    let (null, mask) = vocab.encode("", 3).expect("null");
+    assert_eq!((null[0], mask[0]), (burn_video::dit::NULL, true));
+    let e = vocab.encode("a a a a", 3).unwrap_err().to_string();
+    assert!(e.contains("caption"), "{e}");
+}
+
+#[test]
+fn bad_dit_configs_name_the_field() {
+    for (cfg, field) in [
+        (DitConfig { heads: 3, ..tiny() }, "heads"),
+        (DitConfig { depth: 0, ..tiny() }, "depth"),
+        (DitConfig { vocab: 2, ..tiny() }, "vocab"),
+        (
+            DitConfig {
+                rope_base: 0.5,
+                ..tiny()
+            },
+            "rope_base",
+        ),
+    ] {
+        let e = cfg.init(&Device::flex()).unwrap_err().to_string();
+        assert!(e.contains(field), "{e}");
+    }
+}
