@@ -18,6 +18,7 @@
 //! assert!((psnr(&a, &b, 1.0).unwrap() - 20.0).abs() < 1e-4); // MSE 0.01 → 20 dB
 //! ```
 
+pub mod checker;
 pub mod clip;
 pub mod dit;
 pub mod error;

@@ -1,5 +1,6 @@
 //! A generator of labelled clips for conditional generation: one to three shapes of one colour
-//! moving in one direction over a dark, lightly textured background. The label is known, so a
+//! moving in one direction over a dark, lightly textured background, kept apart so the count
+//! in the caption is the count on screen. The label is known, so a
 //! rule-based checker can later tell whether a generated clip shows what was asked for.
 
 use serde::{Deserialize, Serialize};
@@ -182,12 +183,24 @@ pub fn generate(label: &Label, size: usize, frames: usize, seed: u64) -> Result<
         };
         if hi > lo { lo + u * (hi - lo) } else { s / 2.0 }
     };
-    let starts: Vec<(f32, f32)> = (0..label.count)
-        .map(|_| {
+    // Objects keep apart (their bounding boxes at least 2 px from each other; they all move
+    // together, so they never touch), so a caption's count is what the clip shows. Where the
+    // frame is too small for that after 100 draws, the last draw stands.
+    let mut starts: Vec<(f32, f32)> = Vec::with_capacity(label.count);
+    for _ in 0..label.count {
+        let mut at = (s / 2.0, s / 2.0);
+        for _ in 0..100 {
             let (u, v) = (uniform(&mut state), uniform(&mut state));
-            (span(sx, u), span(sy, v))
-        })
-        .collect();
+            at = (span(sx, u), span(sy, v));
+            let apart = starts
+                .iter()
+                .all(|&(x, y)| (x - at.0).abs().max((y - at.1).abs()) >= 2.0 * r + 2.0);
+            if apart {
+                break;
+            }
+        }
+        starts.push(at);
+    }
     let background: Vec<f32> = (0..size * size)
         .map(|_| 0.08 + 0.06 * uniform(&mut state))
         .collect();

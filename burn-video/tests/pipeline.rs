@@ -283,3 +283,43 @@ fn the_squeeze_baseline_scores_about_20_db_on_the_public_clips() {
     // The independent reference: about 20.3 dB.
     assert!((psnr_db - 20.3).abs() < 0.5, "{psnr_db}");
 }
+
+#[test]
+fn the_checker_reads_every_synthetic_label_back() {
+    use burn_video::checker::{check, observe};
+    use burn_video::synthetic::{Label, generate};
+    let (mut colour, mut direction, mut count, mut total) = (0, 0, 0, 0);
+    for i in 0..144 {
+        let label = Label::nth(i);
+        let clip = generate(&label, 64, 17, i as u64).expect("clip");
+        let v = check(&clip, &label);
+        colour += usize::from(v.colour);
+        direction += usize::from(v.direction);
+        count += usize::from(v.count);
+        total += 1;
+        // Another direction is never accepted.
+        let mut wrong = label;
+        wrong.direction = Label::nth(i + 12).direction;
+        assert!(!check(&clip, &wrong).direction, "{label:?}");
+    }
+    assert_eq!((colour, direction), (total, total));
+    // Objects may overlap and merge into one blob in some frames.
+    assert!(
+        count * 100 >= total * 90,
+        "count right on {count} of {total}"
+    );
+    // An empty (background-only) clip shows nothing.
+    let empty = burn_video::clip::Clip::new(vec![
+        burn_video::metrics::Frame::new(
+            16,
+            16,
+            3,
+            vec![0.1; 16 * 16 * 3]
+        )
+        .expect("frame");
+        5
+    ])
+    .expect("clip");
+    let o = observe(&empty);
+    assert_eq!((o.colour, o.direction, o.count), (None, None, 0));
+}

@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dit;
 pub mod error;
 pub mod latents;
 /// Heap accounting (from burn-parallel).

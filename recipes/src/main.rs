@@ -51,6 +51,139 @@ enum Command {
     /// Evaluate a trained model.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Generate clips for captions with a trained DiT run (GIFs).
+    Sample(SampleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SampleArgs {
+    /// The DiT run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// A caption (repeatable).
+    #[arg(long = "prompt", required = true)]
+    prompts: Vec<String>,
+    /// Folder to write `sample_NN.gif` into (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// Latent frames (1 + (video frames − 1) / the VAE's temporal factor).
+    #[arg(long, default_value_t = 5)]
+    frames: usize,
+    /// Euler steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale (1: none).
+    #[arg(long, default_value_t = 4.0)]
+    guidance: f64,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalDitArgs {
+    /// The DiT run folder (trained on captions of `data synth` clips).
+    #[arg(long)]
+    run: PathBuf,
+    /// Captions of the first N synthetic labels are sampled and checked.
+    #[arg(long, default_value_t = 48)]
+    prompts: usize,
+    /// Latent frames.
+    #[arg(long, default_value_t = 5)]
+    frames: usize,
+    /// Euler steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    guidance: f64,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Samples `captions` from a DiT run and decodes them with the cache's VAE.
+fn sample_clips(
+    run: &std::path::Path,
+    captions: &[&str],
+    (frames, steps, guidance, seed): (usize, usize, f64, u64),
+) -> Result<Vec<burn_video::clip::Clip>, String> {
+    use burn_recipes::dit::{decode_latents, load_dit, sample_latents};
+    let (recipe, summary, dit, meta) = load_dit(run).map_err(|e| e.to_string())?;
+    if frames == 0 {
+        return Err("`--frames`: must be at least 1".into());
+    }
+    let device = Device::flex();
+    // The latent side of the cache.
+    let (_, index) =
+        burn_recipes::latents::read_cache(&recipe.data.latents).map_err(|e| e.to_string())?;
+    let [_, _, h, w] = index
+        .first()
+        .map(|c| c.shape)
+        .ok_or_else(|| "the DiT's latent cache is empty".to_string())?;
+    let z = sample_latents(
+        &dit,
+        &summary.vocabulary,
+        recipe.dit.text_len,
+        captions,
+        (frames, h, w),
+        (steps, guidance, recipe.flow.shift_base),
+        seed,
+        &device,
+    )
+    .map_err(|e| e.to_string())?;
+    decode_latents(&meta, z, 4).map_err(|e| e.to_string())
+}
+
+fn run_sample(args: &SampleArgs) -> Result<(), String> {
+    if args.out.exists() {
+        return Err(format!("`--out`: {} already exists", args.out.display()));
+    }
+    let captions: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
+    let clips = sample_clips(
+        &args.run,
+        &captions,
+        (args.frames, args.steps, args.guidance, args.seed),
+    )?;
+    let tmp = args.out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    for (i, clip) in clips.iter().enumerate() {
+        clip.write_gif(&tmp.join(format!("sample_{i:02}.gif")), 100)
+            .map_err(|e| e.to_string())?;
+    }
+    std::fs::rename(&tmp, &args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    println!("{} clips in {}", clips.len(), args.out.display());
+    Ok(())
+}
+
+fn run_eval_dit(args: &EvalDitArgs) -> Result<(), String> {
+    use burn_video::checker::check;
+    use burn_video::synthetic::Label;
+    let labels: Vec<Label> = (0..args.prompts).map(Label::nth).collect();
+    let captions: Vec<String> = labels.iter().map(Label::caption).collect();
+    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let clips = sample_clips(
+        &args.run,
+        &refs,
+        (args.frames, args.steps, args.guidance, args.seed),
+    )?;
+    let (mut colour, mut direction, mut count) = (0, 0, 0);
+    for (clip, label) in clips.iter().zip(&labels) {
+        let v = check(clip, label);
+        colour += usize::from(v.colour);
+        direction += usize::from(v.direction);
+        count += usize::from(v.count);
+    }
+    let n = labels.len().max(1) as f64;
+    println!(
+        "{} prompts: direction {:.1}% (chance 25%), colour {:.1}% (chance 25%), count {:.1}% (chance 33%)",
+        labels.len(),
+        100.0 * direction as f64 / n,
+        100.0 * colour as f64 / n,
+        100.0 * count as f64 / n
+    );
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,6 +191,9 @@ enum EvalCommand {
     /// Mean PSNR and SSIM of a video VAE run's reconstructions over every frame of every clip
     /// of a folder, next to the same-size resize baseline; writes a side-by-side preview GIF.
     Vae(EvalVaeArgs),
+    /// Sample the synthetic generator's captions with a DiT run and check the clips by rules:
+    /// motion direction, colour and object count accuracy.
+    Dit(EvalDitArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -496,11 +632,43 @@ fn run_train_vae(args: &TrainArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn run_train_dit(args: &TrainArgs) -> Result<(), String> {
+    use burn_recipes::dit::{DitRecipe, train_dit};
+    if args.resume || args.stop_at.is_some() || args.device != Backend::Flex {
+        return Err(
+            "DiT recipes train from scratch on the CPU (no --resume, --stop-at, --device)".into(),
+        );
+    }
+    let recipe = DitRecipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
+    let s = train_dit(&recipe, |stage| {
+        println!(
+            "stage {}: {} steps, lr {}, batch {}, {} latent frames, image ratio {}",
+            stage.name, stage.steps, stage.lr, stage.batch, stage.frames, stage.image_ratio
+        );
+    })
+    .map_err(|e| e.to_string())?;
+    for r in &s.stages {
+        println!(
+            "stage {}: final loss {:.4}, validation loss {:.4} ({} latent frames)",
+            r.name, r.final_loss, r.validation_loss, r.frames
+        );
+    }
+    println!(
+        "trained in {:.0} s; run directory: {} (metrics.jsonl, summary.json, checkpoints/)",
+        s.seconds,
+        recipe.run.dir.display()
+    );
+    Ok(())
+}
+
 fn run_train(args: &TrainArgs) -> Result<(), String> {
     let text = std::fs::read_to_string(&args.recipe)
         .map_err(|e| format!("{}: {e}", args.recipe.display()))?;
     if burn_recipes::video::is_vae_recipe(&text) {
         return run_train_vae(args);
+    }
+    if burn_recipes::dit::is_dit_recipe(&text) {
+        return run_train_dit(args);
     }
     let recipe = Recipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
     recipe.validate().map_err(|e| e.to_string())?;
@@ -758,6 +926,8 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Synth(args)) => run_synth(args),
         Command::Data(DataCommand::Cache(args)) => run_cache(args),
         Command::Eval(EvalCommand::Vae(args)) => run_eval_vae(args),
+        Command::Eval(EvalCommand::Dit(args)) => run_eval_dit(args),
+        Command::Sample(args) => run_sample(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

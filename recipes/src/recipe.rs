@@ -619,6 +619,21 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
             .unwrap_or(toml::Value::String(raw.trim().into())),
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
+    // `name[i].key` sets a key of the i-th table of an array of tables (`[[name]]`).
+    if let Some((name, index)) = section.strip_suffix(']').and_then(|s| s.split_once('[')) {
+        let i: usize = index
+            .parse()
+            .map_err(|_| bad("--set", format!("`{section}`: `{index}` is not an index")))?;
+        let Some(toml::Value::Array(items)) = table.get_mut(name) else {
+            return Err(bad(section, format!("the recipe has no [[{name}]] tables")));
+        };
+        let len = items.len();
+        let Some(toml::Value::Table(item)) = items.get_mut(i) else {
+            return Err(bad(section, format!("[[{name}]] has {len} tables")));
+        };
+        item.insert(key.to_string(), value);
+        return Ok(());
+    }
     let entry = table
         .entry(section.to_string())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));

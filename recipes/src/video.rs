@@ -227,7 +227,7 @@ pub fn clip_tensor(clip: &Clip, d: &Device) -> Tensor<5> {
 }
 
 /// A clip from `[1, 3, T, H, W]` in `[-1, 1]` (clamped).
-fn to_clip(x: Tensor<5>) -> Result<Clip> {
+pub(crate) fn to_clip(x: Tensor<5>) -> Result<Clip> {
     let [_, _, t, h, w] = x.dims();
     let v = x
         .clamp(-1.0, 1.0)

@@ -1,0 +1,231 @@
+//! The DiT pipeline through the command line: synthetic clips → a (tiny) VAE run → a latent
+//! cache with captions → curriculum training that switches stages in order and reports a
+//! validation loss per stage → `sample` GIFs → `eval dit` rule-checker accuracies; stage
+//! switching and image/video bucketing; bad DiT recipes name their key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn_recipes::dit::{BatchKind, DitRecipe, Stage, batch_kind};
+use burn_video::flow::Rng;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+}
+
+fn recipes() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stage(frames: usize, image_ratio: f64) -> Stage {
+    Stage {
+        name: "s".into(),
+        steps: 10,
+        lr: 1e-3,
+        warmup_steps: 0,
+        batch: 2,
+        frames,
+        image_ratio,
+    }
+}
+
+#[test]
+fn stages_switch_at_their_step_counts_and_batches_keep_one_shape() {
+    let mut recipe = DitRecipe::load(&recipes().join("dit-tiny.toml"), &[]).expect("recipe");
+    recipe.stage[0].steps = 3;
+    recipe.stage[1].steps = 2;
+    recipe.stage[2].steps = 4;
+    let seen: Vec<Option<(usize, usize)>> = (0..10).map(|s| recipe.stage_at(s)).collect();
+    assert_eq!(
+        seen,
+        [
+            Some((0, 0)),
+            Some((0, 1)),
+            Some((0, 2)),
+            Some((1, 0)),
+            Some((1, 1)),
+            Some((2, 0)),
+            Some((2, 1)),
+            Some((2, 2)),
+            Some((2, 3)),
+            None
+        ]
+    );
+    assert_eq!(recipe.total_steps(), 9);
+    let mut rng = Rng::new(4);
+    // Image stages draw images only, video stages without images never do, mixed ones both
+    // in about their ratio; a batch is one kind (one latent shape).
+    assert!((0..100).all(|_| batch_kind(&stage(1, 0.0), &mut rng) == BatchKind::Images));
+    assert!((0..100).all(|_| batch_kind(&stage(3, 0.0), &mut rng) == BatchKind::Video(3)));
+    let images = (0..2000)
+        .filter(|_| batch_kind(&stage(3, 0.25), &mut rng) == BatchKind::Images)
+        .count();
+    assert!((400..600).contains(&images), "{images} of 2000");
+    assert_eq!(BatchKind::Video(3).frames(), 3);
+}
+
+#[test]
+fn bad_dit_recipes_name_the_key_and_write_nothing() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    for (set, key) in [
+        ("stage[0].lr=0", "stage[0].lr"),
+        ("dit.heads=5", "dit.heads"),
+        ("data.caption_dropout=1.0", "data.caption_dropout"),
+        ("data.holdout_every=1", "data.holdout_every"),
+        ("stage[1].image_ratio=2.0", "stage[1].image_ratio"),
+        ("data.latents=\"/nonexistent\"", "data.latents"),
+        ("dit.colour=1", "colour"),
+    ] {
+        let run = tmp.path().join("run");
+        let out = bin()
+            .args([
+                "train",
+                &recipes().join("dit-tiny.toml").display().to_string(),
+            ])
+            .args(["--set", &format!("run.dir=\"{}\"", run.display())])
+            .args(["--set", set])
+            .output()
+            .expect("binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(key), "{set}: {err}");
+        assert!(!run.exists(), "{set} wrote {}", run.display());
+    }
+}
+
+#[test]
+fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let t = |p: &str| tmp.path().join(p).display().to_string();
+    ok(&bin()
+        .args([
+            "data",
+            "synth",
+            &t("clips"),
+            "--count",
+            "16",
+            "--size",
+            "32",
+        ])
+        .args(["--frames", "9"])
+        .output()
+        .expect("synth"));
+    ok(&bin()
+        .args([
+            "train",
+            &recipes().join("video-vae-tiny.toml").display().to_string(),
+        ])
+        .args(["--set", &format!("run.dir=\"{}\"", t("vae"))])
+        .args(["--set", &format!("data.clips=\"{}\"", t("clips"))])
+        .args([
+            "--set",
+            "vae.channels=[8, 8, 8, 8]",
+            "--set",
+            "vae.groups=4",
+        ])
+        .args(["--set", "vae.latent=4", "--set", "vae.linear=true"])
+        .args(["--set", "data.crop=16", "--set", "data.holdout_every=8"])
+        .args([
+            "--set",
+            "training.steps=2",
+            "--set",
+            "training.warmup_steps=1",
+        ])
+        .args(["--set", "training.batch=2"])
+        .output()
+        .expect("vae"));
+    ok(&bin()
+        .args([
+            "data",
+            "cache",
+            &t("clips"),
+            "--run",
+            &t("vae"),
+            "--out",
+            &t("latents"),
+        ])
+        .output()
+        .expect("cache"));
+    let out = ok(&bin()
+        .args([
+            "train",
+            &recipes().join("dit-tiny.toml").display().to_string(),
+        ])
+        .args(["--set", &format!("run.dir=\"{}\"", t("dit"))])
+        .args(["--set", &format!("data.latents=\"{}\"", t("latents"))])
+        .args([
+            "--set",
+            "dit.hidden=24",
+            "--set",
+            "dit.depth=1",
+            "--set",
+            "dit.heads=2",
+        ])
+        .args([
+            "--set",
+            "stage[0].steps=3",
+            "--set",
+            "stage[0].warmup_steps=1",
+        ])
+        .args(["--set", "stage[1].steps=2", "--set", "stage[2].steps=2"])
+        .args(["--set", "stage[1].frames=2", "--set", "stage[2].frames=3"])
+        .output()
+        .expect("dit"));
+    let order: Vec<usize> = ["stage images:", "stage short clips:", "stage full clips:"]
+        .iter()
+        .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s:?} in {out}")))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert_eq!(out.matches("validation loss").count(), 3, "{out}");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("dit/summary.json")).expect("summary"),
+    )
+    .expect("JSON");
+    let stages = summary["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 3);
+    assert!(
+        stages
+            .iter()
+            .all(|s| s["validation_loss"].as_f64().is_some_and(f64::is_finite))
+    );
+    let metrics = std::fs::read_to_string(tmp.path().join("dit/metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics.lines().count(), 7);
+    // Sampling writes one GIF per prompt; the checker reports accuracies.
+    ok(&bin()
+        .args(["sample", "--run", &t("dit"), "--out", &t("samples")])
+        .args([
+            "--prompt",
+            "1 red square moving left",
+            "--prompt",
+            "2 blue circles moving up",
+        ])
+        .args(["--steps", "2", "--frames", "3"])
+        .output()
+        .expect("sample"));
+    let gif = burn_video::clip::Clip::read(&tmp.path().join("samples/sample_01.gif")).expect("gif");
+    assert_eq!((gif.len(), gif.size()), (9, (32, 32)));
+    let out = ok(&bin()
+        .args([
+            "eval",
+            "dit",
+            "--run",
+            &t("dit"),
+            "--prompts",
+            "4",
+            "--steps",
+            "2",
+        ])
+        .args(["--frames", "2"])
+        .output()
+        .expect("eval"));
+    assert!(out.contains("4 prompts: direction"), "{out}");
+}
