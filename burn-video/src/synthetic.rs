@@ -110,6 +110,13 @@ impl Label {
         format!("{} {colour} {shape}{plural} moving {direction}", self.count)
     }
 
+    /// The label of a caption written by [`Label::caption`] (`None` for any other text).
+    pub fn parse(caption: &str) -> Option<Self> {
+        (0..144)
+            .map(Self::nth)
+            .find(|l| l.caption() == caption.trim())
+    }
+
     /// Label number `i` of the 3 × 4 × 4 × 3 combinations (shape, colour, direction, count).
     pub fn nth(i: usize) -> Self {
         let shapes = [Shape::Square, Shape::Circle, Shape::Triangle];

@@ -239,3 +239,36 @@ fn bad_dit_configs_name_the_field() {
         assert!(e.contains(field), "{e}");
     }
 }
+
+#[test]
+fn the_dpo_loss_is_log_2_at_the_reference_and_rewards_fitting_the_preferred_sample() {
+    let d = Device::flex();
+    let t = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), &d);
+    let same = flow::dpo_loss(
+        t(vec![0.3, 1.2]),
+        t(vec![0.5, 0.1]),
+        t(vec![0.3, 1.2]),
+        t(vec![0.5, 0.1]),
+        100.0,
+    );
+    assert!((values(same)[0] as f64 - 2f64.ln()).abs() < 1e-6);
+    // Hand-computed: margin = −β·((0.2 − 0.3) − (0.5 − 0.4)) = 0.2·β; β = 5 → m = 1,
+    // loss = log(1 + e^−1).
+    let better = flow::dpo_loss(t(vec![0.2]), t(vec![0.5]), t(vec![0.3]), t(vec![0.4]), 5.0);
+    assert!((values(better)[0] as f64 - (1.0 + (-1f64).exp()).ln()).abs() < 1e-6);
+    // Fitting the rejected sample instead raises the loss above log 2; large margins stay
+    // finite.
+    let worse = flow::dpo_loss(t(vec![0.3]), t(vec![0.4]), t(vec![0.3]), t(vec![0.5]), 5.0);
+    assert!(values(worse)[0] as f64 > 2f64.ln());
+    let huge = flow::dpo_loss(t(vec![0.0]), t(vec![1e3]), t(vec![0.0]), t(vec![0.0]), 1e3);
+    let huge = values(huge)[0];
+    assert!(huge.is_finite() && huge >= 0.0);
+    let per = flow::per_sample_error(
+        Tensor::<5>::ones([2, 1, 1, 1, 2], &d),
+        Tensor::<5>::from_data(
+            TensorData::new(vec![1f32, 1.0, 0.0, 3.0], [2, 1, 1, 1, 2]),
+            &d,
+        ),
+    );
+    assert_eq!(values(per), vec![0.0, 2.5]);
+}

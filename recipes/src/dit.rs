@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result};
 use crate::latents::{CacheMeta, CachedClip, read_cache, read_latent};
-use crate::recipe::{RunConfig, apply_override, bad, from_serde};
+use crate::recipe::{RunConfig, bad, load_file};
 
 /// `[dit]`: the transformer (latent channels and vocabulary come from the data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +113,48 @@ pub struct Stage {
     pub image_ratio: f64,
 }
 
+/// `[post]`: post-training after the curriculum: supervised fine-tuning on a curated subset,
+/// then Diffusion-DPO on pairs of the model's own samples ranked by the rule-based checker,
+/// with the checker's accuracy measured before and after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostConfig {
+    /// A manifest (`burn-recipes data scan`, usually with stricter filters): SFT uses the
+    /// training clips it accepts; all training clips without one.
+    #[serde(default)]
+    pub sft_manifest: Option<PathBuf>,
+    /// SFT steps.
+    pub sft_steps: usize,
+    /// SFT learning rate.
+    pub sft_lr: f64,
+    /// Prompts sampled twice for preference pairs (pairs whose checker scores tie are dropped).
+    pub prompts: usize,
+    /// DPO steps.
+    pub dpo_steps: usize,
+    /// DPO learning rate.
+    pub dpo_lr: f64,
+    /// DPO β.
+    pub beta: f64,
+    /// Samples per step (SFT and DPO pairs).
+    pub batch: usize,
+    /// Synthetic-label prompts sampled to measure the checker's accuracy.
+    pub eval_prompts: usize,
+    /// Euler steps when sampling.
+    #[serde(default = "sample_steps")]
+    pub sample_steps: usize,
+    /// Classifier-free guidance when sampling.
+    #[serde(default = "guidance")]
+    pub guidance: f64,
+}
+
+fn sample_steps() -> usize {
+    20
+}
+
+fn guidance() -> f64 {
+    4.0
+}
+
 /// A DiT recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +170,9 @@ pub struct DitRecipe {
     pub flow: FlowConfig,
     /// The curriculum.
     pub stage: Vec<Stage>,
+    /// Post-training (optional).
+    #[serde(default)]
+    pub post: Option<PostConfig>,
 }
 
 impl FlowConfig {
@@ -149,18 +194,7 @@ pub fn is_dit_recipe(text: &str) -> bool {
 impl DitRecipe {
     /// Reads a recipe file and applies `--set` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let mut value: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
-        for o in overrides {
-            apply_override(&mut value, o)?;
-        }
-        let recipe = DitRecipe::deserialize(toml::Value::Table(value))
-            .map_err(|e| from_serde(&e.to_string()))?;
+        let recipe: Self = load_file(path, overrides)?;
         recipe.validate()?;
         Ok(recipe)
     }
@@ -202,6 +236,28 @@ impl DitRecipe {
         if self.flow.shift_base == 0 {
             return Err(bad("flow.shift_base", "must be at least 1"));
         }
+        if let Some(p) = &self.post {
+            for (k, v) in [
+                ("post.batch", p.batch),
+                ("post.prompts", p.prompts),
+                ("post.eval_prompts", p.eval_prompts),
+                ("post.sample_steps", p.sample_steps),
+            ] {
+                if v == 0 {
+                    return Err(bad(k, "must be at least 1"));
+                }
+            }
+            for (k, v) in [
+                ("post.sft_lr", p.sft_lr),
+                ("post.dpo_lr", p.dpo_lr),
+                ("post.beta", p.beta),
+                ("post.guidance", p.guidance),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(k, "must be a positive number"));
+                }
+            }
+        }
         let probe = DitConfig {
             latent: 1,
             hidden: self.dit.hidden,
@@ -241,6 +297,8 @@ impl DitRecipe {
 /// A clip's latent `[C, t, h, w]` and caption, in memory.
 #[derive(Debug, Clone)]
 pub struct LatentClip {
+    /// The source clip.
+    pub clip: PathBuf,
     /// The normalised latent.
     pub latent: Tensor<4>,
     /// Caption.
@@ -312,6 +370,7 @@ pub fn load_latents(
     let (mut train, mut held) = (Vec::new(), Vec::new());
     for (i, entry) in index.iter().enumerate() {
         let clip = LatentClip {
+            clip: entry.clip.clone(),
             latent: read_latent(&data.latents, entry, device)?,
             caption: entry.caption.clone().unwrap_or_default(),
         };
@@ -415,11 +474,46 @@ pub struct StageReport {
     pub frames: usize,
 }
 
+/// The rule-based checker's accuracy on sampled clips.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// Prompts sampled.
+    pub prompts: usize,
+    /// Share with the asked motion direction.
+    pub direction: f64,
+    /// Share with the asked colour.
+    pub colour: f64,
+    /// Share with the asked object count.
+    pub count: f64,
+}
+
+/// What post-training reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PostReport {
+    /// Clips in the SFT subset.
+    pub sft_clips: usize,
+    /// Mean SFT loss of its last 10 steps.
+    pub sft_loss: f64,
+    /// Preference pairs kept (checker scores differ).
+    pub pairs: usize,
+    /// Mean DPO loss of its last 10 steps (log 2 at the start).
+    pub dpo_loss: f64,
+    /// Checker accuracy after the curriculum.
+    pub before: Accuracy,
+    /// After SFT.
+    pub after_sft: Accuracy,
+    /// After DPO.
+    pub after_dpo: Accuracy,
+}
+
 /// What a DiT run reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DitSummary {
     /// Per stage.
     pub stages: Vec<StageReport>,
+    /// Post-training, when the recipe has `[post]`.
+    #[serde(default)]
+    pub post: Option<PostReport>,
     /// Seconds of training.
     pub seconds: f64,
     /// The vocabulary (for sampling).
@@ -503,54 +597,21 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
         let mut losses = Vec::new();
         for s in 0..stage.steps {
             let kind = batch_kind(stage, &mut rng);
-            let picked: Vec<&LatentClip> = (0..stage.batch)
-                .map(|_| &train[(rng.uniform() * train.len() as f64) as usize % train.len()])
-                .collect();
-            let x0 = stack(&picked, kind.frames());
-            let [b, _, f, h, w] = x0.dims();
-            let r = flow::resolution_shift(h, w, f, recipe.flow.shift_base);
-            let ts: Vec<f32> = flow::logit_normal(
-                b,
-                recipe.flow.logit_mean,
-                recipe.flow.logit_std,
-                r,
-                &mut rng,
-            )
-            .into_iter()
-            .map(|t| t as f32)
-            .collect();
-            let t = Tensor::<1>::from_data(TensorData::new(ts, [b]), &device);
-            let eps = Tensor::<5>::random(x0.dims(), Distribution::Normal(0.0, 1.0), &device);
-            let captions: Vec<Option<&str>> = picked
-                .iter()
-                .map(|c| {
-                    (rng.uniform() >= recipe.data.caption_dropout).then_some(c.caption.as_str())
-                })
-                .collect();
-            let text = vocab
-                .batch(&captions, recipe.dit.text_len, &device)
-                .map_err(|e| bad("dit.text_len", e.to_string()))?;
-            let cond = Condition {
-                text,
-                first_frame: None,
-            };
-            let xt = flow::interpolate(x0.clone(), eps.clone(), t.clone());
-            let v = dit
-                .forward(xt, t, &cond)
-                .map_err(|e| bad("dit", e.to_string()))?;
-            let loss = flow::loss(v, x0, eps);
-            let value = scalar(loss.clone());
-            if !value.is_finite() {
-                return Err(RecipeError::Refused(format!(
-                    "the loss became {value} at step {step} (stage {}); lower its lr",
-                    stage.name
-                )));
-            }
+            let picked = pick(&train, stage.batch, &mut rng);
             let lr = stage.lr * ((s + 1) as f64 / (stage.warmup_steps + 1) as f64).min(1.0);
-            let mut grads = GradientBuffer::new();
-            grads.add(&dit, &loss.backward())?;
-            opt.set_lr(lr);
-            dit = opt.step_buffered(dit, grads, &[])?.0;
+            let (next, value) = flow_step(
+                recipe,
+                (dit, &mut opt),
+                (&picked, kind.frames(), lr),
+                (&vocab, &mut rng, &device),
+            )
+            .map_err(|e| match e {
+                RecipeError::Refused(m) => {
+                    RecipeError::Refused(format!("{m} at step {step} (stage {})", stage.name))
+                }
+                other => other,
+            })?;
+            dit = next;
             losses.push(value);
             let line = DitMetrics {
                 step: step + 1,
@@ -568,6 +629,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
         let held_eval: Vec<LatentClip> = held
             .iter()
             .map(|c| LatentClip {
+                clip: c.clip.clone(),
                 latent: Tensor::from_data(c.latent.to_data(), &eval_device),
                 caption: c.caption.clone(),
             })
@@ -589,17 +651,34 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             frames: stage.frames,
         });
     }
+    let post = match &recipe.post {
+        Some(p) => {
+            let inputs = PostInputs {
+                train: &train,
+                vocab: &vocab,
+                meta: &meta,
+                frames: recipe.stage.last().map_or(1, |s| s.frames),
+            };
+            let (report, tuned, tuned_opt, post_steps) = post_train(recipe, p, dit, opt, &inputs)?;
+            dit = tuned;
+            opt = tuned_opt;
+            step += post_steps;
+            Some(report)
+        }
+        None => None,
+    };
     let seconds = began.elapsed().as_secs_f64();
+    let comm = burn_parallel::comm::SingleRank::new();
     let meta_ck = Meta {
         step,
         world: 1,
         next_sequence: 0,
         seed: recipe.run.seed,
     };
-    let comm = burn_parallel::comm::SingleRank::new();
     checkpoint::save(run, &meta_ck, &dit, &opt.state(), &comm, 1)?;
     let summary = DitSummary {
         stages: reports,
+        post,
         seconds,
         vocabulary: vocab,
     };
@@ -688,6 +767,16 @@ pub fn decode_latents(
     chunk: usize,
 ) -> Result<Vec<burn_video::clip::Clip>> {
     let (_, vae, _) = crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint))?;
+    decode_with(&vae, meta, z, chunk)
+}
+
+/// [`decode_latents`] with a loaded VAE.
+pub fn decode_with(
+    vae: &burn_video::vae::Vae,
+    meta: &CacheMeta,
+    z: Tensor<5>,
+    chunk: usize,
+) -> Result<Vec<burn_video::clip::Clip>> {
     let device = z.device();
     let c = meta.latent_channels;
     let stat = |v: &[f64]| {
@@ -705,4 +794,330 @@ pub fn decode_latents(
             crate::video::to_clip(x)
         })
         .collect()
+}
+
+/// `n` training clips drawn with replacement.
+fn pick<'a>(clips: &'a [LatentClip], n: usize, rng: &mut Rng) -> Vec<&'a LatentClip> {
+    (0..n)
+        .map(|_| &clips[(rng.uniform() * clips.len() as f64) as usize % clips.len()])
+        .collect()
+}
+
+/// One rectified-flow step on the first `frames` latent frames of `picked`: logit-normal
+/// shifted timesteps, fresh noise, caption dropout; returns the updated model and the loss.
+fn flow_step(
+    recipe: &DitRecipe,
+    (dit, opt): (Dit, &mut DistributedAdamW),
+    (picked, frames, lr): (&[&LatentClip], usize, f64),
+    (vocab, rng, device): (&Vocabulary, &mut Rng, &Device),
+) -> Result<(Dit, f64)> {
+    let x0 = stack(picked, frames);
+    let [b, _, f, h, w] = x0.dims();
+    let r = flow::resolution_shift(h, w, f, recipe.flow.shift_base);
+    let ts: Vec<f32> = flow::logit_normal(b, recipe.flow.logit_mean, recipe.flow.logit_std, r, rng)
+        .into_iter()
+        .map(|t| t as f32)
+        .collect();
+    let t = Tensor::<1>::from_data(TensorData::new(ts, [b]), device);
+    let eps = Tensor::<5>::random(x0.dims(), Distribution::Normal(0.0, 1.0), device);
+    let captions: Vec<Option<&str>> = picked
+        .iter()
+        .map(|c| (rng.uniform() >= recipe.data.caption_dropout).then_some(c.caption.as_str()))
+        .collect();
+    let text = vocab
+        .batch(&captions, recipe.dit.text_len, device)
+        .map_err(|e| bad("dit.text_len", e.to_string()))?;
+    let cond = Condition {
+        text,
+        first_frame: None,
+    };
+    let xt = flow::interpolate(x0.clone(), eps.clone(), t.clone());
+    let v = dit
+        .forward(xt, t, &cond)
+        .map_err(|e| bad("dit", e.to_string()))?;
+    let loss = flow::loss(v, x0, eps);
+    let value = scalar(loss.clone());
+    if !value.is_finite() {
+        return Err(RecipeError::Refused(format!(
+            "the loss became {value}; lower the learning rate"
+        )));
+    }
+    let mut grads = GradientBuffer::new();
+    grads.add(&dit, &loss.backward())?;
+    opt.set_lr(lr);
+    Ok((opt.step_buffered(dit, grads, &[])?.0, value))
+}
+
+/// What post-training reads besides the recipe.
+struct PostInputs<'a> {
+    train: &'a [LatentClip],
+    vocab: &'a Vocabulary,
+    meta: &'a CacheMeta,
+    /// Latent frames of the samples (the last stage's).
+    frames: usize,
+}
+
+/// Samples `captions` (two seeds per caption when `seeds` is 2) with `dit` and decodes them.
+fn sample_and_decode(
+    recipe: &DitRecipe,
+    post: &PostConfig,
+    dit: &Dit,
+    vae: &burn_video::vae::Vae,
+    inputs: &PostInputs<'_>,
+    captions: &[&str],
+    seed: u64,
+) -> Result<(Tensor<5>, Vec<burn_video::clip::Clip>)> {
+    let device = Device::flex();
+    let [_, _, h, w] = inputs
+        .train
+        .first()
+        .map(|c| c.latent.dims())
+        .unwrap_or([0; 4]);
+    let z = sample_latents(
+        dit,
+        inputs.vocab,
+        recipe.dit.text_len,
+        captions,
+        (inputs.frames, h, w),
+        (post.sample_steps, post.guidance, recipe.flow.shift_base),
+        seed,
+        &device,
+    )?;
+    let clips = decode_with(vae, inputs.meta, z.clone(), 4)?;
+    Ok((z, clips))
+}
+
+/// The checker's accuracy on the first `n` synthetic labels' captions.
+fn accuracy(
+    recipe: &DitRecipe,
+    post: &PostConfig,
+    dit: &Dit,
+    vae: &burn_video::vae::Vae,
+    inputs: &PostInputs<'_>,
+) -> Result<Accuracy> {
+    use burn_video::checker::check;
+    use burn_video::synthetic::Label;
+    let labels: Vec<Label> = (0..post.eval_prompts).map(Label::nth).collect();
+    let captions: Vec<String> = labels.iter().map(Label::caption).collect();
+    let (mut direction, mut colour, mut count) = (0usize, 0usize, 0usize);
+    for (chunk, labels) in captions.chunks(16).zip(labels.chunks(16)) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (_, clips) = sample_and_decode(recipe, post, dit, vae, inputs, &refs, 0xE7A1)?;
+        for (clip, label) in clips.iter().zip(labels) {
+            let v = check(clip, label);
+            direction += usize::from(v.direction);
+            colour += usize::from(v.colour);
+            count += usize::from(v.count);
+        }
+    }
+    let n = post.eval_prompts as f64;
+    Ok(Accuracy {
+        prompts: post.eval_prompts,
+        direction: direction as f64 / n,
+        colour: colour as f64 / n,
+        count: count as f64 / n,
+    })
+}
+
+/// SFT on the curated subset, then Diffusion-DPO on checker-ranked pairs of the model's own
+/// samples against the frozen SFT model; the checker's accuracy before, after SFT and after
+/// DPO. Returns the report, the model, its optimizer and the steps taken.
+fn post_train(
+    recipe: &DitRecipe,
+    post: &PostConfig,
+    mut dit: Dit,
+    mut opt: DistributedAdamW,
+    inputs: &PostInputs<'_>,
+) -> Result<(PostReport, Dit, DistributedAdamW, usize)> {
+    use burn_video::checker::check;
+    use burn_video::synthetic::Label;
+    let device = Device::flex().autodiff();
+    let plain = Device::flex();
+    let (_, vae, _) = crate::video::load_vae(&inputs.meta.vae_run, Some(&inputs.meta.checkpoint))?;
+    let before = accuracy(recipe, post, &dit.valid(), &vae, inputs)?;
+    tracing::info!(?before, "checker accuracy after the curriculum");
+    // SFT on the clips the curation manifest accepts.
+    let curated: Vec<LatentClip> = match &post.sft_manifest {
+        Some(m) => {
+            let accepted: std::collections::HashSet<PathBuf> =
+                burn_video::pipeline::read_manifest(m)
+                    .map_err(|e| bad("post.sft_manifest", e.to_string()))?
+                    .into_iter()
+                    .filter(|e| e.accepted)
+                    .map(|e| e.clip)
+                    .collect();
+            inputs
+                .train
+                .iter()
+                .filter(|c| accepted.contains(&c.clip))
+                .cloned()
+                .collect()
+        }
+        None => inputs.train.to_vec(),
+    };
+    if curated.is_empty() {
+        return Err(bad(
+            "post.sft_manifest",
+            "accepts none of the training clips",
+        ));
+    }
+    let mut rng = Rng::new(recipe.run.seed ^ 0x5F7);
+    let mut sft_losses = Vec::new();
+    for _ in 0..post.sft_steps {
+        let picked = pick(&curated, post.batch, &mut rng);
+        let (next, value) = flow_step(
+            recipe,
+            (dit, &mut opt),
+            (&picked, inputs.frames, post.sft_lr),
+            (inputs.vocab, &mut rng, &device),
+        )?;
+        dit = next;
+        sft_losses.push(value);
+    }
+    let after_sft = accuracy(recipe, post, &dit.valid(), &vae, inputs)?;
+    tracing::info!(?after_sft, "checker accuracy after SFT");
+    // Preference pairs: each prompt sampled with two seeds, ranked by how many of colour,
+    // direction and count the checker confirms; ties are dropped.
+    let reference = dit.valid();
+    let captions: Vec<String> = curated.iter().map(|c| c.caption.clone()).collect();
+    let mut pairs: Vec<(Tensor<4>, Tensor<4>, String)> = Vec::new();
+    for i in 0..post.prompts {
+        let caption = &captions[(rng.uniform() * captions.len() as f64) as usize % captions.len()];
+        let Some(label) = Label::parse(caption) else {
+            return Err(bad(
+                "data.latents",
+                format!(
+                    "caption {caption:?} is not a synthetic-generator caption; DPO needs its label"
+                ),
+            ));
+        };
+        let (z, clips) = sample_and_decode(
+            recipe,
+            post,
+            &reference,
+            &vae,
+            inputs,
+            &[caption.as_str(), caption.as_str()],
+            0xD90 + i as u64,
+        )?;
+        let score = |c: &burn_video::clip::Clip| {
+            let v = check(c, &label);
+            usize::from(v.colour) + usize::from(v.direction) + usize::from(v.count)
+        };
+        let (a, b) = (score(&clips[0]), score(&clips[1]));
+        if a == b {
+            continue;
+        }
+        let (w, l) = if a > b { (0, 1) } else { (1, 0) };
+        let take = |j: usize| {
+            let v = z.clone().narrow(0, j, 1);
+            let [_, c, f, h, wd] = v.dims();
+            Tensor::<4>::from_data(v.reshape([c, f, h, wd]).into_data(), &device)
+        };
+        pairs.push((take(w), take(l), caption.clone()));
+    }
+    tracing::info!(
+        pairs = pairs.len(),
+        prompts = post.prompts,
+        "preference pairs"
+    );
+    let mut dpo_losses = Vec::new();
+    if !pairs.is_empty() {
+        for _ in 0..post.dpo_steps {
+            let batch: Vec<&(Tensor<4>, Tensor<4>, String)> = (0..post.batch)
+                .map(|_| &pairs[(rng.uniform() * pairs.len() as f64) as usize % pairs.len()])
+                .collect();
+            let stack4 = |sel: &dyn Fn(&(Tensor<4>, Tensor<4>, String)) -> Tensor<4>| {
+                Tensor::cat(
+                    batch.iter().map(|p| sel(p).unsqueeze_dim::<5>(0)).collect(),
+                    0,
+                )
+            };
+            let xw = stack4(&|p| p.0.clone());
+            let xl = stack4(&|p| p.1.clone());
+            let [b, _, f, h, w] = xw.dims();
+            let r = flow::resolution_shift(h, w, f, recipe.flow.shift_base);
+            let ts: Vec<f32> = flow::logit_normal(
+                b,
+                recipe.flow.logit_mean,
+                recipe.flow.logit_std,
+                r,
+                &mut rng,
+            )
+            .into_iter()
+            .map(|t| t as f32)
+            .collect();
+            let t = Tensor::<1>::from_data(TensorData::new(ts, [b]), &device);
+            let eps = Tensor::<5>::random(xw.dims(), Distribution::Normal(0.0, 1.0), &device);
+            let captions: Vec<Option<&str>> = batch.iter().map(|p| Some(p.2.as_str())).collect();
+            let text = inputs
+                .vocab
+                .batch(&captions, recipe.dit.text_len, &device)
+                .map_err(|e| bad("dit.text_len", e.to_string()))?;
+            let cond = Condition {
+                text,
+                first_frame: None,
+            };
+            let errors = |model: &Dit, x0: &Tensor<5>, on: &Device| -> Result<Tensor<1>> {
+                let move_to = |x: &Tensor<5>| Tensor::<5>::from_data(x.to_data(), on);
+                let (x0, e) = (move_to(x0), move_to(&eps));
+                let tt = Tensor::<1>::from_data(t.to_data(), on);
+                let c = Condition {
+                    text: burn_video::dit::Text {
+                        ids: Tensor::from_data(cond.text.ids.to_data(), on),
+                        mask: Tensor::from_data(cond.text.mask.to_data(), on),
+                    },
+                    first_frame: None,
+                };
+                let xt = flow::interpolate(x0.clone(), e.clone(), tt.clone());
+                let v = model
+                    .forward(xt, tt, &c)
+                    .map_err(|e| bad("dit", e.to_string()))?;
+                Ok(flow::per_sample_error(v, flow::velocity(x0, e)))
+            };
+            let ref_w =
+                Tensor::<1>::from_data(errors(&reference, &xw, &plain)?.into_data(), &device);
+            let ref_l =
+                Tensor::<1>::from_data(errors(&reference, &xl, &plain)?.into_data(), &device);
+            let loss = flow::dpo_loss(
+                errors(&dit, &xw, &device)?,
+                errors(&dit, &xl, &device)?,
+                ref_w,
+                ref_l,
+                post.beta,
+            );
+            let value = scalar(loss.clone());
+            if !value.is_finite() {
+                return Err(RecipeError::Refused(format!(
+                    "the DPO loss became {value}; lower post.dpo_lr or post.beta"
+                )));
+            }
+            let mut grads = GradientBuffer::new();
+            grads.add(&dit, &loss.backward())?;
+            opt.set_lr(post.dpo_lr);
+            dit = opt.step_buffered(dit, grads, &[])?.0;
+            dpo_losses.push(value);
+        }
+    }
+    let after_dpo = accuracy(recipe, post, &dit.valid(), &vae, inputs)?;
+    tracing::info!(?after_dpo, "checker accuracy after DPO");
+    let tail = |v: &[f64]| {
+        let t = &v[v.len().saturating_sub(10)..];
+        t.iter().sum::<f64>() / t.len().max(1) as f64
+    };
+    let steps = post.sft_steps + if pairs.is_empty() { 0 } else { post.dpo_steps };
+    Ok((
+        PostReport {
+            sft_clips: curated.len(),
+            sft_loss: tail(&sft_losses),
+            pairs: pairs.len(),
+            dpo_loss: tail(&dpo_losses),
+            before,
+            after_sft,
+            after_dpo,
+        },
+        dit,
+        opt,
+        steps,
+    ))
 }

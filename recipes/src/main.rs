@@ -66,6 +66,12 @@ struct SampleArgs {
     /// Folder to write `sample_NN.gif` into (created).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct SamplingArgs {
     /// Latent frames (1 + (video frames − 1) / the VAE's temporal factor).
     #[arg(long, default_value_t = 5)]
     frames: usize,
@@ -88,25 +94,20 @@ struct EvalDitArgs {
     /// Captions of the first N synthetic labels are sampled and checked.
     #[arg(long, default_value_t = 48)]
     prompts: usize,
-    /// Latent frames.
-    #[arg(long, default_value_t = 5)]
-    frames: usize,
-    /// Euler steps.
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 4.0)]
-    guidance: f64,
-    /// Noise seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 /// Samples `captions` from a DiT run and decodes them with the cache's VAE.
 fn sample_clips(
     run: &std::path::Path,
     captions: &[&str],
-    (frames, steps, guidance, seed): (usize, usize, f64, u64),
+    SamplingArgs {
+        frames,
+        steps,
+        guidance,
+        seed,
+    }: SamplingArgs,
 ) -> Result<Vec<burn_video::clip::Clip>, String> {
     use burn_recipes::dit::{decode_latents, load_dit, sample_latents};
     let (recipe, summary, dit, meta) = load_dit(run).map_err(|e| e.to_string())?;
@@ -140,11 +141,7 @@ fn run_sample(args: &SampleArgs) -> Result<(), String> {
         return Err(format!("`--out`: {} already exists", args.out.display()));
     }
     let captions: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
-    let clips = sample_clips(
-        &args.run,
-        &captions,
-        (args.frames, args.steps, args.guidance, args.seed),
-    )?;
+    let clips = sample_clips(&args.run, &captions, args.sampling)?;
     let tmp = args.out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -163,11 +160,7 @@ fn run_eval_dit(args: &EvalDitArgs) -> Result<(), String> {
     let labels: Vec<Label> = (0..args.prompts).map(Label::nth).collect();
     let captions: Vec<String> = labels.iter().map(Label::caption).collect();
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-    let clips = sample_clips(
-        &args.run,
-        &refs,
-        (args.frames, args.steps, args.guidance, args.seed),
-    )?;
+    let clips = sample_clips(&args.run, &refs, args.sampling)?;
     let (mut colour, mut direction, mut count) = (0, 0, 0);
     for (clip, label) in clips.iter().zip(&labels) {
         let v = check(clip, label);
@@ -652,6 +645,24 @@ fn run_train_dit(args: &TrainArgs) -> Result<(), String> {
             "stage {}: final loss {:.4}, validation loss {:.4} ({} latent frames)",
             r.name, r.final_loss, r.validation_loss, r.frames
         );
+    }
+    if let Some(p) = &s.post {
+        let line = |name: &str, a: &burn_recipes::dit::Accuracy| {
+            println!(
+                "  {name}: direction {:.1}%, colour {:.1}%, count {:.1}% of {} prompts",
+                100.0 * a.direction,
+                100.0 * a.colour,
+                100.0 * a.count,
+                a.prompts
+            );
+        };
+        println!(
+            "post-training: SFT on {} clips (loss {:.4}), DPO on {} pairs (loss {:.4}); checker accuracy (chance: direction 25%, colour 25%, count 33%):",
+            p.sft_clips, p.sft_loss, p.pairs, p.dpo_loss
+        );
+        line("after the curriculum", &p.before);
+        line("after SFT", &p.after_sft);
+        line("after DPO", &p.after_dpo);
     }
     println!(
         "trained in {:.0} s; run directory: {} (metrics.jsonl, summary.json, checkpoints/)",

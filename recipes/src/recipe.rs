@@ -320,24 +320,12 @@ impl Recipe {
 
     /// Reads a recipe file and applies `overrides` (`section.key=value`, TOML values).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        Self::parse(&text, overrides)
+        load_file(path, overrides)
     }
 
     /// Parses recipe text and applies `overrides`.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut value: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
-        for o in overrides {
-            apply_override(&mut value, o)?;
-        }
-        let recipe: Recipe = Recipe::deserialize(toml::Value::Table(value))
-            .map_err(|e| from_serde(&e.to_string()))?;
-        Ok(recipe)
+        parse_text(text, overrides)
     }
 
     /// Checks every value that does not depend on the world size.
@@ -642,6 +630,33 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
     };
     section_table.insert(key.to_string(), value);
     Ok(())
+}
+
+/// Reads a recipe file of any kind, applies `--set` overrides and deserialises it (errors name
+/// the key).
+pub(crate) fn load_file<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    overrides: &[String],
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    parse_text(&text, overrides)
+}
+
+/// [`load_file`] on recipe text.
+pub(crate) fn parse_text<T: serde::de::DeserializeOwned>(
+    text: &str,
+    overrides: &[String],
+) -> Result<T> {
+    let mut value: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
+    for o in overrides {
+        apply_override(&mut value, o)?;
+    }
+    T::deserialize(toml::Value::Table(value)).map_err(|e| from_serde(&e.to_string()))
 }
 
 /// Turns serde's message into an error naming the key.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Meta};
 use crate::data::mix;
 use crate::error::{RecipeError, Result};
-use crate::recipe::{RunConfig, apply_override, bad, from_serde};
+use crate::recipe::{RunConfig, bad, load_file};
 
 /// `[data]` of a VAE recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,18 +86,7 @@ pub fn is_vae_recipe(text: &str) -> bool {
 impl VaeRecipe {
     /// Reads a recipe file and applies `--set` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let mut value: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
-        for o in overrides {
-            apply_override(&mut value, o)?;
-        }
-        let recipe = VaeRecipe::deserialize(toml::Value::Table(value))
-            .map_err(|e| from_serde(&e.to_string()))?;
+        let recipe: Self = load_file(path, overrides)?;
         recipe.validate()?;
         Ok(recipe)
     }

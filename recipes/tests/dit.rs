@@ -84,6 +84,8 @@ fn bad_dit_recipes_name_the_key_and_write_nothing() {
         ("stage[1].image_ratio=2.0", "stage[1].image_ratio"),
         ("data.latents=\"/nonexistent\"", "data.latents"),
         ("dit.colour=1", "colour"),
+        ("post.beta=0", "post.beta"),
+        ("post.eval_prompts=0", "post.eval_prompts"),
     ] {
         let run = tmp.path().join("run");
         let out = bin()
@@ -178,6 +180,9 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         ])
         .args(["--set", "stage[1].steps=2", "--set", "stage[2].steps=2"])
         .args(["--set", "stage[1].frames=2", "--set", "stage[2].frames=3"])
+        .args(["--set", "post.sft_steps=2", "--set", "post.dpo_steps=2"])
+        .args(["--set", "post.prompts=3", "--set", "post.eval_prompts=2"])
+        .args(["--set", "post.sample_steps=2", "--set", "post.batch=2"])
         .output()
         .expect("dit"));
     let order: Vec<usize> = ["stage images:", "stage short clips:", "stage full clips:"]
@@ -197,6 +202,13 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
             .iter()
             .all(|s| s["validation_loss"].as_f64().is_some_and(f64::is_finite))
     );
+    let post = &summary["post"];
+    for key in ["before", "after_sft", "after_dpo"] {
+        let d = post[key]["direction"].as_f64().expect("direction");
+        assert!((0.0..=1.0).contains(&d), "{key}: {d}");
+    }
+    assert!(post["pairs"].as_u64().is_some_and(|p| p <= 3));
+    assert!(out.contains("post-training"), "{out}");
     let metrics = std::fs::read_to_string(tmp.path().join("dit/metrics.jsonl")).expect("metrics");
     assert_eq!(metrics.lines().count(), 7);
     // Sampling writes one GIF per prompt; the checker reports accuracies.
