@@ -3,7 +3,8 @@
 //! over time, height and width), AdaLN-single timestep conditioning (one shared projection of
 //! the timestep embedding plus a learned per-block table of shifts, scales and gates), RMSNorm
 //! on queries and keys, text conditioning by cross-attention over a small learned text
-//! encoder, and optional first-frame (image-to-video) conditioning.
+//! encoder, optional first-frame (image-to-video) conditioning, and optional mixture-of-experts
+//! FFNs from burn-moe (MoE-DiT).
 //!
 //! Every residual branch starts at zero (AdaLN-zero: the gates and the cross-attention output
 //! projection are zero-initialised, as is the final projection), so a fresh block is the
@@ -12,6 +13,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData, activation};
+use burn_moe::prelude::{MoeLayer, MoeLayerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, invalid};
@@ -38,6 +40,29 @@ pub struct DitConfig {
     /// RoPE base.
     #[serde(default = "rope_base")]
     pub rope_base: f64,
+    /// Mixture-of-experts FFNs (burn-moe) instead of dense MLPs (MoE-DiT).
+    #[serde(default)]
+    pub moe: Option<MoeFfn>,
+}
+
+/// The MoE FFN of a MoE-DiT block: a dropless top-k softmax router over SwiGLU experts with
+/// Megatron's auxiliary load-balancing loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeFfn {
+    /// Experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Expert FFN width.
+    pub ffn_hidden: usize,
+    /// Coefficient of the auxiliary load-balancing loss.
+    #[serde(default = "aux")]
+    pub aux_loss: f64,
+}
+
+fn aux() -> f64 {
+    1e-2
 }
 
 fn four() -> usize {
@@ -83,7 +108,26 @@ impl DitConfig {
         if !(self.rope_base.is_finite() && self.rope_base > 1.0) {
             return Err(invalid("rope_base", "must be a number above 1"));
         }
+        if let Some(m) = &self.moe {
+            if !(m.aux_loss.is_finite() && m.aux_loss >= 0.0) {
+                return Err(invalid("moe", "aux_loss must be a finite number >= 0"));
+            }
+            self.moe_layer(m)
+                .validate()
+                .map_err(|e| invalid("moe", e.to_string()))?;
+        }
         Ok(())
+    }
+
+    fn moe_layer(&self, m: &MoeFfn) -> MoeLayerConfig {
+        let mut c = MoeLayerConfig::swiglu(self.hidden, m.ffn_hidden, m.experts, m.top_k);
+        // Top-1 routing takes the softmax before the selection (Megatron's pre-softmax), so
+        // the router still gets a gradient.
+        c.router = c
+            .router
+            .with_aux_loss_coeff(m.aux_loss)
+            .with_pre_softmax(m.top_k == 1);
+        c
     }
 
     /// A freshly initialised DiT.
@@ -92,14 +136,25 @@ impl DitConfig {
         let h = self.hidden;
         let patch_dim = self.latent * 4;
         let blocks = (0..self.depth)
-            .map(|_| Block {
-                table: Param::from_tensor(Tensor::zeros([6, h], device)),
-                attn: Attention::new(h, self.heads, device),
-                cross: CrossAttention::new(h, self.heads, device),
-                fc1: LinearConfig::new(h, h * self.mlp_ratio).init(device),
-                fc2: LinearConfig::new(h * self.mlp_ratio, h).init(device),
+            .map(|_| {
+                let dense = self.moe.is_none();
+                Ok(Block {
+                    table: Param::from_tensor(Tensor::zeros([6, h], device)),
+                    attn: Attention::new(h, self.heads, device),
+                    cross: CrossAttention::new(h, self.heads, device),
+                    fc1: dense.then(|| LinearConfig::new(h, h * self.mlp_ratio).init(device)),
+                    fc2: dense.then(|| LinearConfig::new(h * self.mlp_ratio, h).init(device)),
+                    moe: match &self.moe {
+                        Some(m) => Some(
+                            self.moe_layer(m)
+                                .init(device)
+                                .map_err(|e| invalid("moe", e.to_string()))?,
+                        ),
+                        None => None,
+                    },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(Dit {
             patch_in: LinearConfig::new(patch_dim, h).init(device),
             // First-frame conditioning: the clean first latent frame, patchified, beside the
@@ -363,8 +418,9 @@ pub struct Block {
     table: Param<Tensor<2>>,
     attn: Attention,
     cross: CrossAttention,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Option<Linear>,
+    fc2: Option<Linear>,
+    moe: Option<MoeLayer>,
 }
 
 impl Block {
@@ -376,7 +432,19 @@ impl Block {
         text: &Tensor<3>,
         mask: &Tensor<2, Bool>,
         rope: &(Tensor<2>, Tensor<2>),
-    ) -> Tensor<3> {
+    ) -> Result<Tensor<3>> {
+        self.forward_aux(x, t6, text, mask, rope).map(|(y, _)| y)
+    }
+
+    /// [`Block::forward`] and the MoE FFN's auxiliary loss (MoE-DiT).
+    pub fn forward_aux(
+        &self,
+        x: Tensor<3>,
+        t6: &Tensor<3>,
+        text: &Tensor<3>,
+        mask: &Tensor<2, Bool>,
+        rope: &(Tensor<2>, Tensor<2>),
+    ) -> Result<(Tensor<3>, Option<Tensor<1>>)> {
         let [b, _, h] = t6.dims();
         let m = t6.clone() + self.table.val().unsqueeze_dim::<3>(0);
         let part = |i: usize| m.clone().narrow(1, i, 1).reshape([b, h]);
@@ -387,12 +455,20 @@ impl Block {
             .forward(modulate(layer_norm(x.clone()), shift1, scale1), rope);
         let x = x + a * gate1.unsqueeze_dim::<3>(1);
         let x = x.clone() + self.cross.forward(layer_norm(x), text, mask);
-        let y = self.fc2.forward(activation::gelu(self.fc1.forward(modulate(
-            layer_norm(x.clone()),
-            shift2,
-            scale2,
-        ))));
-        x + y * gate2.unsqueeze_dim::<3>(1)
+        let h = modulate(layer_norm(x.clone()), shift2, scale2);
+        let (y, aux) = match (&self.fc1, &self.fc2, &self.moe) {
+            (Some(fc1), Some(fc2), _) => (fc2.forward(activation::gelu(fc1.forward(h))), None),
+            (_, _, Some(moe)) => {
+                // burn-moe takes [S, B, H].
+                let out = moe
+                    .forward(h.swap_dims(0, 1))
+                    .map_err(|e| invalid("moe", e.to_string()))?;
+                let aux = out.total_aux_loss();
+                (out.output.swap_dims(0, 1), aux)
+            }
+            _ => return Err(invalid("moe", "a block has neither an MLP nor experts")),
+        };
+        Ok((x + y * gate2.unsqueeze_dim::<3>(1), aux))
     }
 }
 
@@ -473,6 +549,16 @@ impl Dit {
     /// The velocity predicted for noisy latents `x_t` `[B, latent, T, H, W]` (H, W even) at
     /// times `t` `[B]`, given the condition.
     pub fn forward(&self, x: Tensor<5>, t: Tensor<1>, cond: &Condition) -> Result<Tensor<5>> {
+        self.forward_aux(x, t, cond).map(|(v, _)| v)
+    }
+
+    /// [`Dit::forward`] and the sum of the MoE FFNs' auxiliary losses (`None` for a dense DiT).
+    pub fn forward_aux(
+        &self,
+        x: Tensor<5>,
+        t: Tensor<1>,
+        cond: &Condition,
+    ) -> Result<(Tensor<5>, Option<Tensor<1>>)> {
         let [b, c, frames, h, w] = x.dims();
         if c != self.latent || h % 2 != 0 || w % 2 != 0 {
             return Err(invalid(
@@ -510,8 +596,14 @@ impl Dit {
             .reshape([b, 6, hidden]);
         let text = self.text.forward(cond.text.ids.clone(), &cond.text.mask);
         let rope = rope_tables(grid, hidden / self.heads, self.rope_base, &device);
+        let mut aux: Option<Tensor<1>> = None;
         for block in &self.blocks {
-            x = block.forward(x, &t6, &text, &cond.text.mask, &rope);
+            let (y, a) = block.forward_aux(x, &t6, &text, &cond.text.mask, &rope)?;
+            x = y;
+            aux = match (aux, a) {
+                (Some(s), Some(a)) => Some(s + a),
+                (s, a) => s.or(a),
+            };
         }
         let m = self
             .final_mod
@@ -521,7 +613,7 @@ impl Dit {
         let shift = m.clone().narrow(1, 0, 1).reshape([b, hidden]);
         let scale = m.narrow(1, 1, 1).reshape([b, hidden]);
         let out = self.out.forward(modulate(layer_norm(x), shift, scale));
-        Ok(unpatchify(out, c, (frames, h, w)))
+        Ok((unpatchify(out, c, (frames, h, w)), aux))
     }
 
     /// The blocks (for tests and inspection).

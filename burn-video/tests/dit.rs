@@ -4,7 +4,7 @@
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
-use burn_video::dit::{DitConfig, apply_rope, rope_tables};
+use burn_video::dit::{DitConfig, MoeFfn, apply_rope, rope_tables};
 use burn_video::flow::{self, Rng};
 use burn_video::text::Vocabulary;
 
@@ -18,6 +18,20 @@ fn tiny() -> DitConfig {
         vocab: 16,
         text_len: 6,
         rope_base: 100.0,
+        moe: None,
+    }
+}
+
+/// The same with a mixture of 4 SwiGLU experts (top-2) in every block.
+fn tiny_moe() -> DitConfig {
+    DitConfig {
+        moe: Some(MoeFfn {
+            experts: 4,
+            top_k: 2,
+            ffn_hidden: 32,
+            aux_loss: 1e-2,
+        }),
+        ..tiny()
     }
 }
 
@@ -104,15 +118,35 @@ fn a_fresh_dit_is_the_identity_in_every_block_and_predicts_zero() {
     let text = Tensor::<3>::random([2, 6, 48], Distribution::Normal(0.0, 1.0), &d);
     let rope = rope_tables((3, 2, 2), 24, 100.0, &d);
     for block in dit.blocks() {
-        let y = block.forward(x.clone(), &t6, &text, &cond.text.mask, &rope);
+        let y = block
+            .forward(x.clone(), &t6, &text, &cond.text.mask, &rope)
+            .expect("block");
         assert_eq!(values(y), values(x.clone()));
     }
 }
 
 #[test]
 fn a_small_dit_overfits_one_batch() {
+    overfit(&tiny());
+}
+
+#[test]
+fn a_small_moe_dit_overfits_one_batch_and_reports_its_aux_loss() {
+    let d = Device::flex();
+    let dit = tiny_moe().init(&d).expect("moe dit");
+    let (x0, eps, t, cond) = batch(&d);
+    let xt = flow::interpolate(x0, eps, t.clone());
+    let (v, aux) = dit.forward_aux(xt.clone(), t, &cond).expect("forward");
+    assert_eq!(v.dims(), xt.dims());
+    // Two blocks, each aux ≥ coefficient × 1 (Megatron's switch loss is ≥ 1 · coeff · k / k).
+    let aux = values(aux.expect("aux loss"))[0];
+    assert!(aux > 0.0 && aux.is_finite(), "{aux}");
+    overfit(&tiny_moe());
+}
+
+fn overfit(cfg: &DitConfig) {
     let d = Device::flex().autodiff();
-    let mut dit = tiny().init(&d).expect("dit");
+    let mut dit = cfg.init(&d).expect("dit");
     let (x0, eps, t, cond) = batch(&d);
     let xt = flow::interpolate(x0.clone(), eps.clone(), t.clone());
     let g = Group::single();
@@ -132,8 +166,14 @@ fn a_small_dit_overfits_one_batch() {
     let mut steps = 0;
     for _ in 0..300 {
         steps += 1;
-        let v = dit.forward(xt.clone(), t.clone(), &cond).expect("forward");
+        let (v, aux) = dit
+            .forward_aux(xt.clone(), t.clone(), &cond)
+            .expect("forward");
         let loss = flow::loss(v, x0.clone(), eps.clone());
+        let loss = match aux {
+            Some(a) => loss + a,
+            None => loss,
+        };
         last = values(loss.clone())[0];
         first.get_or_insert(last);
         let mut grads = GradientBuffer::new();
@@ -233,6 +273,18 @@ fn bad_dit_configs_name_the_field() {
                 ..tiny()
             },
             "rope_base",
+        ),
+        (
+            DitConfig {
+                moe: Some(MoeFfn {
+                    experts: 2,
+                    top_k: 3,
+                    ffn_hidden: 8,
+                    aux_loss: 0.0,
+                }),
+                ..tiny()
+            },
+            "moe",
         ),
     ] {
         let e = cfg.init(&Device::flex()).unwrap_err().to_string();

@@ -41,6 +41,10 @@ pub struct DitModel {
     /// Longest caption in words.
     #[serde(default = "eight")]
     pub text_len: usize,
+    /// Mixture-of-experts FFNs (MoE-DiT, burn-moe): `[dit.moe]` with `experts`, `top_k`,
+    /// `ffn_hidden`, `aux_loss`.
+    #[serde(default)]
+    pub moe: Option<burn_video::dit::MoeFfn>,
 }
 
 fn four() -> usize {
@@ -267,6 +271,7 @@ impl DitRecipe {
             vocab: 3,
             text_len: self.dit.text_len,
             rope_base: 10_000.0,
+            moe: self.dit.moe.clone(),
         };
         probe.validate().map_err(|e| match e {
             burn_video::VideoError::InvalidArgument { name, reason } => {
@@ -400,6 +405,7 @@ pub fn dit_config(recipe: &DitRecipe, meta: &CacheMeta, vocab: &Vocabulary) -> D
         vocab: vocab.len(),
         text_len: recipe.dit.text_len,
         rope_base: 10_000.0,
+        moe: recipe.dit.moe.clone(),
     }
 }
 
@@ -832,11 +838,16 @@ fn flow_step(
         first_frame: None,
     };
     let xt = flow::interpolate(x0.clone(), eps.clone(), t.clone());
-    let v = dit
-        .forward(xt, t, &cond)
+    let (v, aux) = dit
+        .forward_aux(xt, t, &cond)
         .map_err(|e| bad("dit", e.to_string()))?;
     let loss = flow::loss(v, x0, eps);
     let value = scalar(loss.clone());
+    // The MoE load-balancing loss joins the gradient, not the reported flow loss.
+    let loss = match aux {
+        Some(a) => loss + a,
+        None => loss,
+    };
     if !value.is_finite() {
         return Err(RecipeError::Refused(format!(
             "the loss became {value}; lower the learning rate"

@@ -85,6 +85,10 @@ fn bad_dit_recipes_name_the_key_and_write_nothing() {
         ("data.latents=\"/nonexistent\"", "data.latents"),
         ("dit.colour=1", "colour"),
         ("post.beta=0", "post.beta"),
+        (
+            "dit.moe={experts = 2, top_k = 3, ffn_hidden = 8}",
+            "dit.moe",
+        ),
         ("post.eval_prompts=0", "post.eval_prompts"),
     ] {
         let run = tmp.path().join("run");
@@ -164,6 +168,8 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         ])
         .args(["--set", &format!("run.dir=\"{}\"", t("dit"))])
         .args(["--set", &format!("data.latents=\"{}\"", t("latents"))])
+        // A MoE-DiT: burn-moe experts in the block, their aux loss in the gradient.
+        .args(["--set", "dit.moe={experts = 2, top_k = 1, ffn_hidden = 16}"])
         .args([
             "--set",
             "dit.hidden=24",
