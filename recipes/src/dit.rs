@@ -41,6 +41,10 @@ pub struct DitModel {
     /// Longest caption in words.
     #[serde(default = "eight")]
     pub text_len: usize,
+    /// RoPE base: small grids (a few latent frames and rows) need a small one, or all but the
+    /// fastest frequencies barely turn across them.
+    #[serde(default = "rope_base")]
+    pub rope_base: f64,
     /// Mixture-of-experts FFNs (MoE-DiT, burn-moe): `[dit.moe]` with `experts`, `top_k`,
     /// `ffn_hidden`, `aux_loss`.
     #[serde(default)]
@@ -53,6 +57,10 @@ fn four() -> usize {
 
 fn eight() -> usize {
     8
+}
+
+fn rope_base() -> f64 {
+    10_000.0
 }
 
 /// `[data]`: the latent cache.
@@ -270,7 +278,7 @@ impl DitRecipe {
             mlp_ratio: self.dit.mlp_ratio,
             vocab: 3,
             text_len: self.dit.text_len,
-            rope_base: 10_000.0,
+            rope_base: self.dit.rope_base,
             moe: self.dit.moe.clone(),
         };
         probe.validate().map_err(|e| match e {
@@ -404,7 +412,7 @@ pub fn dit_config(recipe: &DitRecipe, meta: &CacheMeta, vocab: &Vocabulary) -> D
         mlp_ratio: recipe.dit.mlp_ratio,
         vocab: vocab.len(),
         text_len: recipe.dit.text_len,
-        rope_base: 10_000.0,
+        rope_base: recipe.dit.rope_base,
         moe: recipe.dit.moe.clone(),
     }
 }

@@ -85,6 +85,7 @@ fn bad_dit_recipes_name_the_key_and_write_nothing() {
         ("data.latents=\"/nonexistent\"", "data.latents"),
         ("dit.colour=1", "colour"),
         ("post.beta=0", "post.beta"),
+        ("dit.rope_base=0.5", "dit.rope_base"),
         (
             "dit.moe={experts = 2, top_k = 3, ffn_hidden = 8}",
             "dit.moe",
