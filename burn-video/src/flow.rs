@@ -55,6 +55,11 @@ impl Rng {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Uniform in `0..n` (`n` at least 1).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
+    }
+
     /// Standard normal (Box–Muller).
     pub fn normal(&mut self) -> f64 {
         let u = self.uniform().max(f64::MIN_POSITIVE);

@@ -383,12 +383,27 @@ impl Stream {
         }
     }
 
-    /// The first of several chunks.
-    fn chunked() -> Self {
-        Self {
+    /// `f` on consecutive time chunks of `x` (`first` frames, then `rest` at a time, the
+    /// last one shorter), with the causal state carried from each chunk to the next.
+    fn over_chunks<T>(
+        x: &Tensor<5>,
+        (first, rest): (usize, usize),
+        mut f: impl FnMut(Tensor<5>, &mut Self) -> T,
+    ) -> Vec<T> {
+        let t = x.dims()[2];
+        let mut stream = Self {
             keep: true,
             ..Self::whole()
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < t {
+            let len = if at == 0 { first } else { rest }.min(t - at);
+            out.push(f(x.clone().narrow(2, at, len), &mut stream));
+            stream.advance();
+            at += len;
         }
+        out
     }
 
     fn take(&mut self) -> Option<Tensor<5>> {
@@ -804,25 +819,11 @@ impl Vae {
     /// while only one chunk's activations are alive, for clips too long to encode at once.
     /// `T` must be `1 + k · time_factor`.
     pub fn encode_chunked(&self, x: Tensor<5>, chunk: usize) -> Posterior {
-        let t = x.dims()[2];
-        let chunk = chunk.max(1);
-        let ft = self.factors.0;
-        let mut stream = Stream::chunked();
-        let (mut means, mut logvars) = (Vec::new(), Vec::new());
-        let mut at = 0;
-        while at < t {
-            let len = if at == 0 {
-                1 + (chunk - 1) * ft
-            } else {
-                chunk * ft
-            };
-            let len = len.min(t - at);
-            let p = self.encode_stream(x.clone().narrow(2, at, len), &mut stream);
-            means.push(p.mean);
-            logvars.push(p.logvar);
-            stream.advance();
-            at += len;
-        }
+        let (chunk, ft) = (chunk.max(1), self.factors.0);
+        let parts = Stream::over_chunks(&x, (1 + (chunk - 1) * ft, chunk * ft), |x, s| {
+            self.encode_stream(x, s)
+        });
+        let (means, logvars) = parts.into_iter().map(|p| (p.mean, p.logvar)).unzip();
         Posterior {
             mean: Tensor::cat(means, 2),
             logvar: Tensor::cat(logvars, 2),
@@ -868,18 +869,11 @@ impl Vae {
     /// [`Vae::decode`] `chunk` latent steps at a time with the causal state carried between
     /// chunks (the same frames, one chunk's activations alive at a time).
     pub fn decode_chunked(&self, z: Tensor<5>, chunk: usize) -> Tensor<5> {
-        let t = z.dims()[2];
         let chunk = chunk.max(1);
-        let mut stream = Stream::chunked();
-        let mut out = Vec::new();
-        let mut at = 0;
-        while at < t {
-            let len = chunk.min(t - at);
-            out.push(self.decode_stream(z.clone().narrow(2, at, len), &mut stream));
-            stream.advance();
-            at += len;
-        }
-        Tensor::cat(out, 2)
+        Tensor::cat(
+            Stream::over_chunks(&z, (chunk, chunk), |z, s| self.decode_stream(z, s)),
+            2,
+        )
     }
 
     fn decode_stream(&self, z: Tensor<5>, s: &mut Stream) -> Tensor<5> {

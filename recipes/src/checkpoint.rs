@@ -28,13 +28,6 @@ pub struct Meta {
     pub seed: u64,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
-    RecipeError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
 /// The checkpoint folder of `step`.
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:06}"))
@@ -47,7 +40,7 @@ fn complete_steps(run_dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(Vec::new());
     }
     let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| io(&dir, e))?
+        .map_err(|e| RecipeError::io(&dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
@@ -65,8 +58,9 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
         None => Ok(None),
         Some(path) => {
             let meta_path = path.join("meta.json");
-            let text = std::fs::read_to_string(&meta_path).map_err(|e| io(&meta_path, e))?;
-            let meta = serde_json::from_str(&text).map_err(|e| io(&meta_path, e))?;
+            let text =
+                std::fs::read_to_string(&meta_path).map_err(|e| RecipeError::io(&meta_path, e))?;
+            let meta = serde_json::from_str(&text).map_err(|e| RecipeError::io(&meta_path, e))?;
             Ok(Some((path, meta)))
         }
     }
@@ -111,9 +105,9 @@ pub fn save<M: Module>(
     let tmp = final_dir.with_extension("tmp");
     if world.rank() == 0 {
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+            std::fs::remove_dir_all(&tmp).map_err(|e| RecipeError::io(&tmp, e))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| RecipeError::io(&tmp, e))?;
     }
     world.barrier()?;
     let mut collect = Collect(Vec::new());
@@ -134,23 +128,24 @@ pub fn save<M: Module>(
         .map(|(n, shape, b)| {
             TensorView::new(Dtype::F32, shape.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| io(&tmp, e))
+                .map_err(|e| RecipeError::io(&tmp, e))
         })
         .collect::<Result<_>>()?;
     let mut info = HashMap::new();
     info.insert("optimizer_step".to_string(), optimizer.step.to_string());
     let file = tmp.join(format!("rank-{:05}.safetensors", world.rank()));
-    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| io(&file, e))?;
-    std::fs::write(&file, bytes).map_err(|e| io(&file, e))?;
+    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| RecipeError::io(&file, e))?;
+    std::fs::write(&file, bytes).map_err(|e| RecipeError::io(&file, e))?;
     world.barrier()?;
     if world.rank() == 0 {
         let meta_path = tmp.join("meta.json");
-        let text = serde_json::to_string_pretty(meta).map_err(|e| io(&meta_path, e))?;
-        std::fs::write(&meta_path, text).map_err(|e| io(&meta_path, e))?;
+        let text =
+            serde_json::to_string_pretty(meta).map_err(|e| RecipeError::io(&meta_path, e))?;
+        std::fs::write(&meta_path, text).map_err(|e| RecipeError::io(&meta_path, e))?;
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+            std::fs::remove_dir_all(&final_dir).map_err(|e| RecipeError::io(&final_dir, e))?;
         }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+        std::fs::rename(&tmp, &final_dir).map_err(|e| RecipeError::io(&final_dir, e))?;
         prune(run_dir, keep)?;
     }
     world.barrier()?;
@@ -161,7 +156,7 @@ fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     let steps = complete_steps(run_dir)?;
     let excess = steps.len().saturating_sub(keep);
     for old in steps.into_iter().take(excess) {
-        std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| RecipeError::io(&old, e))?;
     }
     Ok(())
 }
@@ -200,22 +195,24 @@ impl ModuleMapper for Load {
 /// Loads this rank's parameters and optimizer state from a checkpoint folder.
 pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, OptimizerState)> {
     let file = dir.join(format!("rank-{rank:05}.safetensors"));
-    let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| io(&file, e))?;
+    let bytes = std::fs::read(&file).map_err(|e| RecipeError::io(&file, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| RecipeError::io(&file, e))?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     let mut params = Vec::new();
     let mut shards: Vec<[Vec<f32>; 3]> = Vec::new();
     for name in &names {
-        let view = st.tensor(name).map_err(|e| io(&file, e))?;
+        let view = st.tensor(name).map_err(|e| RecipeError::io(&file, e))?;
         let values = floats_of(view.data());
         if name.starts_with("param.") {
             params.push((view.shape().to_vec(), values));
         } else if let Some(rest) = name.strip_prefix("opt.") {
             let (class, which) = rest
                 .split_once('.')
-                .ok_or_else(|| io(&file, "bad tensor name"))?;
-            let class: usize = class.parse().map_err(|_| io(&file, "bad tensor name"))?;
+                .ok_or_else(|| RecipeError::io(&file, "bad tensor name"))?;
+            let class: usize = class
+                .parse()
+                .map_err(|_| RecipeError::io(&file, "bad tensor name"))?;
             while shards.len() <= class {
                 shards.push([Vec::new(), Vec::new(), Vec::new()]);
             }
@@ -223,7 +220,7 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
                 "master" => 0,
                 "m" => 1,
                 "v" => 2,
-                _ => return Err(io(&file, format!("unknown tensor {name}"))),
+                _ => return Err(RecipeError::io(&file, format!("unknown tensor {name}"))),
             };
             shards[class][slot] = values;
         }
@@ -235,10 +232,10 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
     };
     let module = module.map(&mut loader);
     if let Some(e) = loader.error {
-        return Err(io(&file, e));
+        return Err(RecipeError::io(&file, e));
     }
     if loader.next != loader.values.len() {
-        return Err(io(
+        return Err(RecipeError::io(
             &file,
             format!(
                 "{} tensors for {} parameters",
@@ -248,13 +245,14 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
         ));
     }
     let meta_step = {
-        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| io(&file, e))?;
+        let (_, metadata) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| RecipeError::io(&file, e))?;
         metadata
             .metadata()
             .as_ref()
             .and_then(|m| m.get("optimizer_step"))
             .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| io(&file, "no optimizer_step in the metadata"))?
+            .ok_or_else(|| RecipeError::io(&file, "no optimizer_step in the metadata"))?
     };
     Ok((
         module,

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
+use burn_parallel::prelude::{DistributedAdamW, GradientBuffer};
 use burn_video::dit::{Condition, Dit, DitConfig};
 use burn_video::flow::{self, Rng};
 use burn_video::text::Vocabulary;
@@ -24,6 +24,8 @@ use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result};
 use crate::latents::{CacheMeta, CachedClip, read_cache, read_latent};
 use crate::recipe::{RunConfig, bad, load_file};
+use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
+use crate::video::keyed;
 
 /// `[dit]`: the transformer (latent channels and vocabulary come from the data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,12 +283,7 @@ impl DitRecipe {
             rope_base: self.dit.rope_base,
             moe: self.dit.moe.clone(),
         };
-        probe.validate().map_err(|e| match e {
-            burn_video::VideoError::InvalidArgument { name, reason } => {
-                bad(&format!("dit.{name}"), reason)
-            }
-            other => bad("dit", other.to_string()),
-        })
+        probe.validate().map_err(|e| keyed("dit", e))
     }
 
     /// The stage and step within it of global step `step`.
@@ -455,15 +452,6 @@ pub fn validation_loss(
     Ok(total / steps.len() as f64)
 }
 
-fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .try_into_vec::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f64::NAN)
-}
-
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Serialize)]
 struct DitMetrics<'a> {
@@ -534,39 +522,24 @@ pub struct DitSummary {
     pub vocabulary: Vocabulary,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
-    RecipeError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
 /// Trains a DiT recipe from scratch in its (new) run folder; `on_stage` hears every switch.
 pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result<DitSummary> {
     let run = &recipe.run.dir;
-    if run.join("metrics.jsonl").exists() || checkpoint::latest(run)?.is_some() {
-        return Err(bad(
-            "run.dir",
-            format!(
-                "{} already holds a run; choose another run.dir",
-                run.display()
-            ),
-        ));
-    }
+    refuse_existing(run, "choose another run.dir")?;
     let device = Device::flex().autodiff();
     let (meta, train, held, vocab) = load_latents(&recipe.data, &device)?;
-    let longest = train
+    let shortest = train
         .iter()
         .chain(&held)
         .map(|c| c.latent.dims()[1])
         .min()
         .unwrap_or(0);
     for (i, s) in recipe.stage.iter().enumerate() {
-        if s.frames > longest {
+        if s.frames > shortest {
             return Err(bad(
                 &format!("stage[{i}].frames"),
                 format!(
-                    "{} latent frames; the shortest cached clip has {longest}",
+                    "{} latent frames; the shortest cached clip has {shortest}",
                     s.frames
                 ),
             ));
@@ -579,27 +552,9 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
     }
     let cfg = dit_config(recipe, &meta, &vocab);
     let mut dit = cfg.init(&device).map_err(|e| bad("dit", e.to_string()))?;
-    let single = Group::single();
-    let mut opt = DistributedAdamW::new(
-        AdamWConfig {
-            lr: recipe.stage[0].lr,
-            weight_decay: 0.0,
-            max_grad_norm: Some(1.0),
-            ..AdamWConfig::default()
-        },
-        single.clone(),
-        single.clone(),
-        single,
-    )?;
-    std::fs::create_dir_all(run).map_err(|e| io(run, e))?;
-    let copy = run.join("recipe.toml");
-    std::fs::write(
-        &copy,
-        toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?,
-    )
-    .map_err(|e| io(&copy, e))?;
+    let mut opt = single_rank_adamw(recipe.stage[0].lr, Some(1.0))?;
+    let mut metrics = start(run, recipe)?;
     let metrics_path = run.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| io(&metrics_path, e))?;
     let mut rng = Rng::new(recipe.run.seed);
     let began = Instant::now();
     let mut reports = Vec::new();
@@ -635,8 +590,9 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
                 lr,
                 seconds: began.elapsed().as_secs_f64(),
             };
-            let text = serde_json::to_string(&line).map_err(|e| io(&metrics_path, e))?;
-            writeln!(metrics, "{text}").map_err(|e| io(&metrics_path, e))?;
+            let text =
+                serde_json::to_string(&line).map_err(|e| RecipeError::io(&metrics_path, e))?;
+            writeln!(metrics, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
             step += 1;
         }
         let valid = dit.valid();
@@ -699,14 +655,30 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
     let path = run.join("summary.json");
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(&summary).map_err(|e| io(&path, e))?,
+        serde_json::to_string_pretty(&summary).map_err(|e| RecipeError::io(&path, e))?,
     )
-    .map_err(|e| io(&path, e))?;
+    .map_err(|e| RecipeError::io(&path, e))?;
     Ok(summary)
 }
 
-/// Loads a DiT run: its recipe, summary (vocabulary) and latest checkpoint, on the CPU.
-pub fn load_dit(run: &Path) -> Result<(DitRecipe, DitSummary, Dit, CacheMeta)> {
+/// A trained DiT run, loaded for sampling.
+#[derive(Debug)]
+pub struct LoadedDit {
+    /// Its recipe.
+    pub recipe: DitRecipe,
+    /// Its summary (the vocabulary).
+    pub summary: DitSummary,
+    /// The model (latest checkpoint, on the CPU).
+    pub dit: Dit,
+    /// The latent cache it trained on.
+    pub meta: CacheMeta,
+    /// Latent height and width of that cache.
+    pub latent_size: (usize, usize),
+}
+
+/// Loads a DiT run: its recipe, summary (vocabulary), latest checkpoint and its cache's
+/// metadata, on the CPU.
+pub fn load_dit(run: &Path) -> Result<LoadedDit> {
     let recipe = DitRecipe::load(&run.join("recipe.toml"), &[])?;
     let path = run.join("summary.json");
     let summary: DitSummary = std::fs::read_to_string(&path)
@@ -714,8 +686,12 @@ pub fn load_dit(run: &Path) -> Result<(DitRecipe, DitSummary, Dit, CacheMeta)> {
         .and_then(|t| {
             serde_json::from_str(&t).map_err(|e| bad("--run", format!("{}: {e}", path.display())))
         })?;
-    let (meta, _) =
+    let (meta, index) =
         read_cache(&recipe.data.latents).map_err(|e| bad("data.latents", e.to_string()))?;
+    let [_, _, h, w] = index
+        .first()
+        .map(|c| c.shape)
+        .ok_or_else(|| bad("data.latents", "the DiT's latent cache is empty"))?;
     let device = Device::flex();
     let dit = dit_config(&recipe, &meta, &summary.vocabulary)
         .init(&device)
@@ -723,68 +699,17 @@ pub fn load_dit(run: &Path) -> Result<(DitRecipe, DitSummary, Dit, CacheMeta)> {
     let (dir, _) = checkpoint::latest(run)?
         .ok_or_else(|| bad("--run", format!("{} has no checkpoint", run.display())))?;
     let (dit, _) = checkpoint::load(&dir, dit, 0)?;
-    Ok((recipe, summary, dit, meta))
-}
-
-/// Samples normalised latents `[B, C, frames, h, w]` for `captions` with `steps` Euler steps
-/// and classifier-free guidance `guidance` (1: none), from `seed`.
-#[allow(clippy::too_many_arguments)]
-pub fn sample_latents(
-    dit: &Dit,
-    vocab: &Vocabulary,
-    text_len: usize,
-    captions: &[&str],
-    shape: (usize, usize, usize),
-    (steps, guidance, shift_base): (usize, f64, usize),
-    seed: u64,
-    device: &Device,
-) -> Result<Tensor<5>> {
-    let (frames, h, w) = shape;
-    let b = captions.len();
-    let c = dit.latent_channels();
-    let mut rng = Rng::new(seed);
-    let noise: Vec<f32> = (0..b * c * frames * h * w)
-        .map(|_| rng.normal() as f32)
-        .collect();
-    let x1 = Tensor::<5>::from_data(TensorData::new(noise, [b, c, frames, h, w]), device);
-    let texts: Vec<Option<&str>> = captions.iter().map(|c| Some(*c)).collect();
-    let cond = Condition {
-        text: vocab
-            .batch(&texts, text_len, device)
-            .map_err(|e| bad("--prompt", e.to_string()))?,
-        first_frame: None,
-    };
-    let null = Condition {
-        text: vocab
-            .batch(&vec![None; b], text_len, device)
-            .map_err(|e| bad("--prompt", e.to_string()))?,
-        first_frame: None,
-    };
-    let r = flow::resolution_shift(h, w, frames, shift_base);
-    flow::euler(x1, steps, r, |x, t| {
-        let tt = Tensor::<1>::full([b], t, device);
-        let vc = dit.forward(x.clone(), tt.clone(), &cond)?;
-        if (guidance - 1.0).abs() < f64::EPSILON {
-            return Ok(vc);
-        }
-        let vu = dit.forward(x, tt, &null)?;
-        Ok(flow::guided(vc, vu, guidance))
+    Ok(LoadedDit {
+        recipe,
+        summary,
+        dit,
+        meta,
+        latent_size: (h, w),
     })
-    .map_err(|e| bad("--steps", e.to_string()))
 }
 
-/// Decodes normalised latents `[B, C, t, h, w]` to clips with the VAE that made the cache
-/// (its run and checkpoint are in the cache's `meta.json`), `chunk` latent steps at a time.
-pub fn decode_latents(
-    meta: &CacheMeta,
-    z: Tensor<5>,
-    chunk: usize,
-) -> Result<Vec<burn_video::clip::Clip>> {
-    let (_, vae, _) = crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint))?;
-    decode_with(&vae, meta, z, chunk)
-}
-
-/// [`decode_latents`] with a loaded VAE.
+/// Decodes normalised latents `[B, C, t, h, w]` to clips with `vae` (the VAE that made the
+/// cache `meta` describes), `chunk` latent steps at a time.
 pub fn decode_with(
     vae: &burn_video::vae::Vae,
     meta: &CacheMeta,
@@ -812,9 +737,19 @@ pub fn decode_with(
 
 /// `n` training clips drawn with replacement.
 fn pick<'a>(clips: &'a [LatentClip], n: usize, rng: &mut Rng) -> Vec<&'a LatentClip> {
-    (0..n)
-        .map(|_| &clips[(rng.uniform() * clips.len() as f64) as usize % clips.len()])
-        .collect()
+    (0..n).map(|_| &clips[rng.below(clips.len())]).collect()
+}
+
+/// Training timesteps `[B]` for latents of `dims` `[B, C, f, h, w]`: logit-normal, shifted
+/// for their size and length.
+fn timesteps(recipe: &DitRecipe, dims: [usize; 5], rng: &mut Rng, device: &Device) -> Tensor<1> {
+    let [b, _, f, h, w] = dims;
+    let r = flow::resolution_shift(h, w, f, recipe.flow.shift_base);
+    let ts: Vec<f32> = flow::logit_normal(b, recipe.flow.logit_mean, recipe.flow.logit_std, r, rng)
+        .into_iter()
+        .map(|t| t as f32)
+        .collect();
+    Tensor::<1>::from_data(TensorData::new(ts, [b]), device)
 }
 
 /// One rectified-flow step on the first `frames` latent frames of `picked`: logit-normal
@@ -826,13 +761,7 @@ fn flow_step(
     (vocab, rng, device): (&Vocabulary, &mut Rng, &Device),
 ) -> Result<(Dit, f64)> {
     let x0 = stack(picked, frames);
-    let [b, _, f, h, w] = x0.dims();
-    let r = flow::resolution_shift(h, w, f, recipe.flow.shift_base);
-    let ts: Vec<f32> = flow::logit_normal(b, recipe.flow.logit_mean, recipe.flow.logit_std, r, rng)
-        .into_iter()
-        .map(|t| t as f32)
-        .collect();
-    let t = Tensor::<1>::from_data(TensorData::new(ts, [b]), device);
+    let t = timesteps(recipe, x0.dims(), rng, device);
     let eps = Tensor::<5>::random(x0.dims(), Distribution::Normal(0.0, 1.0), device);
     let captions: Vec<Option<&str>> = picked
         .iter()
@@ -867,6 +796,9 @@ fn flow_step(
     Ok((opt.step_buffered(dit, grads, &[])?.0, value))
 }
 
+/// Noise seed of the checker-accuracy samples during post-training.
+const EVAL_SEED: u64 = 0xE7A1;
+
 /// What post-training reads besides the recipe.
 struct PostInputs<'a> {
     train: &'a [LatentClip],
@@ -876,66 +808,105 @@ struct PostInputs<'a> {
     frames: usize,
 }
 
-/// Samples `captions` (two seeds per caption when `seeds` is 2) with `dit` and decodes them.
-fn sample_and_decode(
-    recipe: &DitRecipe,
-    post: &PostConfig,
-    dit: &Dit,
-    vae: &burn_video::vae::Vae,
-    inputs: &PostInputs<'_>,
-    captions: &[&str],
-    seed: u64,
-) -> Result<(Tensor<5>, Vec<burn_video::clip::Clip>)> {
-    let device = Device::flex();
-    let [_, _, h, w] = inputs
-        .train
-        .first()
-        .map(|c| c.latent.dims())
-        .unwrap_or([0; 4]);
-    let z = sample_latents(
-        dit,
-        inputs.vocab,
-        recipe.dit.text_len,
-        captions,
-        (inputs.frames, h, w),
-        (post.sample_steps, post.guidance, recipe.flow.shift_base),
-        seed,
-        &device,
-    )?;
-    let clips = decode_with(vae, inputs.meta, z.clone(), 4)?;
-    Ok((z, clips))
+/// Samples captions with a DiT and decodes them with the VAE of its latent cache.
+pub struct Sampler<'a> {
+    /// The cache's VAE.
+    pub vae: &'a burn_video::vae::Vae,
+    /// The caption vocabulary.
+    pub vocab: &'a Vocabulary,
+    /// The cache's metadata (latent statistics).
+    pub meta: &'a CacheMeta,
+    /// Caption length in tokens.
+    pub text_len: usize,
+    /// `flow.shift_base` of the recipe.
+    pub shift_base: usize,
+    /// Latent frames, height and width.
+    pub shape: (usize, usize, usize),
+    /// Euler steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (1: none).
+    pub guidance: f64,
 }
 
-/// The checker's accuracy on the first `n` synthetic labels' captions.
-fn accuracy(
-    recipe: &DitRecipe,
-    post: &PostConfig,
-    dit: &Dit,
-    vae: &burn_video::vae::Vae,
-    inputs: &PostInputs<'_>,
-) -> Result<Accuracy> {
-    use burn_video::checker::check;
-    use burn_video::synthetic::Label;
-    let labels: Vec<Label> = (0..post.eval_prompts).map(Label::nth).collect();
-    let captions: Vec<String> = labels.iter().map(Label::caption).collect();
-    let (mut direction, mut colour, mut count) = (0usize, 0usize, 0usize);
-    for (chunk, labels) in captions.chunks(16).zip(labels.chunks(16)) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let (_, clips) = sample_and_decode(recipe, post, dit, vae, inputs, &refs, 0xE7A1)?;
-        for (clip, label) in clips.iter().zip(labels) {
-            let v = check(clip, label);
-            direction += usize::from(v.direction);
-            colour += usize::from(v.colour);
-            count += usize::from(v.count);
-        }
+impl Sampler<'_> {
+    /// The normalised latents and decoded clips of `captions` from noise `seed`.
+    pub fn sample(
+        &self,
+        dit: &Dit,
+        captions: &[&str],
+        seed: u64,
+    ) -> Result<(Tensor<5>, Vec<burn_video::clip::Clip>)> {
+        let z = self.latents(dit, captions, seed)?;
+        let clips = decode_with(self.vae, self.meta, z.clone(), 4)?;
+        Ok((z, clips))
     }
-    let n = post.eval_prompts as f64;
-    Ok(Accuracy {
-        prompts: post.eval_prompts,
-        direction: direction as f64 / n,
-        colour: colour as f64 / n,
-        count: count as f64 / n,
-    })
+
+    /// Normalised latents `[B, C, frames, h, w]` for `captions`: Euler steps from noise `seed`
+    /// with classifier-free guidance against the null caption.
+    pub fn latents(&self, dit: &Dit, captions: &[&str], seed: u64) -> Result<Tensor<5>> {
+        let device = Device::flex();
+        let (frames, h, w) = self.shape;
+        let b = captions.len();
+        let c = dit.latent_channels();
+        let mut rng = Rng::new(seed);
+        let noise: Vec<f32> = (0..b * c * frames * h * w)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let x1 = Tensor::<5>::from_data(TensorData::new(noise, [b, c, frames, h, w]), &device);
+        let texts: Vec<Option<&str>> = captions.iter().map(|c| Some(*c)).collect();
+        let text = |t: &[Option<&str>]| {
+            self.vocab
+                .batch(t, self.text_len, &device)
+                .map_err(|e| bad("--prompt", e.to_string()))
+        };
+        let cond = Condition {
+            text: text(&texts)?,
+            first_frame: None,
+        };
+        let null = Condition {
+            text: text(&vec![None; b])?,
+            first_frame: None,
+        };
+        let guidance = self.guidance;
+        let r = flow::resolution_shift(h, w, frames, self.shift_base);
+        flow::euler(x1, self.steps, r, |x, t| {
+            let tt = Tensor::<1>::full([b], t, &device);
+            let vc = dit.forward(x.clone(), tt.clone(), &cond)?;
+            if (guidance - 1.0).abs() < f64::EPSILON {
+                return Ok(vc);
+            }
+            let vu = dit.forward(x, tt, &null)?;
+            Ok(flow::guided(vc, vu, guidance))
+        })
+        .map_err(|e| bad("--steps", e.to_string()))
+    }
+
+    /// The rule-based checker's accuracy on the captions of the first `prompts` synthetic
+    /// labels, sampled 16 at a time from noise `seed`.
+    pub fn accuracy(&self, dit: &Dit, prompts: usize, seed: u64) -> Result<Accuracy> {
+        use burn_video::checker::check;
+        use burn_video::synthetic::Label;
+        let labels: Vec<Label> = (0..prompts).map(Label::nth).collect();
+        let captions: Vec<String> = labels.iter().map(Label::caption).collect();
+        let (mut direction, mut colour, mut count) = (0usize, 0usize, 0usize);
+        for (chunk, labels) in captions.chunks(16).zip(labels.chunks(16)) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let (_, clips) = self.sample(dit, &refs, seed)?;
+            for (clip, label) in clips.iter().zip(labels) {
+                let v = check(clip, label);
+                direction += usize::from(v.direction);
+                colour += usize::from(v.colour);
+                count += usize::from(v.count);
+            }
+        }
+        let n = prompts.max(1) as f64;
+        Ok(Accuracy {
+            prompts,
+            direction: direction as f64 / n,
+            colour: colour as f64 / n,
+            count: count as f64 / n,
+        })
+    }
 }
 
 /// SFT on the curated subset, then Diffusion-DPO on checker-ranked pairs of the model's own
@@ -953,7 +924,22 @@ fn post_train(
     let device = Device::flex().autodiff();
     let plain = Device::flex();
     let (_, vae, _) = crate::video::load_vae(&inputs.meta.vae_run, Some(&inputs.meta.checkpoint))?;
-    let before = accuracy(recipe, post, &dit.valid(), &vae, inputs)?;
+    let [_, _, h, w] = inputs
+        .train
+        .first()
+        .map(|c| c.latent.dims())
+        .unwrap_or([0; 4]);
+    let sampler = Sampler {
+        vae: &vae,
+        vocab: inputs.vocab,
+        meta: inputs.meta,
+        text_len: recipe.dit.text_len,
+        shift_base: recipe.flow.shift_base,
+        shape: (inputs.frames, h, w),
+        steps: post.sample_steps,
+        guidance: post.guidance,
+    };
+    let before = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?before, "checker accuracy after the curriculum");
     // SFT on the clips the curation manifest accepts.
     let curated: Vec<LatentClip> = match &post.sft_manifest {
@@ -993,7 +979,7 @@ fn post_train(
         dit = next;
         sft_losses.push(value);
     }
-    let after_sft = accuracy(recipe, post, &dit.valid(), &vae, inputs)?;
+    let after_sft = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?after_sft, "checker accuracy after SFT");
     // Preference pairs: each prompt sampled with two seeds, ranked by how many of colour,
     // direction and count the checker confirms; ties are dropped.
@@ -1001,7 +987,7 @@ fn post_train(
     let captions: Vec<String> = curated.iter().map(|c| c.caption.clone()).collect();
     let mut pairs: Vec<(Tensor<4>, Tensor<4>, String)> = Vec::new();
     for i in 0..post.prompts {
-        let caption = &captions[(rng.uniform() * captions.len() as f64) as usize % captions.len()];
+        let caption = &captions[rng.below(captions.len())];
         let Some(label) = Label::parse(caption) else {
             return Err(bad(
                 "data.latents",
@@ -1010,12 +996,8 @@ fn post_train(
                 ),
             ));
         };
-        let (z, clips) = sample_and_decode(
-            recipe,
-            post,
+        let (z, clips) = sampler.sample(
             &reference,
-            &vae,
-            inputs,
             &[caption.as_str(), caption.as_str()],
             0xD90 + i as u64,
         )?;
@@ -1044,7 +1026,7 @@ fn post_train(
     if !pairs.is_empty() {
         for _ in 0..post.dpo_steps {
             let batch: Vec<&(Tensor<4>, Tensor<4>, String)> = (0..post.batch)
-                .map(|_| &pairs[(rng.uniform() * pairs.len() as f64) as usize % pairs.len()])
+                .map(|_| &pairs[rng.below(pairs.len())])
                 .collect();
             let stack4 = |sel: &dyn Fn(&(Tensor<4>, Tensor<4>, String)) -> Tensor<4>| {
                 Tensor::cat(
@@ -1054,19 +1036,7 @@ fn post_train(
             };
             let xw = stack4(&|p| p.0.clone());
             let xl = stack4(&|p| p.1.clone());
-            let [b, _, f, h, w] = xw.dims();
-            let r = flow::resolution_shift(h, w, f, recipe.flow.shift_base);
-            let ts: Vec<f32> = flow::logit_normal(
-                b,
-                recipe.flow.logit_mean,
-                recipe.flow.logit_std,
-                r,
-                &mut rng,
-            )
-            .into_iter()
-            .map(|t| t as f32)
-            .collect();
-            let t = Tensor::<1>::from_data(TensorData::new(ts, [b]), &device);
+            let t = timesteps(recipe, xw.dims(), &mut rng, &device);
             let eps = Tensor::<5>::random(xw.dims(), Distribution::Normal(0.0, 1.0), &device);
             let captions: Vec<Option<&str>> = batch.iter().map(|p| Some(p.2.as_str())).collect();
             let text = inputs
@@ -1118,7 +1088,7 @@ fn post_train(
             dpo_losses.push(value);
         }
     }
-    let after_dpo = accuracy(recipe, post, &dit.valid(), &vae, inputs)?;
+    let after_dpo = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?after_dpo, "checker accuracy after DPO");
     let tail = |v: &[f64]| {
         let t = &v[v.len().saturating_sub(10)..];

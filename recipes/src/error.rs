@@ -37,5 +37,15 @@ pub enum RecipeError {
     Parallel(#[from] burn_parallel::ParallelError),
 }
 
+impl RecipeError {
+    /// A file that could not be read or written, with the system's message.
+    pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = RecipeError> = core::result::Result<T, E>;

@@ -55,13 +55,6 @@ pub struct CachedClip {
     pub caption: Option<String>,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
-    RecipeError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
 /// The clips named by `source` with the frames to encode: a manifest file (its accepted
 /// entries, cut to their bucket length) or a folder (every clip, cut to the longest length the
 /// VAE takes).
@@ -122,8 +115,8 @@ fn captions(dir: &Path) -> Result<HashMap<String, String>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let line: Line =
-            serde_json::from_str(l).map_err(|e| io(&path, format!("line {}: {e}", i + 1)))?;
+        let line: Line = serde_json::from_str(l)
+            .map_err(|e| RecipeError::io(&path, format!("line {}: {e}", i + 1)))?;
         out.insert(line.clip, line.caption);
     }
     Ok(out)
@@ -192,16 +185,16 @@ pub fn cache_latents(
     .reshape([1, c, 1, 1, 1]);
     let tmp = out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| RecipeError::io(&tmp, e))?;
     let mut caption_cache: HashMap<PathBuf, HashMap<String, String>> = HashMap::new();
     let mut index = String::new();
     let result = (|| -> Result<()> {
         for (i, (path, frames)) in list.iter().enumerate() {
-            let clip = Clip::read(path).map_err(|e| io(path, e))?;
+            let clip = Clip::read(path).map_err(|e| RecipeError::io(path, e))?;
             let clip = match frames {
                 Some(f) if *f <= clip.len() => clip.trim(*f),
                 Some(f) => {
-                    return Err(io(
+                    return Err(RecipeError::io(
                         path,
                         format!("has {} frames, its bucket {f}", clip.len()),
                     ));
@@ -210,7 +203,7 @@ pub fn cache_latents(
             };
             let (w, h) = clip.size();
             cfg.latent_shape(clip.len(), h, w)
-                .map_err(|e| io(path, e.to_string()))?;
+                .map_err(|e| RecipeError::io(path, e.to_string()))?;
             let z = vae.encode_chunked(clip_tensor(&clip, &device), chunk).mean;
             let z = (z - mean.clone()) / std.clone();
             let [_, zc, zt, zh, zw] = z.dims();
@@ -218,14 +211,15 @@ pub fn cache_latents(
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
-                .map_err(|e| io(path, format!("{e:?}")))?;
+                .map_err(|e| RecipeError::io(path, format!("{e:?}")))?;
             let file = format!("latent_{i:06}.safetensors");
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             let view = TensorView::new(Dtype::F32, vec![zc, zt, zh, zw], &bytes)
-                .map_err(|e| io(path, e))?;
+                .map_err(|e| RecipeError::io(path, e))?;
             let data = safetensors::serialize([("latent", view)], None)
-                .map_err(|e| io(&tmp.join(&file), e))?;
-            std::fs::write(tmp.join(&file), data).map_err(|e| io(&tmp.join(&file), e))?;
+                .map_err(|e| RecipeError::io(&tmp.join(&file), e))?;
+            std::fs::write(tmp.join(&file), data)
+                .map_err(|e| RecipeError::io(&tmp.join(&file), e))?;
             let parent = path.parent().unwrap_or(Path::new(".")).to_path_buf();
             if !caption_cache.contains_key(&parent) {
                 caption_cache.insert(parent.clone(), captions(&parent)?);
@@ -241,7 +235,7 @@ pub fn cache_latents(
                 shape: [zc, zt, zh, zw],
                 caption: caption_cache[&parent].get(&name).cloned(),
             };
-            index.push_str(&serde_json::to_string(&entry).map_err(|e| io(&tmp, e))?);
+            index.push_str(&serde_json::to_string(&entry).map_err(|e| RecipeError::io(&tmp, e))?);
             index.push('\n');
         }
         Ok(())
@@ -261,10 +255,10 @@ pub fn cache_latents(
         clips: list.len(),
     };
     let write = || -> Result<()> {
-        std::fs::write(tmp.join("index.jsonl"), &index).map_err(|e| io(&tmp, e))?;
-        let text = serde_json::to_string_pretty(&meta).map_err(|e| io(&tmp, e))?;
-        std::fs::write(tmp.join("meta.json"), text).map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| io(out, e))
+        std::fs::write(tmp.join("index.jsonl"), &index).map_err(|e| RecipeError::io(&tmp, e))?;
+        let text = serde_json::to_string_pretty(&meta).map_err(|e| RecipeError::io(&tmp, e))?;
+        std::fs::write(tmp.join("meta.json"), text).map_err(|e| RecipeError::io(&tmp, e))?;
+        std::fs::rename(&tmp, out).map_err(|e| RecipeError::io(out, e))
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -277,16 +271,17 @@ pub fn cache_latents(
 pub fn read_cache(dir: &Path) -> Result<(CacheMeta, Vec<CachedClip>)> {
     let meta_path = dir.join("meta.json");
     let meta: CacheMeta = std::fs::read_to_string(&meta_path)
-        .map_err(|e| io(&meta_path, e))
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| io(&meta_path, e)))?;
+        .map_err(|e| RecipeError::io(&meta_path, e))
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| RecipeError::io(&meta_path, e)))?;
     let index_path = dir.join("index.jsonl");
-    let text = std::fs::read_to_string(&index_path).map_err(|e| io(&index_path, e))?;
+    let text = std::fs::read_to_string(&index_path).map_err(|e| RecipeError::io(&index_path, e))?;
     let index = text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| io(&index_path, format!("line {}: {e}", i + 1)))
+            serde_json::from_str(l)
+                .map_err(|e| RecipeError::io(&index_path, format!("line {}: {e}", i + 1)))
         })
         .collect::<Result<Vec<CachedClip>>>()?;
     Ok((meta, index))
@@ -295,11 +290,11 @@ pub fn read_cache(dir: &Path) -> Result<(CacheMeta, Vec<CachedClip>)> {
 /// One cached latent `[channels, t, h, w]` (normalised) as a tensor.
 pub fn read_latent(dir: &Path, entry: &CachedClip, device: &Device) -> Result<Tensor<4>> {
     let path = dir.join(&entry.file);
-    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| io(&path, e))?;
-    let view = st.tensor("latent").map_err(|e| io(&path, e))?;
+    let bytes = std::fs::read(&path).map_err(|e| RecipeError::io(&path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| RecipeError::io(&path, e))?;
+    let view = st.tensor("latent").map_err(|e| RecipeError::io(&path, e))?;
     if view.dtype() != Dtype::F32 || view.shape() != entry.shape {
-        return Err(io(
+        return Err(RecipeError::io(
             &path,
             format!(
                 "holds {:?} {:?}, the index says F32 {:?}",

@@ -21,6 +21,7 @@ pub mod model;
 pub mod plan;
 pub mod plot;
 pub mod recipe;
+mod rundir;
 pub mod train;
 pub mod video;
 

@@ -98,42 +98,40 @@ struct EvalDitArgs {
     sampling: SamplingArgs,
 }
 
-/// Samples `captions` from a DiT run and decodes them with the cache's VAE.
-fn sample_clips(
+/// Loads a DiT run and the VAE of its cache, and hands `f` their sampler.
+fn with_sampler<T>(
     run: &std::path::Path,
-    captions: &[&str],
     SamplingArgs {
         frames,
         steps,
         guidance,
-        seed,
+        ..
     }: SamplingArgs,
-) -> Result<Vec<burn_video::clip::Clip>, String> {
-    use burn_recipes::dit::{decode_latents, load_dit, sample_latents};
-    let (recipe, summary, dit, meta) = load_dit(run).map_err(|e| e.to_string())?;
+    f: impl FnOnce(
+        &burn_recipes::dit::Sampler<'_>,
+        &burn_video::dit::Dit,
+    ) -> burn_recipes::error::Result<T>,
+) -> Result<T, String> {
+    use burn_recipes::dit::{Sampler, load_dit};
     if frames == 0 {
         return Err("`--frames`: must be at least 1".into());
     }
-    let device = Device::flex();
-    // The latent side of the cache.
-    let (_, index) =
-        burn_recipes::latents::read_cache(&recipe.data.latents).map_err(|e| e.to_string())?;
-    let [_, _, h, w] = index
-        .first()
-        .map(|c| c.shape)
-        .ok_or_else(|| "the DiT's latent cache is empty".to_string())?;
-    let z = sample_latents(
-        &dit,
-        &summary.vocabulary,
-        recipe.dit.text_len,
-        captions,
-        (frames, h, w),
-        (steps, guidance, recipe.flow.shift_base),
-        seed,
-        &device,
-    )
-    .map_err(|e| e.to_string())?;
-    decode_latents(&meta, z, 4).map_err(|e| e.to_string())
+    let loaded = load_dit(run).map_err(|e| e.to_string())?;
+    let (_, vae, _) =
+        burn_recipes::video::load_vae(&loaded.meta.vae_run, Some(&loaded.meta.checkpoint))
+            .map_err(|e| e.to_string())?;
+    let (h, w) = loaded.latent_size;
+    let sampler = Sampler {
+        vae: &vae,
+        vocab: &loaded.summary.vocabulary,
+        meta: &loaded.meta,
+        text_len: loaded.recipe.dit.text_len,
+        shift_base: loaded.recipe.flow.shift_base,
+        shape: (frames, h, w),
+        steps,
+        guidance,
+    };
+    f(&sampler, &loaded.dit).map_err(|e| e.to_string())
 }
 
 fn run_sample(args: &SampleArgs) -> Result<(), String> {
@@ -141,7 +139,9 @@ fn run_sample(args: &SampleArgs) -> Result<(), String> {
         return Err(format!("`--out`: {} already exists", args.out.display()));
     }
     let captions: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
-    let clips = sample_clips(&args.run, &captions, args.sampling)?;
+    let clips = with_sampler(&args.run, args.sampling, |s, dit| {
+        s.sample(dit, &captions, args.sampling.seed).map(|(_, c)| c)
+    })?;
     let tmp = args.out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -155,26 +155,15 @@ fn run_sample(args: &SampleArgs) -> Result<(), String> {
 }
 
 fn run_eval_dit(args: &EvalDitArgs) -> Result<(), String> {
-    use burn_video::checker::check;
-    use burn_video::synthetic::Label;
-    let labels: Vec<Label> = (0..args.prompts).map(Label::nth).collect();
-    let captions: Vec<String> = labels.iter().map(Label::caption).collect();
-    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-    let clips = sample_clips(&args.run, &refs, args.sampling)?;
-    let (mut colour, mut direction, mut count) = (0, 0, 0);
-    for (clip, label) in clips.iter().zip(&labels) {
-        let v = check(clip, label);
-        colour += usize::from(v.colour);
-        direction += usize::from(v.direction);
-        count += usize::from(v.count);
-    }
-    let n = labels.len().max(1) as f64;
+    let a = with_sampler(&args.run, args.sampling, |s, dit| {
+        s.accuracy(dit, args.prompts, args.sampling.seed)
+    })?;
     println!(
         "{} prompts: direction {:.1}% (chance 25%), colour {:.1}% (chance 25%), count {:.1}% (chance 33%)",
-        labels.len(),
-        100.0 * direction as f64 / n,
-        100.0 * colour as f64 / n,
-        100.0 * count as f64 / n
+        a.prompts,
+        100.0 * a.direction,
+        100.0 * a.colour,
+        100.0 * a.count
     );
     Ok(())
 }

@@ -23,6 +23,7 @@ use crate::data::{TokenSource, sequence_index};
 use crate::error::{RecipeError, Result};
 use crate::model::{MoeLm, StageLayout};
 use crate::recipe::{ModelConfig, Precision, Recipe};
+use crate::rundir::refuse_existing;
 
 /// How to run a recipe.
 #[derive(Debug, Clone)]
@@ -196,13 +197,6 @@ fn value(t: Tensor<1>) -> Result<f64> {
         .try_into_vec::<f32>()
         .map_err(|e| RecipeError::Refused(format!("reading a loss: {e:?}")))?;
     Ok(f64::from(v.first().copied().unwrap_or(f32::NAN)))
-}
-
-fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
-    RecipeError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
 }
 
 /// One rank's share of a recipe's training: its model stage, the distributed optimizer, the
@@ -532,15 +526,10 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         }
         found
     } else {
-        if checkpoint::latest(&run_dir)?.is_some() || run_dir.join("metrics.jsonl").exists() {
-            return Err(RecipeError::Invalid {
-                key: "run.dir".into(),
-                reason: format!(
-                    "{} already holds a run; continue it with --resume or choose another run.dir",
-                    run_dir.display()
-                ),
-            });
-        }
+        refuse_existing(
+            &run_dir,
+            "continue it with --resume or choose another run.dir",
+        )?;
         None
     };
     if let Some((_, meta)) = &resume_from
@@ -570,10 +559,10 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     let mut trainer = Trainer::new(recipe, groups, &device)?;
     // Everything is checked: now the run directory may be written.
     if main {
-        std::fs::create_dir_all(&run_dir).map_err(|e| io(&run_dir, e))?;
+        std::fs::create_dir_all(&run_dir).map_err(|e| RecipeError::io(&run_dir, e))?;
         let copy = run_dir.join("recipe.toml");
-        let text = toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?;
-        std::fs::write(&copy, text).map_err(|e| io(&copy, e))?;
+        let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
+        std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
     }
     comm.barrier()?;
     let mut start = 0;
@@ -614,7 +603,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
                 .create(true)
                 .append(true)
                 .open(&metrics_path)
-                .map_err(|e| io(&metrics_path, e))?,
+                .map_err(|e| RecipeError::io(&metrics_path, e))?,
         )
     } else {
         None
@@ -667,8 +656,9 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
                 expert_load: reported.expert_load,
                 seconds,
             };
-            let text = serde_json::to_string(&line).map_err(|e| io(&metrics_path, e))?;
-            writeln!(file, "{text}").map_err(|e| io(&metrics_path, e))?;
+            let text =
+                serde_json::to_string(&line).map_err(|e| RecipeError::io(&metrics_path, e))?;
+            writeln!(file, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
         }
         tracing::info!(
             step = step + 1,
@@ -715,8 +705,8 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     };
     if main {
         let path = summary.run_dir.join("summary.json");
-        let text = serde_json::to_string_pretty(&summary).map_err(|e| io(&path, e))?;
-        std::fs::write(&path, text).map_err(|e| io(&path, e))?;
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| RecipeError::io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| RecipeError::io(&path, e))?;
         crate::plot::plot(&summary.run_dir, summary.entropy_floor)?;
     }
     Ok(summary)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
+use burn_parallel::prelude::GradientBuffer;
 use burn_video::clip::{Clip, list_clips};
 use burn_video::metrics::Frame;
 use burn_video::resample::{quality, squeeze};
@@ -20,6 +20,7 @@ use crate::checkpoint::{self, Meta};
 use crate::data::mix;
 use crate::error::{RecipeError, Result};
 use crate::recipe::{RunConfig, bad, load_file};
+use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
 
 /// `[data]` of a VAE recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,12 +94,7 @@ impl VaeRecipe {
 
     /// Checks every value; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        self.vae.validate().map_err(|e| match e {
-            burn_video::VideoError::InvalidArgument { name, reason } => {
-                bad(&format!("vae.{name}"), reason)
-            }
-            other => bad("vae", other.to_string()),
-        })?;
+        self.vae.validate().map_err(|e| keyed("vae", e))?;
         let (d, t) = (&self.data, &self.training);
         let (ft, fs) = (self.vae.time_factor(), self.vae.space_factor());
         if d.frames == 0 || !(d.frames - 1).is_multiple_of(ft) {
@@ -144,10 +140,13 @@ impl VaeRecipe {
     }
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
-    RecipeError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
+/// A burn-video configuration error as a recipe error naming `section.field`.
+pub(crate) fn keyed(section: &str, e: burn_video::VideoError) -> RecipeError {
+    match e {
+        burn_video::VideoError::InvalidArgument { name, reason } => {
+            bad(&format!("{section}.{name}"), reason)
+        }
+        other => bad(section, other.to_string()),
     }
 }
 
@@ -342,27 +341,10 @@ struct VaeMetrics {
     seconds: f64,
 }
 
-fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .try_into_vec::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f64::NAN)
-}
-
 /// Trains a VAE recipe from scratch in its (new) run folder.
 pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let run = &recipe.run.dir;
-    if checkpoint::latest(run)?.is_some() || run.join("metrics.jsonl").exists() {
-        return Err(RecipeError::Invalid {
-            key: "run.dir".into(),
-            reason: format!(
-                "{} already holds a run; choose another run.dir",
-                run.display()
-            ),
-        });
-    }
+    refuse_existing(run, "choose another run.dir")?;
     let (train, held) = split_clips(&recipe.data.clips, recipe.data.holdout_every)?;
     let (d, t, cfg) = (&recipe.data, &recipe.training, &recipe.vae);
     for c in &train {
@@ -406,27 +388,9 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     } else {
         None
     };
-    let single = Group::single();
-    let mut opt = DistributedAdamW::new(
-        AdamWConfig {
-            lr: t.lr,
-            weight_decay: 0.0,
-            max_grad_norm: t.grad_clip,
-            ..AdamWConfig::default()
-        },
-        single.clone(),
-        single.clone(),
-        single,
-    )?;
-    std::fs::create_dir_all(run).map_err(|e| io(run, e))?;
-    let copy = run.join("recipe.toml");
-    std::fs::write(
-        &copy,
-        toml::to_string_pretty(recipe).map_err(|e| io(&copy, e))?,
-    )
-    .map_err(|e| io(&copy, e))?;
+    let mut opt = single_rank_adamw(t.lr, t.grad_clip)?;
+    let mut metrics = start(run, recipe)?;
     let metrics_path = run.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| io(&metrics_path, e))?;
     let began = Instant::now();
     let mut losses = Vec::new();
     for step in 0..t.steps {
@@ -464,8 +428,9 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
                 lr: recipe.lr(step),
                 seconds: began.elapsed().as_secs_f64(),
             };
-            let text = serde_json::to_string(&line).map_err(|e| io(&metrics_path, e))?;
-            writeln!(metrics, "{text}").map_err(|e| io(&metrics_path, e))?;
+            let text =
+                serde_json::to_string(&line).map_err(|e| RecipeError::io(&metrics_path, e))?;
+            writeln!(metrics, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
         }
     }
     let seconds = began.elapsed().as_secs_f64();
@@ -523,9 +488,9 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let path = run.join("summary.json");
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(&summary).map_err(|e| io(&path, e))?,
+        serde_json::to_string_pretty(&summary).map_err(|e| RecipeError::io(&path, e))?,
     )
-    .map_err(|e| io(&path, e))?;
+    .map_err(|e| RecipeError::io(&path, e))?;
     Ok(summary)
 }
 

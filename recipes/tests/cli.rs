@@ -1,10 +1,8 @@
 //! Smoke tests of the command line.
 
-use std::process::Command;
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
-}
+use common::bin;
 
 #[test]
 fn layer_runs_and_reports_throughput() {

@@ -3,19 +3,13 @@
 //! validation loss per stage → `sample` GIFs → `eval dit` rule-checker accuracies; stage
 //! switching and image/video bucketing; bad DiT recipes name their key.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
 
 use burn_recipes::dit::{BatchKind, DitRecipe, Stage, batch_kind};
 use burn_video::flow::Rng;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
-}
-
-fn recipes() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
+use common::{bin, recipe, train};
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -40,7 +34,7 @@ fn stage(frames: usize, image_ratio: f64) -> Stage {
 
 #[test]
 fn stages_switch_at_their_step_counts_and_batches_keep_one_shape() {
-    let mut recipe = DitRecipe::load(&recipes().join("dit-tiny.toml"), &[]).expect("recipe");
+    let mut recipe = DitRecipe::load(&recipe("dit-tiny.toml"), &[]).expect("recipe");
     recipe.stage[0].steps = 3;
     recipe.stage[1].steps = 2;
     recipe.stage[2].steps = 4;
@@ -93,15 +87,7 @@ fn bad_dit_recipes_name_the_key_and_write_nothing() {
         ("post.eval_prompts=0", "post.eval_prompts"),
     ] {
         let run = tmp.path().join("run");
-        let out = bin()
-            .args([
-                "train",
-                &recipes().join("dit-tiny.toml").display().to_string(),
-            ])
-            .args(["--set", &format!("run.dir=\"{}\"", run.display())])
-            .args(["--set", set])
-            .output()
-            .expect("binary runs");
+        let out = train(&recipe("dit-tiny.toml"), &run, &[set]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{set}: {err}");
         assert!(err.contains(key), "{set}: {err}");
@@ -126,30 +112,23 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         .args(["--frames", "9"])
         .output()
         .expect("synth"));
-    ok(&bin()
-        .args([
-            "train",
-            &recipes().join("video-vae-tiny.toml").display().to_string(),
-        ])
-        .args(["--set", &format!("run.dir=\"{}\"", t("vae"))])
-        .args(["--set", &format!("data.clips=\"{}\"", t("clips"))])
-        .args([
-            "--set",
+    let clips = format!("data.clips=\"{}\"", t("clips"));
+    ok(&train(
+        &recipe("video-vae-tiny.toml"),
+        &tmp.path().join("vae"),
+        &[
+            &clips,
             "vae.channels=[8, 8, 8, 8]",
-            "--set",
             "vae.groups=4",
-        ])
-        .args(["--set", "vae.latent=4", "--set", "vae.linear=true"])
-        .args(["--set", "data.crop=16", "--set", "data.holdout_every=8"])
-        .args([
-            "--set",
+            "vae.latent=4",
+            "vae.linear=true",
+            "data.crop=16",
+            "data.holdout_every=8",
             "training.steps=2",
-            "--set",
             "training.warmup_steps=1",
-        ])
-        .args(["--set", "training.batch=2"])
-        .output()
-        .expect("vae"));
+            "training.batch=2",
+        ],
+    ));
     ok(&bin()
         .args([
             "data",
@@ -162,36 +141,31 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         ])
         .output()
         .expect("cache"));
-    let out = ok(&bin()
-        .args([
-            "train",
-            &recipes().join("dit-tiny.toml").display().to_string(),
-        ])
-        .args(["--set", &format!("run.dir=\"{}\"", t("dit"))])
-        .args(["--set", &format!("data.latents=\"{}\"", t("latents"))])
-        // A MoE-DiT: burn-moe experts in the block, their aux loss in the gradient.
-        .args(["--set", "dit.moe={experts = 2, top_k = 1, ffn_hidden = 16}"])
-        .args([
-            "--set",
+    let latents = format!("data.latents=\"{}\"", t("latents"));
+    let out = ok(&train(
+        &recipe("dit-tiny.toml"),
+        &tmp.path().join("dit"),
+        &[
+            &latents,
+            // A MoE-DiT: burn-moe experts in the block, their aux loss in the gradient.
+            "dit.moe={experts = 2, top_k = 1, ffn_hidden = 16}",
             "dit.hidden=24",
-            "--set",
             "dit.depth=1",
-            "--set",
             "dit.heads=2",
-        ])
-        .args([
-            "--set",
             "stage[0].steps=3",
-            "--set",
             "stage[0].warmup_steps=1",
-        ])
-        .args(["--set", "stage[1].steps=2", "--set", "stage[2].steps=2"])
-        .args(["--set", "stage[1].frames=2", "--set", "stage[2].frames=3"])
-        .args(["--set", "post.sft_steps=2", "--set", "post.dpo_steps=2"])
-        .args(["--set", "post.prompts=3", "--set", "post.eval_prompts=2"])
-        .args(["--set", "post.sample_steps=2", "--set", "post.batch=2"])
-        .output()
-        .expect("dit"));
+            "stage[1].steps=2",
+            "stage[2].steps=2",
+            "stage[1].frames=2",
+            "stage[2].frames=3",
+            "post.sft_steps=2",
+            "post.dpo_steps=2",
+            "post.prompts=3",
+            "post.eval_prompts=2",
+            "post.sample_steps=2",
+            "post.batch=2",
+        ],
+    ));
     let order: Vec<usize> = ["stage images:", "stage short clips:", "stage full clips:"]
         .iter()
         .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s:?} in {out}")))

@@ -1,12 +1,11 @@
 //! Video VAE recipes through the command line: bad values name their key, a tiny run trains,
 //! reports held-out PSNR next to the baseline, and `eval vae` scores any folder of clips.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn recipe() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("video-vae-tiny.toml")
-}
+use std::path::{Path, PathBuf};
+
+use common::bin;
 
 fn clips() -> String {
     let dir = std::env::var_os("VIDEO_CLIPS_DIR").map_or_else(
@@ -17,14 +16,11 @@ fn clips() -> String {
 }
 
 fn train(run: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_burn-recipes"));
-    cmd.args(["train", &recipe().display().to_string()])
-        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
-        .args(["--set", &clips()]);
-    for e in extra {
-        cmd.args(["--set", e]);
-    }
-    cmd.output().expect("binary runs")
+    let clips = clips();
+    let sets: Vec<&str> = std::iter::once(clips.as_str())
+        .chain(extra.iter().copied())
+        .collect();
+    common::train(&common::recipe("video-vae-tiny.toml"), run, &sets)
 }
 
 #[test]
@@ -109,7 +105,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
         }
     }
     let preview = tmp.path().join("preview.gif");
-    let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+    let out = bin()
         .args(["eval", "vae", "--run", &run.display().to_string()])
         .args(["--clips", &eval_dir.display().to_string()])
         .args(["--preview", &preview.display().to_string()])
@@ -136,7 +132,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
     .expect("captions");
     let cache = tmp.path().join("latents");
     let run_cache = |out: &Path, run: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+        bin()
             .args(["data", "cache", &eval_dir.display().to_string()])
             .args(["--run", &run.display().to_string()])
             .args(["--out", &out.display().to_string()])

@@ -1,0 +1,61 @@
+//! What every trainer of the crate does with its run folder and its scalars: refuse a folder
+//! that already holds a run, start a fresh one (the recipe's copy and `metrics.jsonl`), the
+//! single-rank AdamW of the video trainers, and reading a one-element tensor.
+
+use std::fs::File;
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, Group};
+use serde::Serialize;
+
+use crate::checkpoint;
+use crate::error::{RecipeError, Result};
+use crate::recipe::bad;
+
+/// An error unless `run` is free of checkpoints and metrics; `advice` ends the message.
+pub(crate) fn refuse_existing(run: &Path, advice: &str) -> Result<()> {
+    if checkpoint::latest(run)?.is_some() || run.join("metrics.jsonl").exists() {
+        return Err(bad(
+            "run.dir",
+            format!("{} already holds a run; {advice}", run.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `run`, writes the recipe's copy `recipe.toml` and returns a new `metrics.jsonl`.
+pub(crate) fn start(run: &Path, recipe: &impl Serialize) -> Result<File> {
+    std::fs::create_dir_all(run).map_err(|e| RecipeError::io(run, e))?;
+    let copy = run.join("recipe.toml");
+    let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
+    std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
+    let metrics = run.join("metrics.jsonl");
+    File::create(&metrics).map_err(|e| RecipeError::io(&metrics, e))
+}
+
+/// AdamW without weight decay on one rank (no data or expert groups).
+pub(crate) fn single_rank_adamw(lr: f64, max_grad_norm: Option<f64>) -> Result<DistributedAdamW> {
+    let single = Group::single();
+    Ok(DistributedAdamW::new(
+        AdamWConfig {
+            lr,
+            weight_decay: 0.0,
+            max_grad_norm,
+            ..AdamWConfig::default()
+        },
+        single.clone(),
+        single.clone(),
+        single,
+    )?)
+}
+
+/// The value of a one-element tensor (NaN when it cannot be read).
+pub(crate) fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
+}
