@@ -170,11 +170,13 @@ fn overfit(cfg: &DitConfig) {
             .forward_aux(xt.clone(), t.clone(), &cond)
             .expect("forward");
         let loss = flow::loss(v, x0.clone(), eps.clone());
+        // The flow loss is what must fall; the MoE load-balancing loss (a floor of about its
+        // coefficient per block) joins the gradient only, as in the recipes' trainer.
+        last = values(loss.clone())[0];
         let loss = match aux {
             Some(a) => loss + a,
             None => loss,
         };
-        last = values(loss.clone())[0];
         first.get_or_insert(last);
         let mut grads = GradientBuffer::new();
         grads.add(&dit, &loss.backward()).expect("gradients");
