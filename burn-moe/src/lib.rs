@@ -40,6 +40,7 @@ pub mod dispatch;
 pub mod error;
 pub mod experts;
 pub mod host;
+pub mod kernels;
 pub mod layer;
 pub mod parallel;
 pub mod router;

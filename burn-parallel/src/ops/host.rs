@@ -389,5 +389,5 @@ macro_rules! host_parallel_backend {
 
 #[cfg(feature = "flex")]
 host_parallel_backend!(burn::backend::Flex);
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 host_parallel_backend!(burn::backend::Cube);

@@ -27,7 +27,7 @@ pub enum GatherGrad {
 }
 
 /// Collectives on tensors with Megatron's conjugate autodiff rules.
-#[backend_extension(Flex: cfg(feature = "flex"), Cube: cfg(feature = "cuda"), Autodiff)]
+#[backend_extension(Flex: cfg(feature = "flex"), Cube: cfg(any(feature = "cuda", feature = "wgpu")), Autodiff)]
 pub trait ParallelBackend: Backend {
     /// All-reduce, not differentiable (the output is a constant for autodiff).
     fn coll_all_reduce(x: FloatTensor<Self>, group: GroupId, op: ReduceOp) -> FloatTensor<Self>;

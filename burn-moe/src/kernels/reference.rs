@@ -1,0 +1,189 @@
+//! The reference implementations: plain tensor operations (differentiable through Burn's own
+//! autodiff), used on backends without the kernels and as the kernels' test oracle.
+
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
+
+use crate::dispatch::permute::routing_permutation;
+use crate::error::Result;
+
+use super::RoutingIndex;
+
+/// Tokens per expert: column sums of the routing map.
+pub fn expert_counts(routing_map: Tensor<2, Bool>) -> Tensor<1, Int> {
+    let [_, e] = routing_map.dims();
+    routing_map.int().sum_dim(0).reshape([e])
+}
+
+/// The dropless dispatch order, computed on the host from the routing map.
+pub fn routing_index(routing_map: Tensor<2, Bool>) -> Result<RoutingIndex> {
+    let [t, e] = routing_map.dims();
+    let device = routing_map.device();
+    let (order, counts) = routing_permutation(routing_map)?;
+    let experts: Vec<i64> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(x, &n)| std::iter::repeat_n(x as i64, n))
+        .collect();
+    let token_of_row = Tensor::<1, Int>::from_data(order.as_slice(), &device);
+    let expert_of_row = Tensor::<1, Int>::from_data(experts.as_slice(), &device);
+    let row_map = row_map(token_of_row.clone(), expert_of_row.clone(), t, e);
+    Ok(RoutingIndex {
+        token_of_row,
+        expert_of_row,
+        row_map,
+        counts,
+    })
+}
+
+/// The row map: `-1` everywhere, then each row's index at its (token, expert) pair.
+pub fn row_map(
+    token_of_row: Tensor<1, Int>,
+    expert_of_row: Tensor<1, Int>,
+    tokens: usize,
+    experts: usize,
+) -> Tensor<2, Int> {
+    let device = token_of_row.device();
+    let [n] = token_of_row.dims();
+    let pairs = token_of_row.mul_scalar(experts as i64) + expert_of_row;
+    // Each pair occurs once: adding `r + 1` to `-1` writes `r`.
+    let rows = Tensor::<1, Int>::arange(1..n as i64 + 1, &device);
+    Tensor::<1, Int>::full([tokens * experts], -1, &device)
+        .select_assign(0, pairs, rows, IndexingUpdateOp::Add)
+        .reshape([tokens, experts])
+}
+
+/// `x.select(0, token_of_row)`.
+pub fn permute_tokens(x: Tensor<2>, token_of_row: Tensor<1, Int>) -> Tensor<2> {
+    x.select(0, token_of_row)
+}
+
+/// Scatter-add of the rows to their tokens.
+pub fn unpermute_tokens(y: Tensor<2>, token_of_row: Tensor<1, Int>, tokens: usize) -> Tensor<2> {
+    let [_, h] = y.dims();
+    let device = y.device();
+    Tensor::<2>::zeros([tokens, h], &device).select_assign(
+        0,
+        token_of_row,
+        y,
+        IndexingUpdateOp::Add,
+    )
+}
+
+/// `probs[token_of_row[r], expert_of_row[r]]` through a flat select.
+pub fn permute_probs(
+    probs: Tensor<2>,
+    token_of_row: Tensor<1, Int>,
+    expert_of_row: Tensor<1, Int>,
+) -> Tensor<1> {
+    let [t, e] = probs.dims();
+    let flat = token_of_row.mul_scalar(e as i64) + expert_of_row;
+    probs.reshape([t * e]).select(0, flat)
+}
+
+/// Slices the chunks and concatenates them in `order`.
+pub fn sort_chunks(x: Tensor<2>, split_sizes: &[usize], order: &[usize]) -> Tensor<2> {
+    let [n, h] = x.dims();
+    let mut starts = Vec::with_capacity(split_sizes.len());
+    let mut acc = 0;
+    for &s in split_sizes {
+        starts.push(acc);
+        acc += s;
+    }
+    let chunks: Vec<Tensor<2>> = order
+        .iter()
+        .filter(|&&c| split_sizes[c] > 0)
+        .map(|&c| {
+            x.clone()
+                .slice([starts[c]..starts[c] + split_sizes[c], 0..h])
+        })
+        .collect();
+    if chunks.is_empty() {
+        return x.slice([0..n, 0..h]);
+    }
+    Tensor::cat(chunks, 0)
+}
+
+/// Group `g`'s rows.
+fn group_rows(counts: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut start = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let r = start..start + c;
+            start += c;
+            r
+        })
+        .collect()
+}
+
+fn weight(w: &Tensor<3>, g: usize) -> Tensor<2> {
+    let [_, k, m] = w.dims();
+    w.clone().slice([g..g + 1, 0..k, 0..m]).reshape([k, m])
+}
+
+/// One matmul per non-empty group, concatenated.
+pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Tensor<2> {
+    let [n, k] = x.dims();
+    let m = w.dims()[2];
+    let outs: Vec<Tensor<2>> = group_rows(counts)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(g, r)| x.clone().slice([r, 0..k]).matmul(weight(&w, g)))
+        .collect();
+    if outs.is_empty() {
+        // No rows: an empty product that keeps the output in the autodiff graph.
+        return match counts.len() {
+            0 => Tensor::zeros([n, m], &x.device()),
+            _ => x.matmul(weight(&w, 0)),
+        };
+    }
+    Tensor::cat(outs, 0)
+}
+
+/// One `y_g · w[g]ᵀ` per non-empty group, concatenated.
+pub fn grouped_matmul_nt(y: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Tensor<2> {
+    let [n, m] = y.dims();
+    let k = w.dims()[1];
+    let outs: Vec<Tensor<2>> = group_rows(counts)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(g, r)| y.clone().slice([r, 0..m]).matmul(weight(&w, g).transpose()))
+        .collect();
+    if outs.is_empty() {
+        return match counts.len() {
+            0 => Tensor::zeros([n, k], &y.device()),
+            _ => y.matmul(weight(&w, 0).transpose()),
+        };
+    }
+    Tensor::cat(outs, 0)
+}
+
+/// `x_gᵀ · y_g` per group (zeros for empty groups), stacked.
+pub fn grouped_matmul_tn(x: Tensor<2>, y: Tensor<2>, counts: &[usize]) -> Tensor<3> {
+    let [_, k] = x.dims();
+    let [_, m] = y.dims();
+    let device = x.device();
+    let outs: Vec<Tensor<3>> = group_rows(counts)
+        .into_iter()
+        .map(|r| {
+            if r.is_empty() {
+                // Zeros that stay in the autodiff graph of `x` (an empty product).
+                x.clone()
+                    .slice([0..0, 0..k])
+                    .transpose()
+                    .matmul(y.clone().slice([0..0, 0..m]))
+                    .reshape([1, k, m])
+            } else {
+                let xg = x.clone().slice([r.clone(), 0..k]);
+                let yg = y.clone().slice([r, 0..m]);
+                xg.transpose().matmul(yg).reshape([1, k, m])
+            }
+        })
+        .collect();
+    if outs.is_empty() {
+        return Tensor::zeros([0, k, m], &device);
+    }
+    Tensor::cat(outs, 0)
+}

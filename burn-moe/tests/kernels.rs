@@ -1,0 +1,464 @@
+//! The dispatch and grouped-GEMM operations of `burn_moe::kernels` on every runtime this build
+//! has: outputs against plain host loops, gradients against Burn's own autodiff of the
+//! reference implementation on Flex, bit-identical repeats, and argument errors.
+//!
+//! Flex always runs (reference path); with `--features wgpu` the CubeCL kernels run on the
+//! default wgpu adapter (Mesa's lavapipe on a machine without a GPU); `BURN_TEST_DEVICE=cuda`
+//! with `--features cuda` adds the first CUDA device.
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn_moe::MoeError;
+use burn_moe::host::{read_f32, read_i64};
+use burn_moe::kernels::{self, reference};
+
+/// (name, device) of every backend to test.
+fn devices() -> Vec<(&'static str, Device)> {
+    #[allow(unused_mut)]
+    let mut out = vec![("flex", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    out.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    #[cfg(feature = "cuda")]
+    if std::env::var("BURN_TEST_DEVICE").as_deref() == Ok("cuda") {
+        out.push((
+            "cuda",
+            burn_moe::backend::device(burn_moe::backend::BackendKind::Cuda)
+                .unwrap_or_else(|e| panic!("BURN_TEST_DEVICE=cuda: {e}")),
+        ));
+    }
+    out
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn float<const D: usize>(v: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+}
+
+/// A top-k routing mask `[T, E]` with uneven loads; experts in `empty` get no token.
+fn routing(t: usize, e: usize, k: usize, empty: &[usize], seed: u64) -> Vec<bool> {
+    let scores = values(t * e, seed);
+    let mut mask = vec![false; t * e];
+    for tok in 0..t {
+        let mut order: Vec<usize> = (0..e).filter(|x| !empty.contains(x)).collect();
+        // Skew: low-numbered experts are preferred, so loads are uneven.
+        order.sort_by(|&a, &b| {
+            let sa = scores[tok * e + a] + 0.3 / (a + 1) as f32;
+            let sb = scores[tok * e + b] + 0.3 / (b + 1) as f32;
+            sb.total_cmp(&sa)
+        });
+        for &x in order.iter().take(k) {
+            mask[tok * e + x] = true;
+        }
+    }
+    mask
+}
+
+fn mask_tensor(mask: &[bool], t: usize, e: usize, device: &Device) -> Tensor<2, Bool> {
+    Tensor::from_data(TensorData::new(mask.to_vec(), [t, e]), device)
+}
+
+/// Host oracle of the dispatch order: (token of row, expert of row, counts, row map).
+fn oracle_index(mask: &[bool], t: usize, e: usize) -> (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) {
+    let (mut tokens, mut experts, mut counts) = (vec![], vec![], vec![0i64; e]);
+    let mut row_map = vec![-1i64; t * e];
+    for x in 0..e {
+        for tok in 0..t {
+            if mask[tok * e + x] {
+                row_map[tok * e + x] = tokens.len() as i64;
+                tokens.push(tok as i64);
+                experts.push(x as i64);
+                counts[x] += 1;
+            }
+        }
+    }
+    (tokens, experts, counts, row_map)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+/// Routing cases: (tokens, experts, top-k, experts with no token).
+const ROUTING_CASES: &[(usize, usize, usize, &[usize])] = &[
+    (1, 4, 1, &[]),
+    (1, 8, 2, &[]),
+    (37, 8, 2, &[3]),
+    (32, 8, 2, &[]),
+    (32, 16, 4, &[0, 15]),
+    (24, 4, 1, &[]),
+    (300, 16, 4, &[5]),
+    (700, 5, 1, &[2, 4]),
+];
+
+#[test]
+fn routing_index_and_counts_match_host_loops() {
+    for (name, device) in devices() {
+        assert_eq!(
+            kernels::kernels_available(&device),
+            name != "flex",
+            "{name}: the kernels run on CubeCL devices only"
+        );
+        assert_eq!(
+            kernels::kernels_available(&device.clone().autodiff()),
+            name != "flex"
+        );
+        for (case, &(t, e, k, empty)) in ROUTING_CASES.iter().enumerate() {
+            let mask = routing(t, e, k, empty, case as u64);
+            let (tokens, experts, counts, map) = oracle_index(&mask, t, e);
+            let what = format!("{name} T={t} E={e} k={k}");
+            let got_counts = read_i64(
+                kernels::expert_counts(mask_tensor(&mask, t, e, &device)),
+                "counts",
+            )
+            .unwrap();
+            assert_eq!(got_counts, counts, "{what}: expert_counts");
+            let index = kernels::routing_index(mask_tensor(&mask, t, e, &device)).unwrap();
+            assert_eq!(
+                index.counts,
+                counts.iter().map(|&c| c as usize).collect::<Vec<_>>(),
+                "{what}: counts"
+            );
+            assert_eq!(
+                read_i64(index.token_of_row.clone(), "").unwrap(),
+                tokens,
+                "{what}"
+            );
+            assert_eq!(
+                read_i64(index.expert_of_row.clone(), "").unwrap(),
+                experts,
+                "{what}"
+            );
+            assert_eq!(read_i64(index.row_map, "").unwrap(), map, "{what}: row map");
+            let rebuilt = kernels::row_map(index.token_of_row, index.expert_of_row, t, e);
+            assert_eq!(read_i64(rebuilt, "").unwrap(), map, "{what}: row_map()");
+        }
+    }
+}
+
+/// permute → scale by probs → unpermute, on `device`: outputs and the gradients of
+/// `Σ y·g + Σ p·c` with respect to x and probs.
+fn dispatch_round_trip(
+    device: &Device,
+    mask: &[bool],
+    t: usize,
+    e: usize,
+    h: usize,
+) -> [Vec<f32>; 5] {
+    let device = device.clone().autodiff();
+    let x = float(&values(t * h, 11), [t, h], &device).require_grad();
+    let probs = float(&values(t * e, 12), [t, e], &device).require_grad();
+    let index = kernels::routing_index(mask_tensor(mask, t, e, &device)).unwrap();
+    let n = index.counts.iter().sum::<usize>();
+    let xp = kernels::permute_tokens(x.clone(), index.token_of_row.clone(), index.row_map.clone());
+    let pp = kernels::permute_probs(
+        probs.clone(),
+        index.token_of_row.clone(),
+        index.expert_of_row.clone(),
+        index.row_map.clone(),
+    );
+    let scaled = xp.clone() * pp.clone().reshape([n, 1]);
+    let y = kernels::unpermute_tokens(scaled, index.token_of_row, index.row_map);
+    let g = float(&values(t * h, 13), [t, h], &device);
+    let c = float(&values(n, 14), [n], &device);
+    let loss = (y.clone() * g).sum() + (pp.clone() * c).sum();
+    let grads = loss.backward();
+    [
+        read_f32(xp, "xp").unwrap(),
+        read_f32(pp, "pp").unwrap(),
+        read_f32(y, "y").unwrap(),
+        read_f32(x.grad(&grads).expect("x grad"), "dx").unwrap(),
+        read_f32(probs.grad(&grads).expect("probs grad"), "dprobs").unwrap(),
+    ]
+}
+
+#[test]
+fn permute_and_unpermute_outputs_and_gradients() {
+    let h = 24;
+    for (case, &(t, e, k, empty)) in ROUTING_CASES.iter().enumerate() {
+        let mask = routing(t, e, k, empty, 100 + case as u64);
+        let (tokens, experts, _, _) = oracle_index(&mask, t, e);
+        let x = values(t * h, 11);
+        let probs = values(t * e, 12);
+        // Host oracle of the forward values.
+        let xp: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&tok| x[tok as usize * h..(tok as usize + 1) * h].to_vec())
+            .collect();
+        let pp: Vec<f32> = tokens
+            .iter()
+            .zip(&experts)
+            .map(|(&tok, &ex)| probs[tok as usize * e + ex as usize])
+            .collect();
+        let mut y = vec![0f32; t * h];
+        for (r, &tok) in tokens.iter().enumerate() {
+            for j in 0..h {
+                y[tok as usize * h + j] += xp[r * h + j] * pp[r];
+            }
+        }
+        let flex = dispatch_round_trip(&Device::flex(), &mask, t, e, h);
+        for (name, device) in devices() {
+            let got = dispatch_round_trip(&device, &mask, t, e, h);
+            let what = format!("{name} T={t} E={e} k={k}");
+            assert_close(&format!("{what} permuted tokens"), &got[0], &xp, 0.0);
+            assert_close(&format!("{what} permuted probs"), &got[1], &pp, 0.0);
+            assert_close(&format!("{what} unpermuted"), &got[2], &y, 1e-6);
+            assert_close(&format!("{what} dx"), &got[3], &flex[3], 1e-5);
+            assert_close(&format!("{what} dprobs"), &got[4], &flex[4], 1e-5);
+        }
+    }
+}
+
+#[test]
+fn sort_chunks_output_and_gradient() {
+    let h = 5;
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[2, 0, 3, 1], &[2, 0, 3, 1]),
+        (&[1], &[0]),
+        (&[4, 4, 0, 7, 1, 2], &[0, 3, 1, 4, 2, 5]),
+    ];
+    for (name, device) in devices() {
+        for &(sizes, order) in cases {
+            let n: usize = sizes.iter().sum();
+            let data = values(n * h, 21);
+            let mut starts = vec![0];
+            for s in sizes {
+                starts.push(starts.last().unwrap() + s);
+            }
+            let want: Vec<f32> = order
+                .iter()
+                .flat_map(|&c| data[starts[c] * h..starts[c + 1] * h].to_vec())
+                .collect();
+            let ad = device.clone().autodiff();
+            let x = float(&data, [n, h], &ad).require_grad();
+            let sorted = kernels::sort_chunks(x.clone(), sizes, order).unwrap();
+            let g = values(n * h, 22);
+            let loss = (sorted.clone() * float(&g, [n, h], &ad)).sum();
+            let grads = loss.backward();
+            assert_close(
+                &format!("{name} sort_chunks {sizes:?} {order:?}"),
+                &read_f32(sorted, "").unwrap(),
+                &want,
+                0.0,
+            );
+            // The gradient is g moved back: row i of the output came from input row src(i).
+            let src: Vec<usize> = order
+                .iter()
+                .flat_map(|&c| starts[c]..starts[c + 1])
+                .collect();
+            let mut dx = vec![0f32; n * h];
+            for (i, &s) in src.iter().enumerate() {
+                dx[s * h..(s + 1) * h].copy_from_slice(&g[i * h..(i + 1) * h]);
+            }
+            assert_close(
+                &format!("{name} sort_chunks grad"),
+                &read_f32(x.grad(&grads).unwrap(), "").unwrap(),
+                &dx,
+                0.0,
+            );
+        }
+    }
+}
+
+/// Grouped-GEMM cases: (counts, K, M).
+const GEMM_CASES: &[(&[usize], usize, usize)] = &[
+    (&[1], 16, 24),
+    (&[0, 5, 130, 1, 0, 64], 24, 40),
+    (&[3, 0, 0], 70, 9),
+    (&[7, 9, 4, 12, 0, 2, 6, 8], 16, 48),
+    (&[65, 63], 33, 130),
+    (&[0, 0], 8, 8),
+];
+
+/// x·w grouped, then y = out, loss = Σ out·g: output, dx, dw.
+fn gemm_round_trip(device: &Device, counts: &[usize], k: usize, m: usize) -> [Vec<f32>; 3] {
+    let device = device.clone().autodiff();
+    let n: usize = counts.iter().sum();
+    let gn = counts.len();
+    let x = float(&values(n * k, 31), [n, k], &device).require_grad();
+    let w = float(&values(gn * k * m, 32), [gn, k, m], &device).require_grad();
+    let out = kernels::grouped_matmul(x.clone(), w.clone(), counts).unwrap();
+    let g = float(&values(n * m, 33), [n, m], &device);
+    let grads = (out.clone() * g).sum().backward();
+    let dx = x.grad(&grads).map(|t| read_f32(t, "").unwrap());
+    [
+        read_f32(out, "").unwrap(),
+        dx.unwrap_or_else(|| vec![0.0; n * k]),
+        read_f32(w.grad(&grads).expect("w grad"), "").unwrap(),
+    ]
+}
+
+fn host_gemm(counts: &[usize], k: usize, m: usize) -> Vec<f32> {
+    let n: usize = counts.iter().sum();
+    let x = values(n * k, 31);
+    let w = values(counts.len() * k * m, 32);
+    let mut out = vec![0f32; n * m];
+    let mut row = 0;
+    for (g, &c) in counts.iter().enumerate() {
+        for r in row..row + c {
+            for j in 0..m {
+                out[r * m + j] = (0..k)
+                    .map(|q| x[r * k + q] * w[g * k * m + q * m + j])
+                    .sum();
+            }
+        }
+        row += c;
+    }
+    out
+}
+
+#[test]
+fn grouped_matmul_outputs_and_gradients() {
+    for &(counts, k, m) in GEMM_CASES {
+        let want = host_gemm(counts, k, m);
+        let flex = gemm_round_trip(&Device::flex(), counts, k, m);
+        for (name, device) in devices() {
+            let got = gemm_round_trip(&device, counts, k, m);
+            let what = format!("{name} counts={counts:?} K={k} M={m}");
+            assert_close(&format!("{what} output"), &got[0], &want, 1e-5);
+            assert_close(&format!("{what} dx"), &got[1], &flex[1], 1e-5);
+            assert_close(&format!("{what} dw"), &got[2], &flex[2], 1e-5);
+        }
+    }
+}
+
+#[test]
+fn grouped_matmul_transposed_layouts_match_the_reference() {
+    for &(counts, k, m) in GEMM_CASES {
+        let n: usize = counts.iter().sum();
+        let gn = counts.len();
+        let (yv, wv, xv) = (values(n * m, 41), values(gn * k * m, 42), values(n * k, 43));
+        let flex = Device::flex();
+        let nt_want = read_f32(
+            reference::grouped_matmul_nt(
+                float(&yv, [n, m], &flex),
+                float(&wv, [gn, k, m], &flex),
+                counts,
+            ),
+            "",
+        )
+        .unwrap();
+        let tn_want = read_f32(
+            reference::grouped_matmul_tn(
+                float(&xv, [n, k], &flex),
+                float(&yv, [n, m], &flex),
+                counts,
+            ),
+            "",
+        )
+        .unwrap();
+        for (name, device) in devices() {
+            let nt = kernels::grouped_matmul_nt(
+                float(&yv, [n, m], &device),
+                float(&wv, [gn, k, m], &device),
+                counts,
+            )
+            .unwrap();
+            let tn = kernels::grouped_matmul_tn(
+                float(&xv, [n, k], &device),
+                float(&yv, [n, m], &device),
+                counts,
+            )
+            .unwrap();
+            let what = format!("{name} counts={counts:?} K={k} M={m}");
+            assert_close(
+                &format!("{what} NT"),
+                &read_f32(nt, "").unwrap(),
+                &nt_want,
+                1e-5,
+            );
+            assert_close(
+                &format!("{what} TN"),
+                &read_f32(tn, "").unwrap(),
+                &tn_want,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn repeated_runs_are_bit_identical() {
+    let (t, e, k, h) = (300, 16, 4, 24);
+    let mask = routing(t, e, k, &[5], 7);
+    for (name, device) in devices() {
+        let a = dispatch_round_trip(&device, &mask, t, e, h);
+        let b = dispatch_round_trip(&device, &mask, t, e, h);
+        let bits =
+            |v: &[Vec<f32>]| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+        assert_eq!(
+            bits(&a),
+            bits(&b),
+            "{name}: dispatch round trip differs between runs"
+        );
+        let counts = [0, 5, 130, 1, 0, 64];
+        let a = gemm_round_trip(&device, &counts, 24, 40);
+        let b = gemm_round_trip(&device, &counts, 24, 40);
+        assert_eq!(
+            bits(&a),
+            bits(&b),
+            "{name}: grouped GEMM differs between runs"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_name_the_argument() {
+    let device = Device::flex();
+    let x = float(&values(12, 1), [4, 3], &device);
+    let w = float(&values(2 * 3 * 5, 2), [2, 3, 5], &device);
+    let err = kernels::grouped_matmul(x.clone(), w.clone(), &[1, 2]).unwrap_err();
+    assert!(
+        matches!(err, MoeError::InvalidArgument { name: "counts", .. }),
+        "{err}"
+    );
+    let err = kernels::grouped_matmul(x.clone(), w, &[1, 2, 1]).unwrap_err();
+    assert!(
+        matches!(err, MoeError::InvalidArgument { name: "counts", .. }),
+        "{err}"
+    );
+    let w_bad = float(&values(2 * 4 * 5, 2), [2, 4, 5], &device);
+    let err = kernels::grouped_matmul(x.clone(), w_bad, &[2, 2]).unwrap_err();
+    assert!(
+        matches!(err, MoeError::ShapeMismatch { name: "w", .. }),
+        "{err}"
+    );
+    let err = kernels::sort_chunks(x.clone(), &[2, 2], &[0, 0]).unwrap_err();
+    assert!(
+        matches!(err, MoeError::InvalidArgument { name: "order", .. }),
+        "{err}"
+    );
+    let err = kernels::sort_chunks(x, &[2, 1], &[1, 0]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MoeError::InvalidArgument {
+                name: "split_sizes",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let _: Tensor<1, Int> = kernels::expert_counts(mask_tensor(&[true, false], 1, 2, &device));
+}
