@@ -16,15 +16,32 @@ fn golden_dir() -> PathBuf {
     }
 }
 
-/// The backend the cases run on: Flex by default; `BURN_TEST_DEVICE=cuda` runs them on the
-/// first CUDA device when the crate is built with the `cuda` feature.
+/// The backend the cases run on: Flex by default; `BURN_TEST_DEVICE=wgpu` (with `--features
+/// wgpu`) runs them on the default wgpu adapter with the MoE kernels, `BURN_TEST_DEVICE=cuda`
+/// (with `--features cuda`) on the first CUDA device.
 fn device() -> Device {
     let base = match std::env::var("BURN_TEST_DEVICE").as_deref() {
         Ok("cuda") => cuda_device(),
+        Ok("wgpu") => wgpu_device(),
         Ok("flex") | Err(_) => Device::flex(),
-        Ok(other) => panic!("BURN_TEST_DEVICE={other}: use flex or cuda"),
+        Ok(other) => panic!("BURN_TEST_DEVICE={other}: use flex, wgpu or cuda"),
     };
     base.autodiff()
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> Device {
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    assert!(
+        burn_moe::kernels::kernels_available(&device),
+        "the wgpu device should run the MoE kernels"
+    );
+    device
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device() -> Device {
+    panic!("BURN_TEST_DEVICE=wgpu needs `--features wgpu`")
 }
 
 fn cuda_device() -> Device {
@@ -518,12 +535,17 @@ fn golden_router_and_moe_layer_cases() {
         let result = if case.kind == "router" {
             run_router_case(&case.json)
         } else {
-            [ExpertsCompute::Sequential, ExpertsCompute::Batched]
-                .into_iter()
-                .try_for_each(|compute| {
-                    run_layer_case(&case.json, compute)
-                        .map_err(|e| format!("[{compute:?} experts] {e}"))
-                })
+            [
+                ExpertsCompute::Sequential,
+                ExpertsCompute::Batched,
+                ExpertsCompute::Auto,
+                ExpertsCompute::Grouped,
+            ]
+            .into_iter()
+            .try_for_each(|compute| {
+                run_layer_case(&case.json, compute)
+                    .map_err(|e| format!("[{compute:?} experts] {e}"))
+            })
         };
         match result {
             Ok(()) => {

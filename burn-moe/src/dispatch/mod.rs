@@ -30,6 +30,9 @@ pub struct DispatchStats {
 pub struct DispatchPlan {
     /// Token index of each dispatched row, `[N]`.
     pub sorted_indices: Tensor<1, Int>,
+    /// Row of each (token, local expert) pair (`-1` if not routed), on devices that run the
+    /// MoE kernels.
+    pub row_map: Option<Tensor<2, Int>>,
     /// Number of tokens before dispatch.
     pub num_tokens: usize,
     /// Cross-rank exchange to undo (expert-parallel dispatchers).
@@ -112,18 +115,14 @@ impl TokenDispatcher for LocalDispatcher {
         let [t, _] = hidden.dims();
         check_routing_shapes(t, &probs, &routing_map)?;
         let local = permute::local_permutation(routing_map, capacity)?;
-        let (tokens, probs) = permute::permute(
-            hidden,
-            probs,
-            local.sorted_indices.clone(),
-            local.expert_of_row,
-        );
+        let (tokens, probs) = permute::permute(hidden, probs, &local);
         Ok(Dispatched {
             tokens,
             probs,
             tokens_per_expert: local.counts,
             plan: DispatchPlan {
                 sorted_indices: local.sorted_indices,
+                row_map: local.row_map,
                 num_tokens: t,
                 exchange: None,
                 stats: DispatchStats {
@@ -139,7 +138,12 @@ impl TokenDispatcher for LocalDispatcher {
         expert_output: Tensor<2>,
         plan: DispatchPlan,
     ) -> Result<(Tensor<2>, DispatchStats)> {
-        let out = permute::unpermute(expert_output, plan.sorted_indices, plan.num_tokens);
+        let out = permute::unpermute(
+            expert_output,
+            plan.sorted_indices,
+            plan.row_map,
+            plan.num_tokens,
+        );
         Ok((out, plan.stats))
     }
 }

@@ -220,12 +220,7 @@ impl TokenDispatcher for AllGatherDispatcher {
         let local_map = map.slice([0..gathered, local.clone()]);
         let local_probs = probs.slice([0..gathered, local]);
         let perm = local_permutation(local_map, capacity.map(|c| c.min(t) * g.size()))?;
-        let (tokens, probs) = permute::permute(
-            hidden,
-            local_probs,
-            perm.sorted_indices.clone(),
-            perm.expert_of_row,
-        );
+        let (tokens, probs) = permute::permute(hidden, local_probs, &perm);
         let peers = (g.size() - 1) as u64;
         // Hidden rows, probs and map (as f32) go to every peer.
         let per_token = bytes + 2 * (e * 4) as u64;
@@ -240,6 +235,7 @@ impl TokenDispatcher for AllGatherDispatcher {
             tokens_per_expert: perm.counts,
             plan: DispatchPlan {
                 sorted_indices: perm.sorted_indices,
+                row_map: perm.row_map,
                 num_tokens: gathered,
                 exchange: Some(Exchange {
                     kind: ExchangeKind::AllGather { local: t, gathered },
@@ -264,7 +260,12 @@ impl TokenDispatcher for AllGatherDispatcher {
         else {
             return Err(invalid("plan", "was not made by the all-gather dispatcher"));
         };
-        let out = permute::unpermute(expert_output, plan.sorted_indices, plan.num_tokens) + carrier;
+        let out = permute::unpermute(
+            expert_output,
+            plan.sorted_indices,
+            plan.row_map,
+            plan.num_tokens,
+        ) + carrier;
         let out = mappings::reduce_scatter_to_sequence_region(out, &self.groups.tp_ep)?;
         let mut stats = plan.stats;
         stats.bytes_sent += (gathered - local) as u64 * row_bytes;
@@ -326,12 +327,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         let (n_ep, n_etp, me, my_j) = (ep.size(), etp.size(), ep.rank(), etp.rank());
         let bytes = row_bytes(&hidden);
         let perm = local_permutation(routing_map, capacity)?;
-        let (tokens, probs) = permute::permute(
-            hidden,
-            probs,
-            perm.sorted_indices.clone(),
-            perm.expert_of_row,
-        );
+        let (tokens, probs) = permute::permute(hidden, probs, &perm);
         // counts[q][e]: rows of ETP×EP rank q (= p·etp + j) for expert e.
         let counts = match capacity {
             Some(c) => vec![vec![c.min(t); e]; n_ep * n_etp],
@@ -436,6 +432,7 @@ impl TokenDispatcher for AllToAllDispatcher {
             tokens_per_expert,
             plan: DispatchPlan {
                 sorted_indices: perm.sorted_indices,
+                row_map: perm.row_map,
                 num_tokens: t,
                 exchange: Some(Exchange {
                     kind: ExchangeKind::AllToAll {
@@ -509,7 +506,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         let sent: usize = ep_send.iter().sum();
         let my_carrier: usize = ep_send[..=me].iter().sum();
         let out = take(out, &without_row(sent + 1, my_carrier));
-        let out = permute::unpermute(out, plan.sorted_indices, plan.num_tokens);
+        let out = permute::unpermute(out, plan.sorted_indices, plan.row_map, plan.num_tokens);
         Ok((out, stats))
     }
 }

@@ -1,10 +1,12 @@
-//! Reference token permutation (plain tensor ops): group tokens expert-major and scatter them
-//! back. These are the definitions the CubeCL kernels are tested against.
+//! Token permutation: group tokens expert-major and scatter them back. On devices whose
+//! backend runs the MoE kernels (see [`crate::kernels`]) the index computation, the gathers and
+//! the deterministic scatter-add are CubeCL kernels; elsewhere they are plain tensor ops.
 
-use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 use crate::error::Result;
 use crate::host;
+use crate::kernels;
 
 /// The dispatch order of a routing map `[T, E]`: token indices grouped expert-major, ascending
 /// token index within an expert, and the number of tokens per expert.
@@ -47,6 +49,9 @@ pub struct LocalPermutation {
     pub counts: Vec<usize>,
     /// Device-to-host synchronisations it took (1 dropless, 0 padded).
     pub host_syncs: usize,
+    /// Row of each (token, expert) pair, `-1` if not routed, `[T, E]`: present on devices that
+    /// run the MoE kernels (their unpermute reads it instead of scattering).
+    pub row_map: Option<Tensor<2, Int>>,
 }
 
 /// The dispatch order of a routing map `[T, E]`. Dropless (`capacity = None`) reads the map
@@ -59,7 +64,18 @@ pub fn local_permutation(
 ) -> Result<LocalPermutation> {
     let [t, e] = routing_map.dims();
     let device = routing_map.device();
+    let with_kernels = kernels::kernels_available(&device);
     match capacity {
+        None if with_kernels => {
+            let index = kernels::routing_index(routing_map)?;
+            Ok(LocalPermutation {
+                sorted_indices: index.token_of_row,
+                expert_of_row: index.expert_of_row,
+                counts: index.counts,
+                host_syncs: 1,
+                row_map: Some(index.row_map),
+            })
+        }
         None => {
             let (order, counts) = routing_permutation(routing_map)?;
             let expert_of_row: Vec<i64> = counts
@@ -72,6 +88,7 @@ pub fn local_permutation(
                 expert_of_row: Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device),
                 counts,
                 host_syncs: 1,
+                row_map: None,
             })
         }
         Some(c) => {
@@ -85,48 +102,59 @@ pub fn local_permutation(
             let sorted_indices = if rows == 0 {
                 Tensor::<1, Int>::empty([0], &device)
             } else {
-                score.transpose().argtopk(rows, 1).reshape([e * rows])
+                crate::router::select::argtopk_rows(score.transpose(), rows).reshape([e * rows])
             };
             let expert_of_row: Vec<i64> = (0..e)
                 .flat_map(|x| std::iter::repeat_n(x as i64, rows))
                 .collect();
+            let expert_of_row = Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device);
+            let row_map = with_kernels
+                .then(|| kernels::row_map(sorted_indices.clone(), expert_of_row.clone(), t, e));
             Ok(LocalPermutation {
                 sorted_indices,
-                expert_of_row: Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device),
+                expert_of_row,
                 counts: vec![rows; e],
                 host_syncs: 0,
+                row_map,
             })
         }
     }
 }
 
-/// Rows of `tokens` `[T, H]` in dispatch order: `[N, H]`, and the matching probabilities `[N]`
-/// taken from `probs` `[T, E]` (`expert_of_row[i]` is the expert of row `i`).
+/// Rows of `tokens` `[T, H]` in the dispatch order of `perm`: `[N, H]`, and the matching
+/// probabilities `[N]` taken from `probs` `[T, E]`.
 pub fn permute(
     tokens: Tensor<2>,
     probs: Tensor<2>,
-    sorted_indices: Tensor<1, Int>,
-    expert_of_row: Tensor<1, Int>,
+    perm: &LocalPermutation,
 ) -> (Tensor<2>, Tensor<1>) {
-    let [t, e] = probs.dims();
-    let permuted = tokens.select(0, sorted_indices.clone());
-    let flat = expert_of_row.mul_scalar(t as i64) + sorted_indices;
-    let permuted_probs = probs.transpose().reshape([t * e]).select(0, flat);
-    (permuted, permuted_probs)
+    let sorted = perm.sorted_indices.clone();
+    let experts = perm.expert_of_row.clone();
+    match &perm.row_map {
+        Some(map) => (
+            kernels::permute_tokens(tokens, sorted.clone(), map.clone()),
+            kernels::permute_probs(probs, sorted, experts, map.clone()),
+        ),
+        None => {
+            let [t, e] = probs.dims();
+            let permuted = tokens.select(0, sorted.clone());
+            let flat = experts.mul_scalar(t as i64) + sorted;
+            let permuted_probs = probs.transpose().reshape([t * e]).select(0, flat);
+            (permuted, permuted_probs)
+        }
+    }
 }
 
-/// Scatter-adds rows `[N, H]` back to their tokens: `[num_tokens, H]`.
+/// Sums rows `[N, H]` back to their tokens: `[num_tokens, H]` (with the kernels when a row map
+/// is given: a deterministic per-token sum in expert order).
 pub fn unpermute(
     permuted: Tensor<2>,
     sorted_indices: Tensor<1, Int>,
+    row_map: Option<Tensor<2, Int>>,
     num_tokens: usize,
 ) -> Tensor<2> {
-    let [_, h] = permuted.dims();
-    let device = permuted.device();
-    Tensor::<2>::zeros([num_tokens, h], &device).select_assign(
-        0,
-        sorted_indices,
-        permuted,
-        IndexingUpdateOp::Add,
-    )
+    match row_map {
+        Some(map) => kernels::unpermute_tokens(permuted, sorted_indices, map),
+        None => kernels::reference::unpermute_tokens(permuted, sorted_indices, num_tokens),
+    }
 }

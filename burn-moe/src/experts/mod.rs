@@ -46,19 +46,34 @@ impl Activation {
                 let up = h.slice([0..n, f..w]);
                 activation::silu(gate) * up
             }
-            Activation::Gelu => activation::gelu(h),
+            Activation::Gelu => gelu_erf(h),
             Activation::Silu => activation::silu(h),
             Activation::Relu => activation::relu(h),
         }
     }
 }
 
+/// Exact (erf) GELU from differentiable primitives, `x · (1 + erf(x / √2)) / 2`. Burn 0.22.1's
+/// CubeCL backend differentiates its fused `gelu` with the tanh approximation's derivative
+/// (a relative error near 2·10⁻⁴ in the input gradient, outside Megatron-Core's golden
+/// tolerance); through `erf` the gradient is the exact one on every backend.
+fn gelu_erf(x: Tensor<2>) -> Tensor<2> {
+    x.clone()
+        .mul(x.div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0))
+        .div_scalar(2.0)
+}
+
 /// How the experts compute their groups.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum ExpertsCompute {
-    /// Batched when every expert has the same number of tokens (drop-and-pad), sequential
-    /// otherwise.
+    /// The grouped-GEMM kernel on devices that run the MoE kernels (see [`crate::kernels`]);
+    /// elsewhere batched when every expert has the same number of tokens (drop-and-pad),
+    /// sequential otherwise.
     Auto,
+    /// One grouped GEMM per projection over all experts ([`crate::kernels::grouped_matmul`]:
+    /// a single kernel launch, no padding, where the kernels run; one matmul per group
+    /// elsewhere).
+    Grouped,
     /// One pair of matmuls per non-empty expert (the reference).
     Sequential,
     /// Groups padded to the largest one and computed with two batched matmuls.
@@ -249,7 +264,12 @@ impl Experts {
         }
         let probs = probs.reshape([n, 1]);
         let uniform = tokens_per_expert.windows(2).all(|w| w[0] == w[1]);
+        let kernels = crate::kernels::kernels_available(&tokens.device());
         match cfg.compute {
+            ExpertsCompute::Grouped => self.forward_grouped(tokens, tokens_per_expert, probs),
+            ExpertsCompute::Auto if kernels => {
+                self.forward_grouped(tokens, tokens_per_expert, probs)
+            }
             ExpertsCompute::Sequential => {
                 Ok(self.forward_sequential(tokens, tokens_per_expert, probs))
             }
@@ -259,6 +279,18 @@ impl Experts {
             }
             ExpertsCompute::Auto => Ok(self.forward_sequential(tokens, tokens_per_expert, probs)),
         }
+    }
+
+    /// Two grouped GEMMs over all experts.
+    fn forward_grouped(
+        &self,
+        tokens: Tensor<2>,
+        counts: &[usize],
+        probs: Tensor<2>,
+    ) -> Result<Tensor<2>> {
+        let hidden = crate::kernels::grouped_matmul(tokens, self.w1.val(), counts)?;
+        let act = self.config.activation.apply(hidden) * probs;
+        crate::kernels::grouped_matmul(act, self.w2.val(), counts)
     }
 
     /// The reference: one pair of matmuls per non-empty expert.

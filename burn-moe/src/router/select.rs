@@ -21,6 +21,14 @@ pub fn mask_from_indices(indices: Tensor<2, Int>, num_experts: usize) -> Tensor<
     )
 }
 
+/// `x.argtopk(k, 1)` on a row-major copy of `x`. Burn 0.22.1's CubeCL `argtopk` ignores the
+/// strides of a non-contiguous input (a transposed view gives wrong indices on wgpu); the
+/// reshape through one dimension makes the copy on every backend.
+pub(crate) fn argtopk_rows(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
+    let [a, b] = x.dims();
+    x.reshape([a * b]).reshape([a, b]).argtopk(k, 1)
+}
+
 /// Indices `[T, k]` of the `k` largest scores per token, optionally restricted to the best
 /// `group_topk` of `num_groups` expert groups (a group scores the sum of its top `k/group_topk`).
 pub fn topk_indices(scores: Tensor<2>, k: usize, groups: Option<(usize, usize)>) -> Tensor<2, Int> {
@@ -73,7 +81,7 @@ pub fn capacity_mask(
     match policy {
         DropPolicy::Probs => {
             // [E, T]: per expert, the `capacity` highest probabilities.
-            let idx = probs.detach().transpose().argtopk(capacity, 1);
+            let idx = argtopk_rows(probs.detach().transpose(), capacity);
             Tensor::<2>::zeros([e, t], &device)
                 .scatter(
                     1,
