@@ -37,3 +37,23 @@ pub fn layer_and_input(
     );
     Ok((layer, x))
 }
+
+/// The devices whose backend runs the MoE kernels in this build: the default wgpu adapter
+/// (feature `wgpu`) and the first CUDA device (feature `cuda`, when a GPU is present).
+pub fn kernel_devices() -> Result<Vec<(&'static str, Device)>, MoeError> {
+    #[allow(unused_mut)]
+    let mut out = Vec::new();
+    #[cfg(feature = "wgpu")]
+    out.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    #[cfg(feature = "cuda")]
+    if burn_moe::backend::cuda_available().is_ok() {
+        out.push((
+            "cuda",
+            burn_moe::backend::device(burn_moe::backend::BackendKind::Cuda)?,
+        ));
+    }
+    Ok(out)
+}

@@ -1,9 +1,12 @@
 //! `moe_layer T H F E K ITERS`: one MoE layer forward + backward (top-k softmax router, SwiGLU
-//! experts, dropless) on the default CPU backend; prints `tokens_per_s=<number>`.
+//! experts, dropless) on the default CPU backend (Flex, reference dispatch and per-expert
+//! matmuls) and, in a build with `--features wgpu` or `--features cuda`, on the kernel backend
+//! (CubeCL dispatch kernels and grouped GEMM). Prints one `backend=… tokens_per_s=<number>`
+//! line per backend.
 
 use std::process::ExitCode;
 
-use benches::{LayerShape, layer_and_input};
+use benches::{LayerShape, kernel_devices, layer_and_input};
 use burn::tensor::Device;
 use burn_moe::timing::time_forward_backward;
 
@@ -27,6 +30,9 @@ fn parse(args: &[String]) -> Result<(LayerShape, usize), String> {
         experts: v[3],
         topk: v[4],
     };
+    if shape.topk > shape.experts {
+        return Err(format!("K = {} exceeds E = {}", shape.topk, shape.experts));
+    }
     Ok((shape, v[5]))
 }
 
@@ -34,11 +40,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = || -> Result<(), String> {
         let (shape, iters) = parse(&args)?;
-        let device = Device::flex().autodiff();
-        let (layer, x) = layer_and_input(shape, &device).map_err(|e| e.to_string())?;
-        let timing = time_forward_backward(&layer, x, iters).map_err(|e| e.to_string())?;
-        println!("backend=flex median_ms={:.2}", timing.median() * 1e3);
-        println!("tokens_per_s={:.1}", shape.tokens as f64 / timing.median());
+        let mut devices = vec![("flex", Device::flex())];
+        devices.extend(kernel_devices().map_err(|e| e.to_string())?);
+        for (name, device) in devices {
+            let device = device.autodiff();
+            let (layer, x) = layer_and_input(shape, &device).map_err(|e| e.to_string())?;
+            let timing = time_forward_backward(&layer, x, iters).map_err(|e| e.to_string())?;
+            println!(
+                "backend={name} median_ms={:.2} tokens_per_s={:.1}",
+                timing.median() * 1e3,
+                shape.tokens as f64 / timing.median()
+            );
+        }
         Ok(())
     };
     match run() {

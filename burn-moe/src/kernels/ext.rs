@@ -1,6 +1,6 @@
 //! The backend extension: MoE dispatch and expert-compute operations that CubeCL runtimes run
-//! as `#[cube]` kernels (see [`super::cube`]) and `Autodiff` differentiates by hand (see
-//! [`super::autodiff`]).
+//! as `#[cube]` kernels (`cube.rs`), Flex as native loops and per-group `gemm` calls
+//! (`flex.rs`), and `Autodiff` differentiates by hand (`autodiff.rs`).
 //!
 //! Index tensors are integer tensors of the backend's int dtype; `-1` in a row map marks a
 //! (token, expert) pair that was not routed.
@@ -9,7 +9,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, backend_extension};
 
 /// Token dispatch and grouped expert compute for MoE layers.
-#[backend_extension(Cube, Autodiff)]
+#[backend_extension(Flex: cfg(feature = "flex"), Cube: cfg(feature = "cube"), Autodiff)]
 pub trait MoeKernelOps: Backend {
     /// Tokens per expert: column sums of a 0/1 routing map `[T, E]`, giving `[E]`.
     fn moe_counts(routing_map: IntTensor<Self>) -> IntTensor<Self>;

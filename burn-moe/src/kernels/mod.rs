@@ -2,23 +2,25 @@
 //! runs them and as plain tensor operations elsewhere.
 //!
 //! Every function here takes ordinary tensors and returns the same values (up to float
-//! summation order) on every backend: on CubeCL devices (CUDA with feature `cuda`, wgpu with
-//! feature `wgpu`) it calls the [`MoeKernelOps`](ext::MoeKernelOps) backend extension, whose
-//! `#[cube]` kernels and hand-written backward rules live in this module; on other devices
-//! (Flex) it runs the [`reference`] implementation. The functions are differentiable either
-//! way.
+//! summation order) on every backend. It calls the [`MoeKernelOps`](ext::MoeKernelOps) backend
+//! extension, whose hand-written backward rules live in this module, on CubeCL devices (CUDA
+//! with feature `cuda`, wgpu with feature `wgpu`: `#[cube]` kernels) and on Flex (native loops,
+//! one `gemm` call per group into a single buffer); on other backends it runs the [`reference`]
+//! implementation (plain tensor operations). The functions are differentiable either way.
 //!
 //! A dispatch order is described by three index tensors: the token of each row `[N]`, the
 //! expert of each row `[N]`, and the row map `[T, E]` (the row of each routed pair, `-1` for
 //! pairs that were not routed). The kernels never use float atomics: results are bit-identical
 //! from run to run.
 
-#[cfg(feature = "cube")]
+#[cfg(any(feature = "flex", feature = "cube"))]
 mod autodiff;
 #[cfg(feature = "cube")]
 mod cube;
-#[cfg(feature = "cube")]
+#[cfg(any(feature = "flex", feature = "cube"))]
 pub mod ext;
+#[cfg(feature = "flex")]
+mod flex;
 pub mod reference;
 #[cfg(any(feature = "cube", test))]
 mod tiles;
@@ -26,23 +28,21 @@ mod tiles;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::error::{MoeError, Result};
-#[cfg(feature = "cube")]
+#[cfg(any(feature = "flex", feature = "cube"))]
 use crate::host;
 
-/// Whether `device`'s backend runs the kernels (a CubeCL device in a build with `cuda` or
-/// `wgpu`); the functions of this module use the reference implementation otherwise.
+/// Whether `device`'s backend has the [`MoeKernelOps`](ext::MoeKernelOps) extension: a CubeCL
+/// device in a build with `cuda` or `wgpu` (the `#[cube]` kernels) or Flex (native loops and
+/// per-group `gemm`); the functions of this module use the [`reference`] implementation
+/// elsewhere.
 pub fn kernels_available(device: &Device) -> bool {
-    #[cfg(feature = "cube")]
-    {
-        matches!(
-            device.clone().without_autodiff().as_dispatch(),
-            burn::backend::DispatchDevice::Cube(_)
-        )
-    }
-    #[cfg(not(feature = "cube"))]
-    {
-        let _ = device;
-        false
+    #[allow(unreachable_patterns)]
+    match device.clone().without_autodiff().as_dispatch() {
+        #[cfg(feature = "cube")]
+        burn::backend::DispatchDevice::Cube(_) => true,
+        #[cfg(feature = "flex")]
+        burn::backend::DispatchDevice::Flex(_) => true,
+        _ => false,
     }
 }
 
@@ -62,7 +62,7 @@ pub struct RoutingIndex {
 
 /// Tokens per expert of a routing map `[T, E]`: `[E]` on the device.
 pub fn expert_counts(routing_map: Tensor<2, Bool>) -> Tensor<1, Int> {
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&routing_map.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -74,7 +74,7 @@ pub fn expert_counts(routing_map: Tensor<2, Bool>) -> Tensor<1, Int> {
 /// The dropless dispatch order of a routing map `[T, E]`. Reads the `E` counts back to the
 /// host (one synchronisation, as Megatron-Core's dropless dispatch).
 pub fn routing_index(routing_map: Tensor<2, Bool>) -> Result<RoutingIndex> {
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&routing_map.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -109,7 +109,7 @@ pub fn row_map(
     tokens: usize,
     experts: usize,
 ) -> Tensor<2, Int> {
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&token_of_row.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -129,7 +129,7 @@ pub fn permute_tokens(
     token_of_row: Tensor<1, Int>,
     row_map: Tensor<2, Int>,
 ) -> Tensor<2> {
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&x.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -149,7 +149,7 @@ pub fn unpermute_tokens(
     token_of_row: Tensor<1, Int>,
     row_map: Tensor<2, Int>,
 ) -> Tensor<2> {
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&y.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -170,7 +170,7 @@ pub fn permute_probs(
     expert_of_row: Tensor<1, Int>,
     row_map: Tensor<2, Int>,
 ) -> Tensor<1> {
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&probs.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -227,7 +227,7 @@ fn check_chunks(rows: usize, split_sizes: &[usize], order: &[usize]) -> Result<(
 /// `split_sizes[i]` rows; the output holds chunks `order[0], order[1], …`.
 pub fn sort_chunks(x: Tensor<2>, split_sizes: &[usize], order: &[usize]) -> Result<Tensor<2>> {
     check_chunks(x.dims()[0], split_sizes, order)?;
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&x.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -266,7 +266,7 @@ pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Result<Te
             got: w.dims().to_vec(),
         });
     }
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&x.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -291,7 +291,7 @@ pub fn grouped_matmul_nt(y: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Result
             got: w.dims().to_vec(),
         });
     }
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&y.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
@@ -315,7 +315,7 @@ pub fn grouped_matmul_tn(x: Tensor<2>, y: Tensor<2>, counts: &[usize]) -> Result
             got: y.dims().to_vec(),
         });
     }
-    #[cfg(feature = "cube")]
+    #[cfg(any(feature = "flex", feature = "cube"))]
     if kernels_available(&x.device()) {
         use burn::backend::Dispatch;
         use ext::MoeKernelOps;
