@@ -10,26 +10,37 @@ use burn_flex::FlexTensor;
 
 use super::ext::MoeKernelOps;
 
-/// `x`'s values as f32 (row-major) and its dtype.
-fn floats(x: FlexTensor) -> (Vec<f32>, DType) {
-    let dtype = x.dtype();
-    let data = x.into_data();
-    let values = if dtype == DType::F32 {
-        data.try_into_vec::<f32>()
-    } else {
-        data.convert::<f32>().try_into_vec::<f32>()
-    };
-    (values.expect("an f32 view of a float tensor"), dtype)
+/// Runs `f` on `x`'s values as f32 (row-major): borrowed when `x` is a contiguous f32 tensor,
+/// converted otherwise.
+fn with_floats<R>(x: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> R {
+    if x.dtype() == DType::F32
+        && let Some(values) = x.as_slice::<f32>()
+    {
+        return f(values);
+    }
+    let values = x
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("an f32 view of a float tensor");
+    f(&values)
 }
 
-fn ints(x: FlexTensor) -> (Vec<i64>, DType) {
-    let dtype = x.dtype();
+/// Runs `f` on `x`'s values as i64 (row-major), borrowed when possible.
+fn with_ints<R>(x: &FlexTensor, f: impl FnOnce(&[i64]) -> R) -> R {
+    if x.dtype() == DType::I64
+        && let Some(values) = x.as_slice::<i64>()
+    {
+        return f(values);
+    }
     let values = x
+        .clone()
         .into_data()
         .convert_dtype(DType::I64)
         .try_into_vec::<i64>()
         .expect("an i64 view of an int tensor");
-    (values, dtype)
+    f(&values)
 }
 
 fn float_out(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FlexTensor {
@@ -176,13 +187,15 @@ fn gemm_into(
 
 impl MoeKernelOps for Flex {
     fn moe_counts(routing_map: IntTensor<Self>) -> IntTensor<Self> {
-        let [_, e] = [dims(&routing_map)[0], dims(&routing_map)[1]];
-        let (map, dtype) = ints(routing_map);
-        let mut counts = vec![0i64; e];
-        for (i, &v) in map.iter().enumerate() {
-            counts[i % e] += i64::from(v != 0);
-        }
-        int_out(counts, vec![e], dtype)
+        let e = dims(&routing_map)[1];
+        let counts = with_ints(&routing_map, |map| {
+            let mut counts = vec![0i64; e];
+            for (i, &v) in map.iter().enumerate() {
+                counts[i % e] += i64::from(v != 0);
+            }
+            counts
+        });
+        int_out(counts, vec![e], routing_map.dtype())
     }
 
     fn moe_routing_index(
@@ -191,22 +204,24 @@ impl MoeKernelOps for Flex {
         rows: usize,
     ) -> (IntTensor<Self>, IntTensor<Self>, IntTensor<Self>) {
         let [t, e] = [dims(&routing_map)[0], dims(&routing_map)[1]];
-        let (map, dtype) = ints(routing_map);
+        let dtype = routing_map.dtype();
         let mut tokens = vec![0i64; rows];
         let mut experts = vec![0i64; rows];
         let mut row_map = vec![-1i64; t * e];
         let mut next = offsets;
-        for tok in 0..t {
-            for x in 0..e {
-                if map[tok * e + x] != 0 {
-                    let r = next[x];
-                    next[x] += 1;
-                    tokens[r] = tok as i64;
-                    experts[r] = x as i64;
-                    row_map[tok * e + x] = r as i64;
+        with_ints(&routing_map, |map| {
+            for tok in 0..t {
+                for x in 0..e {
+                    if map[tok * e + x] != 0 {
+                        let r = next[x];
+                        next[x] += 1;
+                        tokens[r] = tok as i64;
+                        experts[r] = x as i64;
+                        row_map[tok * e + x] = r as i64;
+                    }
                 }
             }
-        }
+        });
         (
             int_out(tokens, vec![rows], dtype),
             int_out(experts, vec![rows], dtype),
@@ -220,13 +235,15 @@ impl MoeKernelOps for Flex {
         tokens: usize,
         experts: usize,
     ) -> IntTensor<Self> {
-        let (tok, dtype) = ints(token_of_row);
-        let (exp, _) = ints(expert_of_row);
         let mut map = vec![-1i64; tokens * experts];
-        for (r, (&t, &x)) in tok.iter().zip(&exp).enumerate() {
-            map[t as usize * experts + x as usize] = r as i64;
-        }
-        int_out(map, vec![tokens, experts], dtype)
+        with_ints(&token_of_row, |tok| {
+            with_ints(&expert_of_row, |exp| {
+                for (r, (&t, &x)) in tok.iter().zip(exp).enumerate() {
+                    map[t as usize * experts + x as usize] = r as i64;
+                }
+            })
+        });
+        int_out(map, vec![tokens, experts], token_of_row.dtype())
     }
 
     fn moe_permute(
@@ -235,10 +252,9 @@ impl MoeKernelOps for Flex {
         _row_map: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         let h = dims(&x)[1];
-        let (x, dtype) = floats(x);
-        let (rows, _) = ints(token_of_row);
-        let n = rows.len();
-        float_out(gather(&x, &rows, h), vec![n, h], dtype)
+        let n = dims(&token_of_row)[0];
+        let out = with_floats(&x, |x| with_ints(&token_of_row, |rows| gather(x, rows, h)));
+        float_out(out, vec![n, h], x.dtype())
     }
 
     fn moe_unpermute(
@@ -248,20 +264,22 @@ impl MoeKernelOps for Flex {
     ) -> FloatTensor<Self> {
         let h = dims(&y)[1];
         let [t, e] = [dims(&row_map)[0], dims(&row_map)[1]];
-        let (y, dtype) = floats(y);
-        let (map, _) = ints(row_map);
         let mut out = vec![0f32; t * h];
-        for (tok, acc) in out.chunks_mut(h.max(1)).enumerate().take(t) {
-            for &r in &map[tok * e..(tok + 1) * e] {
-                if r >= 0 {
-                    let r = r as usize;
-                    for (a, v) in acc.iter_mut().zip(&y[r * h..(r + 1) * h]) {
-                        *a += v;
+        with_floats(&y, |y| {
+            with_ints(&row_map, |map| {
+                for (tok, acc) in out.chunks_mut(h.max(1)).enumerate().take(t) {
+                    for &r in &map[tok * e..(tok + 1) * e] {
+                        if r >= 0 {
+                            let r = r as usize;
+                            for (a, v) in acc.iter_mut().zip(&y[r * h..(r + 1) * h]) {
+                                *a += v;
+                            }
+                        }
                     }
                 }
-            }
-        }
-        float_out(out, vec![t, h], dtype)
+            })
+        });
+        float_out(out, vec![t, h], y.dtype())
     }
 
     fn moe_permute_probs(
@@ -271,16 +289,18 @@ impl MoeKernelOps for Flex {
         _row_map: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         let e = dims(&probs)[1];
-        let (p, dtype) = floats(probs);
-        let (tok, _) = ints(token_of_row);
-        let (exp, _) = ints(expert_of_row);
-        let out: Vec<f32> = tok
-            .iter()
-            .zip(&exp)
-            .map(|(&t, &x)| p[t as usize * e + x as usize])
-            .collect();
-        let n = out.len();
-        float_out(out, vec![n], dtype)
+        let n = dims(&token_of_row)[0];
+        let out = with_floats(&probs, |p| {
+            with_ints(&token_of_row, |tok| {
+                with_ints(&expert_of_row, |exp| {
+                    tok.iter()
+                        .zip(exp)
+                        .map(|(&t, &x)| p[t as usize * e + x as usize])
+                        .collect::<Vec<f32>>()
+                })
+            })
+        });
+        float_out(out, vec![n], probs.dtype())
     }
 
     fn moe_unpermute_probs(
@@ -290,13 +310,14 @@ impl MoeKernelOps for Flex {
         row_map: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         let shape = dims(&row_map);
-        let (g, dtype) = floats(g);
-        let (map, _) = ints(row_map);
-        let out: Vec<f32> = map
-            .iter()
-            .map(|&r| if r >= 0 { g[r as usize] } else { 0.0 })
-            .collect();
-        float_out(out, shape, dtype)
+        let out = with_floats(&g, |g| {
+            with_ints(&row_map, |map| {
+                map.iter()
+                    .map(|&r| if r >= 0 { g[r as usize] } else { 0.0 })
+                    .collect::<Vec<f32>>()
+            })
+        });
+        float_out(out, shape, g.dtype())
     }
 
     fn moe_sort_chunks(
@@ -305,18 +326,20 @@ impl MoeKernelOps for Flex {
         order: Vec<usize>,
     ) -> FloatTensor<Self> {
         let [n, h] = [dims(&x)[0], dims(&x)[1]];
-        let (x, dtype) = floats(x);
         let mut starts = Vec::with_capacity(split_sizes.len());
         let mut acc = 0;
         for &s in &split_sizes {
             starts.push(acc);
             acc += s;
         }
-        let mut out = Vec::with_capacity(n * h);
-        for &c in &order {
-            out.extend_from_slice(&x[starts[c] * h..(starts[c] + split_sizes[c]) * h]);
-        }
-        float_out(out, vec![n, h], dtype)
+        let out = with_floats(&x, |x| {
+            let mut out = Vec::with_capacity(n * h);
+            for &c in &order {
+                out.extend_from_slice(&x[starts[c] * h..(starts[c] + split_sizes[c]) * h]);
+            }
+            out
+        });
+        float_out(out, vec![n, h], x.dtype())
     }
 
     fn moe_grouped_matmul(
@@ -326,11 +349,13 @@ impl MoeKernelOps for Flex {
     ) -> FloatTensor<Self> {
         let [n, k] = [dims(&x)[0], dims(&x)[1]];
         let m = dims(&w)[2];
-        let (x, dtype) = floats(x);
-        let (w, _) = floats(w);
         let mut out = vec![0f32; n * m];
-        grouped(&x, &w, &counts, Gemm::Nn, &mut out, [k, m, n]);
-        float_out(out, vec![n, m], dtype)
+        with_floats(&x, |a| {
+            with_floats(&w, |b| {
+                grouped(a, b, &counts, Gemm::Nn, &mut out, [k, m, n])
+            })
+        });
+        float_out(out, vec![n, m], x.dtype())
     }
 
     fn moe_grouped_matmul_nt(
@@ -340,11 +365,13 @@ impl MoeKernelOps for Flex {
     ) -> FloatTensor<Self> {
         let n = dims(&y)[0];
         let [k, m] = [dims(&w)[1], dims(&w)[2]];
-        let (y, dtype) = floats(y);
-        let (w, _) = floats(w);
         let mut out = vec![0f32; n * k];
-        grouped(&y, &w, &counts, Gemm::Nt, &mut out, [k, m, n]);
-        float_out(out, vec![n, k], dtype)
+        with_floats(&y, |a| {
+            with_floats(&w, |b| {
+                grouped(a, b, &counts, Gemm::Nt, &mut out, [k, m, n])
+            })
+        });
+        float_out(out, vec![n, k], y.dtype())
     }
 
     fn moe_grouped_matmul_tn(
@@ -354,11 +381,13 @@ impl MoeKernelOps for Flex {
     ) -> FloatTensor<Self> {
         let [n, k] = [dims(&x)[0], dims(&x)[1]];
         let m = dims(&y)[1];
-        let (x, dtype) = floats(x);
-        let (y, _) = floats(y);
         let g = counts.len();
         let mut out = vec![0f32; g * k * m];
-        grouped(&x, &y, &counts, Gemm::Tn, &mut out, [k, m, n]);
-        float_out(out, vec![g, k, m], dtype)
+        with_floats(&x, |a| {
+            with_floats(&y, |b| {
+                grouped(a, b, &counts, Gemm::Tn, &mut out, [k, m, n])
+            })
+        });
+        float_out(out, vec![g, k, m], x.dtype())
     }
 }
