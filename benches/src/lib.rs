@@ -40,6 +40,7 @@ pub fn layer_and_input(
 
 /// The devices whose backend runs the MoE kernels in this build: the default wgpu adapter
 /// (feature `wgpu`) and the first CUDA device (feature `cuda`, when a GPU is present).
+#[allow(clippy::vec_init_then_push)]
 pub fn kernel_devices() -> Result<Vec<(&'static str, Device)>, MoeError> {
     #[allow(unused_mut)]
     let mut out = Vec::new();
@@ -56,4 +57,26 @@ pub fn kernel_devices() -> Result<Vec<(&'static str, Device)>, MoeError> {
         ));
     }
     Ok(out)
+}
+
+/// Flex and the kernel devices of this build, filtered by the comma-separated backend names in
+/// `MOE_BENCH_BACKENDS` when it is set (for example `cuda` to skip the CPU at large shapes).
+pub fn bench_devices() -> Result<Vec<(&'static str, Device)>, MoeError> {
+    let mut all = vec![("flex", Device::flex())];
+    all.extend(kernel_devices()?);
+    let Ok(filter) = std::env::var("MOE_BENCH_BACKENDS") else {
+        return Ok(all);
+    };
+    let wanted: Vec<&str> = filter.split(',').map(str::trim).collect();
+    let kept: Vec<_> = all
+        .into_iter()
+        .filter(|(name, _)| wanted.contains(name))
+        .collect();
+    if kept.is_empty() {
+        return Err(MoeError::InvalidArgument {
+            name: "MOE_BENCH_BACKENDS",
+            reason: format!("`{filter}` names no backend of this build (flex, wgpu, cuda)"),
+        });
+    }
+    Ok(kept)
 }

@@ -11,7 +11,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use benches::kernel_devices;
+use benches::bench_devices;
 use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
 use burn_moe::kernels;
 
@@ -131,9 +131,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = || -> Result<(), String> {
         let (dims, iters) = parse(&args)?;
-        let mut devices = vec![("flex", Device::flex())];
-        devices.extend(kernel_devices().map_err(|e| e.to_string())?);
-        for (name, device) in devices {
+        for (name, device) in bench_devices().map_err(|e| e.to_string())? {
             run_backend(name, &device, dims, iters)?;
         }
         Ok(())

@@ -6,8 +6,7 @@
 
 use std::process::ExitCode;
 
-use benches::{LayerShape, kernel_devices, layer_and_input};
-use burn::tensor::Device;
+use benches::{LayerShape, bench_devices, layer_and_input};
 use burn_moe::timing::time_forward_backward;
 
 fn parse(args: &[String]) -> Result<(LayerShape, usize), String> {
@@ -40,9 +39,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = || -> Result<(), String> {
         let (shape, iters) = parse(&args)?;
-        let mut devices = vec![("flex", Device::flex())];
-        devices.extend(kernel_devices().map_err(|e| e.to_string())?);
-        for (name, device) in devices {
+        for (name, device) in bench_devices().map_err(|e| e.to_string())? {
             let device = device.autodiff();
             let (layer, x) = layer_and_input(shape, &device).map_err(|e| e.to_string())?;
             let timing = time_forward_backward(&layer, x, iters).map_err(|e| e.to_string())?;
