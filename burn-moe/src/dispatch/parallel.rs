@@ -22,6 +22,7 @@ use burn_parallel::ops::GatherGrad;
 use super::permute::{self, local_permutation};
 use super::{DispatchPlan, DispatchStats, Dispatched, TokenDispatcher, check_routing_shapes};
 use crate::error::{Result, invalid};
+use crate::kernels;
 
 /// What a cross-rank dispatch must undo in `combine`.
 #[derive(Debug, Clone)]
@@ -388,33 +389,30 @@ impl TokenDispatcher for AllToAllDispatcher {
         let packed = mappings::gather_rows_v(packed, etp, &seg)?;
         // Gathered rows arrive as (ETP rank j, EP rank p, local expert) plus one carrier per j;
         // the experts want them expert-major: (local expert, j, p).
-        // Each chunk's first row in the gathered tensor and among the real rows (carriers
-        // skipped).
-        let mut chunk_start = vec![(0usize, 0usize); n_etp * n_ep * el];
-        let (mut offset, mut real) = (0, 0);
+        // Each chunk's first row among the real rows (carriers skipped).
+        let mut chunk_start = vec![0usize; n_etp * n_ep * el];
+        let mut real = 0;
         for j in 0..n_etp {
             for p in 0..n_ep {
                 for (li, x) in mine.clone().enumerate() {
-                    chunk_start[(j * n_ep + p) * el + li] = (offset, real);
-                    offset += counts[q(p, j)][x];
+                    chunk_start[(j * n_ep + p) * el + li] = real;
                     real += counts[q(p, j)][x];
                 }
             }
-            offset += 1; // carrier of segment j
         }
-        // order[k]: gathered row of expert-major row k; position[i]: expert-major row of real
-        // row i (what `combine` needs to restore arrival order).
-        let mut order = Vec::with_capacity(real);
+        // position[i]: expert-major row of real row i (what `combine` needs to restore arrival
+        // order).
         let mut position = vec![0usize; real];
         let mut tokens_per_expert = vec![0usize; el];
+        let mut next = 0;
         for (li, x) in mine.clone().enumerate() {
             for j in 0..n_etp {
                 for p in 0..n_ep {
-                    let (start, real_start) = chunk_start[(j * n_ep + p) * el + li];
+                    let real_start = chunk_start[(j * n_ep + p) * el + li];
                     let n = counts[q(p, j)][x];
                     for i in 0..n {
-                        position[real_start + i] = order.len();
-                        order.push(start + i);
+                        position[real_start + i] = next;
+                        next += 1;
                     }
                     tokens_per_expert[li] += n;
                 }
@@ -422,8 +420,26 @@ impl TokenDispatcher for AllToAllDispatcher {
         }
         let my_carrier: usize = seg[..=my_j].iter().sum::<usize>() - 1;
         let carrier_row = carrier(packed.clone().slice([my_carrier..my_carrier + 1, 0..h]));
-        let sorted = take(packed, &order);
-        let rows = order.len();
+        // The regrouping is a chunk sort (Megatron's `sort_chunks_by_idxs`): the arrival order's
+        // chunks are the (j, p, local expert) segments with one carrier chunk closing each j;
+        // expert-major chunks first, the carriers last (then sliced off).
+        let per_j = n_ep * el + 1;
+        let mut split_sizes = Vec::with_capacity(n_etp * per_j);
+        for j in 0..n_etp {
+            for p in 0..n_ep {
+                split_sizes.extend(mine.clone().map(|x| counts[q(p, j)][x]));
+            }
+            split_sizes.push(1);
+        }
+        let mut chunk_order = Vec::with_capacity(split_sizes.len());
+        for li in 0..el {
+            for j in 0..n_etp {
+                chunk_order.extend((0..n_ep).map(|p| j * per_j + p * el + li));
+            }
+        }
+        chunk_order.extend((0..n_etp).map(|j| j * per_j + n_ep * el));
+        let sorted = kernels::sort_chunks(packed, &split_sizes, &chunk_order)?;
+        let rows = real;
         let tokens = sorted.clone().slice([0..rows, 0..h]);
         let probs = sorted.slice([0..rows, h..h + 1]).reshape([rows]);
         Ok(Dispatched {
