@@ -8,6 +8,11 @@
 //! or dropless routing, shared experts, and a dispatcher interface (`dispatch` returns a plan
 //! that `combine` consumes) for expert parallelism.
 //!
+//! Token dispatch (counts, routing index, permute/unpermute, chunk sort) and the experts'
+//! grouped GEMM run through the [`kernels`] backend extension: `#[cube]` kernels on CubeCL
+//! devices (features `wgpu`, `cuda`), native loops and per-group `gemm` calls on Flex, plain
+//! tensor operations elsewhere, all differentiable.
+//!
 //! Results and gradients match Megatron-Core's own code on the golden cases in
 //! `shared/golden/moe` (see the crate's `golden` test).
 //!
