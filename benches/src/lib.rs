@@ -80,3 +80,31 @@ pub fn bench_devices() -> Result<Vec<(&'static str, Device)>, MoeError> {
     }
     Ok(kept)
 }
+
+/// Parses `T H F E K ITERS` (each a positive integer, trailing ones optional; defaults
+/// 2048 512 1408 8 2 5) for the benchmark binary `program`.
+pub fn parse_shape_args(program: &str, args: &[String]) -> Result<(LayerShape, usize), String> {
+    const NAMES: [&str; 6] = ["T", "H", "F", "E", "K", "ITERS"];
+    const DEFAULTS: [usize; 6] = [2048, 512, 1408, 8, 2, 5];
+    let mut v = DEFAULTS;
+    if args.len() > NAMES.len() {
+        return Err(format!("usage: {program} {}", NAMES.join(" ")));
+    }
+    for (i, a) in args.iter().enumerate() {
+        v[i] = a.parse().ok().filter(|x| *x > 0).ok_or(format!(
+            "argument {} must be a positive integer, got `{a}`",
+            NAMES[i]
+        ))?;
+    }
+    if v[4] > v[3] {
+        return Err(format!("K = {} exceeds E = {}", v[4], v[3]));
+    }
+    let shape = LayerShape {
+        tokens: v[0],
+        hidden: v[1],
+        ffn: v[2],
+        experts: v[3],
+        topk: v[4],
+    };
+    Ok((shape, v[5]))
+}

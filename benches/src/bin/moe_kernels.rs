@@ -11,28 +11,9 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use benches::bench_devices;
+use benches::{bench_devices, parse_shape_args};
 use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
 use burn_moe::kernels;
-
-fn parse(args: &[String]) -> Result<([usize; 5], usize), String> {
-    const NAMES: [&str; 6] = ["T", "H", "F", "E", "K", "ITERS"];
-    const DEFAULTS: [usize; 6] = [2048, 512, 1408, 8, 2, 5];
-    let mut v = DEFAULTS;
-    if args.len() > NAMES.len() {
-        return Err(format!("usage: moe_kernels {}", NAMES.join(" ")));
-    }
-    for (i, a) in args.iter().enumerate() {
-        v[i] = a.parse().ok().filter(|x| *x > 0).ok_or(format!(
-            "argument {} must be a positive integer, got `{a}`",
-            NAMES[i]
-        ))?;
-    }
-    if v[4] > v[3] {
-        return Err(format!("K = {} exceeds E = {}", v[4], v[3]));
-    }
-    Ok(([v[0], v[1], v[2], v[3], v[4]], v[5]))
-}
 
 /// Median seconds of `iters` runs of `f` after one warm-up; `f` ends with a device sync.
 fn median(iters: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
@@ -130,7 +111,14 @@ fn run_backend(name: &str, device: &Device, dims: [usize; 5], iters: usize) -> R
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = || -> Result<(), String> {
-        let (dims, iters) = parse(&args)?;
+        let (shape, iters) = parse_shape_args("moe_kernels", &args)?;
+        let dims = [
+            shape.tokens,
+            shape.hidden,
+            shape.ffn,
+            shape.experts,
+            shape.topk,
+        ];
         for (name, device) in bench_devices().map_err(|e| e.to_string())? {
             run_backend(name, &device, dims, iters)?;
         }

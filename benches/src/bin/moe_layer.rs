@@ -6,39 +6,13 @@
 
 use std::process::ExitCode;
 
-use benches::{LayerShape, bench_devices, layer_and_input};
+use benches::{bench_devices, layer_and_input, parse_shape_args};
 use burn_moe::timing::time_forward_backward;
-
-fn parse(args: &[String]) -> Result<(LayerShape, usize), String> {
-    const NAMES: [&str; 6] = ["T", "H", "F", "E", "K", "ITERS"];
-    const DEFAULTS: [usize; 6] = [2048, 512, 1408, 8, 2, 5];
-    let mut v = DEFAULTS;
-    if args.len() > NAMES.len() {
-        return Err(format!("usage: moe_layer {}", NAMES.join(" ")));
-    }
-    for (i, a) in args.iter().enumerate() {
-        v[i] = a.parse().ok().filter(|x| *x > 0).ok_or(format!(
-            "argument {} must be a positive integer, got `{a}`",
-            NAMES[i]
-        ))?;
-    }
-    let shape = LayerShape {
-        tokens: v[0],
-        hidden: v[1],
-        ffn: v[2],
-        experts: v[3],
-        topk: v[4],
-    };
-    if shape.topk > shape.experts {
-        return Err(format!("K = {} exceeds E = {}", shape.topk, shape.experts));
-    }
-    Ok((shape, v[5]))
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = || -> Result<(), String> {
-        let (shape, iters) = parse(&args)?;
+        let (shape, iters) = parse_shape_args("moe_layer", &args)?;
         for (name, device) in bench_devices().map_err(|e| e.to_string())? {
             let device = device.autodiff();
             let (layer, x) = layer_and_input(shape, &device).map_err(|e| e.to_string())?;

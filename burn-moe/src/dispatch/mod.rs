@@ -30,9 +30,8 @@ pub struct DispatchStats {
 pub struct DispatchPlan {
     /// Token index of each dispatched row, `[N]`.
     pub sorted_indices: Tensor<1, Int>,
-    /// Row of each (token, local expert) pair (`-1` if not routed), on devices that run the
-    /// MoE kernels.
-    pub row_map: Option<Tensor<2, Int>>,
+    /// Row of each (token, local expert) pair (`-1` if not routed), `[num_tokens, E_local]`.
+    pub row_map: Tensor<2, Int>,
     /// Number of tokens before dispatch.
     pub num_tokens: usize,
     /// Cross-rank exchange to undo (expert-parallel dispatchers).
@@ -138,12 +137,7 @@ impl TokenDispatcher for LocalDispatcher {
         expert_output: Tensor<2>,
         plan: DispatchPlan,
     ) -> Result<(Tensor<2>, DispatchStats)> {
-        let out = permute::unpermute(
-            expert_output,
-            plan.sorted_indices,
-            plan.row_map,
-            plan.num_tokens,
-        );
+        let out = permute::unpermute(expert_output, plan.sorted_indices, plan.row_map);
         Ok((out, plan.stats))
     }
 }

@@ -261,12 +261,7 @@ impl TokenDispatcher for AllGatherDispatcher {
         else {
             return Err(invalid("plan", "was not made by the all-gather dispatcher"));
         };
-        let out = permute::unpermute(
-            expert_output,
-            plan.sorted_indices,
-            plan.row_map,
-            plan.num_tokens,
-        ) + carrier;
+        let out = permute::unpermute(expert_output, plan.sorted_indices, plan.row_map) + carrier;
         let out = mappings::reduce_scatter_to_sequence_region(out, &self.groups.tp_ep)?;
         let mut stats = plan.stats;
         stats.bytes_sent += (gathered - local) as u64 * row_bytes;
@@ -522,7 +517,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         let sent: usize = ep_send.iter().sum();
         let my_carrier: usize = ep_send[..=me].iter().sum();
         let out = take(out, &without_row(sent + 1, my_carrier));
-        let out = permute::unpermute(out, plan.sorted_indices, plan.row_map, plan.num_tokens);
+        let out = permute::unpermute(out, plan.sorted_indices, plan.row_map);
         Ok((out, stats))
     }
 }

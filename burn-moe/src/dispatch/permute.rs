@@ -49,9 +49,9 @@ pub struct LocalPermutation {
     pub counts: Vec<usize>,
     /// Device-to-host synchronisations it took (1 dropless, 0 padded).
     pub host_syncs: usize,
-    /// Row of each (token, expert) pair, `-1` if not routed, `[T, E]`: present on devices that
-    /// run the MoE kernels (their unpermute reads it instead of scattering).
-    pub row_map: Option<Tensor<2, Int>>,
+    /// Row of each (token, expert) pair, `-1` if not routed, `[T, E]` (the MoE extension's
+    /// unpermute reads it instead of scattering).
+    pub row_map: Tensor<2, Int>,
 }
 
 /// The dispatch order of a routing map `[T, E]`. Dropless (`capacity = None`) reads the map
@@ -64,31 +64,15 @@ pub fn local_permutation(
 ) -> Result<LocalPermutation> {
     let [t, e] = routing_map.dims();
     let device = routing_map.device();
-    let with_kernels = kernels::kernels_available(&device);
     match capacity {
-        None if with_kernels => {
+        None => {
             let index = kernels::routing_index(routing_map)?;
             Ok(LocalPermutation {
                 sorted_indices: index.token_of_row,
                 expert_of_row: index.expert_of_row,
                 counts: index.counts,
                 host_syncs: 1,
-                row_map: Some(index.row_map),
-            })
-        }
-        None => {
-            let (order, counts) = routing_permutation(routing_map)?;
-            let expert_of_row: Vec<i64> = counts
-                .iter()
-                .enumerate()
-                .flat_map(|(e, &n)| std::iter::repeat_n(e as i64, n))
-                .collect();
-            Ok(LocalPermutation {
-                sorted_indices: Tensor::<1, Int>::from_data(order.as_slice(), &device),
-                expert_of_row: Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device),
-                counts,
-                host_syncs: 1,
-                row_map: None,
+                row_map: index.row_map,
             })
         }
         Some(c) => {
@@ -108,8 +92,7 @@ pub fn local_permutation(
                 .flat_map(|x| std::iter::repeat_n(x as i64, rows))
                 .collect();
             let expert_of_row = Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device);
-            let row_map = with_kernels
-                .then(|| kernels::row_map(sorted_indices.clone(), expert_of_row.clone(), t, e));
+            let row_map = kernels::row_map(sorted_indices.clone(), expert_of_row.clone(), t, e);
             Ok(LocalPermutation {
                 sorted_indices,
                 expert_of_row,
@@ -129,32 +112,23 @@ pub fn permute(
     perm: &LocalPermutation,
 ) -> (Tensor<2>, Tensor<1>) {
     let sorted = perm.sorted_indices.clone();
-    let experts = perm.expert_of_row.clone();
-    match &perm.row_map {
-        Some(map) => (
-            kernels::permute_tokens(tokens, sorted.clone(), map.clone()),
-            kernels::permute_probs(probs, sorted, experts, map.clone()),
+    (
+        kernels::permute_tokens(tokens, sorted.clone(), perm.row_map.clone()),
+        kernels::permute_probs(
+            probs,
+            sorted,
+            perm.expert_of_row.clone(),
+            perm.row_map.clone(),
         ),
-        None => {
-            let [t, e] = probs.dims();
-            let permuted = tokens.select(0, sorted.clone());
-            let flat = experts.mul_scalar(t as i64) + sorted;
-            let permuted_probs = probs.transpose().reshape([t * e]).select(0, flat);
-            (permuted, permuted_probs)
-        }
-    }
+    )
 }
 
-/// Sums rows `[N, H]` back to their tokens: `[num_tokens, H]` (with the kernels when a row map
-/// is given: a deterministic per-token sum in expert order).
+/// Sums rows `[N, H]` back to their tokens: `[T, H]` for a row map `[T, E]` (a deterministic
+/// per-token sum in expert order where the MoE extension runs).
 pub fn unpermute(
     permuted: Tensor<2>,
     sorted_indices: Tensor<1, Int>,
-    row_map: Option<Tensor<2, Int>>,
-    num_tokens: usize,
+    row_map: Tensor<2, Int>,
 ) -> Tensor<2> {
-    match row_map {
-        Some(map) => kernels::unpermute_tokens(permuted, sorted_indices, map),
-        None => kernels::reference::unpermute_tokens(permuted, sorted_indices, num_tokens),
-    }
+    kernels::unpermute_tokens(permuted, sorted_indices, row_map)
 }

@@ -15,7 +15,7 @@ use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use super::ext::MoeKernelOps;
-use super::tiles;
+use super::{group_ranges, tiles};
 
 /// Units per cube of the per-expert scan kernels.
 const SCAN_UNITS: usize = 256;
@@ -381,16 +381,8 @@ fn int_tensor(reference: &CubeTensor, values: &[usize], dtype: DType) -> CubeTen
 
 /// Rows in expert order from per-chunk sizes and an order of the chunks.
 fn chunk_rows(split_sizes: &[usize], order: &[usize]) -> Vec<usize> {
-    let mut starts = Vec::with_capacity(split_sizes.len());
-    let mut acc = 0;
-    for &s in split_sizes {
-        starts.push(acc);
-        acc += s;
-    }
-    order
-        .iter()
-        .flat_map(|&c| starts[c]..starts[c] + split_sizes[c])
-        .collect()
+    let ranges = group_ranges(split_sizes);
+    order.iter().flat_map(|&c| ranges[c].clone()).collect()
 }
 
 /// Which operand layout a grouped GEMM launch uses.

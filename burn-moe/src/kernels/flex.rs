@@ -9,6 +9,7 @@ use burn::tensor::TensorData;
 use burn_flex::FlexTensor;
 
 use super::ext::MoeKernelOps;
+use super::group_ranges;
 
 /// Runs `f` on `x`'s values as f32 (row-major): borrowed when `x` is a contiguous f32 tensor,
 /// converted otherwise.
@@ -326,16 +327,11 @@ impl MoeKernelOps for Flex {
         order: Vec<usize>,
     ) -> FloatTensor<Self> {
         let [n, h] = [dims(&x)[0], dims(&x)[1]];
-        let mut starts = Vec::with_capacity(split_sizes.len());
-        let mut acc = 0;
-        for &s in &split_sizes {
-            starts.push(acc);
-            acc += s;
-        }
+        let ranges = group_ranges(&split_sizes);
         let out = with_floats(&x, |x| {
             let mut out = Vec::with_capacity(n * h);
             for &c in &order {
-                out.extend_from_slice(&x[starts[c] * h..(starts[c] + split_sizes[c]) * h]);
+                out.extend_from_slice(&x[ranges[c].start * h..ranges[c].end * h]);
             }
             out
         });

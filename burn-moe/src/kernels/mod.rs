@@ -46,6 +46,18 @@ pub fn kernels_available(device: &Device) -> bool {
     }
 }
 
+/// The row range of each group of `sizes[g]` consecutive rows.
+pub(crate) fn group_ranges(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            start += n;
+            start - n..start
+        })
+        .collect()
+}
+
 /// A dropless dispatch order: rows grouped expert-major, ascending token within an expert
 /// (Megatron-Core's `permute` order).
 #[derive(Debug, Clone)]
@@ -84,12 +96,9 @@ pub fn routing_index(routing_map: Tensor<2, Bool>) -> Result<RoutingIndex> {
             "reading the tokens per expert",
         )?;
         let counts: Vec<usize> = counts.into_iter().map(|c| c as usize).collect();
-        let mut offsets = Vec::with_capacity(counts.len());
-        let mut rows = 0;
-        for &c in &counts {
-            offsets.push(rows);
-            rows += c;
-        }
+        let ranges = group_ranges(&counts);
+        let rows = ranges.last().map_or(0, |r| r.end);
+        let offsets = ranges.into_iter().map(|r| r.start).collect();
         let (token_of_row, expert_of_row, row_map) =
             Dispatch::moe_routing_index(map.into_dispatch(), offsets, rows);
         return Ok(RoutingIndex {

@@ -6,7 +6,7 @@ use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
 use crate::dispatch::permute::routing_permutation;
 use crate::error::Result;
 
-use super::RoutingIndex;
+use super::{RoutingIndex, group_ranges};
 
 /// Tokens per expert: column sums of the routing map.
 pub fn expert_counts(routing_map: Tensor<2, Bool>) -> Tensor<1, Int> {
@@ -83,37 +83,16 @@ pub fn permute_probs(
 /// Slices the chunks and concatenates them in `order`.
 pub fn sort_chunks(x: Tensor<2>, split_sizes: &[usize], order: &[usize]) -> Tensor<2> {
     let [n, h] = x.dims();
-    let mut starts = Vec::with_capacity(split_sizes.len());
-    let mut acc = 0;
-    for &s in split_sizes {
-        starts.push(acc);
-        acc += s;
-    }
+    let ranges = group_ranges(split_sizes);
     let chunks: Vec<Tensor<2>> = order
         .iter()
         .filter(|&&c| split_sizes[c] > 0)
-        .map(|&c| {
-            x.clone()
-                .slice([starts[c]..starts[c] + split_sizes[c], 0..h])
-        })
+        .map(|&c| x.clone().slice([ranges[c].clone(), 0..h]))
         .collect();
     if chunks.is_empty() {
         return x.slice([0..n, 0..h]);
     }
     Tensor::cat(chunks, 0)
-}
-
-/// Group `g`'s rows.
-fn group_rows(counts: &[usize]) -> Vec<std::ops::Range<usize>> {
-    let mut start = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let r = start..start + c;
-            start += c;
-            r
-        })
-        .collect()
 }
 
 fn weight(w: &Tensor<3>, g: usize) -> Tensor<2> {
@@ -125,7 +104,7 @@ fn weight(w: &Tensor<3>, g: usize) -> Tensor<2> {
 pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Tensor<2> {
     let [n, k] = x.dims();
     let m = w.dims()[2];
-    let outs: Vec<Tensor<2>> = group_rows(counts)
+    let outs: Vec<Tensor<2>> = group_ranges(counts)
         .into_iter()
         .enumerate()
         .filter(|(_, r)| !r.is_empty())
@@ -145,7 +124,7 @@ pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Tensor<2>
 pub fn grouped_matmul_nt(y: Tensor<2>, w: Tensor<3>, counts: &[usize]) -> Tensor<2> {
     let [n, m] = y.dims();
     let k = w.dims()[1];
-    let outs: Vec<Tensor<2>> = group_rows(counts)
+    let outs: Vec<Tensor<2>> = group_ranges(counts)
         .into_iter()
         .enumerate()
         .filter(|(_, r)| !r.is_empty())
@@ -165,7 +144,7 @@ pub fn grouped_matmul_tn(x: Tensor<2>, y: Tensor<2>, counts: &[usize]) -> Tensor
     let [_, k] = x.dims();
     let [_, m] = y.dims();
     let device = x.device();
-    let outs: Vec<Tensor<3>> = group_rows(counts)
+    let outs: Vec<Tensor<3>> = group_ranges(counts)
         .into_iter()
         .map(|r| {
             if r.is_empty() {
