@@ -285,3 +285,44 @@ fn the_linear_path_starts_at_the_principal_components() {
             .contains("linear")
     );
 }
+
+#[test]
+fn the_log_mse_loss_is_the_mean_log_of_per_frame_errors() {
+    use burn_video::vae::Reconstruction;
+    let d = Device::flex();
+    let cfg = VaeConfig {
+        reconstruction: Reconstruction::LogMse,
+        gradient_weight: 0.0,
+        kl_weight: 0.0,
+        ..small(2)
+    };
+    let vae = cfg.init(&d).expect("config");
+    let x = Tensor::<5>::random([2, 3, 5, 16, 16], Distribution::Uniform(-1.0, 1.0), &d);
+    let loss = vae.loss(x.clone(), &cfg, false);
+    let r = loss
+        .reconstruction
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32");
+    let x = x.into_data().try_to_vec::<f32>().expect("f32");
+    // By hand: per (sample, frame), the mean over channels and pixels of ((r − x) / 2)²;
+    // then ln(· + 1e-6), averaged over the 10 frames.
+    let (mut logs, mut all) = (0.0f64, 0.0f64);
+    for b in 0..2 {
+        for t in 0..5 {
+            let mut m = 0.0f64;
+            for c in 0..3 {
+                for p in 0..256 {
+                    let i = ((b * 3 + c) * 5 + t) * 256 + p;
+                    m += (f64::from(r[i] - x[i]) / 2.0).powi(2);
+                }
+            }
+            m /= 768.0;
+            all += m;
+            logs += (m + 1e-6).ln();
+        }
+    }
+    let scalar = |t: Tensor<1>| f64::from(t.into_data().try_to_vec::<f32>().expect("f32")[0]);
+    assert!((scalar(loss.total) - logs / 10.0).abs() < 1e-4);
+    assert!((scalar(loss.mse) - all / 10.0).abs() < 1e-6);
+}

@@ -110,10 +110,7 @@ pub fn save<M: Module>(
         std::fs::create_dir_all(&tmp).map_err(|e| RecipeError::io(&tmp, e))?;
     }
     world.barrier()?;
-    let mut collect = Collect(Vec::new());
-    module.visit(&mut collect);
-    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = collect
-        .0
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = read_params(module)
         .iter()
         .enumerate()
         .map(|(i, (shape, v))| (format!("param.{i:05}"), shape.clone(), bytes_of(v)))
@@ -192,6 +189,39 @@ impl ModuleMapper for Load {
     }
 }
 
+/// Every float parameter of `module` (shape and values), in module order.
+pub(crate) fn read_params<M: Module>(module: &M) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let mut collect = Collect(Vec::new());
+    module.visit(&mut collect);
+    collect.0
+}
+
+/// `module` with its float parameters replaced by `values` (module order, as
+/// [`read_params`] gives them), keeping devices and gradient tracking; errors name the first
+/// parameter whose shape differs and a count that does not match.
+pub(crate) fn write_params<M: Module>(
+    module: M,
+    values: Vec<(Vec<usize>, Vec<f32>)>,
+) -> std::result::Result<M, String> {
+    let mut loader = Load {
+        values,
+        next: 0,
+        error: None,
+    };
+    let module = module.map(&mut loader);
+    if let Some(e) = loader.error {
+        return Err(e);
+    }
+    if loader.next != loader.values.len() {
+        return Err(format!(
+            "{} tensors for {} parameters",
+            loader.values.len(),
+            loader.next
+        ));
+    }
+    Ok(module)
+}
+
 /// Loads this rank's parameters and optimizer state from a checkpoint folder.
 pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, OptimizerState)> {
     let file = dir.join(format!("rank-{rank:05}.safetensors"));
@@ -225,25 +255,7 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
             shards[class][slot] = values;
         }
     }
-    let mut loader = Load {
-        values: params,
-        next: 0,
-        error: None,
-    };
-    let module = module.map(&mut loader);
-    if let Some(e) = loader.error {
-        return Err(RecipeError::io(&file, e));
-    }
-    if loader.next != loader.values.len() {
-        return Err(RecipeError::io(
-            &file,
-            format!(
-                "{} tensors for {} parameters",
-                loader.values.len(),
-                loader.next
-            ),
-        ));
-    }
+    let module = write_params(module, params).map_err(|e| RecipeError::io(&file, e))?;
     let meta_step = {
         let (_, metadata) =
             SafeTensors::read_metadata(&bytes).map_err(|e| RecipeError::io(&file, e))?;

@@ -21,6 +21,7 @@ use burn_video::text::Vocabulary;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Meta};
+use crate::ema::Ema;
 use crate::error::{RecipeError, Result};
 use crate::latents::{CacheMeta, CachedClip, read_cache, read_latent};
 use crate::recipe::{RunConfig, bad, load_file};
@@ -113,8 +114,12 @@ pub struct Stage {
     pub name: String,
     /// Optimizer steps.
     pub steps: usize,
-    /// Learning rate (constant after `warmup_steps`).
+    /// Peak learning rate (reached after `warmup_steps`).
     pub lr: f64,
+    /// Learning rate at the end of the stage: after the warm-up the rate follows a cosine from
+    /// `lr` down to `min_lr` (absent: constant `lr`).
+    #[serde(default)]
+    pub min_lr: Option<f64>,
     /// Linear warm-up steps at the start of the stage.
     #[serde(default)]
     pub warmup_steps: usize,
@@ -125,6 +130,35 @@ pub struct Stage {
     /// Share of batches that are images (the first latent frame) in a video stage.
     #[serde(default)]
     pub image_ratio: f64,
+}
+
+impl Stage {
+    /// The learning rate of step `s` (0-based) of this stage: linear warm-up to `lr` over
+    /// `warmup_steps`, then constant or, with `min_lr`, a cosine down to it at the last step.
+    pub fn lr_at(&self, s: usize) -> f64 {
+        if s < self.warmup_steps {
+            return self.lr * (s + 1) as f64 / (self.warmup_steps + 1) as f64;
+        }
+        match self.min_lr {
+            None => self.lr,
+            Some(min) => {
+                let span = self.steps.saturating_sub(self.warmup_steps + 1).max(1);
+                let progress = ((s - self.warmup_steps) as f64 / span as f64).min(1.0);
+                min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// `[ema]`: an exponential moving average of the weights (decay `d`, warmed up as
+/// `min(d, (1 + n) / (10 + n))`), kept through the curriculum and post-training. The
+/// validation losses, the checker's samples and the saved checkpoint use it, and each
+/// post-training phase (SFT, DPO) starts from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    /// Decay per optimizer step, in `[0, 1)`.
+    pub decay: f64,
 }
 
 /// `[post]`: post-training after the curriculum: supervised fine-tuning on a curated subset,
@@ -184,6 +218,9 @@ pub struct DitRecipe {
     pub flow: FlowConfig,
     /// The curriculum.
     pub stage: Vec<Stage>,
+    /// Weight averaging (optional).
+    #[serde(default)]
+    pub ema: Option<EmaConfig>,
     /// Post-training (optional).
     #[serde(default)]
     pub post: Option<PostConfig>,
@@ -234,6 +271,16 @@ impl DitRecipe {
             if !(0.0..=1.0).contains(&s.image_ratio) {
                 return Err(bad(&key("image_ratio"), "must be in [0, 1]"));
             }
+            if let Some(min) = s.min_lr
+                && !(min.is_finite() && (0.0..=s.lr).contains(&min))
+            {
+                return Err(bad(&key("min_lr"), "must be a number in [0, lr]"));
+            }
+        }
+        if let Some(e) = &self.ema
+            && !(0.0..1.0).contains(&e.decay)
+        {
+            return Err(bad("ema.decay", "must be in [0, 1)"));
         }
         if !(0.0..1.0).contains(&self.data.caption_dropout) {
             return Err(bad("data.caption_dropout", "must be in [0, 1)"));
@@ -553,6 +600,10 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
     let cfg = dit_config(recipe, &meta, &vocab);
     let mut dit = cfg.init(&device).map_err(|e| bad("dit", e.to_string()))?;
     let mut opt = single_rank_adamw(recipe.stage[0].lr, Some(1.0))?;
+    let mut ema = match &recipe.ema {
+        Some(e) => Some(Ema::new(e.decay, &dit)?),
+        None => None,
+    };
     let mut metrics = start(run, recipe)?;
     let metrics_path = run.join("metrics.jsonl");
     let mut rng = Rng::new(recipe.run.seed);
@@ -567,7 +618,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
         for s in 0..stage.steps {
             let kind = batch_kind(stage, &mut rng);
             let picked = pick(&train, stage.batch, &mut rng);
-            let lr = stage.lr * ((s + 1) as f64 / (stage.warmup_steps + 1) as f64).min(1.0);
+            let lr = stage.lr_at(s);
             let (next, value) = flow_step(
                 recipe,
                 (dit, &mut opt),
@@ -581,6 +632,9 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
                 other => other,
             })?;
             dit = next;
+            if let Some(e) = &mut ema {
+                e.update(&dit)?;
+            }
             losses.push(value);
             let line = DitMetrics {
                 step: step + 1,
@@ -595,7 +649,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             writeln!(metrics, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
             step += 1;
         }
-        let valid = dit.valid();
+        let valid = averaged(ema.as_ref(), dit.valid())?;
         let held_eval: Vec<LatentClip> = held
             .iter()
             .map(|c| LatentClip {
@@ -629,7 +683,8 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
                 meta: &meta,
                 frames: recipe.stage.last().map_or(1, |s| s.frames),
             };
-            let (report, tuned, tuned_opt, post_steps) = post_train(recipe, p, dit, opt, &inputs)?;
+            let (report, tuned, tuned_opt, post_steps) =
+                post_train(recipe, p, (dit, opt, ema.as_mut()), &inputs)?;
             dit = tuned;
             opt = tuned_opt;
             step += post_steps;
@@ -645,6 +700,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
         next_sequence: 0,
         seed: recipe.run.seed,
     };
+    let dit = averaged(ema.as_ref(), dit)?;
     checkpoint::save(run, &meta_ck, &dit, &opt.state(), &comm, 1)?;
     let summary = DitSummary {
         stages: reports,
@@ -659,6 +715,14 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
     )
     .map_err(|e| RecipeError::io(&path, e))?;
     Ok(summary)
+}
+
+/// `model` with the averaged weights where there is an average.
+fn averaged<M: Module>(ema: Option<&Ema>, model: M) -> Result<M> {
+    match ema {
+        Some(e) => e.apply(model),
+        None => Ok(model),
+    }
 }
 
 /// A trained DiT run, loaded for sampling.
@@ -911,12 +975,13 @@ impl Sampler<'_> {
 
 /// SFT on the curated subset, then Diffusion-DPO on checker-ranked pairs of the model's own
 /// samples against the frozen SFT model; the checker's accuracy before, after SFT and after
-/// DPO. Returns the report, the model, its optimizer and the steps taken.
+/// DPO. With a weight average, the accuracies and the DPO reference use it, each phase starts
+/// from it and it keeps being updated. Returns the report, the model, its optimizer and the
+/// steps taken.
 fn post_train(
     recipe: &DitRecipe,
     post: &PostConfig,
-    mut dit: Dit,
-    mut opt: DistributedAdamW,
+    (mut dit, mut opt, mut ema): (Dit, DistributedAdamW, Option<&mut Ema>),
     inputs: &PostInputs<'_>,
 ) -> Result<(PostReport, Dit, DistributedAdamW, usize)> {
     use burn_video::checker::check;
@@ -939,6 +1004,7 @@ fn post_train(
         steps: post.sample_steps,
         guidance: post.guidance,
     };
+    dit = averaged(ema.as_deref(), dit)?;
     let before = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?before, "checker accuracy after the curriculum");
     // SFT on the clips the curation manifest accepts.
@@ -977,8 +1043,12 @@ fn post_train(
             (inputs.vocab, &mut rng, &device),
         )?;
         dit = next;
+        if let Some(e) = ema.as_deref_mut() {
+            e.update(&dit)?;
+        }
         sft_losses.push(value);
     }
+    dit = averaged(ema.as_deref(), dit)?;
     let after_sft = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?after_sft, "checker accuracy after SFT");
     // Preference pairs: each prompt sampled with two seeds, ranked by how many of colour,
@@ -1085,9 +1155,13 @@ fn post_train(
             grads.add(&dit, &loss.backward())?;
             opt.set_lr(post.dpo_lr);
             dit = opt.step_buffered(dit, grads, &[])?.0;
+            if let Some(e) = ema.as_deref_mut() {
+                e.update(&dit)?;
+            }
             dpo_losses.push(value);
         }
     }
+    dit = averaged(ema.as_deref(), dit)?;
     let after_dpo = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?after_dpo, "checker accuracy after DPO");
     let tail = |v: &[f64]| {

@@ -6,13 +6,14 @@
 //! entropy rate, byte-level text), [`model`] (the decoder-only MoE transformer), [`train`] (the
 //! loop, metrics, progress), [`plan`] (memory, step time and MFU of a layout; layout search),
 //! [`video`] (video VAE recipes: training and evaluation), [`checkpoint`] (atomic checkpoints,
-//! exact resume), [`memory`] (heap accounting for the
+//! exact resume), [`ema`] (weight averaging), [`memory`] (heap accounting for the
 //! per-step memory report) and [`plot`] (PNG plots of a run). The
 //! `burn-recipes` binary is the command line over them.
 
 pub mod checkpoint;
 pub mod data;
 pub mod dit;
+pub mod ema;
 pub mod error;
 pub mod latents;
 /// Heap accounting (from burn-parallel).
