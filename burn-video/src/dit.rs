@@ -43,6 +43,12 @@ pub struct DitConfig {
     /// Mixture-of-experts FFNs (burn-moe) instead of dense MLPs (MoE-DiT).
     #[serde(default)]
     pub moe: Option<MoeFfn>,
+    /// Also condition the AdaLN modulation on the caption: the masked mean of the text
+    /// encoder's outputs, projected, is added to the timestep embedding (SD3's and Flux's
+    /// pooled text vector), a global path beside the cross-attention for clip-wide properties
+    /// such as the motion direction.
+    #[serde(default)]
+    pub pooled_text: bool,
 }
 
 /// The MoE FFN of a MoE-DiT block: a dropless top-k softmax router over SwiGLU experts with
@@ -164,6 +170,9 @@ impl DitConfig {
             t_mlp2: LinearConfig::new(h, h).init(device),
             t_block: zero_linear(h, 6 * h, device),
             text: TextEncoder::new(self, device),
+            text_pool: self
+                .pooled_text
+                .then(|| LinearConfig::new(h, h).init(device)),
             blocks,
             final_table: Param::from_tensor(Tensor::zeros([2, h], device)),
             final_mod: zero_linear(h, 2 * h, device),
@@ -499,6 +508,7 @@ pub struct Dit {
     t_mlp2: Linear,
     t_block: Linear,
     text: TextEncoder,
+    text_pool: Option<Linear>,
     blocks: Vec<Block>,
     final_table: Param<Tensor<2>>,
     final_mod: Linear,
@@ -587,14 +597,22 @@ impl Dit {
         };
         let mut x = tokens + self.cond_in.forward(cond_tokens);
         let hidden = x.dims()[2];
-        let temb = self
+        let text = self.text.forward(cond.text.ids.clone(), &cond.text.mask);
+        let mut temb = self
             .t_mlp2
             .forward(activation::silu(self.t_mlp1.forward(timestep_embedding(t))));
+        if let Some(pool) = &self.text_pool {
+            // Masked mean over the caption's tokens.
+            let [_, l] = cond.text.mask.dims();
+            let keep = cond.text.mask.clone().float().reshape([b, l, 1]);
+            let count = keep.clone().sum_dim(1).clamp_min(1.0).reshape([b, 1]);
+            let pooled = (text.clone() * keep).sum_dim(1).reshape([b, hidden]) / count;
+            temb = temb + pool.forward(pooled);
+        }
         let t6 = self
             .t_block
             .forward(activation::silu(temb.clone()))
             .reshape([b, 6, hidden]);
-        let text = self.text.forward(cond.text.ids.clone(), &cond.text.mask);
         let rope = rope_tables(grid, hidden / self.heads, self.rope_base, &device);
         let mut aux: Option<Tensor<1>> = None;
         for block in &self.blocks {

@@ -2,6 +2,7 @@
 //! the identity (AdaLN-zero), a small DiT overfits one batch, and the Euler sampler carries
 //! N(0, 1) to a Gaussian along its analytic rectified-flow velocity.
 
+use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
 use burn_video::dit::{DitConfig, MoeFfn, apply_rope, rope_tables};
@@ -19,6 +20,7 @@ fn tiny() -> DitConfig {
         text_len: 6,
         rope_base: 100.0,
         moe: None,
+        pooled_text: false,
     }
 }
 
@@ -128,6 +130,24 @@ fn a_fresh_dit_is_the_identity_in_every_block_and_predicts_zero() {
 #[test]
 fn a_small_dit_overfits_one_batch() {
     overfit(&tiny());
+}
+
+#[test]
+fn a_pooled_text_dit_starts_at_zero_and_overfits_one_batch() {
+    let pooled = DitConfig {
+        pooled_text: true,
+        ..tiny()
+    };
+    let d = Device::flex();
+    let count = |c: &DitConfig| c.init(&d).expect("dit").num_params();
+    // One hidden × hidden projection (and its bias) more than the plain DiT.
+    assert_eq!(count(&pooled), count(&tiny()) + 48 * 48 + 48);
+    let dit = pooled.init(&d).expect("dit");
+    let (x0, eps, t, cond) = batch(&d);
+    let xt = flow::interpolate(x0, eps, t.clone());
+    let v = dit.forward(xt, t, &cond).expect("forward");
+    assert!(values(v.abs().max()).iter().all(|&m| m == 0.0));
+    overfit(&pooled);
 }
 
 #[test]

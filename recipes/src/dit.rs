@@ -52,6 +52,9 @@ pub struct DitModel {
     /// `ffn_hidden`, `aux_loss`.
     #[serde(default)]
     pub moe: Option<burn_video::dit::MoeFfn>,
+    /// Add the pooled caption to the AdaLN conditioning (beside the cross-attention).
+    #[serde(default)]
+    pub pooled_text: bool,
 }
 
 fn four() -> usize {
@@ -329,6 +332,7 @@ impl DitRecipe {
             text_len: self.dit.text_len,
             rope_base: self.dit.rope_base,
             moe: self.dit.moe.clone(),
+            pooled_text: self.dit.pooled_text,
         };
         probe.validate().map_err(|e| keyed("dit", e))
     }
@@ -458,6 +462,7 @@ pub fn dit_config(recipe: &DitRecipe, meta: &CacheMeta, vocab: &Vocabulary) -> D
         text_len: recipe.dit.text_len,
         rope_base: recipe.dit.rope_base,
         moe: recipe.dit.moe.clone(),
+        pooled_text: recipe.dit.pooled_text,
     }
 }
 
@@ -596,6 +601,16 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
         vocab
             .encode(&c.caption, recipe.dit.text_len)
             .map_err(|e| bad("dit.text_len", e.to_string()))?;
+    }
+    if recipe.post.is_some() {
+        // Post-training decodes samples with the cache's VAE: refuse now, not after the
+        // curriculum, when that checkpoint is gone.
+        crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint)).map_err(|e| {
+            bad(
+                "data.latents",
+                format!("the cache's VAE cannot be loaded for post-training: {e}"),
+            )
+        })?;
     }
     let cfg = dit_config(recipe, &meta, &vocab);
     let mut dit = cfg.init(&device).map_err(|e| bad("dit", e.to_string()))?;
@@ -946,16 +961,17 @@ impl Sampler<'_> {
     }
 
     /// The rule-based checker's accuracy on the captions of the first `prompts` synthetic
-    /// labels, sampled 16 at a time from noise `seed`.
+    /// labels (they repeat after 144), sampled 16 at a time from noise `seed + chunk`.
     pub fn accuracy(&self, dit: &Dit, prompts: usize, seed: u64) -> Result<Accuracy> {
         use burn_video::checker::check;
         use burn_video::synthetic::Label;
         let labels: Vec<Label> = (0..prompts).map(Label::nth).collect();
         let captions: Vec<String> = labels.iter().map(Label::caption).collect();
         let (mut direction, mut colour, mut count) = (0usize, 0usize, 0usize);
-        for (chunk, labels) in captions.chunks(16).zip(labels.chunks(16)) {
+        for (k, (chunk, labels)) in captions.chunks(16).zip(labels.chunks(16)).enumerate() {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            let (_, clips) = self.sample(dit, &refs, seed)?;
+            // Each chunk its own noise: prompts past the 144 labels repeat a label, not a sample.
+            let (_, clips) = self.sample(dit, &refs, seed.wrapping_add(k as u64))?;
             for (clip, label) in clips.iter().zip(labels) {
                 let v = check(clip, label);
                 direction += usize::from(v.direction);

@@ -243,4 +243,17 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         .output()
         .expect("eval"));
     assert!(out.contains("4 prompts: direction"), "{out}");
+    // Without the cache's VAE checkpoint, a recipe with post-training is refused before any
+    // step (post-training decodes samples with it), and nothing is written.
+    std::fs::remove_dir_all(tmp.path().join("vae/checkpoints")).expect("remove the VAE");
+    let run = tmp.path().join("dit2");
+    let out = train(
+        &recipe("dit-tiny.toml"),
+        &run,
+        &[&latents, "stage[1].frames=2", "stage[2].frames=3"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("data.latents"), "{err}");
+    assert!(!run.exists(), "wrote {}", run.display());
 }
