@@ -322,19 +322,10 @@ impl DitRecipe {
                 }
             }
         }
-        let probe = DitConfig {
-            latent: 1,
-            hidden: self.dit.hidden,
-            depth: self.dit.depth,
-            heads: self.dit.heads,
-            mlp_ratio: self.dit.mlp_ratio,
-            vocab: 3,
-            text_len: self.dit.text_len,
-            rope_base: self.dit.rope_base,
-            moe: self.dit.moe.clone(),
-            pooled_text: self.dit.pooled_text,
-        };
-        probe.validate().map_err(|e| keyed("dit", e))
+        // The data's latent channels and vocabulary are not known yet: the smallest valid ones.
+        model_config(&self.dit, 1, 3)
+            .validate()
+            .map_err(|e| keyed("dit", e))
     }
 
     /// The stage and step within it of global step `step`.
@@ -452,17 +443,22 @@ pub fn load_latents(
 
 /// The DiT configuration of a recipe for a cache.
 pub fn dit_config(recipe: &DitRecipe, meta: &CacheMeta, vocab: &Vocabulary) -> DitConfig {
+    model_config(&recipe.dit, meta.latent_channels, vocab.len())
+}
+
+/// The `[dit]` table as a model config for `latent` channels and a `vocab`-word vocabulary.
+fn model_config(d: &DitModel, latent: usize, vocab: usize) -> DitConfig {
     DitConfig {
-        latent: meta.latent_channels,
-        hidden: recipe.dit.hidden,
-        depth: recipe.dit.depth,
-        heads: recipe.dit.heads,
-        mlp_ratio: recipe.dit.mlp_ratio,
-        vocab: vocab.len(),
-        text_len: recipe.dit.text_len,
-        rope_base: recipe.dit.rope_base,
-        moe: recipe.dit.moe.clone(),
-        pooled_text: recipe.dit.pooled_text,
+        latent,
+        hidden: d.hidden,
+        depth: d.depth,
+        heads: d.heads,
+        mlp_ratio: d.mlp_ratio,
+        vocab,
+        text_len: d.text_len,
+        rope_base: d.rope_base,
+        moe: d.moe.clone(),
+        pooled_text: d.pooled_text,
     }
 }
 
@@ -602,16 +598,21 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             .encode(&c.caption, recipe.dit.text_len)
             .map_err(|e| bad("dit.text_len", e.to_string()))?;
     }
-    if recipe.post.is_some() {
-        // Post-training decodes samples with the cache's VAE: refuse now, not after the
-        // curriculum, when that checkpoint is gone.
-        crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint)).map_err(|e| {
-            bad(
-                "data.latents",
-                format!("the cache's VAE cannot be loaded for post-training: {e}"),
-            )
-        })?;
-    }
+    // Post-training decodes samples with the cache's VAE: load it now, not after the
+    // curriculum, so a missing checkpoint is refused before any step.
+    let post_vae = match &recipe.post {
+        Some(_) => Some(
+            crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint))
+                .map_err(|e| {
+                    bad(
+                        "data.latents",
+                        format!("the cache's VAE cannot be loaded for post-training: {e}"),
+                    )
+                })?
+                .1,
+        ),
+        None => None,
+    };
     let cfg = dit_config(recipe, &meta, &vocab);
     let mut dit = cfg.init(&device).map_err(|e| bad("dit", e.to_string()))?;
     let mut opt = single_rank_adamw(recipe.stage[0].lr, Some(1.0))?;
@@ -690,9 +691,10 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             frames: stage.frames,
         });
     }
-    let post = match &recipe.post {
-        Some(p) => {
+    let post = match (&recipe.post, &post_vae) {
+        (Some(p), Some(vae)) => {
             let inputs = PostInputs {
+                vae,
                 train: &train,
                 vocab: &vocab,
                 meta: &meta,
@@ -705,7 +707,8 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             step += post_steps;
             Some(report)
         }
-        None => None,
+        // The VAE is loaded exactly when there is post-training.
+        _ => None,
     };
     let seconds = began.elapsed().as_secs_f64();
     let comm = burn_parallel::comm::SingleRank::new();
@@ -880,6 +883,8 @@ const EVAL_SEED: u64 = 0xE7A1;
 
 /// What post-training reads besides the recipe.
 struct PostInputs<'a> {
+    /// The cache's VAE.
+    vae: &'a burn_video::vae::Vae,
     train: &'a [LatentClip],
     vocab: &'a Vocabulary,
     meta: &'a CacheMeta,
@@ -1004,14 +1009,13 @@ fn post_train(
     use burn_video::synthetic::Label;
     let device = Device::flex().autodiff();
     let plain = Device::flex();
-    let (_, vae, _) = crate::video::load_vae(&inputs.meta.vae_run, Some(&inputs.meta.checkpoint))?;
     let [_, _, h, w] = inputs
         .train
         .first()
         .map(|c| c.latent.dims())
         .unwrap_or([0; 4]);
     let sampler = Sampler {
-        vae: &vae,
+        vae: inputs.vae,
         vocab: inputs.vocab,
         meta: inputs.meta,
         text_len: recipe.dit.text_len,
