@@ -140,7 +140,7 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         &tmp.path().join("vae"),
         &[
             &clips,
-            "vae.channels=[8, 8, 8, 8]",
+            "vae.channels=[8, 8, 8]",
             "vae.groups=4",
             "vae.latent=4",
             "vae.linear=true",

@@ -52,7 +52,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
     let out = train(
         &run,
         &[
-            "vae.channels=[8, 8, 8, 8]",
+            "vae.channels=[8, 8, 8]",
             "vae.groups=4",
             "vae.latent=4",
             "vae.linear=true",
