@@ -600,17 +600,17 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
     }
     // Post-training decodes samples with the cache's VAE: load it now, not after the
     // curriculum, so a missing checkpoint is refused before any step.
-    let post_vae = match &recipe.post {
-        Some(_) => Some(
-            crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint))
+    let post_setup = match &recipe.post {
+        Some(p) => {
+            let (_, vae, _) = crate::video::load_vae(&meta.vae_run, Some(&meta.checkpoint))
                 .map_err(|e| {
                     bad(
                         "data.latents",
                         format!("the cache's VAE cannot be loaded for post-training: {e}"),
                     )
-                })?
-                .1,
-        ),
+                })?;
+            Some((p, vae))
+        }
         None => None,
     };
     let cfg = dit_config(recipe, &meta, &vocab);
@@ -691,8 +691,8 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             frames: stage.frames,
         });
     }
-    let post = match (&recipe.post, &post_vae) {
-        (Some(p), Some(vae)) => {
+    let post = match &post_setup {
+        Some((p, vae)) => {
             let inputs = PostInputs {
                 vae,
                 train: &train,
@@ -707,8 +707,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
             step += post_steps;
             Some(report)
         }
-        // The VAE is loaded exactly when there is post-training.
-        _ => None,
+        None => None,
     };
     let seconds = began.elapsed().as_secs_f64();
     let comm = burn_parallel::comm::SingleRank::new();
