@@ -8,7 +8,7 @@ use crate::error::{Result, invalid};
 use crate::metrics::{Frame, psnr, ssim};
 
 /// Per output sample: the first input index and the normalised weights.
-fn weights(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f64>)> {
+pub(crate) fn weights(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f64>)> {
     let scale = n_in as f64 / n_out as f64;
     let support = scale.max(1.0);
     (0..n_out)

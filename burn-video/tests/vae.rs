@@ -2,7 +2,7 @@
 //! causality (a later frame never changes an earlier latent), configuration errors.
 
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_video::vae::VaeConfig;
+use burn_video::vae::{LinearPath, SMOOTH_CHANNELS, VaeConfig};
 
 fn small(temporal_down: usize) -> VaeConfig {
     VaeConfig {
@@ -27,7 +27,16 @@ fn patched(temporal_down: usize) -> VaeConfig {
 /// With the linear patch path beside the deep one.
 fn linear(temporal_down: usize) -> VaeConfig {
     VaeConfig {
-        linear: true,
+        linear: LinearPath::Blocks,
+        ..patched(temporal_down)
+    }
+}
+
+/// With the smooth linear path (its fixed channels plus 4 learned ones).
+fn smooth(temporal_down: usize) -> VaeConfig {
+    VaeConfig {
+        linear: LinearPath::Smooth,
+        latent: SMOOTH_CHANNELS + 4,
         ..patched(temporal_down)
     }
 }
@@ -47,16 +56,18 @@ fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
         (patched(3), 3, 3),
         (linear(2), 2, 5),
         (linear(3), 3, 3),
+        (smooth(2), 2, 5),
+        (smooth(3), 3, 3),
     ] {
         let vae = cfg.init(&d).expect("vae");
         let p = vae.encode(x.clone());
         assert_eq!(
             p.mean.dims(),
-            [1, 4, t, 8, 8],
+            [1, cfg.latent, t, 8, 8],
             "temporal_down {td}, patch {}",
             cfg.patch
         );
-        assert_eq!(cfg.latent_shape(17, 64, 64).unwrap(), [4, t, 8, 8]);
+        assert_eq!(cfg.latent_shape(17, 64, 64).unwrap(), [cfg.latent, t, 8, 8]);
         assert_eq!(vae.decode(p.mean).dims(), [1, 3, 17, 64, 64]);
     }
     // The default: 16 latent channels at 4×8×8.
@@ -76,7 +87,7 @@ fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
 #[test]
 fn a_changed_frame_changes_no_earlier_latent() {
     let d = Device::flex();
-    for cfg in [small(2), patched(2), linear(2)] {
+    for cfg in [small(2), patched(2), linear(2), smooth(2)] {
         causal(&cfg, &d);
     }
 }
@@ -103,7 +114,7 @@ fn causal(cfg: &VaeConfig, d: &Device) {
             .try_into_vec::<f32>()
             .unwrap();
         // Latent step j sees frames up to 4j: steps j < t / 4 must be bit-identical.
-        let [c, steps] = [4, 5];
+        let [c, steps] = [cfg.latent, 5];
         let mut changed_steps = Vec::new();
         for j in 0..steps {
             let same = (0..c).all(|ch| {
@@ -165,6 +176,13 @@ fn bad_configs_name_the_field() {
             },
             "kl_weight",
         ),
+        (
+            VaeConfig {
+                latent: SMOOTH_CHANNELS,
+                ..smooth(2)
+            },
+            "latent",
+        ),
     ] {
         let e = cfg.init(&Device::flex()).unwrap_err().to_string();
         assert!(e.contains(field), "{e}");
@@ -188,7 +206,15 @@ fn max_abs_diff(a: Tensor<5>, b: Tensor<5>) -> (f32, f32) {
 fn chunked_encode_and_decode_equal_the_whole_clip() {
     let d = Device::flex();
     let x = clip(&d);
-    for cfg in [small(2), patched(2), patched(3), linear(2), linear(3)] {
+    for cfg in [
+        small(2),
+        patched(2),
+        patched(3),
+        linear(2),
+        linear(3),
+        smooth(2),
+        smooth(3),
+    ] {
         let vae = cfg.init(&d).expect("vae");
         let whole = vae.encode(x.clone()).mean;
         let frames = vae.decode(whole.clone());

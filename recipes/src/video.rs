@@ -13,7 +13,7 @@ use burn_parallel::prelude::GradientBuffer;
 use burn_video::clip::{Clip, list_clips};
 use burn_video::metrics::Frame;
 use burn_video::resample::{quality, squeeze};
-use burn_video::vae::{Vae, VaeConfig};
+use burn_video::vae::{LinearPath, Vae, VaeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Meta};
@@ -319,8 +319,8 @@ pub struct VaeSummary {
     pub final_loss: f64,
     /// Held-out evaluation.
     pub holdout: VaeEval,
-    /// Share of the training blocks' variance explained by the linear path's initial
-    /// principal components (`vae.linear`).
+    /// Share of the training blocks' variance explained by the linear path's initial code
+    /// (`vae.linear`: principal components, after the fixed smooth code with `"smooth"`).
     pub linear_explained: Option<f64>,
     /// Per-channel mean of the latent posterior means over the training clips.
     pub latent_mean: Vec<f64>,
@@ -364,7 +364,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let mut vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
     // The linear path starts at the principal components of the training clips' blocks (each
     // clip cropped to whole blocks).
-    let linear_explained = if cfg.linear {
+    let linear_explained = if cfg.linear != LinearPath::None {
         let fit_device = Device::flex();
         let fs = cfg.space_factor();
         let clips: Vec<Tensor<5>> = train

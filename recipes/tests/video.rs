@@ -35,6 +35,8 @@ fn bad_vae_recipes_name_the_key_and_write_nothing() {
         ("data.holdout_every=0", "data.holdout_every"),
         ("training.lr=0", "training.lr"),
         ("vae.colour=1", "colour"),
+        ("vae.linear=\"wavelet\"", "vae.linear"),
+        ("vae.latent=12", "vae.latent"),
     ] {
         let run = tmp.path().join("run");
         let out = train(&run, &[set]);
@@ -54,8 +56,6 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
         &[
             "vae.channels=[8, 8, 8]",
             "vae.groups=4",
-            "vae.latent=4",
-            "vae.linear=true",
             "data.crop=16",
             "data.holdout_every=24",
             "training.steps=3",
@@ -81,7 +81,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
             .expect("JSON");
-    assert_eq!(summary["latent_std"].as_array().map(Vec::len), Some(4));
+    assert_eq!(summary["latent_std"].as_array().map(Vec::len), Some(16));
     let explained = summary["linear_explained"]
         .as_f64()
         .expect("linear_explained");
@@ -153,7 +153,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
     let device = burn::tensor::Device::flex();
     let (_, vae, _) = burn_recipes::video::load_vae(&run, None).expect("vae");
     for entry in &index {
-        assert_eq!(entry.shape, [4, 5, 8, 8]);
+        assert_eq!(entry.shape, [16, 5, 8, 8]);
         let got = burn_recipes::latents::read_latent(&cache, entry, &device).expect("latent");
         let clip = burn_video::clip::Clip::read(&entry.clip).expect("clip");
         let z = vae
