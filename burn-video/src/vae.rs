@@ -815,29 +815,46 @@ fn resize_frames(x: Tensor<5>, h: usize, w: usize) -> Tensor<5> {
         .reshape([b, c, t, h, w])
 }
 
-/// The fixed code of [`LinearPath::Smooth`]: the last frame of every causal group of `x`
-/// (the first frame alone when `first`, then every `ft`-th) resized to `SMOOTH_SUB / fs` of
-/// its size, each `SMOOTH_SUB²` of sub-pixels into channels:
-/// `[B, 3, T, H, W]` → `[B, SMOOTH_CHANNELS, t, H / fs, W / fs]`.
-fn smooth_code(x: Tensor<5>, (ft, fs): (usize, usize), first: bool) -> Tensor<5> {
-    let [b, c, t, h, w] = x.dims();
-    let skip = usize::from(first);
-    let groups = (t - skip) / ft;
-    let mut keys = Vec::new();
-    if first {
-        keys.push(x.clone().narrow(2, 0, 1));
-    }
-    if groups > 0 {
-        keys.push(
-            x.narrow(2, skip, groups * ft)
-                .reshape([b, c, groups, ft, h, w])
-                .narrow(3, ft - 1, 1)
-                .reshape([b, c, groups, h, w]),
-        );
-    }
-    let keys = Tensor::cat(keys, 2);
+/// The fixed code of [`LinearPath::Smooth`], `[B, 3, T, H, W]` →
+/// `[B, SMOOTH_CHANNELS, t, H / fs, W / fs]`: per latent step, an image at `SMOOTH_SUB / fs`
+/// of the frame size (each `SMOOTH_SUB²` of its sub-pixels and the colours in channels). The
+/// first frame of a clip is coded alone, as its anti-aliased linear downsample. Every later
+/// step codes a group of `ft` frames, decoded as the linear interpolation from the previous
+/// step's image `P` to this one's `C` (frame `j` of the group at weight `w_j = j / ft` on `C`):
+/// `C` is the downsample of the least-squares target `(Σ w_j·x_j − Σ w_j(1 − w_j)·P) / Σ w_j²`,
+/// which leaves no error correlated with the interpolation weights in the group (the last
+/// frame alone would leave the in-between frames to chance). Causal: the step sees its own
+/// group and the previous step only, which a later chunk takes from `s`.
+fn smooth_code(x: Tensor<5>, (ft, fs): (usize, usize), s: &mut Stream) -> Tensor<5> {
+    let [_, _, t, h, w] = x.dims();
     let (hs, ws) = (h / fs * SMOOTH_SUB, w / fs * SMOOTH_SUB);
-    patchify(resize_frames(keys, hs, ws), SMOOTH_SUB)
+    let device = x.device();
+    let down = |f: Tensor<5>| resize_frames(f, hs, ws);
+    let taken = if s.first { None } else { s.take() };
+    let (mut prev, mut codes, mut at) = match taken {
+        Some(p) => (p, Vec::new(), 0),
+        None => {
+            // The first frame alone (a clip's first chunk).
+            let code = down(x.clone().narrow(2, 0, 1));
+            (code.clone(), vec![code], 1)
+        }
+    };
+    let weights: Vec<f32> = (1..=ft).map(|j| j as f32 / ft as f32).collect();
+    let norm: f32 = weights.iter().map(|w| w * w).sum();
+    let carry: f32 = weights.iter().map(|w| w * (1.0 - w)).sum();
+    let weights =
+        Tensor::<1>::from_data(TensorData::new(weights, [ft]), &device).reshape([1, 1, ft, 1, 1]);
+    while at + ft <= t {
+        let group = (x.clone().narrow(2, at, ft) * weights.clone()).sum_dim(2);
+        let target = (group - resize_frames(prev, h, w) * f64::from(carry)) / f64::from(norm);
+        prev = down(target);
+        codes.push(prev.clone());
+        at += ft;
+    }
+    if s.keep {
+        s.put(prev);
+    }
+    patchify(Tensor::cat(codes, 2), SMOOTH_SUB)
 }
 
 /// The frames of a smooth code `[B, SMOOTH_CHANNELS, t, h, w]`: linear interpolation in time
@@ -1084,13 +1101,12 @@ impl Vae {
     }
 
     fn encode_stream(&self, x: Tensor<5>, s: &mut Stream) -> Posterior {
-        let first = s.first;
         let linear = self.linear_in.as_ref().map(|l| {
             if self.smooth == 0 {
                 return l.forward_stream(x.clone(), s);
             }
             // The fixed smooth code, then the blocks of what it leaves.
-            let code = smooth_code(x.clone(), self.factors, first);
+            let code = smooth_code(x.clone(), self.factors, s);
             let rest = x.clone() - smooth_frames(code.clone(), self.factors, s);
             Tensor::cat(vec![code, l.forward_stream(rest, s)], 1)
         });
@@ -1191,8 +1207,9 @@ impl Vae {
                 push_blocks(clip, self.factors, &mut rows)?;
             } else {
                 push_blocks(clip, self.factors, &mut own)?;
-                let code = smooth_code(clip.clone(), self.factors, true);
-                let rest = clip.clone() - smooth_frames(code, self.factors, &mut Stream::whole());
+                let mut stream = Stream::whole();
+                let code = smooth_code(clip.clone(), self.factors, &mut stream);
+                let rest = clip.clone() - smooth_frames(code, self.factors, &mut stream);
                 push_blocks(&rest, self.factors, &mut rows)?;
             }
         }
@@ -1340,42 +1357,55 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    /// The smooth code decodes to the resize baseline's frames (resample's CPU code) at the
-    /// key frames and to their linear interpolation in between.
+    /// The smooth code, checked with resample's CPU resize: the first frame decodes to the
+    /// resize baseline's frame (down to the code's size and back), every later key frame to
+    /// the resize of its group's least-squares target given the previous key frame, and the
+    /// frames in between to the linear interpolation of the two.
     #[test]
-    fn the_smooth_path_is_the_resize_baseline_at_key_frames_and_linear_between() {
+    fn the_smooth_path_codes_each_group_by_least_squares_between_key_frames() {
         let d = Device::flex();
         let (ft, fs) = (4, 8);
         let x = Tensor::<5>::random([1, 3, 9, 32, 48], Distribution::Uniform(0.0, 1.0), &d);
-        let code = smooth_code(x.clone(), (ft, fs), true);
+        let code = smooth_code(x.clone(), (ft, fs), &mut Stream::whole());
         assert_eq!(code.dims(), [1, SMOOTH_CHANNELS, 3, 4, 6]);
         let out = to_clip(&smooth_frames(code, (ft, fs), &mut Stream::whole()));
         assert_eq!((out.len(), out.size()), (9, (48, 32)));
-        // Time 9 → 9 is the identity in resample's weights: a per-frame resize to 8×12 and back.
         let clip = to_clip(&x);
-        let squeezed = resize(&resize(&clip, 9, 8, 12).unwrap(), 9, 32, 48).unwrap();
-        for t in 0..9 {
-            // Between key frames `key` and `key + ft`, `j` frames past the first.
-            let (key, next, j) = if t == 0 {
-                (0, 0, 0)
-            } else {
-                let key = (t - 1) / ft * ft;
-                (key, key + ft, t - key)
-            };
-            let (a, b) = (
-                squeezed.frames()[key].pixels(),
-                squeezed.frames()[next].pixels(),
-            );
-            let want: Vec<f64> = a
-                .iter()
-                .zip(b)
-                .map(|(a, b)| {
-                    let w = j as f64 / ft as f64;
-                    (1.0 - w) * f64::from(*a) + w * f64::from(*b)
+        let pixels = |f: &Frame| -> Vec<f64> { f.pixels().iter().map(|&v| f64::from(v)).collect() };
+        // Down to the code's 8×12 and back up, one frame.
+        let squeeze = |v: Vec<f64>| -> Vec<f64> {
+            let frame = Frame::new(48, 32, 3, v.into_iter().map(|v| v as f32).collect()).unwrap();
+            let small = resize(&Clip::new(vec![frame]).unwrap(), 1, 8, 12).unwrap();
+            pixels(&resize(&small, 1, 32, 48).unwrap().frames()[0])
+        };
+        let mut prev = squeeze(pixels(&clip.frames()[0]));
+        let diff = max_abs_diff(&out.frames()[0], &prev);
+        assert!(diff < 1e-5, "frame 0: off by {diff}");
+        let w = |j: usize| j as f64 / ft as f64;
+        let norm: f64 = (1..=ft).map(|j| w(j) * w(j)).sum();
+        let carry: f64 = (1..=ft).map(|j| w(j) * (1.0 - w(j))).sum();
+        for k in 1..3 {
+            let group: Vec<Vec<f64>> = (1..=ft)
+                .map(|j| pixels(&clip.frames()[ft * (k - 1) + j]))
+                .collect();
+            let target = (0..prev.len())
+                .map(|i| {
+                    let sum: f64 = (1..=ft).map(|j| w(j) * group[j - 1][i]).sum();
+                    (sum - carry * prev[i]) / norm
                 })
                 .collect();
-            let diff = max_abs_diff(&out.frames()[t], &want);
-            assert!(diff < 1e-5, "frame {t}: off by {diff}");
+            let key = squeeze(target);
+            for j in 1..=ft {
+                let want: Vec<f64> = prev
+                    .iter()
+                    .zip(&key)
+                    .map(|(p, c)| (1.0 - w(j)) * p + w(j) * c)
+                    .collect();
+                let t = ft * (k - 1) + j;
+                let diff = max_abs_diff(&out.frames()[t], &want);
+                assert!(diff < 1e-4, "frame {t}: off by {diff}");
+            }
+            prev = key;
         }
     }
 
@@ -1410,11 +1440,9 @@ mod tests {
             f64::from((a - b.clone()).powi_scalar(2).mean().into_scalar::<f32>())
         };
         for clip in &clips {
-            let alone = smooth_frames(
-                smooth_code(clip.clone(), factors, true),
-                factors,
-                &mut Stream::whole(),
-            );
+            let mut stream = Stream::whole();
+            let code = smooth_code(clip.clone(), factors, &mut stream);
+            let alone = smooth_frames(code, factors, &mut stream);
             let fitted = vae.decode(vae.encode(clip.clone()).mean);
             let (alone, fitted) = (mse(alone, clip), mse(fitted, clip));
             assert!(
