@@ -352,3 +352,54 @@ fn the_log_mse_loss_is_the_mean_log_of_per_frame_errors() {
     assert!((scalar(loss.total) - logs / 10.0).abs() < 1e-4);
     assert!((scalar(loss.mse) - all / 10.0).abs() < 1e-6);
 }
+
+#[test]
+fn refined_latents_stay_causal_and_reconstruct_better() {
+    let d = Device::flex().autodiff();
+    let cfg = smooth(2);
+    let vae = cfg.init(&d).expect("vae");
+    let x = clip(&d);
+    let mse = |z: Tensor<5>| -> f32 {
+        (vae.decode(z) - x.clone())
+            .powi_scalar(2)
+            .mean()
+            .into_scalar::<f32>()
+    };
+    let base = vae.encode_refined(x.clone(), 3, 0.05).expect("refined");
+    assert_eq!(base.dims(), [1, cfg.latent, 5, 8, 8]);
+    let (plain, refined) = (mse(vae.encode(x.clone()).mean), mse(base.clone()));
+    assert!(
+        refined < plain,
+        "refined {refined} vs posterior mean {plain}"
+    );
+    // Latent step j sees frames up to 4j only.
+    let base = base.into_data().try_into_vec::<f32>().unwrap();
+    let t = 9;
+    let noise = Tensor::random([1, 3, 1, 64, 64], Distribution::Uniform(-1.0, 1.0), &d);
+    let changed = x
+        .clone()
+        .slice_assign([0..1, 0..3, t..t + 1, 0..64, 0..64], noise);
+    let got = vae
+        .encode_refined(changed, 3, 0.05)
+        .expect("refined")
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let per = 64;
+    let step = |v: &[f32], j: usize| -> Vec<f32> {
+        (0..cfg.latent)
+            .flat_map(|c| v[(c * 5 + j) * per..(c * 5 + j + 1) * per].to_vec())
+            .collect()
+    };
+    for j in 0..5 {
+        let same = step(&base, j) == step(&got, j);
+        assert_eq!(same, 4 * j < t, "frame {t}, latent step {j}");
+    }
+    // Without autodiff there is no gradient to follow.
+    let plain_vae = cfg.init(&Device::flex()).expect("vae");
+    let e = plain_vae
+        .encode_refined(clip(&Device::flex()), 1, 0.05)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("autodiff"), "{e}");
+}

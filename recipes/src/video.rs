@@ -242,14 +242,36 @@ pub(crate) fn usable(clip: &Clip, factor: usize) -> Clip {
     clip.trim(1 + (clip.len() - 1) / factor * factor)
 }
 
-/// Reconstructs `clip` through the posterior mean.
-pub fn reconstruct(vae: &Vae, cfg: &VaeConfig, clip: &Clip, d: &Device) -> Result<Clip> {
+/// Encode-time refinement of the latent ([`Vae::encode_refined`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Refine {
+    /// Adam steps on the latent.
+    pub steps: usize,
+    /// Their step size.
+    pub lr: f64,
+}
+
+/// Reconstructs `clip` through the posterior mean, refined against the decoder when `refine`
+/// is given (the VAE then on an autodiff device).
+pub fn reconstruct(
+    vae: &Vae,
+    cfg: &VaeConfig,
+    clip: &Clip,
+    d: &Device,
+    refine: Option<Refine>,
+) -> Result<Clip> {
     let c = usable(clip, cfg.time_factor());
     let (w, h) = c.size();
     cfg.latent_shape(c.len(), h, w)
         .map_err(|e| bad("clips", e.to_string()))?;
     let x = clip_tensor(&c, d);
-    to_clip(vae.decode(vae.encode(x).mean))
+    let z = match refine {
+        Some(r) => vae
+            .encode_refined(x, r.steps, r.lr)
+            .map_err(|e| bad("--refine", e.to_string()))?,
+        None => vae.encode(x).mean,
+    };
+    to_clip(vae.decode(z))
 }
 
 /// What `eval vae` reports.
@@ -275,6 +297,7 @@ pub fn evaluate(
     clips: &[Clip],
     preview: Option<&Path>,
     d: &Device,
+    refine: Option<Refine>,
 ) -> Result<VaeEval> {
     let (mut ours, mut base) = (Vec::new(), Vec::new());
     for clip in clips {
@@ -283,7 +306,7 @@ pub fn evaluate(
         let [z, t, lh, lw] = cfg
             .latent_shape(c.len(), h, w)
             .map_err(|e| bad("clips", e.to_string()))?;
-        let rec = reconstruct(vae, cfg, &c, d)?;
+        let rec = reconstruct(vae, cfg, &c, d, refine)?;
         // As many numbers as the latent holds: t RGB frames with the clip's aspect
         // (18×18 for an 8×8 latent of 16 channels).
         let k = (z as f64 / 3.0).sqrt();
@@ -477,6 +500,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
         &held,
         Some(&run.join("holdout_preview.gif")),
         &eval_device,
+        None,
     )?;
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = VaeSummary {
@@ -499,6 +523,15 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
 /// Loads a run's VAE: its recipe, the latest (or the given) checkpoint, and that checkpoint's
 /// folder.
 pub fn load_vae(run: &Path, checkpoint_dir: Option<&Path>) -> Result<(VaeRecipe, Vae, PathBuf)> {
+    load_vae_on(run, checkpoint_dir, &Device::flex())
+}
+
+/// [`load_vae`] onto `device` (an autodiff one for [`Vae::encode_refined`]).
+pub fn load_vae_on(
+    run: &Path,
+    checkpoint_dir: Option<&Path>,
+    device: &Device,
+) -> Result<(VaeRecipe, Vae, PathBuf)> {
     let recipe = VaeRecipe::load(&run.join("recipe.toml"), &[])?;
     let dir = match checkpoint_dir {
         Some(d) => d.to_path_buf(),
@@ -509,10 +542,9 @@ pub fn load_vae(run: &Path, checkpoint_dir: Option<&Path>) -> Result<(VaeRecipe,
                 reason: format!("{} has no checkpoint", run.display()),
             })?,
     };
-    let device = Device::flex();
     let vae = recipe
         .vae
-        .init(&device)
+        .init(device)
         .map_err(|e| bad("vae", e.to_string()))?;
     let (vae, _) = checkpoint::load(&dir, vae, 0)?;
     Ok((recipe, vae, dir))

@@ -123,6 +123,29 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
     );
     let gif = burn_video::clip::Clip::read(&preview).expect("preview");
     assert_eq!(gif.size(), (192, 64));
+    // With the latents refined against the decoder; a bad step size is refused.
+    let refined = bin()
+        .args(["eval", "vae", "--run", &run.display().to_string()])
+        .args(["--clips", &eval_dir.display().to_string()])
+        .args(["--preview", &preview.display().to_string()])
+        .args(["--refine", "2"])
+        .output()
+        .expect("binary runs");
+    let stdout = String::from_utf8_lossy(&refined.stdout);
+    assert!(
+        refined.status.success()
+            && stdout.contains("2 clips: VAE (latents refined by 2 steps) PSNR"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&refined.stderr)
+    );
+    let bad = bin()
+        .args(["eval", "vae", "--run", &run.display().to_string()])
+        .args(["--clips", &eval_dir.display().to_string()])
+        .args(["--refine", "2", "--refine-lr", "0"])
+        .output()
+        .expect("binary runs");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--refine-lr"));
 
     // data cache: the two clips, encoded two latent steps at a time, normalised.
     std::fs::write(
