@@ -636,6 +636,15 @@ fn run_train_vae(args: &TrainArgs) -> Result<(), String> {
         h.baseline_ssim,
         h.vae_psnr - h.baseline_psnr
     );
+    if let Some(r) = &s.holdout_refined {
+        println!(
+            "with the latents refined by {} steps: VAE PSNR {:.2} dB, SSIM {:.4} ({:+.2} dB over the baseline)",
+            recipe.eval.refine,
+            r.vae_psnr,
+            r.vae_ssim,
+            r.vae_psnr - r.baseline_psnr
+        );
+    }
     println!(
         "run directory: {} (metrics.jsonl, summary.json, holdout_preview.gif, checkpoints/)",
         recipe.run.dir.display()

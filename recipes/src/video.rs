@@ -64,6 +64,32 @@ fn one() -> usize {
     1
 }
 
+/// `[eval]` of a VAE recipe: the held-out scoring at the end of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeEvalConfig {
+    /// Also score the held-out clips with the latents refined by this many steps
+    /// ([`Vae::encode_refined`]; 0: the encoder's posterior mean only).
+    #[serde(default)]
+    pub refine: usize,
+    /// Step size of the refinement.
+    #[serde(default = "refine_lr")]
+    pub refine_lr: f64,
+}
+
+fn refine_lr() -> f64 {
+    0.02
+}
+
+impl Default for VaeEvalConfig {
+    fn default() -> Self {
+        Self {
+            refine: 0,
+            refine_lr: refine_lr(),
+        }
+    }
+}
+
 /// A video VAE recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,6 +102,9 @@ pub struct VaeRecipe {
     pub data: VaeData,
     /// The optimisation.
     pub training: VaeTraining,
+    /// The held-out scoring.
+    #[serde(default)]
+    pub eval: VaeEvalConfig,
 }
 
 /// Whether recipe text is a VAE recipe (it has a `[vae]` table).
@@ -130,6 +159,9 @@ impl VaeRecipe {
         }
         if t.warmup_steps > t.steps {
             return Err(bad("training.warmup_steps", "exceeds training.steps"));
+        }
+        if !(self.eval.refine_lr.is_finite() && self.eval.refine_lr > 0.0) {
+            return Err(bad("eval.refine_lr", "must be a positive number"));
         }
         Ok(())
     }
@@ -342,6 +374,8 @@ pub struct VaeSummary {
     pub final_loss: f64,
     /// Held-out evaluation.
     pub holdout: VaeEval,
+    /// Held-out evaluation with the latents refined (`eval.refine` steps), when asked for.
+    pub holdout_refined: Option<VaeEval>,
     /// Share of the training blocks' variance explained by the linear path's initial code
     /// (`vae.linear`: principal components, after the fixed smooth code with `"smooth"`).
     pub linear_explained: Option<f64>,
@@ -502,11 +536,29 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
         &eval_device,
         None,
     )?;
+    // The training device differentiates, as refinement needs.
+    let e = &recipe.eval;
+    let holdout_refined = if e.refine > 0 {
+        Some(evaluate(
+            &vae,
+            cfg,
+            &held,
+            None,
+            &eval_device,
+            Some(Refine {
+                steps: e.refine,
+                lr: e.refine_lr,
+            }),
+        )?)
+    } else {
+        None
+    };
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = VaeSummary {
         final_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
         linear_explained,
         holdout,
+        holdout_refined,
         latent_mean,
         latent_std,
         seconds,

@@ -149,6 +149,7 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
             "training.steps=2",
             "training.warmup_steps=1",
             "training.batch=2",
+            "eval.refine=0",
         ],
     ));
     ok(&bin()

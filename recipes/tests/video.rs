@@ -37,6 +37,7 @@ fn bad_vae_recipes_name_the_key_and_write_nothing() {
         ("vae.colour=1", "colour"),
         ("vae.linear=\"wavelet\"", "vae.linear"),
         ("vae.latent=12", "vae.latent"),
+        ("eval.refine_lr=0", "eval.refine_lr"),
     ] {
         let run = tmp.path().join("run");
         let out = train(&run, &[set]);
@@ -61,6 +62,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
             "training.steps=3",
             "training.warmup_steps=1",
             "training.batch=2",
+            "eval.refine=2",
         ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -70,6 +72,10 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("2 held-out clips: VAE PSNR"), "{stdout}");
+    assert!(
+        stdout.contains("with the latents refined by 2 steps: VAE PSNR"),
+        "{stdout}"
+    );
     for f in [
         "metrics.jsonl",
         "summary.json",
@@ -82,6 +88,7 @@ fn a_tiny_vae_run_trains_reports_and_evaluates() {
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
             .expect("JSON");
     assert_eq!(summary["latent_std"].as_array().map(Vec::len), Some(16));
+    assert_eq!(summary["holdout_refined"]["clips"].as_u64(), Some(2));
     let explained = summary["linear_explained"]
         .as_f64()
         .expect("linear_explained");
