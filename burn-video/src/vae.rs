@@ -90,13 +90,14 @@ pub enum LinearPath {
     /// shows on smooth content.
     Blocks,
     /// The resize baseline's own representation at twice the latent's resolution, plus
-    /// learned blocks for the rest: the first [`SMOOTH_CHANNELS`] latent channels hold an
-    /// anti-aliased linear downsample, to `2×` the latent grid, of the last frame of every
-    /// causal group (frame 0 alone, then frames `ft`, `2·ft`, …; each 2×2 of sub-pixels and
-    /// the RGB colours in channels), decoded by linear upsampling in space and linear
-    /// interpolation in time between consecutive latent steps (so still causal). The
-    /// remaining channels are a [`LinearPath::Blocks`] code of what that leaves, fitted to
-    /// its principal components. The fixed part has no block edges; needs
+    /// learned blocks for the rest: the first [`SMOOTH_CHANNELS`] latent channels hold, per
+    /// latent step, an image on `2×` the latent grid (each 2×2 of sub-pixels and the RGB
+    /// colours in channels), decoded by linear upsampling in space and linear interpolation in
+    /// time between consecutive latent steps. The first frame is coded alone, as its
+    /// anti-aliased linear downsample; every later step as the downsample of the
+    /// least-squares fit of its group of frames given the previous step's image (so still
+    /// causal). The remaining channels are a [`LinearPath::Blocks`] code of what that leaves,
+    /// fitted to its principal components. The fixed part has no block edges; needs
     /// `latent > SMOOTH_CHANNELS`.
     Smooth,
 }
@@ -815,6 +816,13 @@ fn resize_frames(x: Tensor<5>, h: usize, w: usize) -> Tensor<5> {
         .reshape([b, c, t, h, w])
 }
 
+/// The weights `w_j = j / ft` (`j = 1 … ft`) of the later step in [`LinearPath::Smooth`]'s
+/// interpolation between consecutive latent steps: the decoder's, which the encoder's
+/// least-squares code assumes.
+fn interpolation_weights(ft: usize) -> Vec<f32> {
+    (1..=ft).map(|j| j as f32 / ft as f32).collect()
+}
+
 /// The fixed code of [`LinearPath::Smooth`], `[B, 3, T, H, W]` →
 /// `[B, SMOOTH_CHANNELS, t, H / fs, W / fs]`: per latent step, an image at `SMOOTH_SUB / fs`
 /// of the frame size (each `SMOOTH_SUB²` of its sub-pixels and the colours in channels). The
@@ -839,7 +847,7 @@ fn smooth_code(x: Tensor<5>, (ft, fs): (usize, usize), s: &mut Stream) -> Tensor
             (code.clone(), vec![code], 1)
         }
     };
-    let weights: Vec<f32> = (1..=ft).map(|j| j as f32 / ft as f32).collect();
+    let weights = interpolation_weights(ft);
     let norm: f32 = weights.iter().map(|w| w * w).sum();
     let carry: f32 = weights.iter().map(|w| w * (1.0 - w)).sum();
     let weights =
@@ -884,15 +892,29 @@ fn smooth_frames(z: Tensor<5>, (ft, fs): (usize, usize), s: &mut Stream) -> Tens
     };
     if let Some((from, to)) = pairs {
         let steps = from.dims()[2];
-        let j: Vec<f32> = (1..=ft).map(|j| j as f32 / ft as f32).collect();
-        let j = Tensor::<1>::from_data(TensorData::new(j, [ft]), &from.device())
-            .reshape([1, 1, 1, ft, 1, 1]);
+        let j = Tensor::<1>::from_data(
+            TensorData::new(interpolation_weights(ft), [ft]),
+            &from.device(),
+        )
+        .reshape([1, 1, 1, ft, 1, 1]);
         let mixed =
             from.unsqueeze_dim::<6>(3) * (j.clone().neg() + 1.0) + to.unsqueeze_dim::<6>(3) * j;
         parts.push(mixed.reshape([b, c, steps * ft, h, w]));
     }
     let y = unpatchify(Tensor::cat(parts, 2), SMOOTH_SUB);
     resize_frames(y, h * fs, w * fs)
+}
+
+/// The smooth code of `x` ([`smooth_code`]) and what its frames ([`smooth_frames`]) leave of
+/// `x`, with the causal state of both in `s`.
+fn smooth_residual(
+    x: Tensor<5>,
+    factors: (usize, usize),
+    s: &mut Stream,
+) -> (Tensor<5>, Tensor<5>) {
+    let code = smooth_code(x.clone(), factors, s);
+    let rest = x - smooth_frames(code.clone(), factors, s);
+    (code, rest)
 }
 
 /// Mean over groups of channels down to `c_out` (`None` when they do not divide).
@@ -1066,6 +1088,21 @@ pub struct VaeLoss {
     pub reconstruction: Tensor<5>,
 }
 
+/// The MSE of every frame `[B, 1, T, 1, 1]` between clips in `[-1, 1]`, with pixels taken to
+/// `[0, 1]` (the difference halved).
+fn frame_mse(diff: Tensor<5>) -> Tensor<5> {
+    (diff * 0.5)
+        .powi_scalar(2)
+        .mean_dim(1)
+        .mean_dim(3)
+        .mean_dim(4)
+}
+
+/// The [`Reconstruction::LogMse`] term: the mean over frames of ln(MSE + floor).
+fn log_mse(frame_mse: Tensor<5>) -> Tensor<1> {
+    frame_mse.add_scalar(LOG_MSE_FLOOR).log().mean()
+}
+
 fn gradient_l1(a: Tensor<5>, b: Tensor<5>) -> Tensor<1> {
     let [_, _, _, h, w] = a.dims();
     let dx = |t: Tensor<5>| t.clone().narrow(4, 1, w - 1) - t.narrow(4, 0, w - 1);
@@ -1106,8 +1143,7 @@ impl Vae {
                 return l.forward_stream(x.clone(), s);
             }
             // The fixed smooth code, then the blocks of what it leaves.
-            let code = smooth_code(x.clone(), self.factors, s);
-            let rest = x.clone() - smooth_frames(code.clone(), self.factors, s);
+            let (code, rest) = smooth_residual(x.clone(), self.factors, s);
             Tensor::cat(vec![code, l.forward_stream(rest, s)], 1)
         });
         let x = patchify(x, self.patch);
@@ -1179,14 +1215,7 @@ impl Vae {
             for step in 1..=steps {
                 let leaf = z.clone().autodiff().require_grad();
                 let rec = decoder.decode_stream(leaf.clone(), &mut state.clone());
-                let loss = ((rec - frames.clone()) * 0.5)
-                    .powi_scalar(2)
-                    .mean_dim(1)
-                    .mean_dim(3)
-                    .mean_dim(4)
-                    .add_scalar(LOG_MSE_FLOOR)
-                    .log()
-                    .mean();
+                let loss = log_mse(frame_mse(rec - frames.clone()));
                 let grads = loss.backward();
                 let g = leaf
                     .grad(&grads)
@@ -1264,9 +1293,10 @@ impl Vae {
         let (ft, fs) = self.factors;
         let smooth = self.smooth;
         let (z, d) = (self.latent - smooth, 3 * ft * fs * fs);
-        if self.linear_in.is_none() {
+        let (Some(lin_in), Some(lin_out)) = (self.linear_in.as_mut(), self.linear_out.as_mut())
+        else {
             return Err(invalid("linear", "this VAE has no linear path"));
-        }
+        };
         // The blocks to fit, and with the smooth code the clips' own blocks (for the share).
         let (mut rows, mut own) = (Vec::new(), Vec::new());
         for clip in clips {
@@ -1274,16 +1304,10 @@ impl Vae {
                 push_blocks(clip, self.factors, &mut rows)?;
             } else {
                 push_blocks(clip, self.factors, &mut own)?;
-                let mut stream = Stream::whole();
-                let code = smooth_code(clip.clone(), self.factors, &mut stream);
-                let rest = clip.clone() - smooth_frames(code, self.factors, &mut stream);
+                let (_, rest) = smooth_residual(clip.clone(), self.factors, &mut Stream::whole());
                 push_blocks(&rest, self.factors, &mut rows)?;
             }
         }
-        let (Some(lin_in), Some(lin_out)) = (self.linear_in.as_mut(), self.linear_out.as_mut())
-        else {
-            return Err(invalid("linear", "this VAE has no linear path"));
-        };
         let n = rows.len() / d;
         if n < z {
             return Err(invalid("clips", format!("{n} blocks for {z} components")));
@@ -1367,16 +1391,11 @@ impl Vae {
         let rec = self.decode(z);
         let diff = rec.clone() - x.clone();
         let l1 = diff.clone().abs().mean();
-        // Pixels in [-1, 1]: halve the difference for [0, 1].
-        let frame_mse = (diff * 0.5)
-            .powi_scalar(2)
-            .mean_dim(1)
-            .mean_dim(3)
-            .mean_dim(4);
+        let frame_mse = frame_mse(diff);
         let mse = frame_mse.clone().mean();
         let reconstruction = match config.reconstruction {
             Reconstruction::L1 => l1.clone(),
-            Reconstruction::LogMse => frame_mse.add_scalar(LOG_MSE_FLOOR).log().mean(),
+            Reconstruction::LogMse => log_mse(frame_mse),
         };
         let gradient = gradient_l1(rec.clone(), x);
         let kl = posterior.kl();
