@@ -6,9 +6,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
-use burn_parallel::group::ProcessGroups;
+use burn_parallel::group::{Group, ProcessGroups, check_group};
 use burn_parallel::layers::{ParallelParams, ParamRole};
 use burn_parallel::mesh::GroupKind;
+use burn_parallel::transfers::{self, HostTransfers};
 
 use crate::dispatch::parallel::{AllGatherDispatcher, AllToAllDispatcher, ExpertGroups};
 use crate::dispatch::{DispatchStats, LocalDispatcher, TokenDispatcher};
@@ -108,8 +109,12 @@ pub struct MoeOutput {
     pub tokens_per_expert: Tensor<1, Int>,
     /// The full router output (probabilities, routing map, each loss separately).
     pub router: RouterOutput,
-    /// Communication and synchronisation accounting of the dispatch.
+    /// Communication of the dispatch and combine, with their host transfers.
     pub stats: DispatchStats,
+    /// Every host ↔ device transfer of this forward pass (router, dispatch, experts, combine,
+    /// shared experts): device-to-host reads and host-to-device uploads, counted separately.
+    /// The backward pass makes its own; count them with [`burn_parallel::transfers::measure`].
+    pub transfers: HostTransfers,
 }
 
 impl MoeOutput {
@@ -139,6 +144,10 @@ pub struct MoeLayer {
     /// parallelism): the router's and shared experts' gradients are then partial over TP.
     #[module(skip)]
     tp_partial: bool,
+    /// The process groups the layer's collectives use (none on one process): a failure of any
+    /// of them (in an earlier forward or backward pass) stops the next forward.
+    #[module(skip)]
+    groups: Vec<Group>,
 }
 
 impl MoeLayer {
@@ -156,6 +165,7 @@ impl MoeLayer {
             shared,
             dispatcher: Arc::new(LocalDispatcher),
             tp_partial: false,
+            groups: Vec::new(),
         })
     }
 
@@ -191,6 +201,17 @@ impl MoeLayer {
             shared: self.shared,
             dispatcher,
             tp_partial: groups.group(GroupKind::Tp).size() > 1,
+            groups: [
+                GroupKind::Ep,
+                GroupKind::ExpertTp,
+                GroupKind::ExpertTpEp,
+                GroupKind::TpCp,
+                GroupKind::TpDpCp,
+            ]
+            .into_iter()
+            .map(|k| groups.group(k).clone())
+            .filter(|g| g.size() > 1)
+            .collect(),
         })
     }
 
@@ -202,7 +223,16 @@ impl MoeLayer {
     }
 
     /// [`forward`](Self::forward) with routing options (evaluation mode, global aux state).
+    ///
+    /// A collective of this layer's groups that failed earlier (in the backward pass, where it
+    /// could not return an error and left NaN in the gradients) is returned here, before any
+    /// work: [`MoeError::Communication`] with
+    /// [`burn_parallel::ParallelError::CollectiveFailed`].
     pub fn forward_with(&self, x: Tensor<3>, options: RouteOptions) -> Result<MoeOutput> {
+        for group in &self.groups {
+            check_group(group)?;
+        }
+        let before = transfers::snapshot();
         let [s, b, h] = x.dims();
         let hidden = self.router.config().hidden;
         if h != hidden {
@@ -256,6 +286,7 @@ impl MoeLayer {
             tokens_per_expert: routed.tokens_per_expert.clone(),
             router: routed,
             stats,
+            transfers: transfers::snapshot() - before,
         })
     }
 }

@@ -8,7 +8,7 @@
 
 use std::fmt::Debug;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::group::{Group, ProcessGroups};
 use burn_parallel::mesh::GroupKind;
@@ -75,7 +75,12 @@ impl GroupReduce {
         group
             .communicator()?
             .all_reduce(&mut values, ReduceOp::Sum)?;
-        Ok(Tensor::from_data(TensorData::new(values, [n]), &device))
+        Ok(host::upload_f32(
+            values,
+            [n],
+            &device,
+            "uploading the reduced expert counts",
+        ))
     }
 }
 

@@ -60,6 +60,17 @@ pub enum ParallelError {
     /// The communicator failed earlier (a timeout or a lost peer) and cannot be used again.
     #[error("communicator is unusable after an earlier failure: {0}")]
     Poisoned(String),
+    /// A collective inside a tensor operation (forward or backward) failed. Its output was NaN,
+    /// and the group refuses every later collective.
+    #[error("{op} on the {group} failed: {cause}")]
+    CollectiveFailed {
+        /// The collective (`all_reduce`, `all_to_all_v`, …).
+        op: &'static str,
+        /// The group, by kind and world ranks.
+        group: String,
+        /// What went wrong.
+        cause: Box<ParallelError>,
+    },
     /// The engine reported an error.
     #[error("{engine} error in {op}: {reason}")]
     Engine {

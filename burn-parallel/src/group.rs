@@ -2,8 +2,15 @@
 //!
 //! A Burn backend operation cannot carry a reference to a communicator, so every communicator is
 //! registered once and tensor operations name it by [`GroupId`], a `Copy` value that modules hold.
-//! Errors raised inside backend operations (which cannot return `Result`) are parked here and
-//! returned by the next call of the public API, or by [`check`] after a backward pass.
+//!
+//! Backend operations cannot return `Result` either. A collective that fails inside one (in the
+//! forward or the backward pass) therefore marks its group as failed, with the operation and
+//! the cause, and returns NaN of the output's shape, never plausible data. The failure is
+//! sticky: every later collective on that group refuses to run, and every public call that
+//! returns a `Result` and uses the group ([`crate::mappings`], the parallel layers,
+//! [`crate::optim::DistributedAdamW::step`], burn-moe's `MoeLayer::forward`) returns it as
+//! [`ParallelError::CollectiveFailed`]. [`check`] returns the first failure of any group, for
+//! code that runs a backward pass and steps its own optimizer.
 
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -15,40 +22,25 @@ use crate::mesh::{GroupKind, Mesh};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GroupId(u32);
 
-fn registry() -> &'static RwLock<Vec<Arc<dyn Communicator>>> {
-    static GROUPS: OnceLock<RwLock<Vec<Arc<dyn Communicator>>>> = OnceLock::new();
+/// A registered communicator, its name and its first failure.
+struct Registered {
+    comm: Arc<dyn Communicator>,
+    name: String,
+    failure: Mutex<Option<ParallelError>>,
+}
+
+fn registry() -> &'static RwLock<Vec<Arc<Registered>>> {
+    static GROUPS: OnceLock<RwLock<Vec<Arc<Registered>>>> = OnceLock::new();
     GROUPS.get_or_init(|| RwLock::new(Vec::new()))
 }
 
-fn pending() -> &'static Mutex<Option<ParallelError>> {
-    static PENDING: OnceLock<Mutex<Option<ParallelError>>> = OnceLock::new();
-    PENDING.get_or_init(|| Mutex::new(None))
+/// The first failure in the process, for [`check`].
+fn first_failure() -> &'static Mutex<Option<ParallelError>> {
+    static FIRST: OnceLock<Mutex<Option<ParallelError>>> = OnceLock::new();
+    FIRST.get_or_init(|| Mutex::new(None))
 }
 
-/// Records an error raised inside a backend operation; the first one is kept.
-pub(crate) fn record_error(err: ParallelError) {
-    if let Ok(mut slot) = pending().lock()
-        && slot.is_none()
-    {
-        *slot = Some(err);
-    }
-}
-
-/// Returns (and clears) the first error raised inside a collective since the last call.
-///
-/// Call it after `backward()`: collectives that run in the backward pass cannot return errors
-/// directly. The forward functions of this crate call it themselves.
-pub fn check() -> Result<()> {
-    match pending().lock() {
-        Ok(mut slot) => slot.take().map_or(Ok(()), Err),
-        Err(_) => Err(ParallelError::Poisoned(
-            "a thread panicked while recording a collective error".into(),
-        )),
-    }
-}
-
-/// Looks a registered communicator up.
-pub(crate) fn lookup(id: GroupId) -> Result<Arc<dyn Communicator>> {
+fn entry(id: GroupId) -> Result<Arc<Registered>> {
     let groups = registry()
         .read()
         .map_err(|_| ParallelError::Poisoned("group registry lock".into()))?;
@@ -61,6 +53,81 @@ pub(crate) fn lookup(id: GroupId) -> Result<Arc<dyn Communicator>> {
         })
 }
 
+/// Marks `group` as failed in `op` with `cause` (the group's first failure is kept) and
+/// returns the typed error.
+pub(crate) fn record_failure(
+    group: GroupId,
+    op: &'static str,
+    cause: ParallelError,
+) -> ParallelError {
+    let err = match entry(group) {
+        Ok(e) => {
+            let err = ParallelError::CollectiveFailed {
+                op,
+                group: e.name.clone(),
+                cause: Box::new(cause),
+            };
+            if let Ok(mut slot) = e.failure.lock()
+                && slot.is_none()
+            {
+                *slot = Some(err.clone());
+            }
+            err
+        }
+        Err(lookup_error) => ParallelError::CollectiveFailed {
+            op,
+            group: format!("{group:?}"),
+            cause: Box::new(lookup_error),
+        },
+    };
+    if let Ok(mut first) = first_failure().lock()
+        && first.is_none()
+    {
+        *first = Some(err.clone());
+    }
+    err
+}
+
+/// The first failure of any collective in this process (sticky: it is returned again on every
+/// call, since the ranks involved are out of step from then on).
+///
+/// Call it after `backward()` when stepping an optimizer other than
+/// [`crate::optim::DistributedAdamW`] (which calls it itself): collectives in the backward pass
+/// cannot return errors directly, and a failed one leaves NaN in the gradients.
+pub fn check() -> Result<()> {
+    match first_failure().lock() {
+        Ok(slot) => slot.clone().map_or(Ok(()), Err),
+        Err(_) => Err(ParallelError::Poisoned(
+            "a thread panicked while recording a collective error".into(),
+        )),
+    }
+}
+
+/// The failure of `group`, if one of its collectives failed.
+pub fn check_group(group: &Group) -> Result<()> {
+    check_id(group.id)
+}
+
+pub(crate) fn check_id(id: GroupId) -> Result<()> {
+    // Groups built without the registry (`Group::single` when registering fails) have no entry
+    // and nothing to fail.
+    let Ok(e) = entry(id) else {
+        return Ok(());
+    };
+    match e.failure.lock() {
+        Ok(slot) => slot.clone().map_or(Ok(()), Err),
+        Err(_) => Err(ParallelError::Poisoned(format!(
+            "a thread panicked while recording an error of the {} group",
+            e.name
+        ))),
+    }
+}
+
+/// Looks a registered communicator up.
+pub(crate) fn lookup(id: GroupId) -> Result<Arc<dyn Communicator>> {
+    Ok(entry(id)?.comm.clone())
+}
+
 /// A process group: a registered communicator plus its rank and size.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -71,8 +138,15 @@ pub struct Group {
 }
 
 impl Group {
-    /// Registers `comm` and returns its group.
+    /// Registers `comm` and returns its group (named by its world ranks in errors).
     pub fn new(comm: Arc<dyn Communicator>) -> Result<Self> {
+        let name = format!("group of world ranks {:?}", comm.world_ranks());
+        Self::named(comm, name)
+    }
+
+    /// Registers `comm` under `name` (how errors name the group, e.g. `tp group of world
+    /// ranks [0, 1]`) and returns its group.
+    pub fn named(comm: Arc<dyn Communicator>, name: impl Into<String>) -> Result<Self> {
         let mut groups = registry()
             .write()
             .map_err(|_| ParallelError::Poisoned("group registry lock".into()))?;
@@ -89,7 +163,11 @@ impl Group {
             size: comm.size(),
             world_ranks: comm.world_ranks().into(),
         };
-        groups.push(comm);
+        groups.push(Arc::new(Registered {
+            comm,
+            name: name.into(),
+            failure: Mutex::new(None),
+        }));
         Ok(group)
     }
 
@@ -182,12 +260,13 @@ impl ProcessGroups {
                     ),
                 });
             }
-            groups.push((kind, Group::new(comm)?));
+            let name = format!("{} group of world ranks {:?}", kind.name(), all[color]);
+            groups.push((kind, Group::named(comm, name)?));
         }
         Ok(Self {
             mesh,
             rank,
-            world: Group::new(world)?,
+            world: Group::named(world.clone(), "world")?,
             groups,
         })
     }

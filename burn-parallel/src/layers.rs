@@ -36,6 +36,20 @@ pub struct ParamRole {
     pub tied_copy: bool,
 }
 
+impl ParamRole {
+    /// A parameter replicated over TP (every rank holds all of it), not an expert's, with or
+    /// without weight decay.
+    pub const fn replicated(weight_decay: bool) -> Self {
+        Self {
+            tp_split: false,
+            sequence_parallel_grad: false,
+            weight_decay,
+            expert: false,
+            tied_copy: false,
+        }
+    }
+}
+
 /// Layers report the role of each of their parameters.
 pub trait ParallelParams {
     /// Appends `(parameter id, role)` for every parameter.

@@ -83,6 +83,7 @@ pub mod ops;
 pub mod optim;
 pub mod pipeline;
 pub mod schedule;
+pub mod transfers;
 pub mod world;
 
 pub use error::{ParallelError, Result};
@@ -100,7 +101,8 @@ pub mod prelude {
     pub use crate::mesh::{GroupKind, Mesh, MoeDims, ParallelDims};
     pub use crate::ops::GatherGrad;
     pub use crate::optim::{
-        AdamWConfig, DistributedAdamW, GradientBuffer, OptimizerState, StepStats,
+        AdamWConfig, DistributedAdamW, GradientBuffer, OptimizerState, StepStats, replicated_roles,
     };
+    pub use crate::transfers::HostTransfers;
     pub use crate::world::World;
 }

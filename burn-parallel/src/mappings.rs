@@ -14,26 +14,30 @@
 //! | [`all_to_all_v`] | all-to-all-v of rows | the reverse all-to-all-v |
 //!
 //! [`all_reduce`] is the non-differentiable all-reduce (sum, mean or max).
-//! Groups of one rank skip the host round trip. Errors of collectives that run in the backward
-//! pass are returned by [`crate::group::check`].
+//! Groups of one rank skip the host round trip. A collective that failed in the backward pass
+//! left NaN in the gradients and marked its group: the next call on that group returns the
+//! error, and so does [`crate::group::check`] (see [`crate::group`]).
 
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
 use crate::comm::{ReduceOp, check_counts};
 use crate::error::{ParallelError, Result};
-use crate::group::{Group, check};
+use crate::group::{Group, check_group};
 use crate::ops::{GatherGrad, ParallelBackend};
 
 fn apply<const D: usize>(
     x: Tensor<D>,
+    group: &Group,
     op: impl FnOnce(
         <Dispatch as burn::backend::BackendTypes>::FloatTensorPrimitive,
     ) -> <Dispatch as burn::backend::BackendTypes>::FloatTensorPrimitive,
 ) -> Result<Tensor<D>> {
-    check()?;
+    // A group that failed earlier (in a forward or a backward pass) is refused; a failure of
+    // this call is returned at once.
+    check_group(group)?;
     let out = Tensor::from_dispatch(op(x.into_dispatch()));
-    check()?;
+    check_group(group)?;
     Ok(out)
 }
 
@@ -67,7 +71,7 @@ pub fn all_reduce<const D: usize>(x: Tensor<D>, group: &Group, op: ReduceOp) -> 
         return Ok(x.detach());
     }
     let id = group.id();
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_all_reduce(x, id, op)
     })
 }
@@ -78,7 +82,7 @@ pub fn copy_to_region<const D: usize>(x: Tensor<D>, group: &Group) -> Result<Ten
         return Ok(x);
     }
     let id = group.id();
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_copy_to_region(x, id)
     })
 }
@@ -89,7 +93,7 @@ pub fn reduce_from_region<const D: usize>(x: Tensor<D>, group: &Group) -> Result
         return Ok(x);
     }
     let id = group.id();
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_reduce_from_region(x, id)
     })
 }
@@ -134,7 +138,7 @@ pub fn reduce_scatter_to_sequence_region<const D: usize>(
     }
     divisible(&x, 0, group)?;
     let id = group.id();
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_reduce_scatter(x, id, 0)
     })
 }
@@ -147,7 +151,9 @@ pub fn split_dim<const D: usize>(x: Tensor<D>, group: &Group, dim: usize) -> Res
     }
     divisible(&x, dim, group)?;
     let id = group.id();
-    apply(x, |x| <Dispatch as ParallelBackend>::coll_split(x, id, dim))
+    apply(x, group, |x| {
+        <Dispatch as ParallelBackend>::coll_split(x, id, dim)
+    })
 }
 
 /// All-gathers `dim`; backward as `grad` says.
@@ -162,7 +168,7 @@ pub fn gather_dim<const D: usize>(
         return Ok(x);
     }
     let id = group.id();
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_gather(x, id, dim, grad)
     })
 }
@@ -191,7 +197,7 @@ pub fn gather_rows_v<const D: usize>(
         return Ok(x);
     }
     let (id, counts) = (group.id(), counts.to_vec());
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_gather_v(x, id, counts)
     })
 }
@@ -215,7 +221,7 @@ pub fn reduce_scatter_rows_v<const D: usize>(
         return Ok(x);
     }
     let (id, counts) = (group.id(), counts.to_vec());
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_reduce_scatter_v(x, id, counts)
     })
 }
@@ -249,7 +255,7 @@ pub fn all_to_all_v<const D: usize>(
     }
     let id = group.id();
     let (sc, rc) = (send_counts.to_vec(), recv_counts.to_vec());
-    apply(x, |x| {
+    apply(x, group, |x| {
         <Dispatch as ParallelBackend>::coll_all_to_all_v(x, id, sc, rc)
     })
 }

@@ -25,6 +25,24 @@ use crate::error::{ParallelError, Result};
 use crate::group::Group;
 use crate::layers::ParamRole;
 
+/// The role of every trained float parameter of `module` for a model without tensor
+/// parallelism: replicated over TP, not an expert, weight decay on (every parameter, as the
+/// optimizer's callers without roles had it). Parameters that do not require gradients are
+/// left out (the optimizer does not train them).
+pub fn replicated_roles<M: Module>(module: &M) -> Vec<(ParamId, ParamRole)> {
+    struct Roles(Vec<(ParamId, ParamRole)>);
+    impl ModuleVisitor for Roles {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.val().is_require_grad() {
+                self.0.push((param.id, ParamRole::replicated(true)));
+            }
+        }
+    }
+    let mut roles = Roles(Vec::new());
+    module.visit(&mut roles);
+    roles.0
+}
+
 /// AdamW hyper-parameters (PyTorch's and Megatron's definition: decoupled weight decay, bias
 /// correction, `eps` added to the corrected second-moment root).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,6 +182,10 @@ pub struct DistributedAdamW {
 type Flat = (ParamId, Vec<f32>, Option<Vec<f32>>);
 
 fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    crate::transfers::read(
+        "optimizer: a parameter or gradient to the host",
+        (t.shape().num_elements() * t.dtype().size()) as u64,
+    );
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -289,6 +311,10 @@ impl ModuleMapper for Write {
         param.map(|t| {
             let device = t.device();
             let track = t.is_require_grad();
+            crate::transfers::upload(
+                "optimizer: an updated parameter to the device",
+                (values.len() * 4) as u64,
+            );
             let fresh = Tensor::<D>::from_data(TensorData::new(values, t.shape()), &device);
             if track { fresh.require_grad() } else { fresh }
         })
@@ -386,7 +412,8 @@ impl DistributedAdamW {
 
     /// One optimizer step: reduces `grads` of `module`'s parameters as described in the module
     /// docs, updates this rank's shard, and returns the module with the new parameters.
-    /// `roles` gives each parameter's role; parameters not listed are TP-replicated, decayed.
+    /// `roles` gives each trained parameter's role; a trained parameter missing from it is an
+    /// error (see [`replicated_roles`] for models without tensor parallelism).
     /// Collective over the data-parallel, tensor-parallel and norm groups.
     pub fn step<M: Module>(
         &mut self,
@@ -431,15 +458,25 @@ impl DistributedAdamW {
             return Err(e);
         }
         let roles: HashMap<ParamId, ParamRole> = roles.iter().copied().collect();
-        let role_of = |id: &ParamId| {
-            roles.get(id).copied().unwrap_or(ParamRole {
-                tp_split: false,
-                sequence_parallel_grad: false,
-                weight_decay: true,
-                expert: false,
-                tied_copy: false,
-            })
-        };
+        // A parameter without a role would be reduced and counted in the norm as a guess:
+        // refuse, naming it (module order and size), before any collective runs.
+        if let Some((index, (id, value, _))) = collect
+            .params
+            .iter()
+            .enumerate()
+            .find(|(_, (id, _, _))| !roles.contains_key(id))
+        {
+            return Err(ParallelError::InvalidArgument {
+                name: "roles",
+                reason: format!(
+                    "trained parameter #{index} ({id}, {} values) has no role; list every \
+                     parameter (`ParallelParams::param_roles`, or `replicated_roles` for a \
+                     model without tensor parallelism)",
+                    value.len()
+                ),
+            });
+        }
+        let role_of = |id: &ParamId| roles[id];
         let has_expert_group = self.expert.is_some();
         let (tp, data_shards) = (self.tp.clone(), self.data_shards as f32);
         // Per class: reduce, shard and count towards the norm.

@@ -83,6 +83,10 @@ fn unreachable_output() -> Result<Tensor<1>> {
 }
 
 fn values(t: Tensor<3>) -> Result<Vec<f32>> {
+    crate::transfers::read(
+        "pipeline: an activation or gradient to send",
+        (t.shape().num_elements() * t.dtype().size()) as u64,
+    );
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -93,6 +97,7 @@ fn values(t: Tensor<3>) -> Result<Vec<f32>> {
 }
 
 fn scalar(t: Tensor<1>) -> Result<f64> {
+    crate::transfers::read("pipeline: a micro-batch's loss", 4);
     t.into_data()
         .convert::<f64>()
         .try_into_vec::<f64>()
@@ -189,6 +194,10 @@ where
                 } else {
                     let t = tag(Pass::Forward, mb, vs, vs_total)?;
                     let v = links.recv(count, (vs - 1) % p, t)?;
+                    crate::transfers::upload(
+                        "pipeline: a received activation",
+                        (v.len() * 4) as u64,
+                    );
                     Some(Tensor::<3>::from_data(TensorData::new(v, shape), device).require_grad())
                 };
                 let out = forward(step.chunk, mb, input.clone())?;
@@ -242,6 +251,10 @@ where
                     (Some(hidden), local) => {
                         let t = tag(Pass::Backward, mb, vs, vs_total)?;
                         let g = links.recv(count, (vs + 1) % p, t)?;
+                        crate::transfers::upload(
+                            "pipeline: a received gradient",
+                            (g.len() * 4) as u64,
+                        );
                         let g = Tensor::<3>::from_data(TensorData::new(g, shape), &hidden.device());
                         let seeded = (hidden * g).sum();
                         match local {

@@ -1,7 +1,9 @@
 //! Trains the VAE on random crops of a clip folder and prints the running L1:
 //! `cargo run --release -p burn-video --example vae_crops DIR STEPS LR SAMPLE(0|1) [CHANNELS]`.
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
+use burn_parallel::prelude::{
+    AdamWConfig, DistributedAdamW, GradientBuffer, Group, replicated_roles,
+};
 use burn_video::clip::{Clip, list_clips};
 use burn_video::vae::VaeConfig;
 
@@ -64,7 +66,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         acc += loss.l1.clone().into_scalar::<f32>() as f64;
         let mut grads = GradientBuffer::new();
         grads.add(&vae, &loss.total.backward())?;
-        vae = opt.step_buffered(vae, grads, &[])?.0;
+        let roles = replicated_roles(&vae);
+        vae = opt.step_buffered(vae, grads, &roles)?.0;
         if (step + 1) % 25 == 0 {
             println!("step {}: mean l1 {:.4}", step + 1, acc / 25.0);
             acc = 0.0;

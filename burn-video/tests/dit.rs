@@ -4,7 +4,9 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, GradientBuffer, Group};
+use burn_parallel::prelude::{
+    AdamWConfig, DistributedAdamW, GradientBuffer, Group, replicated_roles,
+};
 use burn_video::dit::{DitConfig, MoeFfn, apply_rope, rope_tables};
 use burn_video::flow::{self, Rng};
 use burn_video::text::Vocabulary;
@@ -200,7 +202,8 @@ fn overfit(cfg: &DitConfig) {
         first.get_or_insert(last);
         let mut grads = GradientBuffer::new();
         grads.add(&dit, &loss.backward()).expect("gradients");
-        dit = opt.step_buffered(dit, grads, &[]).expect("step").0;
+        let roles = replicated_roles(&dit);
+        dit = opt.step_buffered(dit, grads, &roles).expect("step").0;
         if last < 0.005 * first.unwrap() {
             break;
         }

@@ -46,7 +46,7 @@ fn clip(d: &Device) -> Tensor<5> {
 }
 
 #[test]
-fn shapes_at_4x8x8_and_8x8x8_and_decode_restores_the_input() {
+fn shapes_at_4x8x8_and_8x8x8_and_decode_gives_back_the_clip_shape() {
     let d = Device::flex();
     let x = clip(&d);
     for (cfg, td, t) in [

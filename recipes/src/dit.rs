@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use burn_parallel::prelude::{DistributedAdamW, GradientBuffer};
+use burn_parallel::prelude::{DistributedAdamW, GradientBuffer, replicated_roles};
 use burn_video::dit::{Condition, Dit, DitConfig};
 use burn_video::flow::{self, Rng};
 use burn_video::text::Vocabulary;
@@ -544,10 +544,25 @@ pub struct PostReport {
     pub sft_clips: usize,
     /// Mean SFT loss of its last 10 steps.
     pub sft_loss: f64,
+    /// Flow-matching loss on (up to 64 of) the SFT clips at fixed timesteps and noise, before
+    /// SFT (what SFT must lower).
+    #[serde(default)]
+    pub sft_flow_before: f64,
+    /// The same after SFT.
+    #[serde(default)]
+    pub sft_flow_after: f64,
     /// Preference pairs kept (checker scores differ).
     pub pairs: usize,
     /// Mean DPO loss of its last 10 steps (log 2 at the start).
     pub dpo_loss: f64,
+    /// Mean implicit-reward margin of the preferred over the rejected sample of each pair,
+    /// `−β·((e_w − e_w^ref) − (e_l − e_l^ref))` at fixed timesteps and noise, before DPO (0:
+    /// the policy is the reference).
+    #[serde(default)]
+    pub dpo_margin_before: f64,
+    /// The same after DPO (what DPO must raise).
+    #[serde(default)]
+    pub dpo_margin_after: f64,
     /// Checker accuracy after the curriculum.
     pub before: Accuracy,
     /// After SFT.
@@ -874,7 +889,8 @@ fn flow_step(
     let mut grads = GradientBuffer::new();
     grads.add(&dit, &loss.backward())?;
     opt.set_lr(lr);
-    Ok((opt.step_buffered(dit, grads, &[])?.0, value))
+    let roles = replicated_roles(&dit);
+    Ok((opt.step_buffered(dit, grads, &roles)?.0, value))
 }
 
 /// Noise seed of the checker-accuracy samples during post-training.
@@ -993,6 +1009,175 @@ impl Sampler<'_> {
     }
 }
 
+/// The flow-matching loss of `dit` on up to 64 of `clips` (the first ones) at the fixed
+/// timesteps and noise of [`validation_loss`], 16 clips at a time, on the CPU backend.
+fn fixed_flow_loss(
+    dit: &Dit,
+    clips: &[LatentClip],
+    (vocab, text_len, frames): (&Vocabulary, usize, usize),
+) -> Result<f64> {
+    let device = Device::flex();
+    let clips: Vec<LatentClip> = clips
+        .iter()
+        .take(64)
+        .map(|c| LatentClip {
+            clip: c.clip.clone(),
+            latent: Tensor::from_data(c.latent.to_data(), &device),
+            caption: c.caption.clone(),
+        })
+        .collect();
+    let mut total = 0.0;
+    for chunk in clips.chunks(16) {
+        let loss = validation_loss(dit, chunk, vocab, text_len, frames, &device)?;
+        total += loss * chunk.len() as f64;
+    }
+    Ok(total / clips.len().max(1) as f64)
+}
+
+/// A preference pair: preferred and rejected latents `[C, f, h, w]` and their caption.
+pub type Pair = (Tensor<4>, Tensor<4>, String);
+
+/// Per-sample velocity errors `[B]` of `model` on latents `x0` at timesteps `t` with noise
+/// `eps`, conditioned on `cond`; every input is moved to `on`.
+fn velocity_errors(
+    model: &Dit,
+    (x0, eps, t): (&Tensor<5>, &Tensor<5>, &Tensor<1>),
+    cond: &Condition,
+    on: &Device,
+) -> Result<Tensor<1>> {
+    let x0 = Tensor::<5>::from_data(x0.to_data(), on);
+    let e = Tensor::<5>::from_data(eps.to_data(), on);
+    let tt = Tensor::<1>::from_data(t.to_data(), on);
+    let c = Condition {
+        text: burn_video::dit::Text {
+            ids: Tensor::from_data(cond.text.ids.to_data(), on),
+            mask: Tensor::from_data(cond.text.mask.to_data(), on),
+        },
+        first_frame: None,
+    };
+    let xt = flow::interpolate(x0.clone(), e.clone(), tt.clone());
+    let v = model
+        .forward(xt, tt, &c)
+        .map_err(|e| bad("dit", e.to_string()))?;
+    Ok(flow::per_sample_error(v, flow::velocity(x0, e)))
+}
+
+/// The mean implicit-reward margin `−β·((e_w − e_w^ref) − (e_l − e_l^ref))` of `policy` over
+/// `pairs`, at the timesteps 0.25, 0.5 and 0.75 with noise fixed per pair, on the CPU backend.
+pub fn dpo_margin(
+    (policy, reference): (&Dit, &Dit),
+    pairs: &[Pair],
+    beta: f64,
+    (vocab, text_len): (&Vocabulary, usize),
+) -> Result<f64> {
+    let device = Device::flex();
+    let mut rng = Rng::new(0xD9A);
+    let mut total = 0.0;
+    let mut n = 0usize;
+    for (w, l, caption) in pairs {
+        let dims = w.dims();
+        let noise: Vec<f32> = (0..dims.iter().product::<usize>())
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let eps = Tensor::<4>::from_data(TensorData::new(noise, dims), &device).unsqueeze_dim(0);
+        let text = vocab
+            .batch(&[Some(caption.as_str())], text_len, &device)
+            .map_err(|e| bad("dit.text_len", e.to_string()))?;
+        let cond = Condition {
+            text,
+            first_frame: None,
+        };
+        let (xw, xl) = (w.clone().unsqueeze_dim(0), l.clone().unsqueeze_dim(0));
+        for t in [0.25, 0.5, 0.75] {
+            let t = Tensor::<1>::full([1], t, &device);
+            let err = |m: &Dit, x: &Tensor<5>| {
+                velocity_errors(m, (x, &eps, &t), &cond, &device).map(scalar)
+            };
+            let (pw, pl) = (err(policy, &xw)?, err(policy, &xl)?);
+            let (rw, rl) = (err(reference, &xw)?, err(reference, &xl)?);
+            total += -beta * ((pw - rw) - (pl - rl));
+            n += 1;
+        }
+    }
+    Ok(total / n.max(1) as f64)
+}
+
+/// `post.dpo_steps` Diffusion-DPO steps on `pairs` (batches of `post.batch` drawn with
+/// replacement; the recipe's shifted logit-normal timesteps, fresh noise) against the frozen
+/// `reference`, updating the weight average when there is one. Returns the model and each
+/// step's loss; with no pairs it returns the model unchanged and no loss.
+pub fn dpo_steps(
+    recipe: &DitRecipe,
+    post: &PostConfig,
+    (mut dit, opt, mut ema): (Dit, &mut DistributedAdamW, Option<&mut Ema>),
+    reference: &Dit,
+    pairs: &[Pair],
+    (vocab, rng): (&Vocabulary, &mut Rng),
+) -> Result<(Dit, Vec<f64>)> {
+    let device = Device::flex().autodiff();
+    let plain = Device::flex();
+    let mut dpo_losses = Vec::new();
+    if pairs.is_empty() {
+        return Ok((dit, dpo_losses));
+    }
+    for _ in 0..post.dpo_steps {
+        let batch: Vec<&Pair> = (0..post.batch)
+            .map(|_| &pairs[rng.below(pairs.len())])
+            .collect();
+        let stack4 = |sel: &dyn Fn(&Pair) -> Tensor<4>| {
+            Tensor::cat(
+                batch
+                    .iter()
+                    .map(|p| {
+                        Tensor::<4>::from_data(sel(p).to_data(), &device).unsqueeze_dim::<5>(0)
+                    })
+                    .collect(),
+                0,
+            )
+        };
+        let xw = stack4(&|p| p.0.clone());
+        let xl = stack4(&|p| p.1.clone());
+        let t = timesteps(recipe, xw.dims(), rng, &device);
+        let eps = Tensor::<5>::random(xw.dims(), Distribution::Normal(0.0, 1.0), &device);
+        let captions: Vec<Option<&str>> = batch.iter().map(|p| Some(p.2.as_str())).collect();
+        let text = vocab
+            .batch(&captions, recipe.dit.text_len, &device)
+            .map_err(|e| bad("dit.text_len", e.to_string()))?;
+        let cond = Condition {
+            text,
+            first_frame: None,
+        };
+        let errors = |model: &Dit, x0: &Tensor<5>, on: &Device| {
+            velocity_errors(model, (x0, &eps, &t), &cond, on)
+        };
+        let ref_w = Tensor::<1>::from_data(errors(reference, &xw, &plain)?.into_data(), &device);
+        let ref_l = Tensor::<1>::from_data(errors(reference, &xl, &plain)?.into_data(), &device);
+        let loss = flow::dpo_loss(
+            errors(&dit, &xw, &device)?,
+            errors(&dit, &xl, &device)?,
+            ref_w,
+            ref_l,
+            post.beta,
+        );
+        let value = scalar(loss.clone());
+        if !value.is_finite() {
+            return Err(RecipeError::Refused(format!(
+                "the DPO loss became {value}; lower post.dpo_lr or post.beta"
+            )));
+        }
+        let mut grads = GradientBuffer::new();
+        grads.add(&dit, &loss.backward())?;
+        opt.set_lr(post.dpo_lr);
+        let roles = replicated_roles(&dit);
+        dit = opt.step_buffered(dit, grads, &roles)?.0;
+        if let Some(e) = ema.as_deref_mut() {
+            e.update(&dit)?;
+        }
+        dpo_losses.push(value);
+    }
+    Ok((dit, dpo_losses))
+}
+
 /// SFT on the curated subset, then Diffusion-DPO on checker-ranked pairs of the model's own
 /// samples against the frozen SFT model; the checker's accuracy before, after SFT and after
 /// DPO. With a weight average, the accuracies and the DPO reference use it, each phase starts
@@ -1007,7 +1192,6 @@ fn post_train(
     use burn_video::checker::check;
     use burn_video::synthetic::Label;
     let device = Device::flex().autodiff();
-    let plain = Device::flex();
     let [_, _, h, w] = inputs
         .train
         .first()
@@ -1051,6 +1235,8 @@ fn post_train(
             "accepts none of the training clips",
         ));
     }
+    let flow_inputs = (inputs.vocab, recipe.dit.text_len, inputs.frames);
+    let sft_flow_before = fixed_flow_loss(&dit.valid(), &curated, flow_inputs)?;
     let mut rng = Rng::new(recipe.run.seed ^ 0x5F7);
     let mut sft_losses = Vec::new();
     for _ in 0..post.sft_steps {
@@ -1068,13 +1254,19 @@ fn post_train(
         sft_losses.push(value);
     }
     dit = averaged(ema.as_deref(), dit)?;
+    let sft_flow_after = fixed_flow_loss(&dit.valid(), &curated, flow_inputs)?;
+    tracing::info!(
+        before = sft_flow_before,
+        after = sft_flow_after,
+        "flow loss on the SFT clips"
+    );
     let after_sft = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?after_sft, "checker accuracy after SFT");
     // Preference pairs: each prompt sampled with two seeds, ranked by how many of colour,
     // direction and count the checker confirms; ties are dropped.
     let reference = dit.valid();
     let captions: Vec<String> = curated.iter().map(|c| c.caption.clone()).collect();
-    let mut pairs: Vec<(Tensor<4>, Tensor<4>, String)> = Vec::new();
+    let mut pairs: Vec<Pair> = Vec::new();
     for i in 0..post.prompts {
         let caption = &captions[rng.below(captions.len())];
         let Some(label) = Label::parse(caption) else {
@@ -1111,76 +1303,26 @@ fn post_train(
         prompts = post.prompts,
         "preference pairs"
     );
-    let mut dpo_losses = Vec::new();
-    if !pairs.is_empty() {
-        for _ in 0..post.dpo_steps {
-            let batch: Vec<&(Tensor<4>, Tensor<4>, String)> = (0..post.batch)
-                .map(|_| &pairs[rng.below(pairs.len())])
-                .collect();
-            let stack4 = |sel: &dyn Fn(&(Tensor<4>, Tensor<4>, String)) -> Tensor<4>| {
-                Tensor::cat(
-                    batch.iter().map(|p| sel(p).unsqueeze_dim::<5>(0)).collect(),
-                    0,
-                )
-            };
-            let xw = stack4(&|p| p.0.clone());
-            let xl = stack4(&|p| p.1.clone());
-            let t = timesteps(recipe, xw.dims(), &mut rng, &device);
-            let eps = Tensor::<5>::random(xw.dims(), Distribution::Normal(0.0, 1.0), &device);
-            let captions: Vec<Option<&str>> = batch.iter().map(|p| Some(p.2.as_str())).collect();
-            let text = inputs
-                .vocab
-                .batch(&captions, recipe.dit.text_len, &device)
-                .map_err(|e| bad("dit.text_len", e.to_string()))?;
-            let cond = Condition {
-                text,
-                first_frame: None,
-            };
-            let errors = |model: &Dit, x0: &Tensor<5>, on: &Device| -> Result<Tensor<1>> {
-                let move_to = |x: &Tensor<5>| Tensor::<5>::from_data(x.to_data(), on);
-                let (x0, e) = (move_to(x0), move_to(&eps));
-                let tt = Tensor::<1>::from_data(t.to_data(), on);
-                let c = Condition {
-                    text: burn_video::dit::Text {
-                        ids: Tensor::from_data(cond.text.ids.to_data(), on),
-                        mask: Tensor::from_data(cond.text.mask.to_data(), on),
-                    },
-                    first_frame: None,
-                };
-                let xt = flow::interpolate(x0.clone(), e.clone(), tt.clone());
-                let v = model
-                    .forward(xt, tt, &c)
-                    .map_err(|e| bad("dit", e.to_string()))?;
-                Ok(flow::per_sample_error(v, flow::velocity(x0, e)))
-            };
-            let ref_w =
-                Tensor::<1>::from_data(errors(&reference, &xw, &plain)?.into_data(), &device);
-            let ref_l =
-                Tensor::<1>::from_data(errors(&reference, &xl, &plain)?.into_data(), &device);
-            let loss = flow::dpo_loss(
-                errors(&dit, &xw, &device)?,
-                errors(&dit, &xl, &device)?,
-                ref_w,
-                ref_l,
-                post.beta,
-            );
-            let value = scalar(loss.clone());
-            if !value.is_finite() {
-                return Err(RecipeError::Refused(format!(
-                    "the DPO loss became {value}; lower post.dpo_lr or post.beta"
-                )));
-            }
-            let mut grads = GradientBuffer::new();
-            grads.add(&dit, &loss.backward())?;
-            opt.set_lr(post.dpo_lr);
-            dit = opt.step_buffered(dit, grads, &[])?.0;
-            if let Some(e) = ema.as_deref_mut() {
-                e.update(&dit)?;
-            }
-            dpo_losses.push(value);
-        }
-    }
+    let margin_inputs = (inputs.vocab, recipe.dit.text_len);
+    let dpo_margin_before =
+        dpo_margin((&dit.valid(), &reference), &pairs, post.beta, margin_inputs)?;
+    let (next, dpo_losses) = dpo_steps(
+        recipe,
+        post,
+        (dit, &mut opt, ema.as_deref_mut()),
+        &reference,
+        &pairs,
+        (inputs.vocab, &mut rng),
+    )?;
+    dit = next;
     dit = averaged(ema.as_deref(), dit)?;
+    let dpo_margin_after =
+        dpo_margin((&dit.valid(), &reference), &pairs, post.beta, margin_inputs)?;
+    tracing::info!(
+        before = dpo_margin_before,
+        after = dpo_margin_after,
+        "implicit-reward margin of the preference pairs"
+    );
     let after_dpo = sampler.accuracy(&dit.valid(), post.eval_prompts, EVAL_SEED)?;
     tracing::info!(?after_dpo, "checker accuracy after DPO");
     let tail = |v: &[f64]| {
@@ -1192,8 +1334,12 @@ fn post_train(
         PostReport {
             sft_clips: curated.len(),
             sft_loss: tail(&sft_losses),
+            sft_flow_before,
+            sft_flow_after,
             pairs: pairs.len(),
             dpo_loss: tail(&dpo_losses),
+            dpo_margin_before,
+            dpo_margin_after,
             before,
             after_sft,
             after_dpo,

@@ -605,10 +605,12 @@ fn run_layer(args: &LayerArgs) -> Result<(), String> {
         println!("z loss: {:.6}", z.into_scalar::<f32>());
     }
     println!(
-        "forward+backward: {:.1} ms median of {} ({} host syncs per dispatch)",
+        "forward+backward: {:.1} ms median of {} (forward: {} device-to-host reads, {} \
+         host-to-device uploads)",
         median * 1e3,
         timing.seconds.len(),
-        out.stats.host_syncs
+        out.transfers.reads,
+        out.transfers.uploads
     );
     println!("tokens_per_s={:.0}", args.tokens as f64 / median);
     Ok(())

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_parallel::prelude::GradientBuffer;
+use burn_parallel::prelude::{GradientBuffer, replicated_roles};
 use burn_video::clip::{Clip, list_clips};
 use burn_video::metrics::Frame;
 use burn_video::resample::{quality, squeeze};
@@ -474,7 +474,8 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
         let mut grads = GradientBuffer::new();
         grads.add(&vae, &loss.total.backward())?;
         opt.set_lr(recipe.lr(step));
-        vae = opt.step_buffered(vae, grads, &[])?.0;
+        let roles = replicated_roles(&vae);
+        vae = opt.step_buffered(vae, grads, &roles)?.0;
         losses.push(value);
         if (step + 1).is_multiple_of(t.log_every) {
             let line = VaeMetrics {

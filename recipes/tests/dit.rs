@@ -87,6 +87,97 @@ fn stage_learning_rates_warm_up_then_hold_or_follow_a_cosine() {
     assert!((s.lr_at(50) - 1e-4).abs() < 1e-12);
 }
 
+/// DPO on preference pairs of its own (preferred and rejected latents under one caption)
+/// against the frozen starting model: the implicit-reward margin of the preferred samples,
+/// zero at the start, rises; with no pairs nothing changes.
+#[test]
+fn dpo_raises_the_implicit_reward_margin_of_its_own_pairs() {
+    use burn::module::Module;
+    use burn::tensor::{Device, Distribution, Tensor};
+    use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, Group};
+    use burn_recipes::dit::{dpo_margin, dpo_steps};
+    use burn_video::dit::DitConfig;
+    use burn_video::synthetic::Label;
+    use burn_video::text::Vocabulary;
+
+    let recipe = DitRecipe::load(&recipe("dit-tiny.toml"), &[]).expect("recipe");
+    let mut post = recipe.post.clone().expect("[post]");
+    post.dpo_steps = 8;
+    post.batch = 2;
+    post.dpo_lr = 1e-3;
+    let captions: Vec<String> = (0..3).map(|i| Label::nth(i).caption()).collect();
+    let vocab = Vocabulary::from_captions(&captions);
+    let config = DitConfig {
+        latent: 4,
+        hidden: 24,
+        depth: 1,
+        heads: 2,
+        mlp_ratio: 2,
+        vocab: vocab.len(),
+        text_len: recipe.dit.text_len,
+        rope_base: 100.0,
+        moe: None,
+        pooled_text: false,
+    };
+    let d = Device::flex().autodiff();
+    let dit = config.init(&d).expect("dit");
+    let reference = dit.valid();
+    let latent = || Tensor::<4>::random([4, 2, 4, 4], Distribution::Normal(0.0, 1.0), &d);
+    let pairs: Vec<_> = captions
+        .iter()
+        .map(|c| (latent(), latent(), c.clone()))
+        .collect();
+    let g = Group::single();
+    let mut opt = DistributedAdamW::new(
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        g.clone(),
+        g.clone(),
+        g,
+    )
+    .expect("optimizer");
+    let inputs = (&vocab, recipe.dit.text_len);
+    let before = dpo_margin((&dit.valid(), &reference), &pairs, post.beta, inputs).expect("margin");
+    assert!(before.abs() < 1e-9, "the policy is the reference: {before}");
+    let mut rng = Rng::new(7);
+    let (none, losses) = dpo_steps(
+        &recipe,
+        &post,
+        (dit.clone(), &mut opt, None),
+        &reference,
+        &[],
+        (&vocab, &mut rng),
+    )
+    .expect("no pairs");
+    assert!(losses.is_empty());
+    let unchanged =
+        dpo_margin((&none.valid(), &reference), &pairs, post.beta, inputs).expect("margin");
+    assert!(unchanged.abs() < 1e-9, "{unchanged}");
+    let (trained, losses) = dpo_steps(
+        &recipe,
+        &post,
+        (dit, &mut opt, None),
+        &reference,
+        &pairs,
+        (&vocab, &mut rng),
+    )
+    .expect("dpo");
+    assert_eq!(losses.len(), 8);
+    // log 2 at the reference.
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-6,
+        "{losses:?}"
+    );
+    let after =
+        dpo_margin((&trained.valid(), &reference), &pairs, post.beta, inputs).expect("margin");
+    assert!(
+        after > 0.1,
+        "DPO did not raise the margin of its pairs: {before} -> {after}"
+    );
+}
+
 #[test]
 fn bad_dit_recipes_name_the_key_and_write_nothing() {
     let tmp = tempfile::tempdir().expect("temporary folder");
@@ -181,9 +272,10 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
             "stage[2].steps=2",
             "stage[1].frames=2",
             "stage[2].frames=3",
-            "post.sft_steps=2",
+            "post.sft_steps=6",
+            "post.sft_lr=1e-3",
             "post.dpo_steps=2",
-            "post.prompts=3",
+            "post.prompts=8",
             "post.eval_prompts=2",
             "post.sample_steps=2",
             "post.batch=2",
@@ -211,7 +303,27 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         let d = post[key]["direction"].as_f64().expect("direction");
         assert!((0.0..=1.0).contains(&d), "{key}: {d}");
     }
-    assert!(post["pairs"].as_u64().is_some_and(|p| p <= 3));
+    let get = |key: &str| {
+        post[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {key}: {post}"))
+    };
+    // SFT fits its clips: the flow loss on them (fixed timesteps and noise) falls.
+    assert!(
+        get("sft_flow_after") < get("sft_flow_before"),
+        "SFT did not lower the flow loss on its clips: {post}"
+    );
+    // DPO starts at the reference (margin 0); an untrained model's samples often tie under
+    // the checker (then there are no pairs and DPO leaves the model alone, margin 0). What DPO
+    // does to the margin of its pairs is tested above on pairs of its own.
+    let pairs = post["pairs"].as_u64().expect("pairs");
+    assert!(pairs <= 8, "{post}");
+    assert!(get("dpo_margin_before").abs() < 1e-6, "{post}");
+    if pairs == 0 {
+        assert!(get("dpo_margin_after").abs() < 1e-6, "{post}");
+    } else {
+        assert!(get("dpo_margin_after") > 0.0, "{post}");
+    }
     assert!(out.contains("post-training"), "{out}");
     let metrics = std::fs::read_to_string(tmp.path().join("dit/metrics.jsonl")).expect("metrics");
     assert_eq!(metrics.lines().count(), 7);

@@ -1,11 +1,13 @@
-//! Autodiff against finite differences: for every parameter and the input of a full MoE layer
-//! (softmax top-2 router with aux and z losses, SwiGLU experts, gated shared expert), the
-//! directional derivative `<grad, v>` equals the central difference
-//! `(L(p + εv) - L(p - εv)) / 2ε` of `L = sum(y * u) + aux + z`.
+//! Autodiff against finite differences: for every parameter of a full MoE layer (softmax top-2
+//! router with aux and z losses, SwiGLU experts, gated shared expert), found by visiting the
+//! module rather than listed by hand, and for its input, the directional derivative
+//! `<grad, v>` equals the central difference `(L(p + εv) - L(p - εv)) / 2ε` of
+//! `L = sum(y * u) + aux + z`.
 
-use burn::tensor::{Device, Tensor};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use burn_moe::prelude::*;
-use tests::lcg_tensor;
+use tests::{lcg_tensor, lcg_values};
 
 const S: usize = 8;
 const B: usize = 4;
@@ -14,48 +16,29 @@ const F: usize = 6;
 const FS: usize = 5;
 const E: usize = 4;
 
-#[derive(Clone)]
-struct Weights {
-    x: Tensor<3>,
-    router: Tensor<2>,
-    w1: Tensor<3>,
-    w2: Tensor<3>,
-    s1: Tensor<2>,
-    s2: Tensor<2>,
-    gate: Tensor<2>,
-}
-
-fn weights(device: &Device) -> Weights {
-    Weights {
-        x: lcg_tensor([S, B, H], 1, 1.0, device),
-        router: lcg_tensor([E, H], 2, 0.8, device),
-        w1: lcg_tensor([E, H, 2 * F], 3, 0.5, device),
-        w2: lcg_tensor([E, F, H], 4, 0.5, device),
-        s1: lcg_tensor([H, 2 * FS], 5, 0.5, device),
-        s2: lcg_tensor([FS, H], 6, 0.5, device),
-        gate: lcg_tensor([1, H], 7, 0.5, device),
-    }
-}
-
-fn layer(w: &Weights) -> MoeLayer {
+fn layer(device: &Device) -> MoeLayer {
     let router = RouterConfig::new(H, E, 2)
         .with_aux_loss_coeff(0.1)
         .with_z_loss_coeff(Some(0.01));
-    let router = Router::from_weight(router, w.router.clone()).unwrap();
-    let experts =
-        Experts::from_weights(ExpertsConfig::new(E, H, F), w.w1.clone(), w.w2.clone()).unwrap();
+    let router = Router::from_weight(router, lcg_tensor([E, H], 2, 0.8, device)).unwrap();
+    let experts = Experts::from_weights(
+        ExpertsConfig::new(E, H, F),
+        lcg_tensor([E, H, 2 * F], 3, 0.5, device),
+        lcg_tensor([E, F, H], 4, 0.5, device),
+    )
+    .unwrap();
     let shared = SharedExperts::from_weights(
         SharedExpertsConfig::new(H, FS).with_gate(true),
-        w.s1.clone(),
-        w.s2.clone(),
-        Some(w.gate.clone()),
+        lcg_tensor([H, 2 * FS], 5, 0.5, device),
+        lcg_tensor([FS, H], 6, 0.5, device),
+        Some(lcg_tensor([1, H], 7, 0.5, device)),
     )
     .unwrap();
     MoeLayer::new(router, experts, Some(shared)).unwrap()
 }
 
-fn loss(w: &Weights, upstream: &Tensor<3>) -> Tensor<1> {
-    let out = layer(w).forward(w.x.clone()).unwrap();
+fn loss(layer: &MoeLayer, x: Tensor<3>, upstream: &Tensor<3>) -> Tensor<1> {
+    let out = layer.forward(x).unwrap();
     (out.output.clone() * upstream.clone()).sum() + out.total_aux_loss().unwrap()
 }
 
@@ -63,110 +46,133 @@ fn value(t: Tensor<1>) -> f64 {
     f64::from(t.into_scalar::<f32>())
 }
 
+fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// Every float parameter in visiting order: its module path, element count and (with
+/// gradients given) its gradient.
+struct Params<'a> {
+    grads: Option<&'a Gradients>,
+    path: Vec<String>,
+    found: Vec<(String, usize, Option<Vec<f32>>)>,
+}
+
+impl ModuleVisitor for Params<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        let grad = self.grads.and_then(|g| value.grad(g)).map(flat);
+        let name = format!("{} #{}", self.path.join("."), self.found.len());
+        self.found.push((name, value.shape().num_elements(), grad));
+    }
+}
+
+fn params(layer: &MoeLayer, grads: Option<&Gradients>) -> Vec<(String, usize, Option<Vec<f32>>)> {
+    let mut visit = Params {
+        grads,
+        path: Vec::new(),
+        found: Vec::new(),
+    };
+    layer.visit(&mut visit);
+    visit.found
+}
+
+/// Adds `scale · direction` to the `target`-th float parameter (visiting order).
+struct Shift<'a> {
+    target: usize,
+    index: usize,
+    direction: &'a [f32],
+    scale: f64,
+}
+
+impl ModuleMapper for Shift<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let index = self.index;
+        self.index += 1;
+        if index != self.target {
+            return param;
+        }
+        let (direction, scale) = (self.direction.to_vec(), self.scale);
+        param.map(|t| {
+            let d = Tensor::<D>::from_data(TensorData::new(direction, t.shape()), &t.device());
+            t + d.mul_scalar(scale)
+        })
+    }
+}
+
+fn check(name: &str, analytic: &[f32], direction: &[f32], plus: f64, minus: f64, eps: f64) {
+    assert_eq!(analytic.len(), direction.len(), "{name}: gradient size");
+    let analytic: f64 = analytic
+        .iter()
+        .zip(direction)
+        .map(|(g, v)| f64::from(*g) * f64::from(*v))
+        .sum();
+    let numeric = (plus - minus) / (2.0 * eps);
+    let err = (analytic - numeric).abs();
+    assert!(
+        err <= 2e-3 + 1e-2 * numeric.abs(),
+        "{name}: autodiff {analytic} vs finite difference {numeric}"
+    );
+}
+
 #[test]
 fn moe_layer_gradients_match_finite_differences() {
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
-    let base = weights(&plain);
     let upstream = lcg_tensor([S, B, H], 9, 1.0, &plain);
-
-    // Autodiff gradients.
-    let w = weights(&ad);
-    let x = w.x.clone().require_grad();
-    let w = Weights { x: x.clone(), ..w };
-    let l = layer(&w);
-    let out = l.forward(x.clone()).unwrap();
-    let total = (out.output.clone() * upstream.clone().to_device(&ad)).sum()
-        + out.total_aux_loss().unwrap();
-    let grads = total.backward();
-
+    let x = lcg_tensor([S, B, H], 1, 1.0, &plain);
     let eps = 1e-3f64;
-    let mut checked = 0;
-    let directional =
-        |name: &str, grad: Vec<f32>, shift: &dyn Fn(&Weights, f64) -> Weights, dir: Vec<f32>| {
-            let analytic: f64 = grad
-                .iter()
-                .zip(&dir)
-                .map(|(g, v)| f64::from(*g) * f64::from(*v))
-                .sum();
-            let plus = value(loss(&shift(&base, eps), &upstream));
-            let minus = value(loss(&shift(&base, -eps), &upstream));
-            let numeric = (plus - minus) / (2.0 * eps);
-            let err = (analytic - numeric).abs();
-            assert!(
-                err <= 2e-3 + 1e-2 * numeric.abs(),
-                "{name}: autodiff {analytic} vs finite difference {numeric}"
-            );
-        };
-    let vec3 = |t: Tensor<3>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
-    let vec2 = |t: Tensor<2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
 
+    // Autodiff gradients of the input and of every parameter.
+    let trained = layer(&ad);
+    let x_ad = lcg_tensor([S, B, H], 1, 1.0, &ad).require_grad();
+    let upstream_ad = lcg_tensor([S, B, H], 9, 1.0, &ad);
+    let grads = loss(&trained, x_ad.clone(), &upstream_ad).backward();
+    let found = params(&trained, Some(&grads));
+
+    let base = layer(&plain);
     let dx = lcg_tensor([S, B, H], 11, 1.0, &plain);
-    directional(
+    check(
         "x",
-        vec3(x.grad(&grads).unwrap()),
-        &|w, e| Weights {
-            x: w.x.clone() + dx.clone().mul_scalar(e),
-            ..w.clone()
-        },
-        vec3(dx.clone()),
+        &flat(x_ad.grad(&grads).unwrap()),
+        &flat(dx.clone()),
+        value(loss(
+            &base,
+            x.clone() + dx.clone().mul_scalar(eps),
+            &upstream,
+        )),
+        value(loss(&base, x.clone() - dx.mul_scalar(eps), &upstream)),
+        eps,
     );
-    checked += 1;
-    let dr = lcg_tensor([E, H], 12, 1.0, &plain);
-    directional(
-        "router weight",
-        vec2(l.router.weight.val().grad(&grads).unwrap()),
-        &|w, e| Weights {
-            router: w.router.clone() + dr.clone().mul_scalar(e),
-            ..w.clone()
-        },
-        vec2(dr.clone()),
-    );
-    checked += 1;
-    let d1 = lcg_tensor([E, H, 2 * F], 13, 1.0, &plain);
-    directional(
-        "w1",
-        vec3(l.experts.w1.val().grad(&grads).unwrap()),
-        &|w, e| Weights {
-            w1: w.w1.clone() + d1.clone().mul_scalar(e),
-            ..w.clone()
-        },
-        vec3(d1.clone()),
-    );
-    checked += 1;
-    let d2 = lcg_tensor([E, F, H], 14, 1.0, &plain);
-    directional(
-        "w2",
-        vec3(l.experts.w2.val().grad(&grads).unwrap()),
-        &|w, e| Weights {
-            w2: w.w2.clone() + d2.clone().mul_scalar(e),
-            ..w.clone()
-        },
-        vec3(d2.clone()),
-    );
-    checked += 1;
-    let shared = l.shared.as_ref().unwrap();
-    let ds1 = lcg_tensor([H, 2 * FS], 15, 1.0, &plain);
-    directional(
-        "shared w1",
-        vec2(shared.w1.val().grad(&grads).unwrap()),
-        &|w, e| Weights {
-            s1: w.s1.clone() + ds1.clone().mul_scalar(e),
-            ..w.clone()
-        },
-        vec2(ds1.clone()),
-    );
-    checked += 1;
-    let dg = lcg_tensor([1, H], 16, 1.0, &plain);
-    directional(
-        "shared gate",
-        vec2(shared.gate.as_ref().unwrap().val().grad(&grads).unwrap()),
-        &|w, e| Weights {
-            gate: w.gate.clone() + dg.clone().mul_scalar(e),
-            ..w.clone()
-        },
-        vec2(dg.clone()),
-    );
-    checked += 1;
-    assert_eq!(checked, 6);
+
+    let mut checked_elements = 0;
+    for (i, (name, numel, grad)) in found.iter().enumerate() {
+        let grad = grad
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let direction = lcg_values(*numel, 100 + i as u64, 1.0);
+        let shifted = |scale: f64| {
+            base.clone().map(&mut Shift {
+                target: i,
+                index: 0,
+                direction: &direction,
+                scale,
+            })
+        };
+        let plus = value(loss(&shifted(eps), x.clone(), &upstream));
+        let minus = value(loss(&shifted(-eps), x.clone(), &upstream));
+        check(name, grad, &direction, plus, minus, eps);
+        checked_elements += numel;
+    }
+    // Every parameter the module has was perturbed: router, both expert weights, both shared
+    // expert weights and the shared gate, counted by Burn itself.
+    assert_eq!(checked_elements, trained.num_params());
 }

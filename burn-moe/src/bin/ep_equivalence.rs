@@ -346,12 +346,22 @@ fn run_case(
                 &totals[..1],
             );
         }
-        let syncs = [out.stats.host_syncs as f32];
-        c.close("dropless host syncs", &syncs, &[1.0]);
     }
-    if mode == Mode::Padded {
-        c.close("padded host syncs", &[out.stats.host_syncs as f32], &[0.0]);
-    }
+    // Device-to-host reads of the dispatch and combine: every collective of a group larger
+    // than one rank is staged through host memory (one read each), and dropless dispatch reads
+    // the tokens per expert once more; padded dispatch reads nothing else.
+    let expert_groups = ExpertGroups::new(&groups).map_err(s)?;
+    let big = |g: &burn_parallel::group::Group| u64::from(g.size() > 1);
+    let staged = match kind {
+        DispatcherKind::AllGather => 2 * big(groups.group(GroupKind::ExpertTpEp)),
+        DispatcherKind::AllToAll => 2 * big(expert_groups.ep()) + 2 * big(expert_groups.etp()),
+    };
+    let want_reads = staged + u64::from(mode != Mode::Padded);
+    c.close(
+        &format!("{mode:?} dispatch+combine device-to-host reads"),
+        &[out.stats.transfers.reads as f32],
+        &[want_reads as f32],
+    );
     Ok(Some((out, x_grad)))
 }
 

@@ -11,6 +11,7 @@ use std::fmt::Debug;
 use std::ops::Range;
 
 use burn::tensor::{Bool, Int, Tensor};
+use burn_parallel::transfers::{self, HostTransfers};
 
 use crate::error::{MoeError, Result};
 
@@ -21,8 +22,9 @@ pub struct DispatchStats {
     pub bytes_sent: u64,
     /// Bytes this rank received from other ranks.
     pub bytes_received: u64,
-    /// Device-to-host synchronisations.
-    pub host_syncs: usize,
+    /// Host ↔ device transfers of the dispatch (and, after combine, of the combine too):
+    /// device-to-host reads (synchronisations) and host-to-device uploads, counted separately.
+    pub transfers: HostTransfers,
 }
 
 /// What [`TokenDispatcher::combine`] needs to undo a dispatch.
@@ -111,6 +113,7 @@ impl TokenDispatcher for LocalDispatcher {
         routing_map: Tensor<2, Bool>,
         capacity: Option<usize>,
     ) -> Result<Dispatched> {
+        let before = transfers::snapshot();
         let [t, _] = hidden.dims();
         check_routing_shapes(t, &probs, &routing_map)?;
         let local = permute::local_permutation(routing_map, capacity)?;
@@ -125,7 +128,7 @@ impl TokenDispatcher for LocalDispatcher {
                 num_tokens: t,
                 exchange: None,
                 stats: DispatchStats {
-                    host_syncs: local.host_syncs,
+                    transfers: transfers::snapshot() - before,
                     ..DispatchStats::default()
                 },
             },
@@ -137,7 +140,10 @@ impl TokenDispatcher for LocalDispatcher {
         expert_output: Tensor<2>,
         plan: DispatchPlan,
     ) -> Result<(Tensor<2>, DispatchStats)> {
+        let before = transfers::snapshot();
         let out = permute::unpermute(expert_output, plan.sorted_indices, plan.row_map);
-        Ok((out, plan.stats))
+        let mut stats = plan.stats;
+        stats.transfers = stats.transfers + (transfers::snapshot() - before);
+        Ok((out, stats))
     }
 }

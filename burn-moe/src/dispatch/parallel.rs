@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Tensor};
 use burn_parallel::group::{Group, ProcessGroups};
 use burn_parallel::mappings;
 use burn_parallel::mesh::GroupKind;
@@ -21,7 +21,10 @@ use burn_parallel::ops::GatherGrad;
 
 use super::permute::{self, local_permutation};
 use super::{DispatchPlan, DispatchStats, Dispatched, TokenDispatcher, check_routing_shapes};
+use burn_parallel::transfers::{self, HostTransfers};
+
 use crate::error::{Result, invalid};
+use crate::host;
 use crate::kernels;
 
 /// What a cross-rank dispatch must undo in `combine`.
@@ -79,7 +82,10 @@ fn remote_rows(counts: &[usize], me: usize) -> u64 {
 fn take(rows: Tensor<2>, idx: &[usize]) -> Tensor<2> {
     let device = rows.device();
     let idx: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
-    rows.select(0, Tensor::<1, Int>::from_data(idx.as_slice(), &device))
+    rows.select(
+        0,
+        host::upload_i64(&idx, &device, "uploading a row selection"),
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +206,7 @@ impl TokenDispatcher for AllGatherDispatcher {
         routing_map: Tensor<2, Bool>,
         capacity: Option<usize>,
     ) -> Result<Dispatched> {
+        let before = transfers::snapshot();
         let [t, _] = hidden.dims();
         check_routing_shapes(t, &probs, &routing_map)?;
         let e = routing_map.dims()[1];
@@ -228,7 +235,7 @@ impl TokenDispatcher for AllGatherDispatcher {
         let stats = DispatchStats {
             bytes_sent: t as u64 * per_token * peers,
             bytes_received: (gathered - t) as u64 * per_token,
-            host_syncs: perm.host_syncs,
+            transfers: transfers::snapshot() - before,
         };
         Ok(Dispatched {
             tokens,
@@ -261,11 +268,13 @@ impl TokenDispatcher for AllGatherDispatcher {
         else {
             return Err(invalid("plan", "was not made by the all-gather dispatcher"));
         };
+        let before = transfers::snapshot();
         let out = permute::unpermute(expert_output, plan.sorted_indices, plan.row_map) + carrier;
         let out = mappings::reduce_scatter_to_sequence_region(out, &self.groups.tp_ep)?;
         let mut stats = plan.stats;
         stats.bytes_sent += (gathered - local) as u64 * row_bytes;
         stats.bytes_received += (gathered - local) as u64 * row_bytes;
+        stats.transfers = stats.transfers + (transfers::snapshot() - before);
         Ok((out, stats))
     }
 }
@@ -308,6 +317,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         routing_map: Tensor<2, Bool>,
         capacity: Option<usize>,
     ) -> Result<Dispatched> {
+        let before = transfers::snapshot();
         let [t, h] = hidden.dims();
         check_routing_shapes(t, &probs, &routing_map)?;
         if t == 0 {
@@ -359,7 +369,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         let mut stats = DispatchStats {
             bytes_sent: remote_rows(&ep_send, me) * (bytes + prob_bytes),
             bytes_received: remote_rows(&ep_recv, me) * (bytes + prob_bytes),
-            host_syncs: perm.host_syncs,
+            transfers: HostTransfers::default(),
         };
         // Move the carrier to the end of the received rows, then gather over ETP: every ETP
         // rank's segment is its rows followed by its carrier.
@@ -434,6 +444,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         }
         chunk_order.extend((0..n_etp).map(|j| j * per_j + n_ep * el));
         let sorted = kernels::sort_chunks(packed, &split_sizes, &chunk_order)?;
+        stats.transfers = transfers::snapshot() - before;
         let rows = real;
         let tokens = sorted.clone().slice([0..rows, 0..h]);
         let probs = sorted.slice([0..rows, h..h + 1]).reshape([rows]);
@@ -479,6 +490,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         else {
             return Err(invalid("plan", "was not made by the all-to-all dispatcher"));
         };
+        let before = transfers::snapshot();
         let (ep, etp) = (&self.groups.ep, &self.groups.etp);
         let (me, my_j) = (ep.rank(), etp.rank());
         let mut stats = plan.stats;
@@ -518,6 +530,7 @@ impl TokenDispatcher for AllToAllDispatcher {
         let my_carrier: usize = ep_send[..=me].iter().sum();
         let out = take(out, &without_row(sent + 1, my_carrier));
         let out = permute::unpermute(out, plan.sorted_indices, plan.row_map);
+        stats.transfers = stats.transfers + (transfers::snapshot() - before);
         Ok((out, stats))
     }
 }

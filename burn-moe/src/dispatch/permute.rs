@@ -47,8 +47,6 @@ pub struct LocalPermutation {
     pub expert_of_row: Tensor<1, Int>,
     /// Rows per expert.
     pub counts: Vec<usize>,
-    /// Device-to-host synchronisations it took (1 dropless, 0 padded).
-    pub host_syncs: usize,
     /// Row of each (token, expert) pair, `-1` if not routed, `[T, E]` (the MoE extension's
     /// unpermute reads it instead of scattering).
     pub row_map: Tensor<2, Int>,
@@ -71,13 +69,12 @@ pub fn local_permutation(
                 sorted_indices: index.token_of_row,
                 expert_of_row: index.expert_of_row,
                 counts: index.counts,
-                host_syncs: 1,
                 row_map: index.row_map,
             })
         }
         Some(c) => {
             let rows = c.min(t);
-            let descending = Tensor::<1, Int>::arange(0..t as i64, &device)
+            let descending = host::arange(0..t as i64, &device, "uploading token positions")
                 .neg()
                 .add_scalar(t as i64)
                 .float()
@@ -91,13 +88,13 @@ pub fn local_permutation(
             let expert_of_row: Vec<i64> = (0..e)
                 .flat_map(|x| std::iter::repeat_n(x as i64, rows))
                 .collect();
-            let expert_of_row = Tensor::<1, Int>::from_data(expert_of_row.as_slice(), &device);
+            let expert_of_row =
+                host::upload_i64(&expert_of_row, &device, "uploading the expert of each row");
             let row_map = kernels::row_map(sorted_indices.clone(), expert_of_row.clone(), t, e);
             Ok(LocalPermutation {
                 sorted_indices,
                 expert_of_row,
                 counts: vec![rows; e],
-                host_syncs: 0,
                 row_map,
             })
         }

@@ -7,11 +7,12 @@ use burn::module::{Module, Param};
 use burn::tensor::activation;
 use std::ops::Range;
 
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 
 pub use shared::{SharedExperts, SharedExpertsConfig};
 
 use crate::error::{MoeError, Result, invalid};
+use crate::host;
 use crate::router::check_dims;
 
 /// The expert MLP's activation.
@@ -198,7 +199,12 @@ impl Experts {
         let cols = etp_rank * k..(etp_rank + 1) * k;
         // Fresh leaves: a slice of a parameter cannot become a parameter under autodiff (and
         // `detach` of a Burn 0.22 parameter keeps it tracked), so the shard is copied once.
-        let fresh = |t: Tensor<3>| Tensor::<3>::from_data(t.to_data(), &t.device());
+        let fresh = |t: Tensor<3>| {
+            let bytes = (t.shape().num_elements() * t.dtype().size()) as u64;
+            burn_parallel::transfers::read("copying expert weights to shard them", bytes);
+            burn_parallel::transfers::upload("copying expert weights to shard them", bytes);
+            Tensor::<3>::from_data(t.to_data(), &t.device())
+        };
         let w1 = fresh(self.w1.val()).slice([local.clone(), 0..h, 0..cfg.activation.fc1_width(f)]);
         let w1 = match cfg.activation {
             Activation::SwiGlu => {
@@ -356,7 +362,7 @@ impl Experts {
                 valid.extend((0..count).map(|i| (expert * cap + i) as i64));
                 start += count;
             }
-            let gather = Tensor::<1, Int>::from_data(gather.as_slice(), &device);
+            let gather = host::upload_i64(&gather, &device, "uploading the padding gather index");
             let x = Tensor::cat(vec![tokens, Tensor::zeros([1, h], &device)], 0)
                 .select(0, gather.clone())
                 .reshape([e, cap, h]);
@@ -366,7 +372,11 @@ impl Experts {
             (
                 x,
                 p,
-                Some(Tensor::<1, Int>::from_data(valid.as_slice(), &device)),
+                Some(host::upload_i64(
+                    &valid,
+                    &device,
+                    "uploading the rows kept after padding",
+                )),
             )
         };
         let f1 = cfg.activation.fc1_width(cfg.ffn_hidden);

@@ -366,8 +366,15 @@ fn zeros_like(reference: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTe
     )
 }
 
-/// An integer tensor of `values` on `reference`'s device, in the dtype `dtype`.
-fn int_tensor(reference: &CubeTensor, values: &[usize], dtype: DType) -> CubeTensor {
+/// An integer tensor of `values` on `reference`'s device, in the dtype `dtype` (an upload,
+/// counted as `what`).
+fn int_tensor(
+    reference: &CubeTensor,
+    values: &[usize],
+    dtype: DType,
+    what: &'static str,
+) -> CubeTensor {
+    burn_parallel::transfers::upload(what, (values.len() * dtype.size()) as u64);
     let data = TensorData::new(
         values.iter().map(|&v| v as i64).collect::<Vec<_>>(),
         [values.len()],
@@ -428,7 +435,12 @@ fn grouped_gemm(a: CubeTensor, b: CubeTensor, counts: &[usize], kind: Gemm) -> C
             _ => out,
         };
     }
-    let table = int_tensor(&a, &table, index_dtype);
+    let table = int_tensor(
+        &a,
+        &table,
+        index_dtype,
+        "uploading a grouped-GEMM tile table",
+    );
     let col_tiles = cols.div_ceil(TILE);
     let [a_si, a_sr, b_sr, b_sj, c_si, c_sj] = strides;
     let (f, i) = (a.dtype, table.dtype);
@@ -516,7 +528,7 @@ impl MoeKernelOps for CubeBackend {
         if tokens * experts == 0 {
             return (token_of_row, expert_of_row, row_map);
         }
-        let offsets = int_tensor(&map, &offsets, dtype);
+        let offsets = int_tensor(&map, &offsets, dtype, "uploading expert offsets");
         routing_index_kernel::launch(
             &map.client.clone(),
             CubeCount::Static(experts as u32, 1, 1),
@@ -674,7 +686,7 @@ impl MoeKernelOps for CubeBackend {
         order: Vec<usize>,
     ) -> FloatTensor<Self> {
         let rows = chunk_rows(&split_sizes, &order);
-        let rows = int_tensor(&x, &rows, DType::I32);
+        let rows = int_tensor(&x, &rows, DType::I32, "uploading the chunk-sort row order");
         gather_rows(x, rows)
     }
 

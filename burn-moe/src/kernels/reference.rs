@@ -5,6 +5,7 @@ use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
 
 use crate::dispatch::permute::routing_permutation;
 use crate::error::Result;
+use crate::host;
 
 use super::{RoutingIndex, group_ranges};
 
@@ -24,8 +25,8 @@ pub fn routing_index(routing_map: Tensor<2, Bool>) -> Result<RoutingIndex> {
         .enumerate()
         .flat_map(|(x, &n)| std::iter::repeat_n(x as i64, n))
         .collect();
-    let token_of_row = Tensor::<1, Int>::from_data(order.as_slice(), &device);
-    let expert_of_row = Tensor::<1, Int>::from_data(experts.as_slice(), &device);
+    let token_of_row = host::upload_i64(&order, &device, "uploading the token of each row");
+    let expert_of_row = host::upload_i64(&experts, &device, "uploading the expert of each row");
     let row_map = row_map(token_of_row.clone(), expert_of_row.clone(), t, e);
     Ok(RoutingIndex {
         token_of_row,
@@ -46,7 +47,11 @@ pub fn row_map(
     let [n] = token_of_row.dims();
     let pairs = token_of_row.mul_scalar(experts as i64) + expert_of_row;
     // Each pair occurs once: adding `r + 1` to `-1` writes `r`.
-    let rows = Tensor::<1, Int>::arange(1..n as i64 + 1, &device);
+    let rows = host::arange(
+        1..n as i64 + 1,
+        &device,
+        "uploading row numbers for the row map",
+    );
     Tensor::<1, Int>::full([tokens * experts], -1, &device)
         .select_assign(0, pairs, rows, IndexingUpdateOp::Add)
         .reshape([tokens, experts])

@@ -150,5 +150,5 @@ pub fn sinkhorn_indices(logits: Tensor<2>, k: usize) -> Result<Tensor<2, Int>> {
         row.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         indices.extend(row.iter().take(k).map(|(j, _)| *j as i64));
     }
-    Ok(Tensor::<1, Int>::from_data(indices.as_slice(), &device).reshape([t, k]))
+    Ok(host::upload_i64(&indices, &device, "uploading Sinkhorn's expert choices").reshape([t, k]))
 }

@@ -319,7 +319,8 @@ fn reference(dp: usize, d: &Device) -> Res<Trace> {
             first_grads = Some(as_weights(&model, Some(&grads)));
         }
         losses.push(step_losses);
-        model = opt.step_buffered(model, grads, &[]).map_err(err)?.0;
+        let roles = replicated_roles(&model); // TP 1: every parameter replicated
+        model = opt.step_buffered(model, grads, &roles).map_err(err)?.0;
     }
     Ok(Trace {
         losses,
@@ -418,7 +419,8 @@ fn run_case(
                 at += w.len();
             }
         }
-        model = opt.step_buffered(model, run.grads, &[]).map_err(err)?.0;
+        let roles = replicated_roles(&model); // TP 1: every parameter replicated
+        model = opt.step_buffered(model, run.grads, &roles).map_err(err)?.0;
     }
     let reference = Stage::new(&want.last, stage, pp, chunks, &tp, d).map_err(err)?;
     for (i, (got, w)) in values(&model, None)

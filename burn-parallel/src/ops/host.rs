@@ -7,7 +7,7 @@ use half::bf16;
 use super::{GatherGrad, ParallelBackend};
 use crate::comm::{Communicator, ReduceOp, check_counts};
 use crate::error::{ParallelError, Result};
-use crate::group::{GroupId, lookup, record_error};
+use crate::group::{GroupId, check_id, lookup, record_failure};
 
 /// A tensor's values on the host, widened to f32 (exact for bf16; reductions then accumulate
 /// in f32, as the communicators' bf16 methods do), and whether to narrow them back.
@@ -16,8 +16,9 @@ struct Host {
     bf16: bool,
 }
 
-fn read<B: Backend>(x: FloatTensor<B>) -> Result<Host> {
+fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Host> {
     let dtype = x.dtype();
+    crate::transfers::read(op, (x.shape().num_elements() * dtype.size()) as u64);
     let data = burn::tensor::try_read_sync(B::float_into_data(x))
         .ok_or_else(|| backend_error("read", "cannot block on this platform"))?
         .map_err(|e| backend_error("read", e))?;
@@ -47,9 +48,11 @@ fn read<B: Backend>(x: FloatTensor<B>) -> Result<Host> {
 fn write<B: Backend>(
     values: Vec<f32>,
     bf16: bool,
-    shape: Shape,
+    (shape, op): (Shape, &'static str),
     device: &B::Device,
 ) -> FloatTensor<B> {
+    let size = if bf16 { 2 } else { 4 };
+    crate::transfers::upload(op, (values.len() * size) as u64);
     let data = if bf16 {
         TensorData::new(
             values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
@@ -71,16 +74,24 @@ fn backend_error(context: &'static str, e: impl std::fmt::Debug) -> ParallelErro
 /// The host-side exchange of a validated collective.
 type Exchange = Box<dyn FnOnce(&dyn Communicator, Vec<f32>) -> Result<Vec<f32>>>;
 
+/// NaN of `shape`: what a failed collective returns (never zeros or its input, which would
+/// train silently on wrong values).
+fn failed<B: Backend>(shape: Shape, device: &B::Device, dtype: DType) -> FloatTensor<B> {
+    B::float_full(shape, f64::NAN.into(), device, dtype.into())
+}
+
 /// Validates the call with `plan` (given the group's communicator and the input shape, it
 /// returns the output shape and the exchange), then runs the exchange on host memory.
-/// Backend operations cannot return errors, so errors are parked (see `group::check`): an
-/// invalid call returns `x` unchanged, a failed exchange zeros of the output shape.
+/// Backend operations cannot return errors: a failure marks the group as failed in `op` (see
+/// [`crate::group`]) and returns NaN (of the input's shape when the call was invalid, of the
+/// output's when the exchange failed). A group that failed before runs no exchange again.
 fn run<B: Backend>(
     x: FloatTensor<B>,
     group: GroupId,
+    op: &'static str,
     plan: impl FnOnce(&dyn Communicator, &Shape) -> Result<(Shape, Exchange)>,
 ) -> FloatTensor<B> {
-    let shape = x.shape();
+    let (shape, device, dtype) = (x.shape(), x.device(), x.dtype());
     let planned = lookup(group).and_then(|comm| {
         let p = plan(comm.as_ref(), &shape)?;
         Ok((comm, p))
@@ -88,19 +99,20 @@ fn run<B: Backend>(
     let (comm, (out_shape, exchange)) = match planned {
         Ok(p) => p,
         Err(err) => {
-            record_error(err);
-            return x;
+            record_failure(group, op, err);
+            return failed::<B>(shape, &device, dtype);
         }
     };
-    let device = x.device();
-    let dtype = x.dtype();
+    if check_id(group).is_err() {
+        return failed::<B>(out_shape, &device, dtype);
+    }
     let result =
-        read::<B>(x).and_then(|host| Ok((exchange(comm.as_ref(), host.values)?, host.bf16)));
+        read::<B>(x, op).and_then(|host| Ok((exchange(comm.as_ref(), host.values)?, host.bf16)));
     match result {
-        Ok((values, bf16)) => write::<B>(values, bf16, out_shape, &device),
+        Ok((values, bf16)) => write::<B>(values, bf16, (out_shape, op), &device),
         Err(err) => {
-            record_error(err);
-            B::float_zeros(out_shape, &device, dtype.into())
+            record_failure(group, op, err);
+            failed::<B>(out_shape, &device, dtype)
         }
     }
 }
@@ -191,7 +203,7 @@ pub(super) fn all_reduce<B: Backend>(
     group: GroupId,
     op: ReduceOp,
 ) -> FloatTensor<B> {
-    run::<B>(x, group, |_, shape| {
+    run::<B>(x, group, "all_reduce", |_, shape| {
         let exchange: Exchange = Box::new(move |comm, mut v| {
             comm.all_reduce(&mut v, op)?;
             Ok(v)
@@ -201,7 +213,7 @@ pub(super) fn all_reduce<B: Backend>(
 }
 
 pub(super) fn split<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
-    run::<B>(x, group, |comm, shape| {
+    run::<B>(x, group, "split", |comm, shape| {
         let (g, r) = (comm.size(), comm.rank());
         let n = chunk_of(shape, dim, g)?;
         let (pre, _, post) = around(shape, dim);
@@ -211,7 +223,7 @@ pub(super) fn split<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -
 }
 
 pub(super) fn gather<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
-    run::<B>(x, group, |comm, shape| {
+    run::<B>(x, group, "all_gather", |comm, shape| {
         check_dim(shape, dim)?;
         let g = comm.size();
         let (pre, n, post) = around(shape, dim);
@@ -226,7 +238,7 @@ pub(super) fn reduce_scatter<B: Backend>(
     group: GroupId,
     dim: usize,
 ) -> FloatTensor<B> {
-    run::<B>(x, group, |comm, shape| {
+    run::<B>(x, group, "reduce_scatter", |comm, shape| {
         let g = comm.size();
         let n = chunk_of(shape, dim, g)?;
         let (pre, _, post) = around(shape, dim);
@@ -243,7 +255,7 @@ pub(super) fn all_to_all_v<B: Backend>(
     send_counts: &[usize],
     recv_counts: &[usize],
 ) -> FloatTensor<B> {
-    run::<B>(x, group, |_, shape| {
+    run::<B>(x, group, "all_to_all_v", |_, shape| {
         let (rows, row_len) = row_shape(shape);
         let sent: usize = send_counts.iter().sum();
         if sent != rows {
@@ -265,7 +277,7 @@ pub(super) fn gather_v<B: Backend>(
     group: GroupId,
     counts: &[usize],
 ) -> FloatTensor<B> {
-    run::<B>(x, group, |comm, shape| {
+    run::<B>(x, group, "all_gather_v", |comm, shape| {
         let (rows, row_len) = row_shape(shape);
         check_counts("counts", counts, comm.size())?;
         if counts[comm.rank()] != rows {
@@ -290,7 +302,7 @@ pub(super) fn reduce_scatter_v<B: Backend>(
     group: GroupId,
     counts: &[usize],
 ) -> FloatTensor<B> {
-    run::<B>(x, group, |comm, shape| {
+    run::<B>(x, group, "reduce_scatter_v", |comm, shape| {
         let (rows, row_len) = row_shape(shape);
         let total = check_counts("counts", counts, comm.size())?;
         if total != rows {

@@ -5,8 +5,8 @@
 //! backward rules of Megatron-Core's `tensor_parallel/mappings.py` (each mapping's gradient is its
 //! conjugate). Use the functions of [`crate::mappings`]; they return `Result`.
 //!
-//! Backend operations cannot return errors: a failed collective parks its error in the group
-//! registry (see [`crate::group::check`]) and returns zeros of the right shape.
+//! Backend operations cannot return errors: a failed collective marks its group as failed (see
+//! [`crate::group`]) and returns NaN of the output's shape.
 
 mod autodiff;
 mod host;
