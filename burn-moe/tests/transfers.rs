@@ -194,7 +194,10 @@ fn on_a_cubecl_device_the_kernels_upload_their_offsets_and_tile_tables() {
     let x = tensor([S, B, H], 4, &d).require_grad();
     let (out, forward) = transfers::measure(|| layer.forward(x.clone()).unwrap());
     let loss = out.output.clone().sum() + out.total_aux_loss().unwrap();
-    let (_grads, backward) = transfers::measure(|| loss.backward());
+    let (grads, backward) = transfers::measure(|| loss.backward());
+    // Wait for the device before the process ends (lavapipe's threads crash when the process
+    // exits under queued work).
+    let _ = x.grad(&grads).unwrap().into_data();
     let tiles = (Direction::Upload, "uploading a grouped-GEMM tile table");
     assert_eq!(
         describe(&forward),

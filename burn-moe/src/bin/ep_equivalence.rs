@@ -247,7 +247,7 @@ fn run_case(
     let aux = out.aux_loss.clone().ok_or("no aux loss")?;
     let z = out.z_loss.clone().ok_or("no z loss")?;
     let loss = (out.output.clone() * w).sum() + aux.clone() + z.clone();
-    let grads = loss.backward();
+    let (grads, backward) = burn_parallel::transfers::measure(|| loss.backward());
     burn_parallel::group::check().map_err(s)?;
 
     let tp_cp_groups = mesh.groups(GroupKind::TpCp).to_vec();
@@ -361,6 +361,20 @@ fn run_case(
         &format!("{mode:?} dispatch+combine device-to-host reads"),
         &[out.stats.transfers.reads as f32],
         &[want_reads as f32],
+    );
+    // The whole forward adds the router's NaN/inf check and, over a TP×CP group of more than
+    // one rank, the aux loss's count reduction; the backward runs each staged collective's
+    // conjugate (one read each) and nothing else.
+    let router_reads = 1 + big(groups.group(GroupKind::TpCp));
+    c.close(
+        &format!("{mode:?} forward device-to-host reads"),
+        &[out.transfers.reads as f32],
+        &[(want_reads + router_reads) as f32],
+    );
+    c.close(
+        &format!("{mode:?} backward device-to-host reads"),
+        &[burn_parallel::transfers::totals(&backward).reads as f32],
+        &[staged as f32],
     );
     Ok(Some((out, x_grad)))
 }
