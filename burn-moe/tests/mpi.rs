@@ -33,37 +33,18 @@ fn folded_moe_transformer_trains_like_one_rank_on_2_4_8_ranks() {
 /// operation, the EP group and the dead rank) before a second step runs.
 #[test]
 fn a_failed_backward_collective_stops_the_next_step_on_2_ranks() {
-    use burn_parallel::launch::MpiRun;
     let bin = env!("CARGO_BIN_EXE_burn-moe-collective-failure");
-    let reports = std::env::temp_dir().join(format!(
-        "burn-moe-collective-failure-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&reports);
-    std::fs::create_dir_all(&reports).expect("report folder");
-    let script = format!(
-        "\"{bin}\"; echo $? > \"{}/exit-$OMPI_COMM_WORLD_RANK.txt\"",
-        reports.display()
-    );
-    let out = MpiRun::new(2, ["sh", "-c", script.as_str()])
-        .mpirun_arg("--enable-recovery")
-        .env("BURN_PARALLEL_TIMEOUT_S", "3")
-        .env("BURN_PARALLEL_REPORT_DIR", reports.display().to_string())
-        .limit(Duration::from_secs(90))
-        .run_exclusive()
+    let run = burn_parallel::launch::run_with_reports(2, bin, 3, Duration::from_secs(90))
         .unwrap_or_else(|e| panic!("{e}"));
-    let read = |name: &str| std::fs::read_to_string(reports.join(name)).unwrap_or_default();
-    let verdict = read("rank-0.txt");
+    let verdict = &run.reports[0];
     assert_eq!(
-        read("exit-0.txt").trim(),
-        "3",
+        run.exits[0], "3",
         "survivor: {verdict}\nstderr:\n{}",
-        out.stderr
+        run.output.stderr
     );
     assert!(
         verdict.starts_with("rank 0: error before step 2: all_to_all_v on the ep group")
             && verdict.contains("lost peer rank(s) [1]"),
         "{verdict}"
     );
-    let _ = std::fs::remove_dir_all(&reports);
 }

@@ -24,6 +24,61 @@ pub struct MpiRun {
     pub limit: Duration,
 }
 
+/// What every rank of a [`run_with_reports`] run left: its exit status and its report.
+#[derive(Debug, Clone)]
+pub struct RankReports {
+    /// What `mpirun` printed.
+    pub output: RunOutput,
+    /// Each rank's exit status as the shell printed it (empty if the rank left none).
+    pub exits: Vec<String>,
+    /// What each rank wrote to `$BURN_PARALLEL_REPORT_DIR/rank-R.txt` (empty if nothing).
+    pub reports: Vec<String>,
+}
+
+/// Runs `program` on `np` ranks under `mpirun --enable-recovery` (survivors of a lost peer keep
+/// running) with the communicators' timeout at `timeout_s`, and collects each rank's exit
+/// status and report file: `mpirun` reports no exit status once recovery is enabled, and the
+/// ranks' output lines may interleave. The check programs write their verdict to
+/// `$BURN_PARALLEL_REPORT_DIR/rank-R.txt`.
+pub fn run_with_reports(
+    np: usize,
+    program: &str,
+    timeout_s: u64,
+    limit: Duration,
+) -> Result<RankReports> {
+    let dir = std::env::temp_dir().join(format!(
+        "burn-parallel-reports-{}-{}",
+        std::process::id(),
+        program.rsplit('/').next().unwrap_or("program")
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| ParallelError::InvalidArgument {
+        name: "report folder",
+        reason: format!("{}: {e}", dir.display()),
+    })?;
+    let script = format!(
+        "\"{program}\"; echo $? > \"{}/exit-$OMPI_COMM_WORLD_RANK.txt\"",
+        dir.display()
+    );
+    let output = MpiRun::new(np, ["sh", "-c", script.as_str()])
+        .mpirun_arg("--enable-recovery")
+        .env("BURN_PARALLEL_TIMEOUT_S", timeout_s.to_string())
+        .env("BURN_PARALLEL_REPORT_DIR", dir.display().to_string())
+        .limit(limit)
+        .run_exclusive();
+    let read = |name: String| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let exits = (0..np)
+        .map(|r| read(format!("exit-{r}.txt")).trim().to_string())
+        .collect();
+    let reports = (0..np).map(|r| read(format!("rank-{r}.txt"))).collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(RankReports {
+        output: output?,
+        exits,
+        reports,
+    })
+}
+
 /// What a finished run printed.
 #[derive(Debug, Clone)]
 pub struct RunOutput {

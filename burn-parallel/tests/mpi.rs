@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use burn_parallel::launch::{MpiRun, run_check_program};
+use burn_parallel::launch::{run_check_program, run_with_reports};
 
 /// Runs a check program on 1, 2, 4 and 8 ranks and prints what it reported.
 fn check_binary(bin: &str, name: &str) {
@@ -44,33 +44,16 @@ fn pipeline_schedules_train_like_one_rank_on_1_2_4_8_ranks() {
 fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
     let bin = env!("CARGO_BIN_EXE_burn-parallel-dead-peer");
     let timeout_s = 3;
-    // Each rank's exit status (mpirun does not report it once recovery is enabled) and its
-    // verdict go to files: mpirun may interleave the ranks' output lines.
-    let reports =
-        std::env::temp_dir().join(format!("burn-parallel-dead-peer-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&reports);
-    std::fs::create_dir_all(&reports).expect("report folder");
-    let script = format!(
-        "\"{bin}\"; echo $? > \"{}/exit-$OMPI_COMM_WORLD_RANK.txt\"",
-        reports.display()
-    );
-    let out = MpiRun::new(4, ["sh", "-c", script.as_str()])
-        .mpirun_arg("--enable-recovery")
-        .env("BURN_PARALLEL_TIMEOUT_S", timeout_s.to_string())
-        .env("BURN_PARALLEL_REPORT_DIR", reports.display().to_string())
-        .limit(Duration::from_secs(60))
-        .run_exclusive()
+    let run = run_with_reports(4, bin, timeout_s, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}"));
-    let read = |name: String| std::fs::read_to_string(reports.join(name)).unwrap_or_default();
+    let out = &run.output;
     for rank in 0..3 {
-        let code = read(format!("exit-{rank}.txt"));
         assert_eq!(
-            code.trim(),
-            "3",
+            run.exits[rank], "3",
             "rank {rank} exit status; stderr:\n{}",
             out.stderr
         );
-        let verdict = read(format!("rank-{rank}.txt"));
+        let verdict = &run.reports[rank];
         assert!(
             verdict.starts_with(&format!("rank {rank}: error:"))
                 && verdict.contains("lost peer rank(s) [")
@@ -79,9 +62,7 @@ fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
             out.stderr
         );
     }
-    let killed = read("exit-3.txt".to_string());
-    assert_ne!(killed.trim(), "0", "the killed rank exited cleanly");
-    let _ = std::fs::remove_dir_all(&reports);
+    assert_ne!(run.exits[3], "0", "the killed rank exited cleanly");
     // Timeout plus start-up and the grace period, far from a hang.
     assert!(
         out.elapsed < Duration::from_secs(timeout_s + 15),
