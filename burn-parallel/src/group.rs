@@ -53,39 +53,28 @@ fn entry(id: GroupId) -> Result<Arc<Registered>> {
         })
 }
 
-/// Marks `group` as failed in `op` with `cause` (the group's first failure is kept) and
-/// returns the typed error.
-pub(crate) fn record_failure(
-    group: GroupId,
-    op: &'static str,
-    cause: ParallelError,
-) -> ParallelError {
-    let err = match entry(group) {
-        Ok(e) => {
-            let err = ParallelError::CollectiveFailed {
-                op,
-                group: e.name.clone(),
-                cause: Box::new(cause),
-            };
-            if let Ok(mut slot) = e.failure.lock()
-                && slot.is_none()
-            {
-                *slot = Some(err.clone());
-            }
-            err
-        }
-        Err(lookup_error) => ParallelError::CollectiveFailed {
-            op,
-            group: format!("{group:?}"),
-            cause: Box::new(lookup_error),
-        },
+/// Marks `group` as failed in `op` with `cause`; the group's first failure and the process's
+/// first failure are kept.
+pub(crate) fn record_failure(group: GroupId, op: &'static str, cause: ParallelError) {
+    let registered = entry(group);
+    let err = ParallelError::CollectiveFailed {
+        op,
+        group: registered
+            .as_ref()
+            .map_or_else(|_| format!("{group:?}"), |e| e.name.clone()),
+        cause: Box::new(cause),
     };
+    if let Ok(e) = registered
+        && let Ok(mut slot) = e.failure.lock()
+        && slot.is_none()
+    {
+        *slot = Some(err.clone());
+    }
     if let Ok(mut first) = first_failure().lock()
         && first.is_none()
     {
-        *first = Some(err.clone());
+        *first = Some(err);
     }
-    err
 }
 
 /// The first failure of any collective in this process (sticky: it is returned again on every
