@@ -59,6 +59,16 @@ pub fn upload_f32<const D: usize>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// Uploads host data as a float tensor.
+pub fn upload<const D: usize>(
+    data: TensorData,
+    device: &Device,
+    context: &'static str,
+) -> Tensor<D> {
+    transfers::upload(context, data.as_bytes().len() as u64);
+    Tensor::from_data(data, device)
+}
+
 /// `Tensor::arange(range)`: Burn builds it on the host and uploads it (CubeCL devices), so it
 /// is counted as an upload.
 pub fn arange(range: Range<i64>, device: &Device, context: &'static str) -> Tensor<1, Int> {

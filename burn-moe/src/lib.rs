@@ -47,6 +47,7 @@ pub mod experts;
 pub mod host;
 pub mod kernels;
 pub mod layer;
+pub mod lm;
 pub mod parallel;
 pub mod router;
 pub mod timing;
@@ -65,6 +66,7 @@ pub mod prelude {
         Activation, Experts, ExpertsCompute, ExpertsConfig, SharedExperts, SharedExpertsConfig,
     };
     pub use crate::layer::{DispatcherKind, MoeLayer, MoeLayerConfig, MoeOutput};
+    pub use crate::lm::{MoeLm, MoeLmConfig, StageLayout, TokenSource};
     pub use crate::parallel::{GroupReduce, RouterReduce, SingleRank};
     pub use crate::router::{
         DropPolicy, GlobalAuxState, Mode, RouteOptions, Router, RouterConfig, RouterOutput,

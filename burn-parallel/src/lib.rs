@@ -82,6 +82,7 @@ pub mod mesh;
 pub mod ops;
 pub mod optim;
 pub mod pipeline;
+pub mod rng;
 pub mod schedule;
 pub mod transfers;
 pub mod world;

@@ -20,10 +20,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::mix;
 use crate::error::{RecipeError, Result};
 use crate::recipe::{ModelConfig, Precision, Recipe};
 use crate::train::parameter_count;
+use burn_parallel::rng::mix;
 
 /// Hardware of the cluster (`[cluster]`, H100 defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -523,7 +523,13 @@ impl Recipe {
         if p.virtual_pp == Some(0) {
             return Err(bad("parallel.virtual_pp", "must be at least 1"));
         }
-        crate::model::LayerSplit::from_recipe(self)?;
+        crate::model::layer_split(self)?;
+        self.model.lm_config().validate().map_err(|e| match e {
+            burn_moe::MoeError::InvalidConfig { field, reason } => {
+                bad(&format!("model.{field}"), reason)
+            }
+            other => other.into(),
+        })?;
         let seq = self.data.seq_len;
         if p.cp > 1 && (!seq.is_multiple_of(2 * p.cp) || !(seq / p.cp).is_multiple_of(p.tp)) {
             return Err(bad(

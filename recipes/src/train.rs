@@ -19,11 +19,10 @@ use burn_parallel::schedule::{Schedule, ScheduleKind};
 use serde::Serialize;
 
 use crate::checkpoint::{self, Meta};
-use crate::data::{TokenSource, sequence_index};
 use crate::error::{RecipeError, Result};
-use crate::model::{MoeLm, StageLayout};
 use crate::recipe::{ModelConfig, Precision, Recipe};
 use crate::rundir::refuse_existing;
+use burn_moe::lm::{MoeLm, TokenSource, sequence_index};
 
 /// How to run a recipe.
 #[derive(Debug, Clone)]
@@ -79,39 +78,9 @@ struct StepMetrics {
     seconds: f64,
 }
 
-/// Parameters of the model (all ranks together).
+/// Parameters of the model (all ranks together): `(total, active per token)`.
 pub fn parameter_count(m: &ModelConfig) -> (u64, u64) {
-    let (h, v) = (m.hidden as u64, m.vocab as u64);
-    let heads = m.heads as u64;
-    let kv = m.kv_heads.unwrap_or(m.heads) as u64;
-    let dh = h / heads;
-    let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h;
-    let f = m.ffn_hidden as u64;
-    let fe = m.expert_ffn_hidden.unwrap_or(m.ffn_hidden) as u64;
-    let e = m.experts as u64;
-    let shared = m.shared_expert_ffn_hidden.map_or(0, |s| 3 * h * s as u64);
-    let dense = 3 * h * f;
-    // Embedding, output layer (unless tied to it), final norm.
-    let io = if m.tie_embeddings {
-        v * h + h
-    } else {
-        2 * v * h + h
-    };
-    let (mut total, mut active) = (io, io);
-    for layer in 0..m.layers {
-        let is_moe = m.moe_every > 0 && (layer + 1).is_multiple_of(m.moe_every);
-        let (t, a) = if is_moe {
-            (
-                e * h + e * 3 * h * fe + shared,
-                e * h + m.topk as u64 * 3 * h * fe + shared,
-            )
-        } else {
-            (dense, dense)
-        };
-        total += attention + t;
-        active += attention + a;
-    }
-    (total, active)
+    m.lm_config().parameter_count()
 }
 
 /// Bytes of parameters, gradients and AdamW state (f32 weights and gradients, f32 master
@@ -251,9 +220,13 @@ impl Trainer {
     pub fn new(recipe: &Recipe, groups: ProcessGroups, device: &Device) -> Result<Self> {
         let p = &recipe.parallel;
         let t = &recipe.training;
-        let layout = StageLayout::from_recipe(recipe)?;
+        let layout = crate::model::stage_layout(recipe)?;
         let chunks = layout.split.chunks();
-        let model = MoeLm::stage(&recipe.model, recipe.run.seed, &groups, &layout, device)?;
+        let model =
+            recipe
+                .model
+                .lm_config()
+                .init_stage(recipe.run.seed, &groups, &layout, device)?;
         let adamw = AdamWConfig {
             lr: t.lr,
             beta1: t.beta1,
@@ -295,7 +268,7 @@ impl Trainer {
         // Parameter ids survive optimizer steps (new values, same parameters).
         let roles = model.roles();
         Ok(Self {
-            source: TokenSource::new(&recipe.data, m.vocab, recipe.run.seed)?,
+            source: crate::data::token_source(&recipe.data, m.vocab, recipe.run.seed)?,
             recipe: recipe.clone(),
             groups,
             device: device.clone(),

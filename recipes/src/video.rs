@@ -17,10 +17,10 @@ use burn_video::vae::{LinearPath, Vae, VaeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Meta};
-use crate::data::mix;
 use crate::error::{RecipeError, Result};
 use crate::recipe::{RunConfig, bad, load_file};
 use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
+use burn_parallel::rng::mix;
 
 /// `[data]` of a VAE recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,10 +7,8 @@ use std::process::Command;
 
 use burn::module::Module;
 use burn::tensor::Device;
-use burn_parallel::prelude::ProcessGroups;
-use burn_recipes::model::MoeLm;
 use burn_recipes::plan::{self, Kernels, Layout, Problem};
-use burn_recipes::recipe::{Dispatcher, Precision, Recipe};
+use burn_recipes::recipe::{Precision, Recipe};
 use burn_recipes::train::parameter_count;
 
 fn anchors() -> PathBuf {
@@ -71,9 +69,7 @@ fn parameter_and_state_bytes_equal_the_built_models() {
         ],
     ] {
         let r = recipe("moe-tiny.toml", &overrides);
-        let groups = ProcessGroups::single().expect("groups");
-        let model =
-            MoeLm::new(&r.model, 1, &groups, Dispatcher::Alltoall, &Device::flex()).expect("model");
+        let model = r.model.lm_config().init(1, &Device::flex()).expect("model");
         let built = model.num_params() as u64;
         assert_eq!(parameter_count(&r.model).0, built, "{overrides:?}");
         let (problem, layout) = Problem::from_recipe(&r).expect("problem");

@@ -1,5 +1,5 @@
-//! Multi-rank check (run under `mpirun -np N`, N ∈ {2, 4, 8}): MoE Parallel Folding in a
-//! transformer LM. Attention, embedding and head use the attention mapping (TP with sequence
+//! Multi-rank check (run under `mpirun -np N`, N ∈ {2, 4, 8}): MoE Parallel Folding in
+//! burn-moe's transformer LM (`lm::MoeLm`), laid out by `MoeLm::parallelize`. Attention, embedding and head use the attention mapping (TP with sequence
 //! parallelism × DP); the MoE FFN uses its own mapping (ETP × EP × EDP) of the same ranks.
 //! Trained 3 AdamW steps with the distributed optimizer (dense parameters sharded over DP,
 //! experts over EDP, one global norm) against the same model on one rank, whose loss is the
@@ -13,15 +13,15 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_moe::lm::{FullTensors, LayerSplit, MoeLm, MoeLmConfig, StageLayout};
 use burn_moe::prelude::*;
 use burn_parallel::comm::{Communicator, ReduceOp};
+use burn_parallel::context::CpAttention;
 use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{
-    AdamWConfig, ColumnParallelLinear, DistributedAdamW, Group, GroupKind, LmHead, Mesh, MoeDims,
-    ParallelAttention, ParallelDims, ParallelParams, ParamRole, ProcessGroups, RmsNorm,
-    VocabParallelEmbedding, lm_loss,
+    AdamWConfig, DistributedAdamW, Group, GroupKind, Mesh, MoeDims, ParallelDims, ProcessGroups,
 };
 
 const VOCAB: usize = 64;
@@ -32,6 +32,7 @@ const EXPERT_FFN: usize = 16;
 const SEQ: usize = 8;
 const BATCH: usize = 8;
 const STEPS: usize = 3;
+const SEED: u64 = 11;
 
 type Res<T> = Result<T, String>;
 
@@ -39,121 +40,36 @@ fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-#[derive(Module, Debug)]
-struct MoeLm {
-    embed: VocabParallelEmbedding,
-    norm1: RmsNorm,
-    attn: ParallelAttention,
-    norm2: RmsNorm,
-    moe: MoeLayer,
-    norm_f: RmsNorm,
-    head: ColumnParallelLinear,
-    #[module(skip)]
-    tp: Group,
-}
-
-/// Full tensors in the single-rank model's parameter order.
-#[derive(Clone)]
-struct Weights(Vec<TensorData>);
-
-impl Weights {
-    fn get<const D: usize>(&self, i: usize, d: &Device) -> Tensor<D> {
-        Tensor::from_data(self.0[i].clone(), d)
-    }
-}
-
-fn pseudo(seed: u64, shape: Vec<usize>, scale: f32, offset: f32) -> TensorData {
-    let n: usize = shape.iter().product();
-    let v = (0..n)
-        .map(|i| offset + scale * ((seed as f32 * 3.7 + i as f32 * 0.618).sin() * 9973.1).fract())
-        .collect::<Vec<f32>>();
-    TensorData::new(v, shape)
-}
-
-fn initial() -> Weights {
-    let norm = |s| pseudo(s, vec![HIDDEN], 0.1, 1.0);
-    Weights(vec![
-        pseudo(1, vec![VOCAB, HIDDEN], 0.3, 0.0),
-        norm(2),
-        pseudo(3, vec![HIDDEN, 3 * HIDDEN], 0.2, 0.0),
-        pseudo(4, vec![HIDDEN, HIDDEN], 0.2, 0.0),
-        norm(5),
-        pseudo(6, vec![EXPERTS, HIDDEN], 0.5, 0.0),
-        pseudo(7, vec![EXPERTS, HIDDEN, 2 * EXPERT_FFN], 0.3, 0.0),
-        pseudo(8, vec![EXPERTS, EXPERT_FFN, HIDDEN], 0.3, 0.0),
-        norm(9),
-        pseudo(10, vec![HIDDEN, VOCAB], 0.2, 0.0),
-    ])
-}
-
-/// The model on this rank: `groups = None` builds the single-rank reference.
-fn build(w: &Weights, groups: Option<(&ProcessGroups, DispatcherKind)>, d: &Device) -> Res<MoeLm> {
-    let tp = groups.map_or_else(Group::single, |(g, _)| g.group(GroupKind::Tp).clone());
-    let sp = tp.size() > 1;
-    let router = RouterConfig::new(HIDDEN, EXPERTS, 2)
+/// burn-moe's LM: one block of RoPE attention and a top-2 MoE FFN with aux and z losses.
+fn config() -> MoeLmConfig {
+    let mut moe = MoeLayerConfig::swiglu(HIDDEN, EXPERT_FFN, EXPERTS, 2);
+    moe.router = moe
+        .router
         .with_aux_loss_coeff(1e-2)
         .with_z_loss_coeff(Some(1e-3));
-    let moe = MoeLayer::new(
-        Router::from_weight(router, w.get(5, d)).map_err(err)?,
-        Experts::from_weights(
-            ExpertsConfig::new(EXPERTS, HIDDEN, EXPERT_FFN),
-            w.get(6, d),
-            w.get(7, d),
-        )
-        .map_err(err)?,
-        None,
-    )
-    .map_err(err)?;
-    let moe = match groups {
-        Some((g, kind)) => moe.parallelize(g, kind).map_err(err)?,
-        None => moe,
-    };
-    Ok(MoeLm {
-        embed: VocabParallelEmbedding::from_full(w.get(0, d), tp.clone(), sp).map_err(err)?,
-        norm1: RmsNorm::from_full(w.get(1, d), 1e-6, sp),
-        attn: ParallelAttention::from_full(w.get(2, d), w.get(3, d), HEADS, tp.clone(), sp)
-            .map_err(err)?,
-        norm2: RmsNorm::from_full(w.get(4, d), 1e-6, sp),
-        moe,
-        norm_f: RmsNorm::from_full(w.get(8, d), 1e-6, sp),
-        head: ColumnParallelLinear::from_full(w.get(9, d), None, tp.clone(), false, sp)
-            .map_err(err)?,
-        tp,
-    })
+    MoeLmConfig::new(VOCAB, HIDDEN, 1, HEADS, 2 * HIDDEN)
+        .with_moe(Some(moe))
+        .with_init_std(0.2)
 }
 
-impl MoeLm {
-    /// (cross-entropy, this rank's aux + z losses).
-    fn losses(&self, ids: Tensor<2, Int>, targets: Tensor<2, Int>) -> Res<(Tensor<1>, Tensor<1>)> {
-        let x = self.embed.forward(ids).map_err(err)?;
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x)).map_err(err)?;
-        let moe = self
-            .moe
-            .forward(self.norm2.forward(x.clone()))
-            .map_err(err)?;
-        let x = x + moe.output.clone();
-        let ce = lm_loss(
-            &self.norm_f,
-            LmHead::Linear(&self.head),
-            x,
-            targets,
-            &self.tp,
-        )
-        .map_err(err)?;
-        Ok((ce, moe.total_aux_loss().ok_or("no aux loss")?))
+fn layout(kind: DispatcherKind) -> StageLayout {
+    StageLayout {
+        dispatcher: kind,
+        split: LayerSplit::single(1),
+        cp_attention: CpAttention::Ring,
     }
+}
 
-    fn roles(&self) -> Vec<(ParamId, ParamRole)> {
-        let mut out = Vec::new();
-        self.embed.param_roles(&mut out);
-        self.norm1.param_roles(&mut out);
-        self.attn.param_roles(&mut out);
-        self.norm2.param_roles(&mut out);
-        self.moe.param_roles(&mut out);
-        self.norm_f.param_roles(&mut out);
-        self.head.param_roles(&mut out);
-        out
-    }
+/// (cross-entropy, this rank's aux + z losses).
+fn losses(
+    model: &MoeLm,
+    ids: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+) -> Res<(Tensor<1>, Tensor<1>)> {
+    let out = model.forward_loss(ids, targets).map_err(err)?;
+    let ce = out.ce.ok_or("no cross-entropy")?;
+    let (aux, z) = (out.aux.ok_or("no aux loss")?, out.z.ok_or("no z loss")?);
+    Ok((ce, aux + z))
 }
 
 struct Collect(Vec<TensorData>);
@@ -195,20 +111,21 @@ fn scalar(t: Tensor<1>) -> Res<f32> {
         .map_err(|e| format!("{e:?}"))?[0])
 }
 
-/// The single-rank reference: losses per step and parameters after the last step.
-fn reference(shards: usize, d: &Device) -> Res<(Vec<f32>, Vec<TensorData>)> {
-    let mut model = build(&initial(), None, d)?;
+/// The single-rank reference: losses per step and the full tensors after the last step.
+fn reference(shards: usize, d: &Device) -> Res<(Vec<f32>, FullTensors)> {
+    let mut model = config().init(SEED, d).map_err(err)?;
     let single = Group::single();
     let mut opt =
         DistributedAdamW::new(adamw(), single.clone(), single.clone(), single).map_err(err)?;
     let (ids, targets) = batch(d);
     let per = BATCH / shards;
-    let mut losses = Vec::new();
+    let mut out = Vec::new();
     for _ in 0..STEPS {
         let mut total: Option<Tensor<1>> = None;
         for s in 0..shards {
             let cols = s * per..(s + 1) * per;
-            let (ce, aux) = model.losses(
+            let (ce, aux) = losses(
+                &model,
                 ids.clone().slice([0..SEQ, cols.clone()]),
                 targets.clone().slice([0..SEQ, cols]),
             )?;
@@ -219,12 +136,12 @@ fn reference(shards: usize, d: &Device) -> Res<(Vec<f32>, Vec<TensorData>)> {
             });
         }
         let total = total.ok_or("no shard")?;
-        losses.push(scalar(total.clone())?);
+        out.push(scalar(total.clone())?);
         let grads = total.backward();
         let roles = model.roles();
         model = opt.step(model, &grads, &roles).map_err(err)?.0;
     }
-    Ok((losses, params(&model)))
+    Ok((out, model.full_tensors(None).map_err(err)?))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -257,7 +174,11 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
     )
     .map_err(err)?;
     let groups = ProcessGroups::new(mesh, world.clone()).map_err(err)?;
-    let mut model = build(&initial(), Some((&groups, layout.kind)), d)?;
+    // The plain model laid out for this mesh (torchtitan's parallelize).
+    let mut model = config()
+        .init(SEED, d)
+        .and_then(|m| m.parallelize(&groups, &self::layout(layout.kind)))
+        .map_err(err)?;
     let dp_group = groups.group(GroupKind::Dp).clone();
     let mut opt = DistributedAdamW::new(
         adamw(),
@@ -274,9 +195,9 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
     let targets = targets.slice([0..SEQ, cols]);
     let tp_comm = groups.group(GroupKind::Tp).communicator().map_err(err)?;
     let dp_comm = dp_group.communicator().map_err(err)?;
-    let mut losses = Vec::new();
+    let mut got_losses = Vec::new();
     for _ in 0..STEPS {
-        let (ce, aux) = model.losses(ids.clone(), targets.clone())?;
+        let (ce, aux) = losses(&model, ids.clone(), targets.clone())?;
         // Reported loss: CE (same on every TP rank) + the TP group's aux and z, mean over DP.
         let mut parts = [scalar(ce.clone())?, scalar(aux.clone())?];
         tp_comm
@@ -284,7 +205,7 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
             .map_err(err)?;
         let mut loss = [parts[0] + parts[1]];
         dp_comm.all_reduce(&mut loss, ReduceOp::Avg).map_err(err)?;
-        losses.push(loss[0]);
+        got_losses.push(loss[0]);
         let grads = (ce + aux).backward();
         burn_parallel::group::check().map_err(err)?;
         let roles = model.roles();
@@ -293,7 +214,7 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
     let (want_losses, want_params) = reference(dp, d)?;
     let label = format!("{layout:?}");
     let mut failures = Vec::new();
-    for (step, (a, b)) in losses.iter().zip(&want_losses).enumerate() {
+    for (step, (a, b)) in got_losses.iter().zip(&want_losses).enumerate() {
         let e = rel_error(&[*a], &[*b]);
         if e.is_nan() || e > 1e-5 {
             failures.push(format!(
@@ -306,11 +227,16 @@ fn run_layout(world: &Arc<dyn Communicator>, layout: Layout, d: &Device) -> Res<
             "{label}: the reference loss does not decrease: {want_losses:?}"
         ));
     }
-    let expected = params(&build(
-        &Weights(want_params),
-        Some((&groups, layout.kind)),
-        d,
-    )?);
+    let expected = params(
+        &MoeLm::from_tensors(
+            &config(),
+            &want_params,
+            &groups,
+            &self::layout(layout.kind),
+            d,
+        )
+        .map_err(err)?,
+    );
     for (i, (got, want)) in params(&model).iter().zip(&expected).enumerate() {
         let f = |t: &TensorData| t.clone().try_into_vec::<f32>().unwrap_or_default();
         let e = rel_error(&f(got), &f(want));

@@ -17,13 +17,13 @@ use std::process::ExitCode;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor};
+use burn_moe::lm::{FullTensors, MoeLm};
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::comm::mpi::MpiWorld;
 use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::prelude::{
     GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims, ParamRole, ProcessGroups,
 };
-use burn_recipes::model::{FullTensors, MoeLm, StageLayout};
 use burn_recipes::recipe::Recipe;
 use burn_recipes::train::Trainer;
 
@@ -199,7 +199,7 @@ fn run_layout(
         }
     };
     let roles: HashMap<ParamId, ParamRole> = trainer.roles().iter().copied().collect();
-    let stage = StageLayout::from_recipe(&r).map_err(err)?;
+    let stage = burn_recipes::model::stage_layout(&r).map_err(err)?;
     for step in 0..STEPS {
         let b = trainer.backward(step).map_err(err)?;
         let rep = trainer.report(&b).map_err(err)?;
@@ -217,7 +217,8 @@ fn run_layout(
             let model = trainer.model().map_err(err)?;
             let mine = reduced(&values(model, Some(&b.grads)), &roles, &groups)?;
             let expected =
-                MoeLm::stage_from(&r.model, &want.grads, &groups, &stage, device).map_err(err)?;
+                MoeLm::from_tensors(&r.model.lm_config(), &want.grads, &groups, &stage, device)
+                    .map_err(err)?;
             let expected = values(&expected, None);
             if expected.len() != mine.len() {
                 check(
@@ -240,7 +241,8 @@ fn run_layout(
         }
         trainer.apply(b.grads, step).map_err(err)?;
     }
-    let expected = MoeLm::stage_from(&r.model, &want.last, &groups, &stage, device).map_err(err)?;
+    let expected = MoeLm::from_tensors(&r.model.lm_config(), &want.last, &groups, &stage, device)
+        .map_err(err)?;
     let got = values(trainer.model().map_err(err)?, None);
     for (i, ((_, g), (_, w))) in got.iter().zip(&values(&expected, None)).enumerate() {
         check(

@@ -1,0 +1,174 @@
+//! [`MoeLmConfig`]: the shape of a decoder-only MoE transformer.
+
+use burn::config::Config;
+
+use crate::error::{Result, invalid};
+use crate::layer::MoeLayerConfig;
+
+/// A decoder-only MoE transformer LM: embedding, pre-norm blocks of RMSNorm → grouped-query
+/// attention with RoPE → RMSNorm → SwiGLU FFN (an MoE layer on every `moe_every`-th layer,
+/// dense otherwise), final RMSNorm, LM head (or the embedding, tied).
+///
+/// ```
+/// use burn_moe::lm::MoeLmConfig;
+/// use burn_moe::prelude::MoeLayerConfig;
+///
+/// // 2 layers of 4 SwiGLU experts, top-2, on hidden 64.
+/// let config = MoeLmConfig::new(64, 64, 2, 4, 128)
+///     .with_kv_heads(Some(2))
+///     .with_moe(Some(MoeLayerConfig::swiglu(64, 64, 4, 2)));
+/// config.validate().unwrap();
+/// let (total, active) = config.parameter_count();
+/// assert!(active < total);
+/// ```
+#[derive(Config, Debug)]
+pub struct MoeLmConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Transformer layers.
+    pub layers: usize,
+    /// Attention (query) heads.
+    pub heads: usize,
+    /// Dense FFN width (layers without MoE).
+    pub ffn_hidden: usize,
+    /// Key/value heads (grouped-query attention); `None`: one per query head.
+    #[config(default = "None")]
+    pub kv_heads: Option<usize>,
+    /// An MoE layer on every `moe_every`-th layer (1: every layer, 0: none).
+    #[config(default = 1)]
+    pub moe_every: usize,
+    /// The MoE layers (router, routed experts, shared experts); `None`: a dense model.
+    #[config(default = "None")]
+    pub moe: Option<MoeLayerConfig>,
+    /// RoPE base.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// Standard deviation of the normal initialisation of every weight (norms start at one).
+    #[config(default = 0.02)]
+    pub init_std: f64,
+    /// RMSNorm epsilon.
+    #[config(default = 1e-6)]
+    pub norm_eps: f64,
+    /// Tie the output layer to the embedding (one `[vocab, hidden]` weight).
+    #[config(default = false)]
+    pub tie_embeddings: bool,
+}
+
+impl MoeLmConfig {
+    /// Key/value heads.
+    pub fn kv(&self) -> usize {
+        self.kv_heads.unwrap_or(self.heads)
+    }
+
+    /// Whether layer `layer` (0-based) has an MoE FFN.
+    pub fn is_moe(&self, layer: usize) -> bool {
+        self.moe.is_some() && self.moe_every > 0 && (layer + 1).is_multiple_of(self.moe_every)
+    }
+
+    /// Index of MoE layer `layer` among the model's MoE layers.
+    pub fn moe_index(&self, layer: usize) -> Option<usize> {
+        self.is_moe(layer)
+            .then(|| (0..layer).filter(|&l| self.is_moe(l)).count())
+    }
+
+    /// Checks every size and that the parts agree.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("vocab", self.vocab),
+            ("hidden", self.hidden),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("ffn_hidden", self.ffn_hidden),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if !self.hidden.is_multiple_of(self.heads) {
+            return Err(invalid(
+                "heads",
+                format!("{} heads do not divide hidden {}", self.heads, self.hidden),
+            ));
+        }
+        if !(self.hidden / self.heads).is_multiple_of(2) {
+            return Err(invalid(
+                "heads",
+                format!(
+                    "the head dimension {} must be even for RoPE",
+                    self.hidden / self.heads
+                ),
+            ));
+        }
+        let kv = self.kv();
+        if kv == 0 || !self.heads.is_multiple_of(kv) {
+            return Err(invalid(
+                "kv_heads",
+                format!("{kv} key/value heads do not divide {} heads", self.heads),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(invalid("rope_theta", "must be a finite number above 1"));
+        }
+        if !(self.init_std.is_finite() && self.init_std > 0.0) {
+            return Err(invalid("init_std", "must be positive"));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(invalid("norm_eps", "must be positive"));
+        }
+        if let Some(moe) = &self.moe {
+            moe.validate()?;
+            if moe.router.hidden != self.hidden {
+                return Err(invalid(
+                    "moe.router.hidden",
+                    format!(
+                        "is {} but the model's hidden size is {}",
+                        moe.router.hidden, self.hidden
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters of the whole model: `(total, active per token)`.
+    pub fn parameter_count(&self) -> (u64, u64) {
+        let (h, v) = (self.hidden as u64, self.vocab as u64);
+        let heads = self.heads as u64;
+        let kv = self.kv() as u64;
+        let dh = h / heads;
+        let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h;
+        let dense = 3 * h * self.ffn_hidden as u64;
+        // Embedding, output layer (unless tied to it), final norm.
+        let io = if self.tie_embeddings {
+            v * h + h
+        } else {
+            2 * v * h + h
+        };
+        let (mut total, mut active) = (io, io);
+        for layer in 0..self.layers {
+            let (t, a) = match &self.moe {
+                Some(moe) if self.is_moe(layer) => {
+                    let e = moe.experts.num_experts as u64;
+                    let fe = moe.experts.ffn_hidden as u64;
+                    let width = moe.experts.activation.fc1_width(moe.experts.ffn_hidden) as u64;
+                    let expert = h * width + fe * h;
+                    let shared = moe.shared.as_ref().map_or(0, |s| {
+                        let w = s.activation.fc1_width(s.ffn_hidden) as u64;
+                        h * w + s.ffn_hidden as u64 * h + if s.gate { h } else { 0 }
+                    });
+                    let router = e * h;
+                    (
+                        router + e * expert + shared,
+                        router + moe.router.topk as u64 * expert + shared,
+                    )
+                }
+                _ => (dense, dense),
+            };
+            total += attention + t;
+            active += attention + a;
+        }
+        (total, active)
+    }
+}

@@ -1,0 +1,20 @@
+//! The MoE transformer language model that Burn users build on: [`MoeLmConfig`] (sizes, the
+//! MoE layer's own [`MoeLayerConfig`](crate::layer::MoeLayerConfig)) → [`MoeLm`] (a Burn
+//! `Module` with `forward(ids) -> logits`), its parts ([`Attention`], [`DenseFfn`], [`Block`])
+//! as public modules, parallel layouts applied by [`MoeLm::parallelize`] (or drawn per rank
+//! by [`MoeLmConfig::init_stage`]) over a [`StageLayout`], and the [`TokenSource`]s the
+//! recipes train on.
+
+pub mod attention;
+pub mod config;
+pub mod data;
+pub mod ffn;
+pub mod model;
+pub mod split;
+
+pub use attention::Attention;
+pub use config::MoeLmConfig;
+pub use data::{TokenSource, sequence_index};
+pub use ffn::DenseFfn;
+pub use model::{Block, Forward, FullTensors, MoeLm};
+pub use split::{LayerSplit, StageLayout};

@@ -1,0 +1,137 @@
+//! The library LM (`burn_moe::lm`): logits against the loss it trains on, parameter counts
+//! against the built modules, the full tensors round trip, configuration errors.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_moe::lm::{MoeLm, MoeLmConfig, StageLayout};
+use burn_moe::prelude::*;
+use burn_parallel::prelude::ProcessGroups;
+
+fn moe_config() -> MoeLmConfig {
+    let mut moe = MoeLayerConfig::swiglu(16, 12, 4, 2)
+        .with_shared(Some(SharedExpertsConfig::new(16, 8).with_gate(true)));
+    moe.router = moe
+        .router
+        .with_aux_loss_coeff(1e-2)
+        .with_z_loss_coeff(Some(1e-3));
+    MoeLmConfig::new(24, 16, 3, 4, 20)
+        .with_kv_heads(Some(2))
+        .with_moe_every(2)
+        .with_moe(Some(moe))
+        .with_init_std(0.3)
+}
+
+fn ids(seed: i64, [s, b]: [usize; 2], vocab: usize, d: &Device) -> Tensor<2, Int> {
+    let v: Vec<i64> = (0..s * b)
+        .map(|i| (i as i64 * 7 + seed * 13 + 5) % vocab as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [s, b]), d)
+}
+
+fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+#[test]
+fn the_cross_entropy_of_the_logits_is_the_loss_the_model_trains_on() {
+    let d = Device::flex();
+    for config in [moe_config(), moe_config().with_tie_embeddings(true)] {
+        let model = config.init(3, &d).expect("model");
+        let (s, b, v) = (6, 2, config.vocab);
+        let x = ids(1, [s, b], v, &d);
+        let y = ids(2, [s, b], v, &d);
+        let logits = floats(model.forward(x.clone()).expect("logits"));
+        assert_eq!(logits.len(), s * b * v);
+        let targets: Vec<i64> = y.clone().into_data().iter::<i64>().collect();
+        // Mean over tokens of log Σ exp(logit) − logit[target], in f64 on the host.
+        let ce: f64 = logits
+            .chunks(v)
+            .zip(&targets)
+            .map(|(row, &t)| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&x| (x as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                lse - row[t as usize] as f64
+            })
+            .sum::<f64>()
+            / (s * b) as f64;
+        let out = model.forward_loss(x, y).expect("loss");
+        let got = f64::from(out.ce.expect("ce").into_scalar::<f32>());
+        assert!((got - ce).abs() < 1e-5 * ce, "{got} vs {ce}");
+        assert!(out.aux.is_some() && out.z.is_some());
+        assert_eq!(out.expert_load.len(), 1, "one MoE layer of three");
+    }
+}
+
+#[test]
+fn parameter_counts_equal_the_built_models() {
+    let d = Device::flex();
+    for config in [
+        moe_config(),
+        moe_config().with_tie_embeddings(true),
+        moe_config().with_moe(None),
+        moe_config().with_moe_every(1).with_kv_heads(None),
+    ] {
+        let model = config.init(1, &d).expect("model");
+        assert_eq!(
+            config.parameter_count().0,
+            model.num_params() as u64,
+            "{config}"
+        );
+    }
+    let (total, active) = moe_config().parameter_count();
+    // Top-2 of 4 experts: the active count leaves out two experts' 3·16·12 weights.
+    assert_eq!(total - active, 2 * 3 * 16 * 12);
+}
+
+#[test]
+fn full_tensors_round_trip_and_parallelize_on_one_rank_is_the_same_model() {
+    let d = Device::flex();
+    let config = moe_config();
+    let model = config.init(5, &d).expect("model");
+    let x = ids(4, [5, 3], config.vocab, &d);
+    let want = floats(model.forward(x.clone()).expect("logits"));
+    let tensors = model.full_tensors(None).expect("tensors");
+    assert!(
+        tensors.contains_key("layers.1.moe.shared.gate"),
+        "{:?}",
+        tensors.keys()
+    );
+    let groups = ProcessGroups::single().expect("groups");
+    let layout = StageLayout::single(config.layers);
+    let again = MoeLm::from_tensors(&config, &tensors, &groups, &layout, &d).expect("rebuild");
+    assert_eq!(floats(again.forward(x.clone()).expect("logits")), want);
+    let laid_out = model.parallelize(&groups, &layout).expect("parallelize");
+    assert_eq!(floats(laid_out.forward(x).expect("logits")), want);
+    // A missing tensor is named.
+    let mut partial = tensors.clone();
+    partial.remove("layers.2.attn.out");
+    let err = MoeLm::from_tensors(&config, &partial, &groups, &layout, &d).unwrap_err();
+    assert!(err.to_string().contains("layers.2.attn.out"), "{err}");
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let d = Device::flex();
+    for (config, field) in [
+        (moe_config().with_kv_heads(Some(3)), "kv_heads"),
+        (MoeLmConfig::new(24, 18, 1, 4, 8), "heads"),
+        (MoeLmConfig::new(24, 12, 1, 4, 8), "heads"), // head dimension 3 is odd
+        (moe_config().with_rope_theta(0.5), "rope_theta"),
+        (MoeLmConfig::new(0, 16, 1, 4, 8), "vocab"),
+        (
+            moe_config().with_moe(Some(MoeLayerConfig::swiglu(8, 8, 4, 2))),
+            "moe.router.hidden",
+        ),
+    ] {
+        let err = config.init(0, &d).unwrap_err();
+        assert!(
+            matches!(&err, MoeError::InvalidConfig { field: f, .. } if *f == field),
+            "{field}: {err}"
+        );
+    }
+}

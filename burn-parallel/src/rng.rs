@@ -1,0 +1,64 @@
+//! The workspace's seeded generator: SplitMix64 used as a counter-based generator, so any
+//! value is a pure function of its key (a sample can be drawn without drawing the ones before
+//! it; a shard of a tensor can be drawn without the rest).
+
+use burn::tensor::TensorData;
+
+/// SplitMix64's output function of `z`.
+pub fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in `[0, 1)` from `key`.
+pub fn unit(key: u64) -> f64 {
+    (mix(key) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Normal(0, `std`) values of `shape` from `(seed, stream)` (Box–Muller; element `i` is a pure
+/// function of `(seed, stream, i)`).
+pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData {
+    let n: usize = shape.iter().product();
+    let base = mix(seed ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let values: Vec<f32> = (0..n)
+        .map(|i| {
+            let a = mix(base.wrapping_add(2 * i as u64));
+            let b = mix(base.wrapping_add(2 * i as u64 + 1));
+            let u1 = ((a >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            let u2 = (b >> 11) as f64 / (1u64 << 53) as f64;
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect();
+    TensorData::new(values, shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_values_are_standardised_and_reproducible() {
+        let a = normal(7, 3, vec![4000], 2.0).try_to_vec::<f32>().unwrap();
+        assert_eq!(
+            a,
+            normal(7, 3, vec![4000], 2.0).try_to_vec::<f32>().unwrap()
+        );
+        assert_ne!(
+            a,
+            normal(7, 4, vec![4000], 2.0).try_to_vec::<f32>().unwrap()
+        );
+        let n = a.len() as f64;
+        let mean = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = a
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(mean.abs() < 0.1, "{mean}");
+        assert!((var.sqrt() - 2.0).abs() < 0.1, "{var}");
+        let u: Vec<f64> = (0..1000).map(unit).collect();
+        assert!(u.iter().all(|x| (0.0..1.0).contains(x)));
+    }
+}
