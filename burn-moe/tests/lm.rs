@@ -135,3 +135,12 @@ fn bad_configs_name_the_field() {
         );
     }
 }
+
+#[test]
+fn the_model_prints_as_a_module_tree() {
+    let model = moe_config().init(0, &Device::flex()).expect("model");
+    let text = format!("{model}");
+    for part in ["MoeLm", "blocks", "attn", "moe", "router"] {
+        assert!(text.contains(part), "no {part} in:\n{text}");
+    }
+}

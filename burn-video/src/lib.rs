@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod resample;
 pub mod synthetic;
+pub mod tensor;
 pub mod text;
 pub mod vae;
 

@@ -93,6 +93,18 @@ pub fn squeeze(clip: &Clip, frames: usize, height: usize, width: usize) -> Resul
     resize(&resize(clip, frames, height, width)?, clip.len(), h, w)
 }
 
+/// The resize baseline of a VAE whose latent is `[channels, t, lh, lw]`: as many numbers as
+/// the latent holds, as `t` RGB frames with the clip's aspect (18×18 for an 8×8 latent of 16
+/// channels), squeezed to and resized back from.
+pub fn same_size_baseline(clip: &Clip, [channels, t, lh, lw]: [usize; 4]) -> Result<Clip> {
+    let k = (channels as f64 / 3.0).sqrt();
+    let (bh, bw) = (
+        ((lh as f64 * k).floor() as usize).max(1),
+        ((lw as f64 * k).floor() as usize).max(1),
+    );
+    squeeze(clip, t, bh, bw)
+}
+
 /// Mean PSNR and SSIM (values in `[0, 1]`) over every frame of every clip pair.
 pub fn quality(pairs: &[(Clip, Clip)]) -> Result<(f64, f64)> {
     let (mut p, mut s, mut n) = (0.0, 0.0, 0usize);

@@ -2,6 +2,10 @@
 //! parameter shards and its optimizer shard) and `meta.json` (step, world size, next data
 //! position). Written atomically: every rank writes into `step-NNNNNN.tmp/`, then rank 0
 //! renames the folder once all have finished; only the newest `keep` checkpoints stay.
+//!
+//! Parameters are stored under their module paths (`model.blocks.0.attn.qkv.weight`), so a
+//! checkpoint can be read by name. Checkpoints written before names (`param.00017`, by
+//! position in module order) are still read, by position.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,9 +70,20 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
     }
 }
 
-struct Collect(Vec<(Vec<usize>, Vec<f32>)>);
+struct Collect {
+    path: Vec<String>,
+    out: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
 
 impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
         let t = p.val();
         let shape = t.dims().to_vec();
@@ -77,8 +92,19 @@ impl ModuleVisitor for Collect {
             .convert::<f32>()
             .try_into_vec::<f32>()
             .unwrap_or_default();
-        self.0.push((shape, values));
+        self.out.push((self.path.join("."), shape, values));
     }
+}
+
+/// Every float parameter of `module` by module path (`blocks.0.attn.qkv.weight`), with its
+/// shape and values, in module order.
+pub fn named_params<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut collect = Collect {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut collect);
+    collect.out
 }
 
 fn bytes_of(values: &[f32]) -> Vec<u8> {
@@ -110,10 +136,9 @@ pub fn save<M: Module>(
         std::fs::create_dir_all(&tmp).map_err(|e| RecipeError::io(&tmp, e))?;
     }
     world.barrier()?;
-    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = read_params(module)
-        .iter()
-        .enumerate()
-        .map(|(i, (shape, v))| (format!("param.{i:05}"), shape.clone(), bytes_of(v)))
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = named_params(module)
+        .into_iter()
+        .map(|(path, shape, v)| (format!("model.{path}"), shape, bytes_of(&v)))
         .collect();
     for (c, shard) in optimizer.shards.iter().enumerate() {
         for (name, v) in ["master", "m", "v"].iter().zip(shard) {
@@ -191,9 +216,10 @@ impl ModuleMapper for Load {
 
 /// Every float parameter of `module` (shape and values), in module order.
 pub(crate) fn read_params<M: Module>(module: &M) -> Vec<(Vec<usize>, Vec<f32>)> {
-    let mut collect = Collect(Vec::new());
-    module.visit(&mut collect);
-    collect.0
+    named_params(module)
+        .into_iter()
+        .map(|(_, shape, values)| (shape, values))
+        .collect()
 }
 
 /// `module` with its float parameters replaced by `values` (module order, as
@@ -229,13 +255,17 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
     let st = SafeTensors::deserialize(&bytes).map_err(|e| RecipeError::io(&file, e))?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
-    let mut params = Vec::new();
+    // Parameters by module path (this format), or by position (`param.NNNNN`, the earlier one).
+    let mut by_path = HashMap::new();
+    let mut by_position = Vec::new();
     let mut shards: Vec<[Vec<f32>; 3]> = Vec::new();
     for name in &names {
         let view = st.tensor(name).map_err(|e| RecipeError::io(&file, e))?;
         let values = floats_of(view.data());
-        if name.starts_with("param.") {
-            params.push((view.shape().to_vec(), values));
+        if let Some(path) = name.strip_prefix("model.") {
+            by_path.insert(path.to_string(), (view.shape().to_vec(), values));
+        } else if name.starts_with("param.") {
+            by_position.push((view.shape().to_vec(), values));
         } else if let Some(rest) = name.strip_prefix("opt.") {
             let (class, which) = rest
                 .split_once('.')
@@ -255,6 +285,30 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
             shards[class][slot] = values;
         }
     }
+    let params = if by_position.is_empty() {
+        let mut params = Vec::new();
+        for (path, shape, _) in named_params(&module) {
+            let (got, values) = by_path.remove(&path).ok_or_else(|| {
+                RecipeError::io(&file, format!("no tensor for parameter `{path}`"))
+            })?;
+            if got != shape {
+                return Err(RecipeError::io(
+                    &file,
+                    format!("parameter `{path}` has shape {shape:?}, the checkpoint {got:?}"),
+                ));
+            }
+            params.push((shape, values));
+        }
+        if let Some(extra) = by_path.keys().min() {
+            return Err(RecipeError::io(
+                &file,
+                format!("tensor `model.{extra}` is no parameter of this model"),
+            ));
+        }
+        params
+    } else {
+        by_position
+    };
     let module = write_params(module, params).map_err(|e| RecipeError::io(&file, e))?;
     let meta_step = {
         let (_, metadata) =

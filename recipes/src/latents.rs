@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{RecipeError, Result};
 use crate::recipe::bad;
-use crate::video::{clip_tensor, load_vae, usable};
+use burn_video::tensor::{clip_tensor, usable};
+
+use crate::video::load_vae;
 
 /// `meta.json` of a latent cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,38 +4,97 @@
 use burn_moe::MoeError;
 use burn_moe::lm::{LayerSplit, MoeLmConfig, StageLayout};
 use burn_moe::prelude::{
-    DispatcherKind, ExpertsConfig, MoeLayerConfig, RouterConfig, SharedExpertsConfig,
+    Activation, DispatcherKind, DropPolicy, ExpertsConfig, MoeLayerConfig, RouterConfig,
+    RoutingType, ScoreFunction, SharedExpertsConfig,
 };
 use burn_parallel::context::CpAttention;
 
 use crate::error::{RecipeError, Result};
-use crate::recipe::{CpComm, Dispatcher, ModelConfig, Recipe};
+use crate::recipe::{
+    CpComm, Dispatcher, DropPolicyName, ExpertActivation, ModelConfig, Recipe, RoutingName,
+    ScoreFunctionName,
+};
 
 impl ModelConfig {
-    /// The library configuration of this `[model]` table.
-    pub fn lm_config(&self) -> MoeLmConfig {
-        let (h, e) = (self.hidden, self.experts);
-        let f = self.expert_ffn_hidden.unwrap_or(self.ffn_hidden);
-        // Top-1 routing takes the softmax before the top-k (Switch / Megatron's pre-softmax),
-        // otherwise the router gets no gradient.
-        let mut router = RouterConfig::new(h, e, self.topk)
-            .with_pre_softmax(self.topk == 1)
-            .with_aux_loss_coeff(self.aux_loss_coeff)
-            .with_z_loss_coeff(self.z_loss_coeff)
+    /// The library router configuration of `[model]` and `[model.router]`.
+    pub fn router_config(&self) -> RouterConfig {
+        let r = self.router.clone().unwrap_or_default();
+        let mut router = RouterConfig::new(self.hidden, self.experts, self.topk)
+            .with_pre_softmax(r.pre_softmax.unwrap_or(self.topk == 1))
+            .with_aux_loss_coeff(r.aux_loss_coeff.unwrap_or(self.aux_loss_coeff))
+            .with_z_loss_coeff(r.z_loss_coeff.or(self.z_loss_coeff))
             .with_init_std(self.init_std);
+        // `[model] capacity_factor` (the flat key) drops and pads to capacity.
         if let Some(c) = self.capacity_factor {
             router = router
                 .with_capacity_factor(Some(c))
                 .with_pad_to_capacity(true);
         }
+        if let Some(f) = r.score_function {
+            router = router.with_score_function(match f {
+                ScoreFunctionName::Softmax => ScoreFunction::Softmax,
+                ScoreFunctionName::Sigmoid => ScoreFunction::Sigmoid,
+            });
+        }
+        if let Some(routing) = r.routing {
+            router = router.with_routing(match routing {
+                RoutingName::Topk => RoutingType::TopK,
+                RoutingName::Sinkhorn => RoutingType::Sinkhorn,
+            });
+        }
+        if let Some(p) = r.drop_policy {
+            router = router.with_drop_policy(match p {
+                DropPolicyName::Probs => DropPolicy::Probs,
+                DropPolicyName::Position => DropPolicy::Position,
+            });
+        }
+        if r.capacity_factor.is_some() {
+            router = router.with_capacity_factor(r.capacity_factor);
+        }
+        if let Some(pad) = r.pad_to_capacity {
+            router = router.with_pad_to_capacity(pad);
+        }
+        if let Some(b) = r.expert_bias {
+            router = router.with_expert_bias(b);
+        }
+        if let Some(rate) = r.bias_update_rate {
+            router = router.with_bias_update_rate(rate);
+        }
+        if let Some(c) = r.seq_aux_loss_coeff {
+            router = router.with_seq_aux_loss_coeff(c);
+        }
+        if let Some(c) = r.global_aux_loss_coeff {
+            router = router.with_global_aux_loss_coeff(c);
+        }
+        router
+            .with_num_groups(r.num_groups)
+            .with_group_topk(r.group_topk)
+            .with_scaling_factor(r.scaling_factor)
+            .with_input_jitter_eps(r.input_jitter_eps)
+    }
+
+    /// The library configuration of this `[model]` table.
+    pub fn lm_config(&self) -> MoeLmConfig {
+        let (h, e) = (self.hidden, self.experts);
+        let f = self.expert_ffn_hidden.unwrap_or(self.ffn_hidden);
+        let activation = match self.expert_activation {
+            ExpertActivation::Swiglu => Activation::SwiGlu,
+            ExpertActivation::Gelu => Activation::Gelu,
+            ExpertActivation::Silu => Activation::Silu,
+            ExpertActivation::Relu => Activation::Relu,
+        };
         let moe = MoeLayerConfig::new(
-            router,
-            ExpertsConfig::new(e, h, f).with_init_std(self.init_std),
+            self.router_config(),
+            ExpertsConfig::new(e, h, f)
+                .with_activation(activation)
+                .with_init_std(self.init_std),
         )
-        .with_shared(
-            self.shared_expert_ffn_hidden
-                .map(|fs| SharedExpertsConfig::new(h, fs).with_init_std(self.init_std)),
-        );
+        .with_shared(self.shared_expert_ffn_hidden.map(|fs| {
+            SharedExpertsConfig::new(h, fs)
+                .with_activation(activation)
+                .with_gate(self.shared_expert_gate)
+                .with_init_std(self.init_std)
+        }));
         MoeLmConfig::new(self.vocab, h, self.layers, self.heads, self.ffn_hidden)
             .with_kv_heads(self.kv_heads)
             .with_moe_every(self.moe_every)
@@ -44,7 +103,49 @@ impl ModelConfig {
             .with_init_std(self.init_std)
             .with_tie_embeddings(self.tie_embeddings)
     }
+
+    /// The `[model]` / `[model.router]` key of a library configuration error.
+    pub fn key_of(&self, e: MoeError) -> RecipeError {
+        let MoeError::InvalidConfig { field, reason } = e else {
+            return e.into();
+        };
+        let in_table = self.router.clone().unwrap_or_default();
+        let key = match field {
+            "topk" => "model.topk".to_string(),
+            "num_experts" => "model.experts".to_string(),
+            "hidden" => "model.hidden".to_string(),
+            // Given as a flat `[model]` key.
+            "aux_loss_coeff" if in_table.aux_loss_coeff.is_none() => "model.aux_loss_coeff".into(),
+            "z_loss_coeff" if in_table.z_loss_coeff.is_none() => "model.z_loss_coeff".into(),
+            "capacity_factor" if in_table.capacity_factor.is_none() => {
+                "model.capacity_factor".into()
+            }
+            f if ROUTER_KEYS.contains(&f) => format!("model.router.{f}"),
+            f => format!("model.{f}"),
+        };
+        RecipeError::Invalid { key, reason }
+    }
 }
+
+/// The `[model.router]` keys (`RouterConfig`'s field names).
+pub const ROUTER_KEYS: [&str; 16] = [
+    "score_function",
+    "pre_softmax",
+    "routing",
+    "num_groups",
+    "group_topk",
+    "scaling_factor",
+    "expert_bias",
+    "bias_update_rate",
+    "capacity_factor",
+    "drop_policy",
+    "pad_to_capacity",
+    "aux_loss_coeff",
+    "seq_aux_loss_coeff",
+    "global_aux_loss_coeff",
+    "z_loss_coeff",
+    "input_jitter_eps",
+];
 
 /// A library error of the layer split, named by its `[parallel]` key.
 fn parallel_key(e: MoeError) -> RecipeError {

@@ -695,6 +695,9 @@ pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measu
             rope_theta: 1e6,
             init_std: 0.02,
             tie_embeddings: false,
+            shared_expert_gate: false,
+            expert_activation: Default::default(),
+            router: None,
         };
         let gpus = num(row, "gpus")? as usize;
         let problem = Problem {

@@ -98,6 +98,104 @@ pub struct ModelConfig {
     /// parallelism the last stage holds a copy whose gradient is summed with the first's).
     #[serde(default)]
     pub tie_embeddings: bool,
+    /// Scale the shared expert's output by a learned sigmoid gate (Qwen2-MoE).
+    #[serde(default)]
+    pub shared_expert_gate: bool,
+    /// Activation of the routed and shared experts.
+    #[serde(default)]
+    pub expert_activation: ExpertActivation,
+    /// `[model.router]`: every option of the library's `RouterConfig`, by its name.
+    #[serde(default)]
+    pub router: Option<RouterTable>,
+}
+
+/// The experts' activation (burn-moe's `Activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertActivation {
+    /// `silu(gate) · up` (a first projection of twice the width).
+    #[default]
+    Swiglu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// SiLU.
+    Silu,
+    /// ReLU.
+    Relu,
+}
+
+/// Router score function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreFunctionName {
+    /// Softmax over the experts.
+    Softmax,
+    /// Element-wise sigmoid (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// Top-k or Sinkhorn routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingName {
+    /// Top-k of the scores (group-limited with `num_groups`).
+    Topk,
+    /// Sinkhorn-balanced assignment in training.
+    Sinkhorn,
+}
+
+/// Which tokens an over-full expert keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DropPolicyName {
+    /// The highest-probability tokens.
+    Probs,
+    /// The first tokens by position.
+    Position,
+}
+
+/// `[model.router]`: the options of burn-moe's `RouterConfig` (Megatron's `--moe-router-*`
+/// flags) by their library names, each at the library's default when absent. The number of
+/// experts and `topk` stay in `[model]`; `pre_softmax` defaults to `topk == 1` (a softmax over
+/// one selected logit gives the router no gradient). `aux_loss_coeff`, `z_loss_coeff` and
+/// `capacity_factor` may be given here or, as before, in `[model]` (then `capacity_factor`
+/// also pads to capacity), not in both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouterTable {
+    /// `"softmax"` or `"sigmoid"`.
+    pub score_function: Option<ScoreFunctionName>,
+    /// Softmax before the top-k.
+    pub pre_softmax: Option<bool>,
+    /// `"topk"` or `"sinkhorn"`.
+    pub routing: Option<RoutingName>,
+    /// Expert groups of group-limited routing.
+    pub num_groups: Option<usize>,
+    /// Groups each token may use.
+    pub group_topk: Option<usize>,
+    /// Multiplier of the routing probabilities.
+    pub scaling_factor: Option<f64>,
+    /// Aux-loss-free balancing bias (sigmoid routing), updated after every step.
+    pub expert_bias: Option<bool>,
+    /// Step of the expert-bias update.
+    pub bias_update_rate: Option<f64>,
+    /// Capacity factor (dropless when absent).
+    pub capacity_factor: Option<f64>,
+    /// `"probs"` or `"position"`.
+    pub drop_policy: Option<DropPolicyName>,
+    /// Pad every expert to exactly its capacity.
+    pub pad_to_capacity: Option<bool>,
+    /// Switch (micro-batch) load-balancing loss coefficient.
+    pub aux_loss_coeff: Option<f64>,
+    /// Sequence-level load-balancing loss coefficient.
+    pub seq_aux_loss_coeff: Option<f64>,
+    /// Global-batch load-balancing loss coefficient (counts accumulated over the step's
+    /// micro-batches).
+    pub global_aux_loss_coeff: Option<f64>,
+    /// Router z-loss coefficient.
+    pub z_loss_coeff: Option<f64>,
+    /// Multiplicative input jitter `U(1 − eps, 1 + eps)` in training.
+    pub input_jitter_eps: Option<f64>,
 }
 
 fn one() -> usize {
@@ -524,12 +622,42 @@ impl Recipe {
             return Err(bad("parallel.virtual_pp", "must be at least 1"));
         }
         crate::model::layer_split(self)?;
-        self.model.lm_config().validate().map_err(|e| match e {
-            burn_moe::MoeError::InvalidConfig { field, reason } => {
-                bad(&format!("model.{field}"), reason)
+        if let Some(r) = &self.model.router {
+            for (key, flat, table) in [
+                (
+                    "aux_loss_coeff",
+                    m.aux_loss_coeff != 0.0,
+                    r.aux_loss_coeff.is_some(),
+                ),
+                (
+                    "z_loss_coeff",
+                    m.z_loss_coeff.is_some(),
+                    r.z_loss_coeff.is_some(),
+                ),
+                (
+                    "capacity_factor",
+                    m.capacity_factor.is_some(),
+                    r.capacity_factor.is_some(),
+                ),
+            ] {
+                if flat && table {
+                    return Err(bad(
+                        &format!("model.router.{key}"),
+                        format!("is also given as model.{key}; keep one"),
+                    ));
+                }
             }
-            other => other.into(),
-        })?;
+        }
+        if m.shared_expert_gate && m.shared_expert_ffn_hidden.is_none() {
+            return Err(bad(
+                "model.shared_expert_gate",
+                "needs a shared expert (model.shared_expert_ffn_hidden)",
+            ));
+        }
+        self.model
+            .lm_config()
+            .validate()
+            .map_err(|e| self.model.key_of(e))?;
         let seq = self.data.seq_len;
         if p.cp > 1 && (!seq.is_multiple_of(2 * p.cp) || !(seq / p.cp).is_multiple_of(p.tp)) {
             return Err(bad(
@@ -598,13 +726,15 @@ impl Recipe {
     }
 }
 
-/// Sets `section.key = value` (the value parsed as TOML, or as a string when it is not TOML).
+/// Sets `section.key = value` (the value parsed as TOML, or as a string when it is not TOML);
+/// `section.table.key` reaches nested tables (`model.router.score_function`), created when
+/// absent.
 pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (path, raw) = assignment
         .split_once('=')
         .ok_or_else(|| bad("--set", format!("`{assignment}` is not section.key=value")))?;
     let path = path.trim();
-    let (section, key) = path
+    let (section, rest) = path
         .split_once('.')
         .ok_or_else(|| bad("--set", format!("`{path}` is not section.key")))?;
     let value: toml::Value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
@@ -614,27 +744,42 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     // `name[i].key` sets a key of the i-th table of an array of tables (`[[name]]`).
-    if let Some((name, index)) = section.strip_suffix(']').and_then(|s| s.split_once('[')) {
-        let i: usize = index
-            .parse()
-            .map_err(|_| bad("--set", format!("`{section}`: `{index}` is not an index")))?;
-        let Some(toml::Value::Array(items)) = table.get_mut(name) else {
-            return Err(bad(section, format!("the recipe has no [[{name}]] tables")));
+    let mut target =
+        if let Some((name, index)) = section.strip_suffix(']').and_then(|s| s.split_once('[')) {
+            let i: usize = index
+                .parse()
+                .map_err(|_| bad("--set", format!("`{section}`: `{index}` is not an index")))?;
+            let Some(toml::Value::Array(items)) = table.get_mut(name) else {
+                return Err(bad(section, format!("the recipe has no [[{name}]] tables")));
+            };
+            let len = items.len();
+            let Some(toml::Value::Table(item)) = items.get_mut(i) else {
+                return Err(bad(section, format!("[[{name}]] has {len} tables")));
+            };
+            item
+        } else {
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = entry else {
+                return Err(bad(section, "is not a table"));
+            };
+            t
         };
-        let len = items.len();
-        let Some(toml::Value::Table(item)) = items.get_mut(i) else {
-            return Err(bad(section, format!("[[{name}]] has {len} tables")));
+    let mut keys: Vec<&str> = rest.split('.').collect();
+    let key = keys.pop().unwrap_or(rest);
+    let mut walked = section.to_string();
+    for name in keys {
+        walked = format!("{walked}.{name}");
+        let entry = target
+            .entry(name.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(t) = entry else {
+            return Err(bad(&walked, "is not a table"));
         };
-        item.insert(key.to_string(), value);
-        return Ok(());
+        target = t;
     }
-    let entry = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(section_table) = entry else {
-        return Err(bad(section, "is not a table"));
-    };
-    section_table.insert(key.to_string(), value);
+    target.insert(key.to_string(), value);
     Ok(())
 }
 
@@ -665,6 +810,21 @@ pub(crate) fn parse_text<T: serde::de::DeserializeOwned>(
     T::deserialize(toml::Value::Table(value)).map_err(|e| from_serde(&e.to_string()))
 }
 
+/// The field a serde message names after `marker`, with the table it is in (toml says ``in
+/// `model.router` ``): `model.router.bogus`.
+fn field_in_table(message: &str, marker: &str) -> Option<String> {
+    let field = message.split(marker).nth(1)?.split('`').next()?;
+    let table = message
+        .rsplit(" in `")
+        .next()
+        .filter(|_| message.contains(" in `"))
+        .and_then(|s| s.split('`').next());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{field}"),
+        _ => field.to_string(),
+    })
+}
+
 /// Turns serde's message into an error naming the key.
 pub(crate) fn from_serde(message: &str) -> RecipeError {
     let message = message.replace('\n', " ");
@@ -674,20 +834,8 @@ pub(crate) fn from_serde(message: &str) -> RecipeError {
         .nth(1)
         .and_then(|s| s.split('`').next())
         .map(str::to_string)
-        .or_else(|| {
-            message
-                .split("unknown field `")
-                .nth(1)
-                .and_then(|s| s.split('`').next())
-                .map(str::to_string)
-        })
-        .or_else(|| {
-            message
-                .split("missing field `")
-                .nth(1)
-                .and_then(|s| s.split('`').next())
-                .map(str::to_string)
-        })
+        .or_else(|| field_in_table(&message, "unknown field `"))
+        .or_else(|| field_in_table(&message, "missing field `"))
         .unwrap_or_else(|| "recipe".to_string());
     RecipeError::Invalid {
         key,

@@ -369,6 +369,8 @@ impl Trainer {
         let experts = self.recipe.model.experts;
         let mut load = vec![vec![0.0; experts]; self.moe_layers];
         let scale = 1.0 / micro_batches as f64;
+        // The global aux loss's counts, accumulated over this step's micro-batches.
+        let mut global = vec![None; self.moe_layers];
         let shape = [seq / p.cp / p.tp, t.micro_batch, self.recipe.model.hidden];
         let device = &self.device;
         let mut run = run_stage(
@@ -402,7 +404,12 @@ impl Trainer {
                 let local = [self.positions.len(), t.micro_batch];
                 let inputs = Tensor::<2, Int>::from_data(TensorData::new(ids, local), device);
                 let targets = Tensor::<2, Int>::from_data(TensorData::new(next, local), device);
-                let out = model.forward_chunk(chunk, input, &inputs, &targets)?;
+                let out = model.forward_chunk_with(chunk, input, (&inputs, &targets), &global)?;
+                for (index, state) in &out.global_aux {
+                    if let Some(slot) = global.get_mut(*index) {
+                        *slot = Some(state.clone());
+                    }
+                }
                 if let Some(v) = out.ce.clone() {
                     ce += value(v)? * scale;
                 }
@@ -469,11 +476,13 @@ impl Trainer {
     }
 
     /// The optimizer step of `step` (0-based; sets its learning rate) with the gradients of
-    /// [`backward`](Self::backward). Collective over the world.
-    pub fn apply(&mut self, grads: GradientBuffer, step: usize) -> Result<StepStats> {
+    /// [`backward`](Self::backward), then the expert-bias update of routers that have one
+    /// (with this rank's tokens per expert of the step). Collective over the world.
+    pub fn apply(&mut self, backward: Backward, step: usize) -> Result<StepStats> {
         self.opt.set_lr(learning_rate(&self.recipe, step));
         let model = self.model.take().ok_or_else(Self::gone)?;
-        let (next, stats) = self.opt.step_buffered(model, grads, &self.roles)?;
+        let (mut next, stats) = self.opt.step_buffered(model, backward.grads, &self.roles)?;
+        next.update_expert_biases(&backward.load)?;
         self.model = Some(next);
         Ok(stats)
     }
@@ -601,7 +610,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         crate::memory::reset_peak();
         let backward = trainer.backward(step)?;
         let reported = trainer.report(&backward)?;
-        let stats = trainer.apply(backward.grads, step)?;
+        let stats = trainer.apply(backward, step)?;
         let step_peak = crate::memory::peak()
             .zip(step_start)
             .map(|(p, b)| resident + p.saturating_sub(b) as u64);

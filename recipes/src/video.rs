@@ -8,11 +8,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use burn_parallel::prelude::{GradientBuffer, replicated_roles};
 use burn_video::clip::{Clip, list_clips};
-use burn_video::metrics::Frame;
-use burn_video::resample::{quality, squeeze};
+use burn_video::resample::{quality, same_size_baseline};
+pub use burn_video::tensor::clip_tensor;
+use burn_video::tensor::{crops, usable};
 use burn_video::vae::{LinearPath, Vae, VaeConfig};
 use serde::{Deserialize, Serialize};
 
@@ -211,67 +212,9 @@ pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
     Ok((train, held))
 }
 
-/// `[B, 3, T, H, W]` in `[-1, 1]` from `(clip, first frame, y, x)` crops of
-/// `frames × height × width`.
-fn crops(
-    clips: &[&Clip],
-    at: &[(usize, usize, usize)],
-    frames: usize,
-    (height, width): (usize, usize),
-    d: &Device,
-) -> Tensor<5> {
-    let mut v = Vec::with_capacity(clips.len() * 3 * frames * height * width);
-    for (clip, &(t0, y0, x0)) in clips.iter().zip(at) {
-        let (w, _) = clip.size();
-        for c in 0..3 {
-            for t in 0..frames {
-                let px = clip.frames()[t0 + t].pixels();
-                for y in 0..height {
-                    for x in 0..width {
-                        v.push(px[((y0 + y) * w + x0 + x) * 3 + c] * 2.0 - 1.0);
-                    }
-                }
-            }
-        }
-    }
-    Tensor::from_data(
-        TensorData::new(v, [clips.len(), 3, frames, height, width]),
-        d,
-    )
-}
-
-/// A whole clip as `[1, 3, T, H, W]` in `[-1, 1]`.
-pub fn clip_tensor(clip: &Clip, d: &Device) -> Tensor<5> {
-    let (w, h) = clip.size();
-    crops(&[clip], &[(0, 0, 0)], clip.len(), (h, w), d)
-}
-
-/// A clip from `[1, 3, T, H, W]` in `[-1, 1]` (clamped).
+/// The clip of `[1, 3, T, H, W]` in `[-1, 1]`, errors named for the recipe.
 pub(crate) fn to_clip(x: Tensor<5>) -> Result<Clip> {
-    let [_, _, t, h, w] = x.dims();
-    let v = x
-        .clamp(-1.0, 1.0)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| bad("vae", format!("{e:?}")))?;
-    let plane = h * w;
-    let frames = (0..t)
-        .map(|f| {
-            let px = (0..plane)
-                .flat_map(|i| (0..3).map(move |c| (c, i)))
-                .map(|(c, i)| (v[(c * t + f) * plane + i] + 1.0) / 2.0)
-                .collect();
-            Frame::new(w, h, 3, px)
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| bad("vae", e.to_string()))?;
-    Clip::new(frames).map_err(video)
-}
-
-/// The largest `1 + k × factor` frames of `clip` (VAE input length).
-pub(crate) fn usable(clip: &Clip, factor: usize) -> Clip {
-    clip.trim(1 + (clip.len() - 1) / factor * factor)
+    burn_video::tensor::to_clip(x).map_err(video)
 }
 
 /// Encode-time refinement of the latent ([`Vae::encode_refined`]).
@@ -335,18 +278,11 @@ pub fn evaluate(
     for clip in clips {
         let c = usable(clip, cfg.time_factor());
         let (w, h) = c.size();
-        let [z, t, lh, lw] = cfg
+        let shape = cfg
             .latent_shape(c.len(), h, w)
             .map_err(|e| bad("clips", e.to_string()))?;
         let rec = reconstruct(vae, cfg, &c, d, refine)?;
-        // As many numbers as the latent holds: t RGB frames with the clip's aspect
-        // (18×18 for an 8×8 latent of 16 channels).
-        let k = (z as f64 / 3.0).sqrt();
-        let (bh, bw) = (
-            ((lh as f64 * k).floor() as usize).max(1),
-            ((lw as f64 * k).floor() as usize).max(1),
-        );
-        let b = squeeze(&c, t, bh, bw).map_err(video)?;
+        let b = same_size_baseline(&c, shape).map_err(video)?;
         ours.push((c.clone(), rec));
         base.push((c, b));
     }

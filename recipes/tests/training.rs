@@ -60,6 +60,98 @@ fn ten_steps_then_resume_is_bit_identical_to_twenty_steps() {
     }
 }
 
+/// Rewrites a checkpoint file with `rename` applied to every parameter's tensor name.
+fn rename_tensors(file: &Path, rename: impl Fn(&str) -> String) {
+    use safetensors::SafeTensors;
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(file).expect("checkpoint file");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let (_, meta) = SafeTensors::read_metadata(&bytes).expect("metadata");
+    let renamed: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let n = if n.starts_with("model.") {
+                rename(&n)
+            } else {
+                n
+            };
+            (n, v)
+        })
+        .collect();
+    let out = safetensors::serialize(renamed, meta.metadata().clone()).expect("serialize");
+    std::fs::write(file, out).expect("write");
+}
+
+#[test]
+fn checkpoints_name_parameters_by_module_path_and_old_positional_ones_still_resume() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let straight = tmp.path().join("straight");
+    train(&straight, &[]);
+    let file = straight.join("checkpoints/step-000020/rank-00000.safetensors");
+    let bytes = std::fs::read(&file).expect("checkpoint");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    for name in [
+        "model.embed.weight",
+        "model.blocks.0.attn.qkv.weight",
+        "model.blocks.1.moe.router.weight",
+        "model.blocks.1.moe.experts.w1",
+        "model.norm_f.weight",
+        "model.head.weight",
+    ] {
+        assert!(names.iter().any(|n| n == name), "no {name} in {names:?}");
+    }
+    // A checkpoint in the earlier format (parameters by position) resumes exactly.
+    let resumed = tmp.path().join("resumed");
+    train(&resumed, &["--stop-at", "10"]);
+    let recipe = burn_recipes::recipe::Recipe::load(&tiny(), &[]).expect("recipe");
+    let model = recipe
+        .model
+        .lm_config()
+        .init(0, &burn::tensor::Device::flex())
+        .expect("model");
+    let order: Vec<String> = burn_recipes::checkpoint::named_params(&model)
+        .into_iter()
+        .map(|(path, _, _)| format!("model.{path}"))
+        .collect();
+    rename_tensors(
+        &resumed.join("checkpoints/step-000010/rank-00000.safetensors"),
+        |n| {
+            let i = order.iter().position(|p| p == n).expect("a parameter");
+            format!("param.{i:05}")
+        },
+    );
+    train(&resumed, &["--resume"]);
+    assert_eq!(
+        losses(&straight),
+        losses(&resumed),
+        "losses differ after resume"
+    );
+    // A tensor under a name the model does not have is refused, naming it.
+    let broken = tmp.path().join("broken");
+    train(&broken, &["--stop-at", "10"]);
+    rename_tensors(
+        &broken.join("checkpoints/step-000010/rank-00000.safetensors"),
+        |n| n.replace("model.head.weight", "model.lm_head.weight"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
+        .args(["train", &tiny().display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", broken.display())])
+        .args([
+            "--set",
+            "training.steps=20",
+            "--set",
+            "training.checkpoint_every=0",
+        ])
+        .arg("--resume")
+        .output()
+        .expect("binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("head.weight"), "{err}");
+}
+
 #[test]
 fn recomputation_gives_the_same_losses() {
     let tmp = tempfile::tempdir().expect("temporary folder");

@@ -27,7 +27,7 @@ use crate::lm::attention::Attention;
 use crate::lm::config::MoeLmConfig;
 use crate::lm::ffn::DenseFfn;
 use crate::lm::split::StageLayout;
-use crate::router::Router;
+use crate::router::{GlobalAuxState, RouteOptions, Router};
 
 /// Full (unsharded) tensors of a model by name; see [`MoeLm::full_tensors`] for the names.
 pub type FullTensors = BTreeMap<String, TensorData>;
@@ -107,6 +107,10 @@ pub struct Forward {
     /// Tokens per expert of each of the chunk's MoE layers (this rank's tokens), with the
     /// layer's index among the model's MoE layers.
     pub expert_load: Vec<(usize, Tensor<1, Int>)>,
+    /// The global aux loss's accumulated counts of each of the chunk's MoE layers (routers
+    /// with `global_aux_loss_coeff > 0`), by MoE layer index: pass them to the next
+    /// micro-batch of the same global batch ([`MoeLm::forward_chunk_with`]).
+    pub global_aux: Vec<(usize, GlobalAuxState)>,
 }
 
 impl Forward {
@@ -433,7 +437,7 @@ impl MoeLm {
     /// under CP the logits of this rank's chunks).
     pub fn forward(&self, ids: Tensor<2, Int>) -> Result<Tensor<3>> {
         self.whole()?;
-        let x = self.hidden(0, None, &ids)?.0;
+        let x = self.hidden(0, None, &ids, &[])?.0;
         let (Some(norm), Some(head)) = (&self.norm_f, self.lm_head()) else {
             return Err(not_whole());
         };
@@ -456,12 +460,14 @@ impl MoeLm {
         }
     }
 
-    /// The hidden states after model chunk `chunk` and its router outputs.
+    /// The hidden states after model chunk `chunk` and its router outputs; `global` holds the
+    /// global aux loss's counts so far by MoE layer index.
     fn hidden(
         &self,
         chunk: usize,
         input: Option<Tensor<3>>,
         ids: &Tensor<2, Int>,
+        global: &[Option<GlobalAuxState>],
     ) -> Result<(Tensor<3>, Forward)> {
         let range = self
             .chunks
@@ -482,7 +488,7 @@ impl MoeLm {
                 });
             }
         };
-        let (mut aux, mut z, mut load) = (None, None, Vec::new());
+        let (mut aux, mut z, mut load, mut states) = (None, None, Vec::new(), Vec::new());
         for (block, moe_index) in self.blocks[range.clone()]
             .iter()
             .zip(&self.moe_index[range])
@@ -497,10 +503,18 @@ impl MoeLm {
             let y = match (&block.dense, &block.moe) {
                 (Some(dense), _) => dense.forward(h)?,
                 (None, Some(moe)) => {
-                    let out = moe.forward(h)?;
+                    let index = moe_index.unwrap_or(0);
+                    let mut options = RouteOptions::default();
+                    if let Some(Some(state)) = global.get(index) {
+                        options = options.global_aux(state.clone());
+                    }
+                    let out = moe.forward_with(h, options)?;
                     aux = add(aux, out.aux_loss.clone());
                     z = add(z, out.z_loss.clone());
-                    load.push((moe_index.unwrap_or(0), out.tokens_per_expert.clone()));
+                    load.push((index, out.tokens_per_expert.clone()));
+                    if let Some(state) = out.global_aux_state() {
+                        states.push((index, state));
+                    }
                     out.output
                 }
                 (None, None) => h,
@@ -513,6 +527,7 @@ impl MoeLm {
             aux,
             z,
             expert_load: load,
+            global_aux: states,
         };
         Ok((x, forward))
     }
@@ -527,7 +542,20 @@ impl MoeLm {
         ids: &Tensor<2, Int>,
         targets: &Tensor<2, Int>,
     ) -> Result<Forward> {
-        let (x, mut out) = self.hidden(chunk, input, ids)?;
+        self.forward_chunk_with(chunk, input, (ids, targets), &[])
+    }
+
+    /// [`forward_chunk`](Self::forward_chunk) continuing the global aux loss of the current
+    /// global batch: `global[i]` is MoE layer `i`'s accumulated counts from the earlier
+    /// micro-batches (`None`, or an empty slice, for the first).
+    pub fn forward_chunk_with(
+        &self,
+        chunk: usize,
+        input: Option<Tensor<3>>,
+        (ids, targets): (&Tensor<2, Int>, &Tensor<2, Int>),
+        global: &[Option<GlobalAuxState>],
+    ) -> Result<Forward> {
+        let (x, mut out) = self.hidden(chunk, input, ids, global)?;
         let last = chunk + 1 == self.chunks.len();
         match (&self.norm_f, self.lm_head()) {
             (Some(norm), Some(head)) if last => {
@@ -536,6 +564,34 @@ impl MoeLm {
             _ => out.hidden = Some(x),
         }
         Ok(out)
+    }
+
+    /// The aux-loss-free balancing update of every MoE layer with an expert bias (once per
+    /// global batch, after the optimizer step, as Megatron does): `tokens_per_expert[i]` is MoE
+    /// layer `i`'s tokens per expert on this rank over the global batch (summed over the
+    /// tensor×data×context-parallel group inside). Collective over that group.
+    pub fn update_expert_biases(&mut self, tokens_per_expert: &[Vec<f64>]) -> Result<()> {
+        for (block, index) in self.blocks.iter_mut().zip(&self.moe_index) {
+            let (Some(moe), Some(index)) = (block.moe.as_mut(), index) else {
+                continue;
+            };
+            if !moe.router.config().expert_bias {
+                continue;
+            }
+            let counts =
+                tokens_per_expert
+                    .get(*index)
+                    .ok_or_else(|| MoeError::InvalidArgument {
+                        name: "tokens_per_expert",
+                        reason: format!("no counts for MoE layer {index}"),
+                    })?;
+            let device = moe.router.weight.val().device();
+            let values: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+            let n = values.len();
+            let counts = host::upload_f32(values, [n], &device, "uploading expert-bias counts");
+            moe.router.update_expert_bias(counts)?;
+        }
+        Ok(())
     }
 
     /// Every parameter's role for the distributed optimizer.

@@ -114,7 +114,7 @@ fn reference(tied: bool, device: &Device) -> Res<Reference> {
                     .map_err(err)?,
             );
         }
-        t.apply(b.grads, step).map_err(err)?;
+        t.apply(b, step).map_err(err)?;
     }
     Ok(Reference {
         reported,
@@ -239,7 +239,7 @@ fn run_layout(
                 );
             }
         }
-        trainer.apply(b.grads, step).map_err(err)?;
+        trainer.apply(b, step).map_err(err)?;
     }
     let expected = MoeLm::from_tensors(&r.model.lm_config(), &want.last, &groups, &stage, device)
         .map_err(err)?;
