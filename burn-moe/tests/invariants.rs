@@ -477,3 +477,57 @@ fn expert_parallel_dispatchers_on_one_rank_equal_the_local_dispatcher() {
         }
     }
 }
+
+/// Selecting every expert (`topk == num_experts`, what a recipe gets when it leaves both out:
+/// 1 of 1) is dense routing, not a panic; so are a group top-k that takes whole groups and a
+/// capacity that keeps every token.
+#[test]
+fn selecting_every_expert_or_every_token_is_dense_not_a_panic() {
+    let d = device();
+    let (s, b, h) = (3, 2, 8);
+    let t = s * b;
+    for (e, k, groups, capacity) in [
+        (4, 4, None, None),
+        (2, 2, None, None),
+        (1, 1, None, None),
+        (4, 2, Some((2, 1)), None),
+        (4, 4, Some((2, 2)), None),
+        // capacity = T · k / E · factor = T exactly.
+        (4, 2, None, Some(2.0)),
+    ] {
+        let mut config = RouterConfig::new(h, e, k)
+            .with_pre_softmax(k == 1)
+            .with_aux_loss_coeff(1e-2);
+        if let Some((g, gk)) = groups {
+            config = config.with_num_groups(Some(g)).with_group_topk(Some(gk));
+        }
+        if let Some(c) = capacity {
+            config = config
+                .with_capacity_factor(Some(c))
+                .with_pad_to_capacity(true);
+        }
+        let layer = MoeLayerConfig::new(config, ExpertsConfig::new(e, h, 4))
+            .init(&d)
+            .unwrap();
+        let x = tensor([s, b, h], 11, 1.0, &d).require_grad();
+        let out = layer.forward(x.clone()).unwrap();
+        let label = format!("E={e} k={k} groups={groups:?} capacity={capacity:?}");
+        let load = ints(out.tokens_per_expert.clone());
+        if capacity.is_none() {
+            assert_eq!(
+                load.iter().sum::<i64>(),
+                (t * k) as i64,
+                "{label}: {load:?}"
+            );
+        }
+        // Every expert takes every token: all of them selected, or padded to a capacity of T.
+        if k == e || capacity.is_some() {
+            assert!(load.iter().all(|&n| n == t as i64), "{label}: {load:?}");
+        }
+        let loss = out.output.clone().sum() + out.total_aux_loss().unwrap();
+        let grads = loss.backward();
+        let gx = floats(x.grad(&grads).unwrap());
+        assert!(gx.iter().all(|g| g.is_finite()), "{label}");
+        assert!(floats(out.output).iter().all(|v| v.is_finite()), "{label}");
+    }
+}

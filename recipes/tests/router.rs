@@ -256,3 +256,33 @@ fn the_deepseek_v3_style_recipe_trains() {
         "{l:?}"
     );
 }
+
+/// Selecting every expert is dense routing (`topk == experts`, which a recipe without those
+/// keys gets: 1 of 1): `train` and `layer` run instead of panicking.
+#[test]
+fn topk_equal_to_the_experts_trains_and_runs() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    for (e, k) in [(4, 4), (2, 2), (1, 1)] {
+        let run = tmp.path().join(format!("run-{e}-{k}"));
+        let (experts, topk) = (format!("model.experts={e}"), format!("model.topk={k}"));
+        let mut sets = SHORT.to_vec();
+        sets.extend([experts.as_str(), topk.as_str()]);
+        let out = train(&recipe("moe-tiny.toml"), &run, &sets);
+        assert!(
+            out.status.success(),
+            "{e}/{k}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(losses(&run).len(), 20);
+        let out = common::bin()
+            .args(["layer", "--tokens", "64", "--hidden", "16", "--ffn", "16"])
+            .args(["--experts", &e.to_string(), "--topk", &k.to_string()])
+            .output()
+            .expect("layer");
+        assert!(
+            out.status.success(),
+            "layer {e}/{k}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

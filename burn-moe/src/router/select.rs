@@ -21,12 +21,32 @@ pub fn mask_from_indices(indices: Tensor<2, Int>, num_experts: usize) -> Tensor<
     )
 }
 
-/// `x.argtopk(k, 1)` on a row-major copy of `x`. Burn 0.22.1's CubeCL `argtopk` ignores the
-/// strides of a non-contiguous input (a transposed view gives wrong indices on wgpu); the
-/// reshape through one dimension makes the copy on every backend.
+/// Indices of the `k` largest values along `dim`, largest first, for any `k` up to the size of
+/// `dim` (Burn's `argtopk` asserts `k < size`; selecting all of them is dense routing, or a
+/// capacity that keeps every token).
+pub(crate) fn argtopk<const D: usize>(x: Tensor<D>, k: usize, dim: usize) -> Tensor<D, Int> {
+    if k >= x.dims()[dim] {
+        x.argsort_descending(dim)
+    } else {
+        x.argtopk(k, dim)
+    }
+}
+
+/// The `k` largest values along `dim`, largest first, for any `k` up to the size of `dim`.
+pub(crate) fn topk<const D: usize>(x: Tensor<D>, k: usize, dim: usize) -> Tensor<D> {
+    if k >= x.dims()[dim] {
+        x.sort_descending(dim)
+    } else {
+        x.topk(k, dim)
+    }
+}
+
+/// [`argtopk`] along dim 1 on a row-major copy of `x`. Burn 0.22.1's CubeCL `argtopk`
+/// ignores the strides of a non-contiguous input (a transposed view gives wrong indices on
+/// wgpu); the reshape through one dimension makes the copy on every backend.
 pub(crate) fn argtopk_rows(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
     let [a, b] = x.dims();
-    x.reshape([a * b]).reshape([a, b]).argtopk(k, 1)
+    argtopk(x.reshape([a * b]).reshape([a, b]), k, 1)
 }
 
 /// Indices `[T, k]` of the `k` largest scores per token, optionally restricted to the best
@@ -34,18 +54,19 @@ pub(crate) fn argtopk_rows(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
 pub fn topk_indices(scores: Tensor<2>, k: usize, groups: Option<(usize, usize)>) -> Tensor<2, Int> {
     let scores = scores.detach();
     match groups {
-        None => scores.argtopk(k, 1),
+        None => argtopk(scores, k, 1),
         Some((num_groups, group_topk)) => {
             let [t, e] = scores.dims();
             let per_group = e / num_groups;
             let device = scores.device();
-            let group_scores: Tensor<2> = scores
-                .clone()
-                .reshape([t, num_groups, per_group])
-                .topk(k / group_topk, 2)
-                .sum_dim(2)
-                .reshape([t, num_groups]);
-            let group_idx = group_scores.argtopk(group_topk, 1);
+            let group_scores: Tensor<2> = topk(
+                scores.clone().reshape([t, num_groups, per_group]),
+                k / group_topk,
+                2,
+            )
+            .sum_dim(2)
+            .reshape([t, num_groups]);
+            let group_idx = argtopk(group_scores, group_topk, 1);
             let group_mask = Tensor::<2>::zeros([t, num_groups], &device).scatter(
                 1,
                 group_idx,
@@ -56,9 +77,11 @@ pub fn topk_indices(scores: Tensor<2>, k: usize, groups: Option<(usize, usize)>)
                 .reshape([t, num_groups, 1])
                 .expand([t, num_groups, per_group])
                 .reshape([t, e]);
-            scores
-                .mask_fill(expert_mask.equal_elem(0.0), f32::NEG_INFINITY)
-                .argtopk(k, 1)
+            argtopk(
+                scores.mask_fill(expert_mask.equal_elem(0.0), f32::NEG_INFINITY),
+                k,
+                1,
+            )
         }
     }
 }
