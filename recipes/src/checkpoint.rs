@@ -64,7 +64,24 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
             let meta_path = path.join("meta.json");
             let text =
                 std::fs::read_to_string(&meta_path).map_err(|e| RecipeError::io(&meta_path, e))?;
-            let meta = serde_json::from_str(&text).map_err(|e| RecipeError::io(&meta_path, e))?;
+            let meta: Meta =
+                serde_json::from_str(&text).map_err(|e| RecipeError::io(&meta_path, e))?;
+            // The folder's name and its meta.json must agree on the step.
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("step-"))
+                .and_then(|n| n.parse::<usize>().ok());
+            if named != Some(meta.step) {
+                return Err(RecipeError::io(
+                    &meta_path,
+                    format!(
+                        "says step {} but its folder is {}; the checkpoint is inconsistent",
+                        meta.step,
+                        path.display()
+                    ),
+                ));
+            }
             Ok(Some((path, meta)))
         }
     }

@@ -702,8 +702,7 @@ fn run_train_dit(args: &TrainArgs) -> Result<(), String> {
 }
 
 fn run_train(args: &TrainArgs) -> Result<(), String> {
-    let text = std::fs::read_to_string(&args.recipe)
-        .map_err(|e| format!("{}: {e}", args.recipe.display()))?;
+    let text = burn_recipes::recipe::read_recipe_text(&args.recipe).map_err(|e| e.to_string())?;
     if burn_recipes::video::is_vae_recipe(&text) {
         return run_train_vae(args);
     }

@@ -481,6 +481,16 @@ impl Recipe {
                 format!("{kv} key/value heads do not divide {} heads", m.heads),
             ));
         }
+        if m.moe_every > m.layers {
+            return Err(bad(
+                "model.moe_every",
+                format!(
+                    "is {} but the model has {} layers: no layer would have an MoE FFN (0 \
+                     asks for a dense model)",
+                    m.moe_every, m.layers
+                ),
+            ));
+        }
         if m.topk > m.experts {
             return Err(bad(
                 "model.topk",
@@ -783,17 +793,35 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
     Ok(())
 }
 
+/// The largest recipe file read (a recipe is a few kilobytes; `/dev/zero` is not one).
+pub const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+/// The text of a recipe file, refused beyond [`MAX_RECIPE_BYTES`] or when not UTF-8.
+pub fn read_recipe_text(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let io = |e: std::io::Error| RecipeError::io(path, e);
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_RECIPE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(RecipeError::io(
+            path,
+            format!("is larger than {MAX_RECIPE_BYTES} bytes; not a recipe"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| RecipeError::io(path, "is not UTF-8 text"))
+}
+
 /// Reads a recipe file of any kind, applies `--set` overrides and deserialises it (errors name
 /// the key).
 pub(crate) fn load_file<T: serde::de::DeserializeOwned>(
     path: &Path,
     overrides: &[String],
 ) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    parse_text(&text, overrides)
+    parse_text(&read_recipe_text(path)?, overrides)
 }
 
 /// [`load_file`] on recipe text.

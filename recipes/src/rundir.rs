@@ -13,9 +13,10 @@ use crate::checkpoint;
 use crate::error::{RecipeError, Result};
 use crate::recipe::bad;
 
-/// An error unless `run` is free of checkpoints and metrics; `advice` ends the message.
+/// An error if `run` holds a checkpoint; `advice` ends the message. A folder without one (a
+/// run that stopped before its first checkpoint) is started afresh.
 pub(crate) fn refuse_existing(run: &Path, advice: &str) -> Result<()> {
-    if checkpoint::latest(run)?.is_some() || run.join("metrics.jsonl").exists() {
+    if checkpoint::latest(run)?.is_some() {
         return Err(bad(
             "run.dir",
             format!("{} already holds a run; {advice}", run.display()),

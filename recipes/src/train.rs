@@ -488,6 +488,67 @@ impl Trainer {
     }
 }
 
+/// Keeps the lines of `metrics.jsonl` up to step `step` (all of them gone for 0).
+fn cut_metrics(path: &Path, step: usize) -> Result<()> {
+    let kept = if step == 0 || !path.exists() {
+        String::new()
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::io(path, e))?;
+        text.lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    std::fs::write(path, kept).map_err(|e| RecipeError::io(path, e))
+}
+
+/// Refuses to resume with a recipe that changes what the run's checkpoint continues: the
+/// model, the data stream (seed, source, sequence length, batch sizes) or the optimisation
+/// (schedule, AdamW, clipping), against the run's own `recipe.toml`. `training.steps` (to go
+/// on), logging and checkpointing cadence, the cluster and the planner's numbers may change.
+fn check_resumable(recipe: &Recipe, run_dir: &Path) -> Result<()> {
+    let stored_path = run_dir.join("recipe.toml");
+    let stored = Recipe::load(&stored_path, &[]).map_err(|e| RecipeError::Invalid {
+        key: "--resume".into(),
+        reason: format!("the run's {} cannot be read: {e}", stored_path.display()),
+    })?;
+    let (a, b) = (&stored, recipe);
+    let (ta, tb) = (&a.training, &b.training);
+    let checks: [(&str, bool); 15] = [
+        ("run.seed", a.run.seed == b.run.seed),
+        ("model", a.model == b.model),
+        ("data", a.data == b.data),
+        ("parallel", a.parallel == b.parallel),
+        ("training.micro_batch", ta.micro_batch == tb.micro_batch),
+        ("training.global_batch", ta.global_batch == tb.global_batch),
+        ("training.lr", ta.lr == tb.lr),
+        ("training.min_lr", ta.min_lr == tb.min_lr),
+        ("training.warmup_steps", ta.warmup_steps == tb.warmup_steps),
+        ("training.beta1", ta.beta1 == tb.beta1),
+        ("training.beta2", ta.beta2 == tb.beta2),
+        ("training.eps", ta.eps == tb.eps),
+        ("training.weight_decay", ta.weight_decay == tb.weight_decay),
+        ("training.grad_clip", ta.grad_clip == tb.grad_clip),
+        ("training.precision", ta.precision == tb.precision),
+    ];
+    if let Some((key, _)) = checks.iter().find(|(_, same)| !same) {
+        return Err(RecipeError::Invalid {
+            key: (*key).into(),
+            reason: format!(
+                "differs from the run's recipe ({}); resuming would not continue the same \
+                 run; start a new run.dir for the changed recipe",
+                stored_path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Runs (or resumes) a recipe on this process's share of `world`.
 pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<Summary> {
     recipe.validate()?;
@@ -525,6 +586,33 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             ),
         });
     }
+    let start_step = resume_from.as_ref().map_or(0, |(_, m)| m.step);
+    if let Some((_, meta)) = &resume_from {
+        if recipe.training.steps <= meta.step {
+            return Err(RecipeError::Invalid {
+                key: "training.steps".into(),
+                reason: format!(
+                    "is {} but the checkpoint is at step {}: nothing to train; raise \
+                     training.steps to go on",
+                    recipe.training.steps, meta.step
+                ),
+            });
+        }
+        check_resumable(recipe, &run_dir)?;
+    }
+    if let Some(stop) = options.stop_at
+        && (stop <= start_step || stop > recipe.training.steps)
+    {
+        return Err(RecipeError::Invalid {
+            key: "--stop-at".into(),
+            reason: format!(
+                "is {stop}; it must be after the first step to run ({}) and at most \
+                 training.steps ({})",
+                start_step + 1,
+                recipe.training.steps
+            ),
+        });
+    }
     let p = &recipe.parallel;
     let mesh = Mesh::new(
         n,
@@ -539,19 +627,34 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         device = device.gradient_checkpointing();
     }
     let mut trainer = Trainer::new(recipe, groups, &device)?;
-    // Everything is checked: now the run directory may be written.
+    let mut start = 0;
+    if let Some((dir, meta)) = &resume_from {
+        trainer.load(dir)?;
+        if trainer.opt.steps() != meta.step as u64 {
+            return Err(RecipeError::io(
+                dir,
+                format!(
+                    "meta.json says step {} but the optimizer state has taken {} steps; the \
+                     checkpoint is inconsistent",
+                    meta.step,
+                    trainer.opt.steps()
+                ),
+            ));
+        }
+        start = meta.step;
+    }
+    // Everything is checked and the checkpoint loaded: now the run directory may be written.
+    let metrics_path = run_dir.join("metrics.jsonl");
     if main {
         std::fs::create_dir_all(&run_dir).map_err(|e| RecipeError::io(&run_dir, e))?;
         let copy = run_dir.join("recipe.toml");
         let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
         std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
+        // Metrics after the checkpoint's step were never part of the run (a killed run logged
+        // steps it did not checkpoint); a fresh start begins a new file.
+        cut_metrics(&metrics_path, start)?;
     }
     comm.barrier()?;
-    let mut start = 0;
-    if let Some((dir, meta)) = resume_from {
-        trainer.load(&dir)?;
-        start = meta.step;
-    }
     let t = &recipe.training;
     {
         let (total, active) = parameter_count(&recipe.model);
@@ -578,7 +681,6 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     let m = &recipe.model;
     let flops_per_token = 6.0 * active as f64 + 6.0 * (m.layers * seq * m.hidden) as f64;
     let peak = recipe.run_peak_tflops();
-    let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = if main {
         Some(
             std::fs::OpenOptions::new()
@@ -621,8 +723,11 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         let tokens = (t.global_batch * seq) as f64;
         let tokens_per_s = tokens / seconds;
         let tflops = tokens_per_s * flops_per_token / 1e12;
+        let stop = options.stop_at == Some(step + 1);
+        let last = step + 1 == t.steps || stop;
+        // Every `log_every` steps, and the last one (so every run has its final metrics).
         if let Some(file) = metrics.as_mut()
-            && (step + 1).is_multiple_of(t.log_every)
+            && ((step + 1).is_multiple_of(t.log_every) || last)
         {
             let line = StepMetrics {
                 step: step + 1,
@@ -653,8 +758,6 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             bar.set_position(step as u64 + 1);
             bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
         }
-        let stop = options.stop_at == Some(step + 1);
-        let last = step + 1 == t.steps || stop;
         if last || (t.checkpoint_every > 0 && (step + 1).is_multiple_of(t.checkpoint_every)) {
             let meta = Meta {
                 step: step + 1,

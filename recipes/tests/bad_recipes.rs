@@ -296,8 +296,14 @@ fn a_fresh_run_into_a_used_run_directory_is_refused() {
     let file = tmp.path().join("recipe.toml");
     std::fs::write(&file, TINY).expect("write recipe");
     let run = tmp.path().join("run");
-    std::fs::create_dir_all(&run).expect("run dir");
-    std::fs::write(run.join("metrics.jsonl"), "{}\n").expect("old metrics");
+    // A run with a checkpoint (a folder without one is started afresh: see reliability.rs).
+    let step = run.join("checkpoints/step-000005");
+    std::fs::create_dir_all(&step).expect("run dir");
+    std::fs::write(
+        step.join("meta.json"),
+        r#"{"step": 5, "world": 1, "next_sequence": 80, "seed": 42}"#,
+    )
+    .expect("old checkpoint");
     let out = Command::new(env!("CARGO_BIN_EXE_burn-recipes"))
         .args(["train", &file.display().to_string()])
         .args(["--set", &format!("run.dir=\"{}\"", run.display())])
@@ -313,6 +319,6 @@ fn a_fresh_run_into_a_used_run_directory_is_refused() {
     assert_eq!(
         left.len(),
         1,
-        "something was written next to the old metrics"
+        "something was written next to the old checkpoint"
     );
 }

@@ -1,0 +1,185 @@
+//! A run survives its user (issue 24's defects, each a test that failed before its fix):
+//! stranded run folders, changed recipes and steps on resume, inconsistent checkpoints,
+//! duplicated metrics after a lost checkpoint, `log_every` beyond the run, `--stop-at 0`,
+//! `moe_every` beyond the layers, unbounded recipe files.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{bin, recipe};
+
+fn run(dir: &Path, extra: &[&str]) -> Output {
+    let mut cmd = bin();
+    cmd.args(["train", &recipe("moe-tiny.toml").display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", dir.display())])
+        .args([
+            "--set",
+            "training.steps=20",
+            "--set",
+            "training.warmup_steps=2",
+            "--set",
+            "training.checkpoint_every=5",
+            "--set",
+            "training.keep_checkpoints=3",
+        ]);
+    cmd.args(extra).output().expect("binary runs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Exit 2 with a one-line error containing `key`.
+fn refused(out: &Output, key: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(key), "expected {key} in: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+/// `(step, loss)` of every line of `metrics.jsonl`.
+fn metrics(dir: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            (v["step"].as_u64().expect("step"), v["loss"].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_folder_left_by_a_run_that_died_before_its_first_checkpoint_is_started_afresh() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    std::fs::create_dir_all(&dir).expect("folder");
+    for (file, text) in [
+        ("metrics.jsonl", "{\"step\": 1, \"loss\": 9.0}\n"),
+        ("recipe.toml", "stale"),
+        ("train.log", "stale\n"),
+    ] {
+        std::fs::write(dir.join(file), text).expect("write");
+    }
+    ok(&run(&dir, &[]));
+    let m = metrics(&dir);
+    assert_eq!(m.len(), 20, "{m:?}");
+    assert_eq!(m[0].0, 1);
+    assert_ne!(m[0].1, "9.0");
+}
+
+#[test]
+fn resume_refuses_a_changed_recipe_and_keeps_the_runs_record() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    ok(&run(&dir, &["--stop-at", "10"]));
+    let record = std::fs::read(dir.join("recipe.toml")).expect("recipe.toml");
+    let summary = std::fs::read(dir.join("summary.json")).expect("summary");
+    for (set, key) in [
+        ("run.seed=7", "run.seed"),
+        ("training.micro_batch=4", "training.micro_batch"),
+        ("training.lr=1e-3", "training.lr"),
+        ("data.seq_len=16", "data"),
+        ("model.hidden=32", "model"),
+        // Nothing left to train: the checkpoint is at step 10.
+        ("training.steps=10", "training.steps"),
+    ] {
+        let out = run(&dir, &["--resume", "--set", set]);
+        refused(&out, key);
+        assert_eq!(
+            std::fs::read(dir.join("recipe.toml")).unwrap(),
+            record,
+            "{set}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join("summary.json")).unwrap(),
+            summary,
+            "{set}"
+        );
+    }
+    // What may change does: more steps, another logging cadence.
+    ok(&run(
+        &dir,
+        &[
+            "--resume",
+            "--set",
+            "training.steps=25",
+            "--set",
+            "training.log_every=5",
+        ],
+    ));
+}
+
+#[test]
+fn resume_after_a_lost_checkpoint_drops_the_metrics_it_did_not_keep() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let straight = tmp.path().join("straight");
+    ok(&run(&straight, &[]));
+    let dir = tmp.path().join("run");
+    ok(&run(&dir, &["--stop-at", "10"]));
+    // A run killed after logging step 10 but before writing its checkpoint: the newest
+    // checkpoint is step 5 and metrics.jsonl holds 10 steps.
+    std::fs::remove_dir_all(dir.join("checkpoints/step-000010")).expect("remove");
+    assert_eq!(metrics(&dir).len(), 10);
+    ok(&run(&dir, &["--resume"]));
+    let m = metrics(&dir);
+    let steps: Vec<u64> = m.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        steps,
+        (1..=20).collect::<Vec<_>>(),
+        "duplicated or missing steps"
+    );
+    assert_eq!(m, metrics(&straight), "the resumed curve differs");
+}
+
+#[test]
+fn an_inconsistent_checkpoint_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    ok(&run(&dir, &["--stop-at", "10"]));
+    // meta.json disagrees with its folder.
+    let meta = dir.join("checkpoints/step-000010/meta.json");
+    let text = std::fs::read_to_string(&meta).expect("meta");
+    std::fs::write(&meta, text.replace("\"step\": 10", "\"step\": 5")).expect("write");
+    refused(&run(&dir, &["--resume"]), "meta.json");
+    // Folder and meta.json agree, the optimizer state does not.
+    std::fs::rename(
+        dir.join("checkpoints/step-000010"),
+        dir.join("checkpoints/step-000006"),
+    )
+    .expect("rename");
+    let meta = dir.join("checkpoints/step-000006/meta.json");
+    let text = std::fs::read_to_string(&meta).expect("meta");
+    std::fs::write(&meta, text.replace("\"step\": 5", "\"step\": 6")).expect("write");
+    refused(&run(&dir, &["--resume"]), "optimizer state");
+}
+
+#[test]
+fn bad_run_arguments_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    refused(&run(&dir, &["--stop-at", "0"]), "--stop-at");
+    refused(&run(&dir, &["--stop-at", "21"]), "--stop-at");
+    refused(
+        &run(&dir, &["--set", "model.moe_every=3"]),
+        "model.moe_every",
+    );
+    assert!(!dir.exists());
+    let out = bin().args(["train", "/dev/zero"]).output().expect("binary");
+    refused(&out, "larger than");
+}
+
+#[test]
+fn log_every_beyond_the_run_still_logs_and_plots_the_last_step() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    ok(&run(&dir, &["--set", "training.log_every=50"]));
+    assert_eq!(metrics(&dir).iter().map(|m| m.0).collect::<Vec<_>>(), [20]);
+    assert!(dir.join("loss.png").exists());
+}
