@@ -3,6 +3,9 @@
 //! position). Written atomically: every rank writes into `step-NNNNNN.tmp/`, then rank 0
 //! renames the folder once all have finished; only the newest `keep` checkpoints stay.
 //!
+//! `SHA256SUMS` lists the SHA-256 of every other file of the folder (written last, before the
+//! rename); a checkpoint whose files do not match it is refused naming the file.
+//!
 //! Parameters are stored under their module paths (`model.blocks.0.attn.qkv.weight`), so a
 //! checkpoint can be read by name. Checkpoints written before names (`param.00017`, by
 //! position in module order) are still read, by position.
@@ -56,11 +59,100 @@ fn complete_steps(run_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(steps)
 }
 
-/// The newest complete checkpoint of a run, if any.
+/// The file listing the checksums of a checkpoint folder.
+const SUMS: &str = "SHA256SUMS";
+
+fn text_digest(bytes: impl AsRef<[u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn sha256_hex(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| RecipeError::io(path, e))?;
+    Ok(text_digest(bytes))
+}
+
+/// Writes `SHA256SUMS` of every file of `dir` (`sha256sum` format, sorted by name).
+fn write_checksums(dir: &Path) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| RecipeError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n != SUMS)
+        .collect();
+    names.sort();
+    let mut text = String::new();
+    for name in names {
+        text.push_str(&format!("{}  {name}\n", sha256_hex(&dir.join(&name))?));
+    }
+    // The last line checks the lines above it, so a damaged list names itself.
+    let own = text_digest(&text);
+    text.push_str(&format!("{own}  {SUMS}\n"));
+    let path = dir.join(SUMS);
+    std::fs::write(&path, text).map_err(|e| RecipeError::io(&path, e))
+}
+
+/// Checks every file of checkpoint folder `dir` against its `SHA256SUMS`; errors name the
+/// file that differs, is missing, or is not listed. A folder without the list (written
+/// before checksums) is accepted as it is.
+pub fn verify(dir: &Path) -> Result<()> {
+    let path = dir.join(SUMS);
+    if !path.exists() {
+        return Ok(());
+    }
+    let damaged = || RecipeError::io(&path, "is damaged: its own checksum does not match");
+    let bytes = std::fs::read(&path).map_err(|e| RecipeError::io(&path, e))?;
+    let text = String::from_utf8(bytes).map_err(|_| damaged())?;
+    let body_end = text.trim_end_matches('\n').rfind('\n').map_or(0, |i| i + 1);
+    let (body, own) = text.split_at(body_end);
+    let own_sum = own
+        .strip_suffix(&format!("  {SUMS}\n"))
+        .ok_or_else(damaged)?;
+    if own_sum != text_digest(body) {
+        return Err(damaged());
+    }
+    let mut listed = std::collections::BTreeSet::new();
+    for line in body.lines() {
+        let (sum, name) = line
+            .split_once("  ")
+            .filter(|(s, n)| s.len() == 64 && !n.is_empty() && !n.contains('/'))
+            .ok_or_else(|| RecipeError::io(&path, format!("malformed line {line:?}")))?;
+        let file = dir.join(name);
+        if !file.exists() {
+            return Err(RecipeError::io(&file, "is missing from the checkpoint"));
+        }
+        if sha256_hex(&file)? != sum {
+            return Err(RecipeError::io(
+                &file,
+                "does not match its checksum: the checkpoint is damaged",
+            ));
+        }
+        listed.insert(name.to_string());
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| RecipeError::io(dir, e))? {
+        let entry = entry.map_err(|e| RecipeError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != SUMS && !listed.contains(&name) {
+            return Err(RecipeError::io(
+                &entry.path(),
+                "is not listed in the checkpoint's SHA256SUMS",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run, if any, its files checked against their
+/// checksums.
 pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Meta)>> {
     match complete_steps(run_dir)?.pop() {
         None => Ok(None),
         Some(path) => {
+            verify(&path)?;
             let meta_path = path.join("meta.json");
             let text =
                 std::fs::read_to_string(&meta_path).map_err(|e| RecipeError::io(&meta_path, e))?;
@@ -181,6 +273,7 @@ pub fn save<M: Module>(
         let text =
             serde_json::to_string_pretty(meta).map_err(|e| RecipeError::io(&meta_path, e))?;
         std::fs::write(&meta_path, text).map_err(|e| RecipeError::io(&meta_path, e))?;
+        write_checksums(&tmp)?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(|e| RecipeError::io(&final_dir, e))?;
         }
@@ -267,6 +360,7 @@ pub(crate) fn write_params<M: Module>(
 
 /// Loads this rank's parameters and optimizer state from a checkpoint folder.
 pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, OptimizerState)> {
+    verify(dir)?;
     let file = dir.join(format!("rank-{rank:05}.safetensors"));
     let bytes = std::fs::read(&file).map_err(|e| RecipeError::io(&file, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| RecipeError::io(&file, e))?;

@@ -29,6 +29,15 @@ pub enum RecipeError {
     /// The recipe cannot run on this machine (memory, backend).
     #[error("{0}")]
     Refused(String),
+    /// A training step failed (the run stops before its optimizer step; the newest checkpoint
+    /// is intact).
+    #[error("step {step}: {source}")]
+    AtStep {
+        /// The step (1-based).
+        step: usize,
+        /// What went wrong.
+        source: Box<RecipeError>,
+    },
     /// The MoE layer failed.
     #[error(transparent)]
     Moe(#[from] burn_moe::MoeError),

@@ -710,8 +710,21 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         let resident = trainer.resident_bytes();
         let step_start = crate::memory::live();
         crate::memory::reset_peak();
-        let backward = trainer.backward(step)?;
-        let reported = trainer.report(&backward)?;
+        let at = |e: RecipeError| RecipeError::AtStep {
+            step: step + 1,
+            source: Box::new(e),
+        };
+        let backward = trainer.backward(step).map_err(at)?;
+        let reported = trainer.report(&backward).map_err(at)?;
+        // The reported values are the same on every rank: all of them stop here together,
+        // before the step, leaving the newest checkpoint as it was.
+        if !(reported.loss.is_finite() && reported.aux.is_finite() && reported.z.is_finite()) {
+            return Err(at(RecipeError::Refused(format!(
+                "the loss is {} (aux {}, z {}); the run stops before the optimizer step and \
+                 its last checkpoint is intact (lower training.lr, or check the data)",
+                reported.loss, reported.aux, reported.z
+            ))));
+        }
         let stats = trainer.apply(backward, step)?;
         let step_peak = crate::memory::peak()
             .zip(step_start)

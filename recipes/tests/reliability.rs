@@ -143,6 +143,9 @@ fn an_inconsistent_checkpoint_is_refused_naming_it() {
     let tmp = tempfile::tempdir().expect("temporary folder");
     let dir = tmp.path().join("run");
     ok(&run(&dir, &["--stop-at", "10"]));
+    // Without its checksums (as checkpoints before them), so the edits below reach the
+    // consistency checks.
+    std::fs::remove_file(dir.join("checkpoints/step-000010/SHA256SUMS")).expect("remove");
     // meta.json disagrees with its folder.
     let meta = dir.join("checkpoints/step-000010/meta.json");
     let text = std::fs::read_to_string(&meta).expect("meta");
@@ -182,4 +185,68 @@ fn log_every_beyond_the_run_still_logs_and_plots_the_last_step() {
     ok(&run(&dir, &["--set", "training.log_every=50"]));
     assert_eq!(metrics(&dir).iter().map(|m| m.0).collect::<Vec<_>>(), [20]);
     assert!(dir.join("loss.png").exists());
+}
+
+#[test]
+fn a_byte_flipped_in_any_checkpoint_file_is_detected_naming_the_file() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    ok(&run(&dir, &["--stop-at", "10"]));
+    let step = dir.join("checkpoints/step-000010");
+    let mut files: Vec<String> = std::fs::read_dir(&step)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["SHA256SUMS", "meta.json", "rank-00000.safetensors"]);
+    let record: Vec<Vec<u8>> = ["recipe.toml", "metrics.jsonl", "summary.json"]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).expect("record"))
+        .collect();
+    for name in &files {
+        let path = step.join(name);
+        let original = std::fs::read(&path).expect("file");
+        // The first byte, one in the middle (the optimizer state, for the tensors) and the
+        // last.
+        for at in [0, original.len() / 2, original.len() - 2] {
+            let mut flipped = original.clone();
+            flipped[at] ^= 0x01;
+            std::fs::write(&path, &flipped).expect("write");
+            refused(&run(&dir, &["--resume"]), name);
+            let now: Vec<Vec<u8>> = ["recipe.toml", "metrics.jsonl", "summary.json"]
+                .iter()
+                .map(|f| std::fs::read(dir.join(f)).expect("record"))
+                .collect();
+            assert_eq!(now, record, "{name} byte {at}: the run's record changed");
+        }
+        std::fs::write(&path, &original).expect("restore");
+    }
+    ok(&run(&dir, &["--resume"]));
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    let out = run(
+        &dir,
+        &[
+            "--set",
+            "training.lr=1e30",
+            "--set",
+            "training.min_lr=1e30",
+            "--set",
+            "training.grad_clip=1e30",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // The router's finiteness check or the loss check, with the step.
+    assert!(
+        err.starts_with("error: step ")
+            && (err.contains("the loss is") || err.contains("non-finite")),
+        "{err}"
+    );
+    let m = metrics(&dir);
+    assert!(m.iter().all(|(_, loss)| loss != "null"), "{m:?}");
 }
