@@ -775,6 +775,7 @@ pub struct LoadedDit {
 /// Loads a DiT run: its recipe, summary (vocabulary), latest checkpoint and its cache's
 /// metadata, on the CPU.
 pub fn load_dit(run: &Path) -> Result<LoadedDit> {
+    crate::recipe::expect_run_kind(run, "a DiT")?;
     let recipe = DitRecipe::load(&run.join("recipe.toml"), &[])?;
     let path = run.join("summary.json");
     let summary: DitSummary = std::fs::read_to_string(&path)

@@ -116,6 +116,14 @@ fn with_sampler<T>(
     if frames == 0 {
         return Err("`--frames`: must be at least 1".into());
     }
+    if steps == 0 {
+        return Err("`--steps`: must be at least 1".into());
+    }
+    if !(guidance.is_finite() && guidance >= 0.0) {
+        return Err(format!(
+            "`--guidance`: is {guidance}; it must be a finite scale >= 0 (1: none)"
+        ));
+    }
     let loaded = load_dit(run).map_err(|e| e.to_string())?;
     let (_, vae, _) =
         burn_recipes::video::load_vae(&loaded.meta.vae_run, Some(&loaded.meta.checkpoint))
@@ -155,6 +163,9 @@ fn run_sample(args: &SampleArgs) -> Result<(), String> {
 }
 
 fn run_eval_dit(args: &EvalDitArgs) -> Result<(), String> {
+    if args.prompts == 0 {
+        return Err("`--prompts`: must be at least 1".into());
+    }
     let a = with_sampler(&args.run, args.sampling, |s, dit| {
         s.accuracy(dit, args.prompts, args.sampling.seed)
     })?;
@@ -352,6 +363,21 @@ struct SynthArgs {
 fn run_scan(args: &ScanArgs) -> Result<(), String> {
     use burn_video::filter::Filters;
     use burn_video::pipeline::{Buckets, scan, write_manifest};
+    for (flag, v) in [
+        ("--max-cut", args.max_cut),
+        ("--min-sharpness", args.min_sharpness),
+        ("--min-motion", args.min_motion),
+        ("--max-motion", args.max_motion),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err(format!("`{flag}`: is {v}; it must be a finite number >= 0"));
+        }
+    }
+    if args.lengths.is_empty() || args.lengths.contains(&0) {
+        return Err("`--lengths`: give clip lengths of at least 1 frame".into());
+    }
     let d = Filters::default();
     let filters = Filters {
         max_cut: args.max_cut.unwrap_or(d.max_cut),
@@ -395,7 +421,16 @@ fn run_scan(args: &ScanArgs) -> Result<(), String> {
 fn run_synth(args: &SynthArgs) -> Result<(), String> {
     use burn_video::synthetic::{Label, generate};
     if args.out.exists() {
-        return Err(format!("{}: already exists", args.out.display()));
+        return Err(format!("`OUT`: {} already exists", args.out.display()));
+    }
+    for (flag, v) in [
+        ("--count", args.count),
+        ("--size", args.size),
+        ("--frames", args.frames),
+    ] {
+        if v == 0 {
+            return Err(format!("`{flag}`: must be at least 1"));
+        }
     }
     // Everything is generated before anything is written.
     let clips = (0..args.count)
@@ -819,6 +854,9 @@ fn run_plan(args: &PlanArgs) -> Result<(), String> {
 }
 
 fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
+    if args.top == 0 {
+        return Err("`--top`: must be at least 1".into());
+    }
     if let Some(anchors) = &args.calibrate {
         let rows = plan::load_anchors(anchors).map_err(|e| e.to_string())?;
         let measurements: Vec<_> = rows.iter().map(|(_, _, m)| m.clone()).collect();

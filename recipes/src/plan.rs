@@ -85,6 +85,41 @@ fn hbm() -> f64 {
     80.0
 }
 
+impl ClusterConfig {
+    /// Checks every number; errors name the `cluster.*` key.
+    pub fn validate(&self) -> Result<()> {
+        if self.gpus == 0 {
+            return Err(invalid("cluster.gpus", "must be at least 1"));
+        }
+        if self.gpus_per_node == 0
+            || !(self.gpus.is_multiple_of(self.gpus_per_node)
+                || self.gpus < self.gpus_per_node && self.gpus_per_node.is_multiple_of(self.gpus))
+        {
+            return Err(invalid(
+                "cluster.gpus_per_node",
+                format!(
+                    "is {}; it must be at least 1 and the {} GPUs must fill whole nodes",
+                    self.gpus_per_node, self.gpus
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("cluster.peak_tflops", self.peak_tflops),
+            ("cluster.nvlink_gbytes_per_s", self.nvlink_gbytes_per_s),
+            ("cluster.ib_gbits_per_s", self.ib_gbits_per_s),
+            ("cluster.memory_gib", self.memory_gib),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(
+                    key,
+                    format!("is {v}; it must be a positive number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
@@ -236,6 +271,7 @@ impl Problem {
             gpus: recipe.parallel.gpus.unwrap_or(8),
             ..ClusterConfig::default()
         });
+        cluster.validate()?;
         let p = &recipe.parallel;
         Ok((
             Self {

@@ -418,12 +418,20 @@ impl Recipe {
 
     /// Reads a recipe file and applies `overrides` (`section.key=value`, TOML values).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        load_file(path, overrides)
+        Self::parse(&read_recipe_text(path)?, overrides)
     }
 
-    /// Parses recipe text and applies `overrides`.
+    /// Parses recipe text and applies `overrides`. A `[cluster]` table without `gpus` (for
+    /// example one made by `--set cluster.memory_gib=…`) takes `parallel.gpus`.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
-        parse_text(text, overrides)
+        let mut table = parse_table(text, overrides)?;
+        let gpus = table.get("parallel").and_then(|p| p.get("gpus")).cloned();
+        if let (Some(gpus), Some(toml::Value::Table(cluster))) = (gpus, table.get_mut("cluster"))
+            && !cluster.contains_key("gpus")
+        {
+            cluster.insert("gpus".into(), gpus);
+        }
+        Self::deserialize(toml::Value::Table(table)).map_err(|e| from_serde(&e.to_string()))
     }
 
     /// Checks every value that does not depend on the world size.
@@ -793,6 +801,38 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
     Ok(())
 }
 
+/// What kind of run a run folder holds, from its `recipe.toml`: `"a MoE LM"`, `"a video VAE"`
+/// or `"a DiT"`; an error naming `--run` when it has none.
+pub fn run_kind(run: &Path) -> Result<&'static str> {
+    let path = run.join("recipe.toml");
+    if !path.exists() {
+        return Err(bad(
+            "--run",
+            format!("{} holds no run (no recipe.toml)", run.display()),
+        ));
+    }
+    let text = read_recipe_text(&path)?;
+    Ok(if crate::video::is_vae_recipe(&text) {
+        "a video VAE"
+    } else if crate::dit::is_dit_recipe(&text) {
+        "a DiT"
+    } else {
+        "a MoE LM"
+    })
+}
+
+/// An error naming `--run` unless `run` is a run of `kind` (see [`run_kind`]).
+pub fn expect_run_kind(run: &Path, kind: &'static str) -> Result<()> {
+    let found = run_kind(run)?;
+    if found != kind {
+        return Err(bad(
+            "--run",
+            format!("{} is {found} run, not {kind} run", run.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// The largest recipe file read (a recipe is a few kilobytes; `/dev/zero` is not one).
 pub const MAX_RECIPE_BYTES: u64 = 1 << 20;
 
@@ -829,13 +869,30 @@ pub(crate) fn parse_text<T: serde::de::DeserializeOwned>(
     text: &str,
     overrides: &[String],
 ) -> Result<T> {
-    let mut value: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| RecipeError::Syntax(e.message().replace('\n', " ")))?;
+    let value = parse_table(text, overrides)?;
+    T::deserialize(toml::Value::Table(value)).map_err(|e| from_serde(&e.to_string()))
+}
+
+/// Recipe text as a TOML table with `overrides` applied; syntax errors give their line and
+/// column.
+fn parse_table(text: &str, overrides: &[String]) -> Result<toml::Table> {
+    let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let at = e.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        });
+        RecipeError::Syntax(format!(
+            "{}{}",
+            e.message().replace('\n', " "),
+            at.unwrap_or_default()
+        ))
+    })?;
     for o in overrides {
         apply_override(&mut value, o)?;
     }
-    T::deserialize(toml::Value::Table(value)).map_err(|e| from_serde(&e.to_string()))
+    Ok(value)
 }
 
 /// The field a serde message names after `marker`, with the table it is in (toml says ``in

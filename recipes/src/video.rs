@@ -521,6 +521,7 @@ pub fn load_vae_on(
     checkpoint_dir: Option<&Path>,
     device: &Device,
 ) -> Result<(VaeRecipe, Vae, PathBuf)> {
+    crate::recipe::expect_run_kind(run, "a video VAE")?;
     let recipe = VaeRecipe::load(&run.join("recipe.toml"), &[])?;
     let dir = match checkpoint_dir {
         Some(d) => d.to_path_buf(),

@@ -250,3 +250,175 @@ fn a_non_finite_loss_stops_the_run_naming_the_step() {
     let m = metrics(&dir);
     assert!(m.iter().all(|(_, loss)| loss != "null"), "{m:?}");
 }
+
+#[test]
+fn bad_command_line_values_exit_2_naming_the_flag() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let lm = tmp.path().join("lm");
+    ok(&run(
+        &lm,
+        &[
+            "--set",
+            "training.steps=3",
+            "--set",
+            "training.warmup_steps=1",
+        ],
+    ));
+    let s = |p: &str| p.to_string();
+    let mixtral = recipe("mixtral-8x22b.toml").display().to_string();
+    let clips = recipe("../../shared/data/video-clips")
+        .display()
+        .to_string();
+    let lm_run = lm.display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                s("plan"),
+                mixtral.clone(),
+                s("--search"),
+                s("--top"),
+                s("0"),
+            ],
+            "--top",
+        ),
+        (
+            vec![
+                s("plan"),
+                mixtral.clone(),
+                s("--set"),
+                s("cluster.memory_gib=-1"),
+            ],
+            "cluster.memory_gib",
+        ),
+        (
+            vec![
+                s("plan"),
+                mixtral.clone(),
+                s("--set"),
+                s("cluster.ib_gbits_per_s=0"),
+            ],
+            "cluster.ib_gbits_per_s",
+        ),
+        (
+            vec![
+                s("plan"),
+                mixtral.clone(),
+                s("--set"),
+                s("cluster.peak_tflops=nan"),
+            ],
+            "cluster.peak_tflops",
+        ),
+        (
+            vec![
+                s("plan"),
+                mixtral.clone(),
+                s("--set"),
+                s("cluster.gpus_per_node=3"),
+            ],
+            "cluster.gpus_per_node",
+        ),
+        (
+            vec![
+                s("data"),
+                s("scan"),
+                clips.clone(),
+                s("--max-cut"),
+                s("nan"),
+            ],
+            "--max-cut",
+        ),
+        (
+            vec![s("data"), s("scan"), clips, s("--min-motion=-1")],
+            "--min-motion",
+        ),
+        (
+            vec![
+                s("data"),
+                s("synth"),
+                tmp.path().join("synth").display().to_string(),
+                s("--count"),
+                s("0"),
+            ],
+            "--count",
+        ),
+        (
+            vec![
+                s("eval"),
+                s("dit"),
+                s("--run"),
+                lm_run.clone(),
+                s("--prompts"),
+                s("0"),
+            ],
+            "--prompts",
+        ),
+        (
+            vec![
+                s("eval"),
+                s("dit"),
+                s("--run"),
+                lm_run.clone(),
+                s("--guidance"),
+                s("nan"),
+            ],
+            "--guidance",
+        ),
+        // A run of another kind is named as such.
+        (
+            vec![s("eval"), s("dit"), s("--run"), lm_run.clone()],
+            "is a MoE LM run",
+        ),
+        (
+            vec![
+                s("eval"),
+                s("vae"),
+                s("--run"),
+                lm_run,
+                s("--clips"),
+                s("."),
+            ],
+            "is a MoE LM run",
+        ),
+    ];
+    for (args, key) in cases {
+        let out = bin().args(&args).output().expect("binary");
+        refused(&out, key);
+    }
+    assert!(!tmp.path().join("synth").exists());
+}
+
+#[test]
+fn recipe_syntax_errors_give_their_line_and_a_cluster_without_gpus_takes_the_layouts() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[run]\ndir = \"x\"\nseed = 99999999999999999999999\n").expect("write");
+    let out = bin()
+        .args(["train", &bad.display().to_string()])
+        .output()
+        .expect("binary");
+    refused(&out, "line 3, column 8");
+    std::fs::write(&bad, "[run]\ndir = [1,\n").expect("write");
+    let out = bin()
+        .args(["train", &bad.display().to_string()])
+        .output()
+        .expect("binary");
+    refused(&out, "line 3");
+    // `--set cluster.KEY` on a recipe whose [cluster] omits gpus keeps parallel.gpus.
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let out = bin()
+            .args([
+                "plan",
+                &recipe("mixtral-8x22b.toml").display().to_string(),
+                "--json",
+            ])
+            .args(["--set", "parallel.gpus=256", "--set", "parallel.ep=4"])
+            .args(extra)
+            .output()
+            .expect("plan");
+        ok(&out);
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let with = plan(&["--set", "cluster.memory_gib=80"]);
+    let without = plan(&[]);
+    assert_eq!(with["step_time_s"], without["step_time_s"], "{with}");
+}
