@@ -38,6 +38,22 @@ pub enum RecipeError {
         /// What went wrong.
         source: Box<RecipeError>,
     },
+    /// The run was asked to stop by a signal and stopped after `step` with a checkpoint.
+    #[error(
+        "{signal_name} received: stopped after step {step} with a checkpoint; continue with \
+         `burn-recipes train RECIPE --resume` (the same recipe and --set options)"
+    )]
+    Interrupted {
+        /// The signal's number.
+        signal: i32,
+        /// `SIGINT`, `SIGTERM`, …
+        signal_name: &'static str,
+        /// The last step done (and checkpointed).
+        step: usize,
+    },
+    /// Another process holds the run folder.
+    #[error("`run.dir`: {0}")]
+    Locked(String),
     /// The MoE layer failed.
     #[error(transparent)]
     Moe(#[from] burn_moe::MoeError),

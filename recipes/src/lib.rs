@@ -15,6 +15,7 @@ pub mod data;
 pub mod dit;
 pub mod ema;
 pub mod error;
+pub mod interrupt;
 pub mod latents;
 /// Heap accounting (from burn-parallel).
 pub use burn_parallel::memory;

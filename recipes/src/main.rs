@@ -736,13 +736,25 @@ fn run_train_dit(args: &TrainArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_train(args: &TrainArgs) -> Result<(), String> {
+/// What a failed command reports: a one-line message and its exit status.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { code: 2, message }
+    }
+}
+
+fn run_train(args: &TrainArgs) -> Result<(), Failure> {
     let text = burn_recipes::recipe::read_recipe_text(&args.recipe).map_err(|e| e.to_string())?;
     if burn_recipes::video::is_vae_recipe(&text) {
-        return run_train_vae(args);
+        return run_train_vae(args).map_err(Failure::from);
     }
     if burn_recipes::dit::is_dit_recipe(&text) {
-        return run_train_dit(args);
+        return run_train_dit(args).map_err(Failure::from);
     }
     let recipe = Recipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
     recipe.validate().map_err(|e| e.to_string())?;
@@ -772,8 +784,21 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
         device: device(args.device)?,
         progress: main && std::io::stderr().is_terminal(),
         stop_at: args.stop_at,
+        interrupts: Some(
+            burn_recipes::interrupt::Interrupts::install().map_err(|e| e.to_string())?,
+        ),
     };
-    let summary = train(&recipe, &options, &world).map_err(|e| e.to_string())?;
+    let summary = match train(&recipe, &options, &world) {
+        Ok(s) => s,
+        Err(e @ burn_recipes::error::RecipeError::Interrupted { signal, .. }) => {
+            let code = burn_recipes::interrupt::describe(signal).1;
+            return Err(Failure {
+                code,
+                message: e.to_string(),
+            });
+        }
+        Err(e) => return Err(e.to_string().into()),
+    };
     if main {
         match summary.entropy_floor {
             Some(floor) => println!(
@@ -995,22 +1020,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Train(args) => run_train(args),
-        Command::Launch(args) => run_launch(args),
-        Command::Plot(args) => run_plot(args),
-        Command::Plan(args) => run_plan(args),
-        Command::Layer(args) => run_layer(args),
-        Command::Data(DataCommand::Scan(args)) => run_scan(args),
-        Command::Data(DataCommand::Synth(args)) => run_synth(args),
-        Command::Data(DataCommand::Cache(args)) => run_cache(args),
-        Command::Eval(EvalCommand::Vae(args)) => run_eval_vae(args),
-        Command::Eval(EvalCommand::Dit(args)) => run_eval_dit(args),
-        Command::Sample(args) => run_sample(args),
+        Command::Launch(args) => run_launch(args).map_err(Failure::from),
+        Command::Plot(args) => run_plot(args).map_err(Failure::from),
+        Command::Plan(args) => run_plan(args).map_err(Failure::from),
+        Command::Layer(args) => run_layer(args).map_err(Failure::from),
+        Command::Data(DataCommand::Scan(args)) => run_scan(args).map_err(Failure::from),
+        Command::Data(DataCommand::Synth(args)) => run_synth(args).map_err(Failure::from),
+        Command::Data(DataCommand::Cache(args)) => run_cache(args).map_err(Failure::from),
+        Command::Eval(EvalCommand::Vae(args)) => run_eval_vae(args).map_err(Failure::from),
+        Command::Eval(EvalCommand::Dit(args)) => run_eval_dit(args).map_err(Failure::from),
+        Command::Sample(args) => run_sample(args).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
+        Err(Failure { code, message }) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
         }
     }
 }

@@ -25,6 +25,63 @@ pub(crate) fn refuse_existing(run: &Path, advice: &str) -> Result<()> {
     Ok(())
 }
 
+/// The lock of a run folder (`RUN_DIR/.lock` with the holder's pid), removed when dropped. A
+/// lock whose process is gone (a killed run) is taken over.
+#[derive(Debug)]
+pub struct RunLock {
+    path: std::path::PathBuf,
+}
+
+impl RunLock {
+    /// Takes the lock of `run` (created when missing), or refuses naming the process that holds
+    /// it.
+    pub fn acquire(run: &Path) -> Result<Self> {
+        use std::io::Write;
+        std::fs::create_dir_all(run).map_err(|e| RecipeError::io(run, e))?;
+        let path = run.join(".lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id()).map_err(|e| RecipeError::io(&path, e))?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let alive = holder
+                        .trim()
+                        .parse::<u32>()
+                        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                    if alive {
+                        return Err(RecipeError::Locked(format!(
+                            "process {} is training into {} ({}); wait for it or stop it",
+                            holder.trim(),
+                            run.display(),
+                            path.display()
+                        )));
+                    }
+                    // Left by a process that is gone: take it over.
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(RecipeError::io(&path, e)),
+            }
+        }
+        Err(RecipeError::Locked(format!(
+            "{} could not be taken",
+            path.display()
+        )))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Creates `run`, writes the recipe's copy `recipe.toml` and returns a new `metrics.jsonl`.
 pub(crate) fn start(run: &Path, recipe: &impl Serialize) -> Result<File> {
     std::fs::create_dir_all(run).map_err(|e| RecipeError::io(run, e))?;

@@ -36,6 +36,9 @@ pub struct TrainOptions {
     /// Stop after this step with a checkpoint (Megatron's `--exit-interval`); `--resume`
     /// continues the same schedule.
     pub stop_at: Option<usize>,
+    /// SIGINT / SIGTERM: stop after the step in progress, with a checkpoint (every rank at the
+    /// same step).
+    pub interrupts: Option<crate::interrupt::Interrupts>,
 }
 
 /// What a finished run reports.
@@ -643,7 +646,13 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         }
         start = meta.step;
     }
-    // Everything is checked and the checkpoint loaded: now the run directory may be written.
+    // Everything is checked and the checkpoint loaded: now the run directory may be written,
+    // by this process alone.
+    let _lock = if main {
+        Some(crate::rundir::RunLock::acquire(&run_dir)?)
+    } else {
+        None
+    };
     let metrics_path = run_dir.join("metrics.jsonl");
     if main {
         std::fs::create_dir_all(&run_dir).map_err(|e| RecipeError::io(&run_dir, e))?;
@@ -771,7 +780,17 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
             bar.set_position(step as u64 + 1);
             bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
         }
-        if last || (t.checkpoint_every > 0 && (step + 1).is_multiple_of(t.checkpoint_every)) {
+        // A signal on any rank stops every rank after this step.
+        let signal = options
+            .interrupts
+            .as_ref()
+            .and_then(crate::interrupt::Interrupts::received)
+            .unwrap_or(0);
+        let mut any = [signal as f32];
+        comm.all_reduce(&mut any, ReduceOp::Max)?;
+        let interrupted = any[0] > 0.0;
+        let scheduled = t.checkpoint_every > 0 && (step + 1).is_multiple_of(t.checkpoint_every);
+        if last || scheduled || interrupted {
             let meta = Meta {
                 step: step + 1,
                 world: n,
@@ -779,6 +798,14 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
                 seed: recipe.run.seed,
             };
             trainer.save(&run_dir, &meta, t.keep_checkpoints)?;
+        }
+        if interrupted && !last {
+            let signal = any[0] as i32;
+            return Err(RecipeError::Interrupted {
+                signal,
+                signal_name: crate::interrupt::describe(signal).0,
+                step: step + 1,
+            });
         }
         if stop {
             break;

@@ -422,3 +422,116 @@ fn recipe_syntax_errors_give_their_line_and_a_cluster_without_gpus_takes_the_lay
     let without = plan(&[]);
     assert_eq!(with["step_time_s"], without["step_time_s"], "{with}");
 }
+
+/// Starts a long training run (150 steps, a checkpoint every 25) in the background.
+fn spawn_long(dir: &Path) -> std::process::Child {
+    bin()
+        .args(["train", &recipe("moe-tiny.toml").display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", dir.display())])
+        .args([
+            "--set",
+            "training.checkpoint_every=25",
+            "--set",
+            "training.steps=150",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+/// Waits until `metrics.jsonl` of `dir` has at least `n` lines.
+fn wait_for_steps(dir: &Path, n: usize) {
+    let began = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < n {
+        assert!(
+            began.elapsed().as_secs() < 120,
+            "the run did not reach step {n}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// The uninterrupted run (as `spawn_long` runs it).
+fn straight_run(dir: &Path) -> Vec<(u64, String)> {
+    let out = bin()
+        .args(["train", &recipe("moe-tiny.toml").display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", dir.display())])
+        .args([
+            "--set",
+            "training.checkpoint_every=25",
+            "--set",
+            "training.steps=150",
+        ])
+        .output()
+        .expect("binary");
+    ok(&out);
+    metrics(dir)
+}
+
+fn resume_long(dir: &Path) -> Output {
+    bin()
+        .args(["train", &recipe("moe-tiny.toml").display().to_string()])
+        .args(["--set", &format!("run.dir=\"{}\"", dir.display())])
+        .args([
+            "--set",
+            "training.checkpoint_every=25",
+            "--set",
+            "training.steps=150",
+        ])
+        .arg("--resume")
+        .output()
+        .expect("binary")
+}
+
+#[test]
+fn interrupts_stop_with_a_checkpoint_and_kills_resume_bit_for_bit() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let want = straight_run(&tmp.path().join("straight"));
+    assert_eq!(want.len(), 150);
+    for (name, code) in [("INT", 130), ("TERM", 143)] {
+        let dir = tmp.path().join(format!("sig{name}"));
+        let child = spawn_long(&dir);
+        wait_for_steps(&dir, 30);
+        // A second process into the same folder is refused while the first one runs.
+        let second = resume_long(&dir);
+        refused(&second, "is training into");
+        signal(&child, name);
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{name}: {err}");
+        assert!(
+            err.contains(&format!("SIG{name} received: stopped after step"))
+                && err.contains("--resume"),
+            "{err}"
+        );
+        let step = metrics(&dir).len();
+        assert!(
+            dir.join(format!("checkpoints/step-{step:06}/meta.json"))
+                .exists(),
+            "no checkpoint at step {step}"
+        );
+        assert!(!dir.join(".lock").exists(), "the lock was left behind");
+        ok(&resume_long(&dir));
+        assert_eq!(metrics(&dir), want, "SIG{name}: the resumed curve differs");
+    }
+    // SIGKILL: no checkpoint at the kill, a lock left behind by a dead process; the resumed
+    // run starts from the last checkpoint, drops the metrics after it, and ends on the same
+    // curve.
+    let dir = tmp.path().join("sigkill");
+    let mut child = spawn_long(&dir);
+    wait_for_steps(&dir, 40);
+    signal(&child, "KILL");
+    let _ = child.wait();
+    assert!(dir.join(".lock").exists());
+    ok(&resume_long(&dir));
+    assert_eq!(metrics(&dir), want, "SIGKILL: the resumed curve differs");
+}
