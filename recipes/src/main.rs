@@ -590,6 +590,11 @@ fn run_layer(args: &LayerArgs) -> Result<(), String> {
     if args.tokens == 0 {
         return Err("--tokens must be > 0".into());
     }
+    burn_recipes::train::check_layer_memory(
+        (args.tokens, args.hidden, args.ffn),
+        (args.experts, args.topk),
+    )
+    .map_err(|e| e.to_string())?;
     let device = device(args.device)?.autodiff();
     let score = match args.score {
         Score::Softmax => ScoreFunction::Softmax,

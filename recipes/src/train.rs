@@ -134,6 +134,74 @@ pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
     )))
 }
 
+/// Refuses a run whose training step cannot fit in this machine's available memory, before
+/// anything is allocated: the planner's eager-kernel estimate of a rank's peak (weights,
+/// gradients, optimizer state, activations, dispatcher buffers; the model this project's CPU
+/// trainer follows within ~20%) times the ranks on this host, against `MemAvailable`.
+pub fn check_step_memory(recipe: &Recipe, world: usize) -> Result<()> {
+    let Some(have) = available_memory() else {
+        return Ok(());
+    };
+    let (mut problem, layout) = crate::plan::Problem::from_recipe(recipe)?;
+    problem.cluster = crate::plan::ClusterConfig {
+        gpus: world,
+        gpus_per_node: world,
+        kernels: crate::plan::Kernels::Eager,
+        ..problem.cluster
+    };
+    let Ok(estimate) = problem.estimate(&layout) else {
+        // Layouts the planner cannot price were refused by the recipe checks already.
+        return Ok(());
+    };
+    let need = estimate.memory_per_gpu_bytes.saturating_mul(world as u64);
+    if need <= have {
+        return Ok(());
+    }
+    let m = &estimate.memory;
+    Err(RecipeError::Refused(format!(
+        "a training step needs about {:.1} GiB ({world} rank(s) × {:.2} GiB: weights {:.2}, \
+         gradients {:.2}, optimizer {:.2}, activations {:.2}, dispatcher {:.2}; the planner's \
+         estimate for eager kernels) and this machine has {:.1} GiB available; lower \
+         data.seq_len or training.micro_batch",
+        gib(need),
+        gib(estimate.memory_per_gpu_bytes),
+        gib(m.weights),
+        gib(m.gradients),
+        gib(m.optimizer),
+        gib(m.activations),
+        gib(m.dispatcher),
+        gib(have)
+    )))
+}
+
+/// Refuses a `layer` run whose buffers cannot fit in this machine's available memory: f32
+/// weights (with gradients and their accumulation), and per token the input, router scores and
+/// map, `k` dispatched rows with their SwiGLU intermediates (`2F + F` each) and their output,
+/// forward and backward (×3: values, gradients, saved inputs).
+pub fn check_layer_memory(
+    (tokens, hidden, ffn): (usize, usize, usize),
+    (experts, topk): (usize, usize),
+) -> Result<()> {
+    let Some(have) = available_memory() else {
+        return Ok(());
+    };
+    let f = |v: usize| v as f64;
+    let weights = f(experts) * f(hidden) * f(3 * ffn) * 4.0 * 3.0;
+    let per_token = f(hidden) * 3.0 + f(experts) * 3.0 + f(topk) * (f(hidden) * 2.0 + f(ffn) * 3.0);
+    let need = weights + f(tokens) * per_token * 4.0 * 3.0;
+    if need <= have as f64 {
+        return Ok(());
+    }
+    Err(RecipeError::Refused(format!(
+        "this layer needs about {:.1} GiB (weights and gradients {:.2}, buffers of {tokens} \
+         tokens {:.1}) and this machine has {:.1} GiB available; lower --tokens",
+        need / (1u64 << 30) as f64,
+        weights / (1u64 << 30) as f64,
+        (need - weights) / (1u64 << 30) as f64,
+        gib(have)
+    )))
+}
+
 /// Refuses layouts and settings this build cannot run, with the key that says so.
 fn check_supported(recipe: &Recipe) -> Result<()> {
     if recipe.training.precision == Precision::Bf16 {
@@ -559,6 +627,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     check_memory(recipe, n)?;
     check_supported(recipe)?;
     let (dp, edp) = recipe.check_world(n)?;
+    check_step_memory(recipe, n)?;
     let comm = world.communicator();
     let main = world.is_main();
     let run_dir = recipe.run.dir.clone();

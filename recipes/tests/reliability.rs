@@ -535,3 +535,32 @@ fn interrupts_stop_with_a_checkpoint_and_kills_resume_bit_for_bit() {
     ok(&resume_long(&dir));
     assert_eq!(metrics(&dir), want, "SIGKILL: the resumed curve differs");
 }
+
+#[test]
+fn a_step_that_cannot_fit_in_memory_is_refused_before_allocating() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("run");
+    for sets in [
+        vec!["--set", "data.seq_len=100000000"],
+        vec![
+            "--set",
+            "training.micro_batch=100000000",
+            "--set",
+            "training.global_batch=100000000",
+        ],
+    ] {
+        let began = std::time::Instant::now();
+        refused(&run(&dir, &sets), "GiB available");
+        assert!(
+            began.elapsed().as_secs() < 30,
+            "{sets:?} took {:?}",
+            began.elapsed()
+        );
+        assert!(!dir.exists());
+    }
+    let out = bin()
+        .args(["layer", "--tokens", "100000000"])
+        .output()
+        .expect("layer");
+    refused(&out, "GiB available");
+}
