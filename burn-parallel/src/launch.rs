@@ -318,3 +318,109 @@ pub fn check_program(
         }
     }
 }
+
+/// A process on this host, named by its pid and its start time (so that a pid the kernel has
+/// handed to a new process since is not mistaken for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalProcess {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks after boot (`/proc/PID/stat`, field 22).
+    pub start: u64,
+}
+
+/// The state letter, parent pid and start time of `pid` from `/proc/PID/stat` (`None` when the
+/// process is gone or the system has no `/proc`).
+fn proc_stat(pid: u32) -> Option<(char, u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: the fields after it start
+    // after its last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let parent = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, parent, start))
+}
+
+impl LocalProcess {
+    /// `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<Self> {
+        proc_stat(pid).map(|(_, _, start)| Self { pid, start })
+    }
+
+    /// Whether this process still runs: it exists, is the same process (start time) and is not
+    /// a zombie (exited, not yet reaped by its parent).
+    pub fn is_running(&self) -> bool {
+        proc_stat(self.pid).is_some_and(|(state, _, start)| {
+            start == self.start && !matches!(state, 'Z' | 'X' | 'x')
+        })
+    }
+}
+
+/// The children of `parent` on this host: for `mpirun`, the ranks it started here. OpenMPI
+/// gives each rank its own process group, so a signal to the launcher's group misses them.
+pub fn children(parent: u32) -> Vec<LocalProcess> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (_, ppid, start) = proc_stat(pid)?;
+            (ppid == parent).then_some(LocalProcess { pid, start })
+        })
+        .collect()
+}
+
+/// Waits, at most `grace`, until none of `processes` runs any more, then kills (SIGKILL) those
+/// that still do and returns their pids. `mpirun` may exit before the ranks it told to stop
+/// are gone; a launcher that returns only after this leaves no rank behind (holding a run's
+/// lock or a device).
+pub fn reap(processes: &[LocalProcess], grace: Duration) -> Vec<u32> {
+    let began = Instant::now();
+    while processes.iter().any(LocalProcess::is_running) && began.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<&LocalProcess> = processes.iter().filter(|p| p.is_running()).collect();
+    for p in &left {
+        let _ = Command::new("kill")
+            .args(["-KILL", &p.pid.to_string()])
+            .status();
+    }
+    let killed = Instant::now();
+    while left.iter().any(|p| p.is_running()) && killed.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    left.iter().map(|p| p.pid).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reap_waits_for_children_that_exit_and_kills_the_rest() {
+        let mut quick = Command::new("sleep").arg("0.2").spawn().expect("sleep");
+        let mut stuck = Command::new("sleep").arg("60").spawn().expect("sleep");
+        let mine = children(std::process::id());
+        let quick_p = LocalProcess::of(quick.id()).expect("the first child");
+        let stuck_p = LocalProcess::of(stuck.id()).expect("the second child");
+        assert!(
+            mine.contains(&quick_p) && mine.contains(&stuck_p),
+            "{mine:?}"
+        );
+        // Not reaped by this process yet: the first becomes a zombie, which counts as gone.
+        let killed = reap(&[quick_p, stuck_p], Duration::from_secs(2));
+        assert_eq!(killed, vec![stuck.id()]);
+        assert!(!quick_p.is_running() && !stuck_p.is_running());
+        assert!(quick.wait().expect("wait").success());
+        assert!(!stuck.wait().expect("wait").success());
+        // A pid with another start time is another process.
+        let other = LocalProcess {
+            pid: std::process::id(),
+            start: LocalProcess::of(std::process::id()).expect("self").start + 1,
+        };
+        assert!(!other.is_running());
+    }
+}

@@ -85,4 +85,12 @@ impl World {
     pub fn is_main(&self) -> bool {
         self.rank() == 0
     }
+
+    /// Ends this process with `code` after a failure that the other ranks may not share,
+    /// without finalising MPI. Finalising waits for every peer, and a peer still inside a
+    /// collective with this rank would wait for it until its timeout: exiting at once lets the
+    /// launcher see the failed rank and stop the whole job. Print the error first.
+    pub fn exit_after_failure(self, code: u8) -> ! {
+        std::process::exit(i32::from(code))
+    }
 }

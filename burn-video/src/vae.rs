@@ -1116,6 +1116,12 @@ impl Vae {
         self.latent
     }
 
+    /// The (temporal, spatial) compression factors: a latent step covers `time_factor` frames
+    /// (the first one frame) and a latent pixel `space_factor²` pixels.
+    pub fn factors(&self) -> (usize, usize) {
+        self.factors
+    }
+
     /// The posterior of `x` `[B, 3, T, H, W]` in `[-1, 1]`.
     pub fn encode(&self, x: Tensor<5>) -> Posterior {
         self.encode_stream(x, &mut Stream::whole())

@@ -916,8 +916,8 @@ pub struct Sampler<'a> {
     pub vocab: &'a Vocabulary,
     /// The cache's metadata (latent statistics).
     pub meta: &'a CacheMeta,
-    /// Caption length in tokens.
-    pub text_len: usize,
+    /// The DiT's recipe table (widths for the memory check; caption length).
+    pub model: &'a DitModel,
     /// `flow.shift_base` of the recipe.
     pub shift_base: usize,
     /// Latent frames, height and width.
@@ -947,6 +947,7 @@ impl Sampler<'_> {
         let device = Device::flex();
         let (frames, h, w) = self.shape;
         let b = captions.len();
+        self.check_memory(b)?;
         let c = dit.latent_channels();
         let mut rng = Rng::new(seed);
         let noise: Vec<f32> = (0..b * c * frames * h * w)
@@ -956,7 +957,7 @@ impl Sampler<'_> {
         let texts: Vec<Option<&str>> = captions.iter().map(|c| Some(*c)).collect();
         let text = |t: &[Option<&str>]| {
             self.vocab
-                .batch(t, self.text_len, &device)
+                .batch(t, self.model.text_len, &device)
                 .map_err(|e| bad("--prompt", e.to_string()))
         };
         let cond = Condition {
@@ -979,6 +980,48 @@ impl Sampler<'_> {
             Ok(flow::guided(vc, vu, guidance))
         })
         .map_err(|e| bad("--steps", e.to_string()))
+    }
+
+    /// Bytes a [`Sampler::sample`] of `batch` captions allocates at its peak, f32 throughout:
+    /// one DiT forward's attention scores (`batch · heads · N²` for `N` video tokens, three
+    /// alive: scores, scaled, softmax) and token activations (QKV, the MLP's hidden layer and
+    /// residual copies), the latents of the Euler step (noise, state, the two velocities and
+    /// their guided mix), one clip decoded at a time and all decoded clips as 8-bit RGB.
+    pub fn memory_bytes(&self, batch: usize) -> u64 {
+        let (frames, h, w) = self.shape;
+        let (ft, fs) = self.vae.factors();
+        let f = |v: usize| v as f64;
+        let tokens = f(frames) * f(h.div_ceil(2)) * f(w.div_ceil(2));
+        let m = self.model;
+        let attention = f(batch) * f(m.heads) * tokens * tokens * 3.0;
+        let activations = f(batch) * tokens * f(m.hidden) * (3.0 + 2.0 * f(m.mlp_ratio) + 4.0);
+        let latents = 6.0 * f(batch) * f(self.vae.latent_channels()) * f(frames) * f(h) * f(w);
+        let video_frames = f(1 + frames.saturating_sub(1) * ft);
+        let pixels = video_frames * f(h * fs) * f(w * fs) * 3.0;
+        let floats = attention + activations + latents + 2.0 * pixels;
+        (floats * 4.0 + f(batch) * pixels).min(u64::MAX as f64) as u64
+    }
+
+    /// Refuses, before allocating, a sampling run [`Sampler::memory_bytes`] says cannot fit in
+    /// this machine's available memory, stating both numbers.
+    pub fn check_memory(&self, batch: usize) -> Result<()> {
+        let need = self.memory_bytes(batch);
+        let Some(have) = crate::train::available_memory() else {
+            return Ok(());
+        };
+        if need <= have {
+            return Ok(());
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let (frames, h, w) = self.shape;
+        Err(RecipeError::Refused(format!(
+            "sampling {batch} clip(s) of {frames} latent frames at {h}x{w} needs about {:.1} GiB \
+             (attention over {} video tokens) and this machine has {:.1} GiB available; lower \
+             --frames or the number of prompts",
+            gib(need),
+            frames * h.div_ceil(2) * w.div_ceil(2),
+            gib(have)
+        )))
     }
 
     /// The rule-based checker's accuracy on the captions of the first `prompts` synthetic
@@ -1202,7 +1245,7 @@ fn post_train(
         vae: inputs.vae,
         vocab: inputs.vocab,
         meta: inputs.meta,
-        text_len: recipe.dit.text_len,
+        model: &recipe.dit,
         shift_base: recipe.flow.shift_base,
         shape: (inputs.frames, h, w),
         steps: post.sample_steps,

@@ -133,7 +133,7 @@ fn with_sampler<T>(
         vae: &vae,
         vocab: &loaded.summary.vocabulary,
         meta: &loaded.meta,
-        text_len: loaded.recipe.dit.text_len,
+        model: &loaded.recipe.dit,
         shift_base: loaded.recipe.flow.shift_base,
         shape: (frames, h, w),
         steps,
@@ -753,6 +753,12 @@ impl From<String> for Failure {
     }
 }
 
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
 fn run_train(args: &TrainArgs) -> Result<(), Failure> {
     let text = burn_recipes::recipe::read_recipe_text(&args.recipe).map_err(|e| e.to_string())?;
     if burn_recipes::video::is_vae_recipe(&text) {
@@ -801,6 +807,12 @@ fn run_train(args: &TrainArgs) -> Result<(), Failure> {
                 code,
                 message: e.to_string(),
             });
+        }
+        Err(e) if world.size() > 1 => {
+            // Only this rank may have failed (a damaged shard, a full disk): the others must
+            // not wait for it inside a collective until their timeout.
+            eprintln!("error: rank {}: {e}", world.rank());
+            world.exit_after_failure(2)
         }
         Err(e) => return Err(e.to_string().into()),
     };
@@ -987,7 +999,7 @@ fn run_plot(args: &PlotArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_launch(args: &LaunchArgs) -> Result<(), String> {
+fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
     if args.nproc == 0 {
         return Err("`--nproc`: must be at least 1".into());
     }
@@ -1008,24 +1020,88 @@ fn run_launch(args: &LaunchArgs) -> Result<(), String> {
     if args.resume {
         program.push("--resume".into());
     }
-    let status = MpiRun::new(args.nproc, program)
-        .command()
-        .status()
-        .map_err(|e| {
-            format!("cannot start mpirun ({e}); install OpenMPI with scripts/setup-mpi")
-        })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("mpirun exited with {status}"))
+    // mpirun and the ranks run in their own process group: a Ctrl-C reaches this process
+    // alone, which hands the first SIGINT or SIGTERM to mpirun (mpirun passes it to every
+    // rank, which stop after the same step with a checkpoint); a second one kills the job at
+    // once.
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let mut command = MpiRun::new(args.nproc, program).command();
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().map_err(|e| {
+        format!("cannot start mpirun ({e}); install OpenMPI with scripts/setup-mpi")
+    })?;
+    let pid = child.id().to_string();
+    let mut signal = None;
+    // The ranks mpirun started here, to wait for after it exits (it may exit before the ranks
+    // it told to stop are gone, and a rank left behind holds the run's lock).
+    let mut ranks: Vec<burn_parallel::launch::LocalProcess> = Vec::new();
+    let mut polls = 0usize;
+    let status = loop {
+        if polls.is_multiple_of(10) {
+            for rank in burn_parallel::launch::children(child.id()) {
+                if !ranks.contains(&rank) {
+                    ranks.push(rank);
+                }
+            }
+        }
+        polls += 1;
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| format!("waiting for mpirun: {e}"))?
+        {
+            break status;
+        }
+        for sig in signals.pending() {
+            let (number, target) = if signal.is_none() {
+                // mpirun passes it on to the ranks.
+                (sig, pid.clone())
+            } else {
+                // The second: the whole process group, now.
+                (9, format!("-{pid}"))
+            };
+            signal.get_or_insert(sig);
+            let _ = std::process::Command::new("kill")
+                .args([format!("-{number}"), "--".into(), target])
+                .status();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let killed = burn_parallel::launch::reap(&ranks, std::time::Duration::from_secs(10));
+    if !killed.is_empty() {
+        eprintln!("warning: killed ranks that outlived mpirun (pids {killed:?})");
     }
+    if status.success() {
+        return Ok(());
+    }
+    if let Some(sig) = signal {
+        let (name, code) = burn_recipes::interrupt::describe(sig);
+        let step = burn_recipes::checkpoint::latest(&recipe.run.dir)
+            .ok()
+            .flatten()
+            .map_or_else(
+                || "no checkpoint".to_string(),
+                |(_, m)| format!("step {}", m.step),
+            );
+        return Err(Failure {
+            code,
+            message: format!(
+                "{name} received: the ranks stopped (newest checkpoint: {step} in {}); continue \
+                 with `burn-recipes launch -n {} RECIPE --resume` (the same --set options)",
+                recipe.run.dir.display(),
+                args.nproc
+            ),
+        });
+    }
+    Err(format!("mpirun exited with {status}").into())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Train(args) => run_train(args),
-        Command::Launch(args) => run_launch(args).map_err(Failure::from),
+        Command::Launch(args) => run_launch(args),
         Command::Plot(args) => run_plot(args).map_err(Failure::from),
         Command::Plan(args) => run_plan(args).map_err(Failure::from),
         Command::Layer(args) => run_layer(args).map_err(Failure::from),

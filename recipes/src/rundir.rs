@@ -51,10 +51,13 @@ impl RunLock {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    // A zombie (exited, not yet reaped) holds nothing.
                     let alive = holder
                         .trim()
                         .parse::<u32>()
-                        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                        .ok()
+                        .and_then(burn_parallel::launch::LocalProcess::of)
+                        .is_some_and(|p| p.is_running());
                     if alive {
                         return Err(RecipeError::Locked(format!(
                             "process {} is training into {} ({}); wait for it or stop it",

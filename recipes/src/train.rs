@@ -92,7 +92,8 @@ pub fn training_state_bytes(m: &ModelConfig) -> u64 {
     parameter_count(m).0 * 4 * 5
 }
 
-fn available_memory() -> Option<u64> {
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is none).
+pub(crate) fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -341,6 +341,20 @@ fn synthetic_clips_to_latents_to_a_curriculum_dit_to_samples() {
         .expect("sample"));
     let gif = burn_video::clip::Clip::read(&tmp.path().join("samples/sample_01.gif")).expect("gif");
     assert_eq!((gif.len(), gif.size()), (9, (32, 32)));
+    // A clip whose attention cannot fit in this machine's memory is refused before sampling
+    // (both numbers stated), not grown until the machine runs out.
+    let out = bin()
+        .args(["sample", "--run", &t("dit"), "--out", &t("huge")])
+        .args(["--prompt", "1 red square moving left", "--frames", "100000"])
+        .output()
+        .expect("sample");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("GiB") && err.contains("GiB available") && err.contains("--frames"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("huge").exists(), "wrote the sample folder");
     let out = ok(&bin()
         .args([
             "eval",

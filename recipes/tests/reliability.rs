@@ -564,3 +564,117 @@ fn a_step_that_cannot_fit_in_memory_is_refused_before_allocating() {
         .expect("layer");
     refused(&out, "GiB available");
 }
+
+/// `launch -n 4` (TP2 × EP2) of the long run.
+#[cfg(feature = "mpi")]
+fn launch(dir: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = bin();
+    cmd.args([
+        "launch",
+        "-n",
+        "4",
+        &recipe("moe-tiny.toml").display().to_string(),
+    ])
+    .args(["--set", &format!("run.dir=\"{}\"", dir.display())])
+    .args(["--set", "parallel.tp=2", "--set", "parallel.ep=2"])
+    .args([
+        "--set",
+        "training.checkpoint_every=25",
+        "--set",
+        "training.steps=150",
+    ])
+    .args(extra);
+    cmd
+}
+
+/// [`launch`] of the long run into `dir`, running in the background with its output piped.
+#[cfg(feature = "mpi")]
+fn spawn_launch(dir: &Path) -> std::process::Child {
+    launch(dir, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("launch")
+}
+
+/// The pid of world rank `rank` of the run into `dir` (its environment names the rank).
+#[cfg(feature = "mpi")]
+fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let is_rank = cmdline.starts_with(&*bin().get_program().to_string_lossy())
+                && cmdline.contains(&dir.display().to_string())
+                && cmdline.contains("train");
+            (is_rank && environ.split(|&b| b == 0).any(|v| v == want.as_bytes())).then_some(pid)
+        })
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn under_launch_a_signal_checkpoints_every_rank_and_a_killed_rank_stops_the_others() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let straight = tmp.path().join("straight");
+    ok(&launch(&straight, &[]).output().expect("launch"));
+    let want = metrics(&straight);
+    assert_eq!(want.len(), 150);
+    // SIGINT to `launch`: every rank stops after the same step with one checkpoint.
+    let dir = tmp.path().join("int");
+    let child = spawn_launch(&dir);
+    wait_for_steps(&dir, 30);
+    signal(&child, "INT");
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("SIGINT received") && err.contains("--resume"),
+        "{err}"
+    );
+    let step = metrics(&dir).len();
+    assert!(
+        dir.join(format!("checkpoints/step-{step:06}/meta.json"))
+            .exists(),
+        "{err}"
+    );
+    ok(&launch(&dir, &["--resume"]).output().expect("resume"));
+    assert_eq!(metrics(&dir), want, "the resumed 4-rank curve differs");
+    // One rank SIGKILLed mid-run: the launch stops, non-zero, within 60 s, naming the rank;
+    // the newest checkpoint is intact and resumes to the same curve.
+    let dir = tmp.path().join("kill");
+    let child = spawn_launch(&dir);
+    wait_for_steps(&dir, 40);
+    let victim = rank_pid(&dir, 3).expect("rank 3's process");
+    let killed = std::time::Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status();
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        killed.elapsed().as_secs() < 60,
+        "took {:?}",
+        killed.elapsed()
+    );
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rank 3"), "the dead rank is not named: {err}");
+    // `launch` returns only when no rank it started is left (one would hold the run's lock).
+    for rank in 0..4 {
+        assert_eq!(
+            rank_pid(&dir, rank),
+            None,
+            "rank {rank} outlived launch: {err}"
+        );
+    }
+    ok(&launch(&dir, &["--resume"]).output().expect("resume"));
+    assert_eq!(
+        metrics(&dir),
+        want,
+        "the 4-rank curve after a killed rank differs"
+    );
+}
