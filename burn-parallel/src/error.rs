@@ -99,6 +99,17 @@ pub enum ParallelError {
         /// Its output, or what was missing from it.
         reason: String,
     },
+    /// A file of a run (checkpoint, metrics) could not be read or written, or is damaged.
+    #[error("{}: {reason}", path.display())]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The system's message, or what is wrong with the content.
+        reason: String,
+    },
+    /// Another process holds a run folder.
+    #[error("{0}")]
+    Locked(String),
     /// A tensor could not be read from or written to its device.
     #[error("backend error in {context}: {reason}")]
     Backend {
@@ -107,6 +118,16 @@ pub enum ParallelError {
         /// The backend's message.
         reason: String,
     },
+}
+
+impl ParallelError {
+    /// A file that could not be read or written (or whose content is refused), with why.
+    pub fn io(path: &std::path::Path, reason: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -24,6 +24,10 @@
 //!   with a replay that checks them for deadlocks and measures their bubble.
 //! - [`memory`]: a counting global allocator for peak-memory reports.
 //! - [`world`]: one binary runs alone or under `mpirun -np N`; [`launch`] starts such runs.
+//! - What every trainer shares: [`checkpoint`] (sharded, checksummed checkpoints of a module
+//!   and its optimizer state, keyed by module path, written atomically), [`run_dir`] (a run
+//!   folder's lock and its `metrics.jsonl`, cut back on resume), [`ema`] (weight averaging)
+//!   and [`rng`] (the counter-based generator behind every seeded draw).
 //!
 //! ```
 //! use burn_parallel::prelude::*;
@@ -70,8 +74,10 @@
 //! # }
 //! ```
 
+pub mod checkpoint;
 pub mod comm;
 pub mod context;
+pub mod ema;
 pub mod error;
 pub mod group;
 pub mod launch;
@@ -83,6 +89,7 @@ pub mod ops;
 pub mod optim;
 pub mod pipeline;
 pub mod rng;
+pub mod run_dir;
 pub mod schedule;
 pub mod transfers;
 pub mod world;

@@ -8,7 +8,6 @@
 //! Images are the first latent frame of a clip (a causal VAE encodes the first frame alone),
 //! a clip of `f` latent frames is the first `f` of its cache; a batch holds one shape (bucket).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,12 +20,12 @@ use burn_video::text::Vocabulary;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Meta};
-use crate::ema::Ema;
 use crate::error::{RecipeError, Result};
 use crate::latents::{CacheMeta, CachedClip, read_cache, read_latent};
 use crate::recipe::{RunConfig, bad, load_file};
 use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
 use crate::video::keyed;
+use burn_parallel::ema::Ema;
 
 /// `[dit]`: the transformer (latent channels and vocabulary come from the data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -636,7 +635,6 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
         None => None,
     };
     let mut metrics = start(run, recipe)?;
-    let metrics_path = run.join("metrics.jsonl");
     let mut rng = Rng::new(recipe.run.seed);
     let began = Instant::now();
     let mut reports = Vec::new();
@@ -675,9 +673,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
                 lr,
                 seconds: began.elapsed().as_secs_f64(),
             };
-            let text =
-                serde_json::to_string(&line).map_err(|e| RecipeError::io(&metrics_path, e))?;
-            writeln!(metrics, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
+            metrics.write(&line)?;
             step += 1;
         }
         let valid = averaged(ema.as_ref(), dit.valid())?;
@@ -752,7 +748,7 @@ pub fn train_dit(recipe: &DitRecipe, mut on_stage: impl FnMut(&Stage)) -> Result
 /// `model` with the averaged weights where there is an average.
 fn averaged<M: Module>(ema: Option<&Ema>, model: M) -> Result<M> {
     match ema {
-        Some(e) => e.apply(model),
+        Some(e) => Ok(e.apply(model)?),
         None => Ok(model),
     }
 }

@@ -5,15 +5,14 @@
 //! [`recipe`] (parsing, `--set` overrides, validation), [`data`] (a Markov source with a known
 //! entropy rate, byte-level text), [`model`] (the decoder-only MoE transformer), [`train`] (the
 //! loop, metrics, progress), [`plan`] (memory, step time and MFU of a layout; layout search),
-//! [`video`] (video VAE recipes: training and evaluation), [`checkpoint`] (atomic checkpoints,
-//! exact resume), [`ema`] (weight averaging), [`memory`] (heap accounting for the
+//! [`video`] (video VAE recipes: training and evaluation), [`checkpoint`] (the recipes'
+//! `meta.json` over burn-parallel's checkpoints), [`memory`] (heap accounting for the
 //! per-step memory report) and [`plot`] (PNG plots of a run). The
 //! `burn-recipes` binary is the command line over them.
 
 pub mod checkpoint;
 pub mod data;
 pub mod dit;
-pub mod ema;
 pub mod error;
 pub mod interrupt;
 pub mod latents;

@@ -2,11 +2,11 @@
 //! that already holds a run, start a fresh one (the recipe's copy and `metrics.jsonl`), the
 //! single-rank AdamW of the video trainers, and reading a one-element tensor.
 
-use std::fs::File;
 use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, Group};
+pub use burn_parallel::run_dir::{MetricsLog, RunLock};
 use serde::Serialize;
 
 use crate::checkpoint;
@@ -25,74 +25,22 @@ pub(crate) fn refuse_existing(run: &Path, advice: &str) -> Result<()> {
     Ok(())
 }
 
-/// The lock of a run folder (`RUN_DIR/.lock` with the holder's pid), removed when dropped. A
-/// lock whose process is gone (a killed run) is taken over.
-#[derive(Debug)]
-pub struct RunLock {
-    path: std::path::PathBuf,
-}
-
-impl RunLock {
-    /// Takes the lock of `run` (created when missing), or refuses naming the process that holds
-    /// it.
-    pub fn acquire(run: &Path) -> Result<Self> {
-        use std::io::Write;
-        std::fs::create_dir_all(run).map_err(|e| RecipeError::io(run, e))?;
-        let path = run.join(".lock");
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    write!(f, "{}", std::process::id()).map_err(|e| RecipeError::io(&path, e))?;
-                    return Ok(Self { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    // A zombie (exited, not yet reaped) holds nothing.
-                    let alive = holder
-                        .trim()
-                        .parse::<u32>()
-                        .ok()
-                        .and_then(burn_parallel::launch::LocalProcess::of)
-                        .is_some_and(|p| p.is_running());
-                    if alive {
-                        return Err(RecipeError::Locked(format!(
-                            "process {} is training into {} ({}); wait for it or stop it",
-                            holder.trim(),
-                            run.display(),
-                            path.display()
-                        )));
-                    }
-                    // Left by a process that is gone: take it over.
-                    let _ = std::fs::remove_file(&path);
-                }
-                Err(e) => return Err(RecipeError::io(&path, e)),
-            }
-        }
-        Err(RecipeError::Locked(format!(
-            "{} could not be taken",
-            path.display()
-        )))
-    }
-}
-
-impl Drop for RunLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// Takes the lock of the run folder `run` ([`RunLock`]), naming `run.dir` when another
+/// process holds it.
+pub(crate) fn lock(run: &Path) -> Result<RunLock> {
+    RunLock::acquire(run).map_err(|e| match e {
+        burn_parallel::ParallelError::Locked(m) => RecipeError::Locked(m),
+        other => other.into(),
+    })
 }
 
 /// Creates `run`, writes the recipe's copy `recipe.toml` and returns a new `metrics.jsonl`.
-pub(crate) fn start(run: &Path, recipe: &impl Serialize) -> Result<File> {
+pub(crate) fn start(run: &Path, recipe: &impl Serialize) -> Result<MetricsLog> {
     std::fs::create_dir_all(run).map_err(|e| RecipeError::io(run, e))?;
     let copy = run.join("recipe.toml");
     let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
     std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
-    let metrics = run.join("metrics.jsonl");
-    File::create(&metrics).map_err(|e| RecipeError::io(&metrics, e))
+    Ok(MetricsLog::create(&run.join("metrics.jsonl"))?)
 }
 
 /// AdamW without weight decay on one rank (no data or expert groups).

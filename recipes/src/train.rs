@@ -2,7 +2,6 @@
 //! AdamW with warm-up + cosine decay and clipping, JSONL metrics, a progress bar, tracing logs
 //! and atomic checkpoints with exact resume.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,7 +20,7 @@ use serde::Serialize;
 use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result};
 use crate::recipe::{ModelConfig, Precision, Recipe};
-use crate::rundir::refuse_existing;
+use crate::rundir::{MetricsLog, refuse_existing};
 use burn_moe::lm::{MoeLm, TokenSource, sequence_index};
 
 /// How to run a recipe.
@@ -418,14 +417,14 @@ impl Trainer {
     /// Writes a checkpoint of every rank (collective over the world); returns its folder.
     pub fn save(&self, run_dir: &Path, meta: &Meta, keep: usize) -> Result<PathBuf> {
         let comm = self.groups.world().communicator()?;
-        checkpoint::save(
+        Ok(checkpoint::save(
             run_dir,
             meta,
             self.model()?,
             &self.opt.state(),
             comm.as_ref(),
             keep,
-        )
+        )?)
     }
 
     /// Forward and backward passes of every micro-batch of `step` (0-based) on this rank,
@@ -558,25 +557,6 @@ impl Trainer {
         self.model = Some(next);
         Ok(stats)
     }
-}
-
-/// Keeps the lines of `metrics.jsonl` up to step `step` (all of them gone for 0).
-fn cut_metrics(path: &Path, step: usize) -> Result<()> {
-    let kept = if step == 0 || !path.exists() {
-        String::new()
-    } else {
-        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::io(path, e))?;
-        text.lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect()
-    };
-    std::fs::write(path, kept).map_err(|e| RecipeError::io(path, e))
 }
 
 /// Refuses to resume with a recipe that changes what the run's checkpoint continues: the
@@ -719,20 +699,21 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     // Everything is checked and the checkpoint loaded: now the run directory may be written,
     // by this process alone.
     let _lock = if main {
-        Some(crate::rundir::RunLock::acquire(&run_dir)?)
+        Some(crate::rundir::lock(&run_dir)?)
     } else {
         None
     };
-    let metrics_path = run_dir.join("metrics.jsonl");
-    if main {
+    let mut metrics = if main {
         std::fs::create_dir_all(&run_dir).map_err(|e| RecipeError::io(&run_dir, e))?;
         let copy = run_dir.join("recipe.toml");
         let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
         std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
         // Metrics after the checkpoint's step were never part of the run (a killed run logged
         // steps it did not checkpoint); a fresh start begins a new file.
-        cut_metrics(&metrics_path, start)?;
-    }
+        Some(MetricsLog::resume(&run_dir.join("metrics.jsonl"), start)?)
+    } else {
+        None
+    };
     comm.barrier()?;
     let t = &recipe.training;
     {
@@ -760,17 +741,6 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     let m = &recipe.model;
     let flops_per_token = 6.0 * active as f64 + 6.0 * (m.layers * seq * m.hidden) as f64;
     let peak = recipe.run_peak_tflops();
-    let mut metrics = if main {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(|e| RecipeError::io(&metrics_path, e))?,
-        )
-    } else {
-        None
-    };
     let bar = (main && options.progress).then(|| {
         let bar = indicatif::ProgressBar::new(t.steps as u64);
         bar.set_style(
@@ -835,9 +805,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
                 expert_load: reported.expert_load,
                 seconds,
             };
-            let text =
-                serde_json::to_string(&line).map_err(|e| RecipeError::io(&metrics_path, e))?;
-            writeln!(file, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
+            file.write(&line)?;
         }
         tracing::info!(
             step = step + 1,

@@ -4,7 +4,6 @@
 //! summary with held-out PSNR / SSIM next to the same-size resize baseline;
 //! `burn-recipes eval vae` scores a run on any folder of clips.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -384,7 +383,6 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     };
     let mut opt = single_rank_adamw(t.lr, t.grad_clip)?;
     let mut metrics = start(run, recipe)?;
-    let metrics_path = run.join("metrics.jsonl");
     let began = Instant::now();
     let mut losses = Vec::new();
     for step in 0..t.steps {
@@ -424,9 +422,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
                 lr: recipe.lr(step),
                 seconds: began.elapsed().as_secs_f64(),
             };
-            let text =
-                serde_json::to_string(&line).map_err(|e| RecipeError::io(&metrics_path, e))?;
-            writeln!(metrics, "{text}").map_err(|e| RecipeError::io(&metrics_path, e))?;
+            metrics.write(&line)?;
         }
     }
     let seconds = began.elapsed().as_secs_f64();

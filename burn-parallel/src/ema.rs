@@ -6,7 +6,7 @@
 use burn::module::Module;
 
 use crate::checkpoint::{read_params, write_params};
-use crate::error::{RecipeError, Result};
+use crate::error::{ParallelError, Result};
 
 /// Averaged weights of one model.
 #[derive(Debug, Clone)]
@@ -20,9 +20,10 @@ impl Ema {
     /// An average that starts at `module`'s weights. `decay` must lie in `[0, 1)`.
     pub fn new<M: Module>(decay: f64, module: &M) -> Result<Self> {
         if !(0.0..1.0).contains(&decay) {
-            return Err(RecipeError::Refused(format!(
-                "EMA decay {decay} is not in [0, 1)"
-            )));
+            return Err(ParallelError::InvalidArgument {
+                name: "decay",
+                reason: format!("{decay} is not in [0, 1)"),
+            });
         }
         Ok(Self {
             decay,
@@ -47,17 +48,21 @@ impl Ema {
         let d = self.current_decay() as f32;
         let now = read_params(module);
         if now.len() != self.values.len() {
-            return Err(RecipeError::Refused(format!(
-                "EMA of {} parameters updated with {}",
-                self.values.len(),
-                now.len()
-            )));
+            return Err(ParallelError::InvalidArgument {
+                name: "module",
+                reason: format!(
+                    "an average of {} parameters updated with {}",
+                    self.values.len(),
+                    now.len()
+                ),
+            });
         }
         for ((shape, avg), (shape_now, v)) in self.values.iter_mut().zip(&now) {
             if shape != shape_now || avg.len() != v.len() {
-                return Err(RecipeError::Refused(format!(
-                    "EMA parameter of shape {shape:?} updated with {shape_now:?}"
-                )));
+                return Err(ParallelError::InvalidArgument {
+                    name: "module",
+                    reason: format!("a parameter of shape {shape:?} updated with {shape_now:?}"),
+                });
             }
             avg.iter_mut()
                 .zip(v)
@@ -69,7 +74,7 @@ impl Ema {
 
     /// `module` with the averaged weights (devices and gradient tracking kept).
     pub fn apply<M: Module>(&self, module: M) -> Result<M> {
-        write_params(module, self.values.clone()).map_err(RecipeError::Refused)
+        write_params(module, self.values.clone())
     }
 }
 
