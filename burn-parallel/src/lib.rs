@@ -26,8 +26,8 @@
 //! - [`world`]: one binary runs alone or under `mpirun -np N`; [`launch`] starts such runs.
 //! - What every trainer shares: [`checkpoint`] (sharded, checksummed checkpoints of a module
 //!   and its optimizer state, keyed by module path, written atomically), [`run_dir`] (a run
-//!   folder's lock and its `metrics.jsonl`, cut back on resume), [`ema`] (weight averaging)
-//!   and [`rng`] (the counter-based generator behind every seeded draw).
+//!   folder's lock and its `metrics.jsonl`, cut back on resume), [`ema`] (weight averaging),
+//!   [`lr_schedule`] (warm-up + cosine) and [`rng`] (the counter-based generator behind every seeded draw).
 //!
 //! ```
 //! use burn_parallel::prelude::*;
@@ -82,6 +82,7 @@ pub mod error;
 pub mod group;
 pub mod launch;
 pub mod layers;
+pub mod lr_schedule;
 pub mod mappings;
 pub mod memory;
 pub mod mesh;

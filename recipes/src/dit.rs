@@ -26,6 +26,7 @@ use crate::recipe::{RunConfig, bad, load_file};
 use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
 use crate::video::keyed;
 use burn_parallel::ema::Ema;
+use burn_parallel::lr_schedule::LrSchedule;
 
 /// `[dit]`: the transformer (latent channels and vocabulary come from the data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,19 +137,16 @@ pub struct Stage {
 
 impl Stage {
     /// The learning rate of step `s` (0-based) of this stage: linear warm-up to `lr` over
-    /// `warmup_steps`, then constant or, with `min_lr`, a cosine down to it at the last step.
+    /// `warmup_steps`, then constant or, with `min_lr`, a cosine down to it at the stage's
+    /// end (burn-parallel's [`LrSchedule`], as every trainer).
     pub fn lr_at(&self, s: usize) -> f64 {
-        if s < self.warmup_steps {
-            return self.lr * (s + 1) as f64 / (self.warmup_steps + 1) as f64;
+        LrSchedule {
+            lr: self.lr,
+            min_lr: self.min_lr.unwrap_or(self.lr),
+            warmup_steps: self.warmup_steps,
+            steps: self.steps,
         }
-        match self.min_lr {
-            None => self.lr,
-            Some(min) => {
-                let span = self.steps.saturating_sub(self.warmup_steps + 1).max(1);
-                let progress = ((s - self.warmup_steps) as f64 / span as f64).min(1.0);
-                min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
-        }
+        .at(s)
     }
 }
 

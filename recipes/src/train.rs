@@ -22,6 +22,7 @@ use crate::error::{RecipeError, Result};
 use crate::recipe::{ModelConfig, Precision, Recipe};
 use crate::rundir::{MetricsLog, refuse_existing};
 use burn_moe::lm::{MoeLm, TokenSource, sequence_index};
+use burn_parallel::lr_schedule::LrSchedule;
 
 /// How to run a recipe.
 #[derive(Debug, Clone)]
@@ -217,17 +218,13 @@ fn check_supported(recipe: &Recipe) -> Result<()> {
 /// Learning rate of `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
 pub fn learning_rate(recipe: &Recipe, step: usize) -> f64 {
     let t = &recipe.training;
-    warmup_cosine(step, t.steps, t.warmup_steps, t.lr, t.min_lr)
-}
-
-/// Linear warm-up over `warmup` steps to `lr`, then cosine decay to `min_lr` at `steps`.
-pub fn warmup_cosine(step: usize, steps: usize, warmup: usize, lr: f64, min_lr: f64) -> f64 {
-    if step < warmup {
-        return lr * (step + 1) as f64 / warmup as f64;
+    LrSchedule {
+        lr: t.lr,
+        min_lr: t.min_lr,
+        warmup_steps: t.warmup_steps,
+        steps: t.steps,
     }
-    let span = (steps - warmup).max(1) as f64;
-    let progress = ((step - warmup) as f64 / span).min(1.0);
-    min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+    .at(step)
 }
 
 fn value(t: Tensor<1>) -> Result<f64> {

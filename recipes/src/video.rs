@@ -168,7 +168,13 @@ impl VaeRecipe {
 
     fn lr(&self, step: usize) -> f64 {
         let t = &self.training;
-        crate::train::warmup_cosine(step, t.steps, t.warmup_steps, t.lr, t.min_lr)
+        burn_parallel::lr_schedule::LrSchedule {
+            lr: t.lr,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            steps: t.steps,
+        }
+        .at(step)
     }
 }
 

@@ -72,18 +72,19 @@ fn stages_switch_at_their_step_counts_and_batches_keep_one_shape() {
 fn stage_learning_rates_warm_up_then_hold_or_follow_a_cosine() {
     let mut s = stage(1, 0.0);
     s.steps = 11;
-    s.warmup_steps = 1;
-    // Warm-up: lr · (s + 1) / (warmup + 1).
+    s.warmup_steps = 2;
+    // Warm-up: lr · (s + 1) / warmup (Megatron's), then constant.
     assert!((s.lr_at(0) - 0.5e-3).abs() < 1e-12);
     assert!((1..11).all(|i| (s.lr_at(i) - 1e-3).abs() < 1e-12));
     s.min_lr = Some(1e-4);
-    // After the warm-up: min + (lr − min)·(1 + cos(π·k/9))/2 for k = 0 … 9.
-    for (i, k) in (1..11).zip(0..) {
+    // After the warm-up: min + (lr − min)·(1 + cos(π·k/9))/2 for k = 0 … 9, the stage's
+    // 11 steps ending the decay.
+    for (i, k) in (2..=11).zip(0..) {
         let want = 1e-4 + 0.9e-3 * 0.5 * (1.0 + (std::f64::consts::PI * k as f64 / 9.0).cos());
         assert!((s.lr_at(i) - want).abs() < 1e-12, "step {i}");
     }
-    assert!((s.lr_at(1) - 1e-3).abs() < 1e-12);
-    assert!((s.lr_at(10) - 1e-4).abs() < 1e-12);
+    assert!((s.lr_at(2) - 1e-3).abs() < 1e-12);
+    assert!((s.lr_at(11) - 1e-4).abs() < 1e-12);
     assert!((s.lr_at(50) - 1e-4).abs() < 1e-12);
 }
 
