@@ -36,6 +36,9 @@ pub enum VideoError {
     /// A frame is malformed.
     #[error(transparent)]
     Frame(#[from] MetricError),
+    /// The optimizer of a trainer failed.
+    #[error(transparent)]
+    Parallel(#[from] burn_parallel::ParallelError),
 }
 
 /// `Result` with [`VideoError`].

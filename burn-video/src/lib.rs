@@ -7,8 +7,9 @@
 //! scores and thresholds), [`pipeline`] (scan a folder, bucket by resolution and length, JSONL
 //! manifest with the reason for every rejection), [`synthetic`] (labelled clips of moving
 //! shapes), [`resample`] (anti-aliased resizing, the VAE baseline), [`vae`] (the causal 3-D convolutional VAE, chunked
-//! encode/decode) and [`metrics`] (PSNR, SSIM). VAE training, evaluation and latent caching
-//! run through `burn-recipes`.
+//! encode/decode), [`vae_training`] (training on random crops, latent statistics, evaluation
+//! against the resize baseline) and [`metrics`] (PSNR, SSIM). The latent cache and the DiT
+//! trainer still run through `burn-recipes`.
 //!
 //! ```
 //! use burn_video::metrics::{Frame, psnr};
@@ -33,5 +34,25 @@ pub mod synthetic;
 pub mod tensor;
 pub mod text;
 pub mod vae;
+pub mod vae_training;
 
 pub use error::{Result, VideoError};
+
+/// The pipeline's main types and functions in one import (`use burn_video::prelude::*;`).
+pub mod prelude {
+    pub use crate::checker::{Verdict, check};
+    pub use crate::clip::{Clip, list_clips};
+    pub use crate::dit::{Condition, Dit, DitConfig};
+    pub use crate::error::{Result, VideoError};
+    pub use crate::metrics::{Frame, psnr, ssim};
+    pub use crate::pipeline::{Buckets, scan};
+    pub use crate::resample::same_size_baseline;
+    pub use crate::synthetic::{Label, generate};
+    pub use crate::tensor::{clip_tensor, to_clip};
+    pub use crate::text::Vocabulary;
+    pub use crate::vae::{LinearPath, Vae, VaeConfig};
+    pub use crate::vae_training::{
+        Refine, VaeEval, VaeStep, VaeTrainer, VaeTrainingConfig, evaluate, latent_statistics,
+        split_clips,
+    };
+}

@@ -1,4 +1,5 @@
-//! Clips as tensors and back: `[B, 3, T, H, W]` in `[-1, 1]` (the VAE's input and output).
+//! Clips as tensors and back: `[B, 3, T, H, W]` in `[-1, 1]` (the VAE's input and output);
+//! the value of a loss tensor.
 
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -67,6 +68,16 @@ pub fn to_clip(x: Tensor<5>) -> Result<Clip> {
 /// factor `factor` encodes).
 pub fn usable(clip: &Clip, factor: usize) -> Clip {
     clip.trim(1 + (clip.len() - 1) / factor * factor)
+}
+
+/// The value of a one-element tensor (a loss), NaN when it cannot be read.
+pub fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
 }
 
 #[cfg(test)]

@@ -23,10 +23,11 @@ use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result};
 use crate::latents::{CacheMeta, CachedClip, read_cache, read_latent};
 use crate::recipe::{RunConfig, bad, load_file};
-use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
+use crate::rundir::{refuse_existing, single_rank_adamw, start};
 use crate::video::keyed;
 use burn_parallel::ema::Ema;
 use burn_parallel::lr_schedule::LrSchedule;
+use burn_video::tensor::scalar;
 
 /// `[dit]`: the transformer (latent channels and vocabulary come from the data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,10 +1,9 @@
-//! What every trainer of the crate does with its run folder and its scalars: refuse a folder
-//! that already holds a run, start a fresh one (the recipe's copy and `metrics.jsonl`), the
-//! single-rank AdamW of the video trainers, and reading a one-element tensor.
+//! What every trainer of the crate does with its run folder: refuse a folder that already
+//! holds a run, take its lock, start a fresh one (the recipe's copy and `metrics.jsonl`), and
+//! the single-rank AdamW of the DiT trainer.
 
 use std::path::Path;
 
-use burn::tensor::Tensor;
 use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, Group};
 pub use burn_parallel::run_dir::{MetricsLog, RunLock};
 use serde::Serialize;
@@ -57,14 +56,4 @@ pub(crate) fn single_rank_adamw(lr: f64, max_grad_norm: Option<f64>) -> Result<D
         single.clone(),
         single,
     )?)
-}
-
-/// The value of a one-element tensor (NaN when it cannot be read).
-pub(crate) fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .try_into_vec::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f64::NAN)
 }

@@ -5,22 +5,20 @@
 //! `burn-recipes eval vae` scores a run on any folder of clips.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
-use burn_parallel::prelude::{GradientBuffer, replicated_roles};
-use burn_video::clip::{Clip, list_clips};
-use burn_video::resample::{quality, same_size_baseline};
+use burn_parallel::lr_schedule::LrSchedule;
+use burn_video::clip::Clip;
 pub use burn_video::tensor::clip_tensor;
-use burn_video::tensor::{crops, usable};
-use burn_video::vae::{LinearPath, Vae, VaeConfig};
+use burn_video::vae::{Vae, VaeConfig};
+pub use burn_video::vae_training::{Refine, VaeEval, evaluate};
+use burn_video::vae_training::{VaeTrainer, VaeTrainingConfig, latent_statistics};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result};
 use crate::recipe::{RunConfig, bad, load_file};
-use crate::rundir::{refuse_existing, scalar, single_rank_adamw, start};
-use burn_parallel::rng::mix;
+use crate::rundir::{refuse_existing, start};
 
 /// `[data]` of a VAE recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,41 +122,16 @@ impl VaeRecipe {
     /// Checks every value; errors name the key.
     pub fn validate(&self) -> Result<()> {
         self.vae.validate().map_err(|e| keyed("vae", e))?;
-        let (d, t) = (&self.data, &self.training);
-        let (ft, fs) = (self.vae.time_factor(), self.vae.space_factor());
-        if d.frames == 0 || !(d.frames - 1).is_multiple_of(ft) {
-            return Err(bad(
-                "data.frames",
-                format!(
-                    "{} is not 1 + a multiple of the temporal factor {ft}",
-                    d.frames
-                ),
-            ));
-        }
-        if d.crop == 0 || !d.crop.is_multiple_of(fs) {
-            return Err(bad(
-                "data.crop",
-                format!("{} is not a multiple of the spatial factor {fs}", d.crop),
-            ));
-        }
+        self.training_config()
+            .validate(&self.vae)
+            .map_err(training_key)?;
         for (key, v) in [
-            ("data.holdout_every", d.holdout_every),
-            ("training.steps", t.steps),
-            ("training.batch", t.batch),
-            ("training.log_every", t.log_every),
+            ("data.holdout_every", self.data.holdout_every),
+            ("training.log_every", self.training.log_every),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1"));
             }
-        }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(bad("training.lr", "must be a positive number"));
-        }
-        if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
-            return Err(bad("training.min_lr", "must be in [0, lr]"));
-        }
-        if t.warmup_steps > t.steps {
-            return Err(bad("training.warmup_steps", "exceeds training.steps"));
         }
         if !(self.eval.refine_lr.is_finite() && self.eval.refine_lr > 0.0) {
             return Err(bad("eval.refine_lr", "must be a positive number"));
@@ -166,15 +139,38 @@ impl VaeRecipe {
         Ok(())
     }
 
-    fn lr(&self, step: usize) -> f64 {
-        let t = &self.training;
-        burn_parallel::lr_schedule::LrSchedule {
-            lr: t.lr,
-            min_lr: t.min_lr,
-            warmup_steps: t.warmup_steps,
+    /// The library's training configuration of this recipe.
+    pub fn training_config(&self) -> VaeTrainingConfig {
+        let (d, t) = (&self.data, &self.training);
+        VaeTrainingConfig {
             steps: t.steps,
+            batch: t.batch,
+            frames: d.frames,
+            crop: d.crop,
+            schedule: LrSchedule {
+                lr: t.lr,
+                min_lr: t.min_lr,
+                warmup_steps: t.warmup_steps,
+                steps: t.steps,
+            },
+            grad_clip: t.grad_clip,
+            seed: self.run.seed,
         }
-        .at(step)
+    }
+}
+
+/// An error of burn-video's VAE trainer named by the recipe key of its field.
+fn training_key(e: burn_video::VideoError) -> RecipeError {
+    match e {
+        burn_video::VideoError::InvalidArgument { name, reason } => {
+            let section = match name {
+                "frames" | "crop" | "clips" => "data",
+                _ => "training",
+            };
+            bad(&format!("{section}.{name}"), reason)
+        }
+        burn_video::VideoError::Parallel(e) => e.into(),
+        other => video(other),
     }
 }
 
@@ -195,117 +191,15 @@ fn video(e: burn_video::VideoError) -> RecipeError {
     }
 }
 
-/// Clips of `dir`, split into (training, held out): clip `i` is held out when
-/// `i % every == every − 1`.
+/// Clips of `dir`, split into (training, held out) ([`burn_video::vae_training::split_clips`]),
+/// errors naming `data.clips`.
 pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
-    let paths = list_clips(dir).map_err(video)?;
-    if paths.is_empty() {
-        return Err(RecipeError::Invalid {
-            key: "data.clips".into(),
-            reason: format!("{}: no clips", dir.display()),
-        });
-    }
-    let (mut train, mut held) = (Vec::new(), Vec::new());
-    for (i, p) in paths.iter().enumerate() {
-        let c = Clip::read(p).map_err(video)?;
-        if every > 1 && i % every == every - 1 {
-            held.push(c);
-        } else {
-            train.push(c);
-        }
-    }
-    Ok((train, held))
+    burn_video::vae_training::split_clips(dir, every).map_err(training_key)
 }
 
 /// The clip of `[1, 3, T, H, W]` in `[-1, 1]`, errors named for the recipe.
 pub(crate) fn to_clip(x: Tensor<5>) -> Result<Clip> {
     burn_video::tensor::to_clip(x).map_err(video)
-}
-
-/// Encode-time refinement of the latent ([`Vae::encode_refined`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Refine {
-    /// Adam steps on the latent.
-    pub steps: usize,
-    /// Their step size.
-    pub lr: f64,
-}
-
-/// Reconstructs `clip` through the posterior mean, refined against the decoder when `refine`
-/// is given (the VAE then on an autodiff device).
-pub fn reconstruct(
-    vae: &Vae,
-    cfg: &VaeConfig,
-    clip: &Clip,
-    d: &Device,
-    refine: Option<Refine>,
-) -> Result<Clip> {
-    let c = usable(clip, cfg.time_factor());
-    let (w, h) = c.size();
-    cfg.latent_shape(c.len(), h, w)
-        .map_err(|e| bad("clips", e.to_string()))?;
-    let x = clip_tensor(&c, d);
-    let z = match refine {
-        Some(r) => vae
-            .encode_refined(x, r.steps, r.lr)
-            .map_err(|e| bad("--refine", e.to_string()))?,
-        None => vae.encode(x).mean,
-    };
-    to_clip(vae.decode(z))
-}
-
-/// What `eval vae` reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VaeEval {
-    /// Clips scored.
-    pub clips: usize,
-    /// Mean PSNR (dB) of the VAE over every frame.
-    pub vae_psnr: f64,
-    /// Mean SSIM of the VAE.
-    pub vae_ssim: f64,
-    /// Mean PSNR of the same-size resize baseline.
-    pub baseline_psnr: f64,
-    /// Mean SSIM of the baseline.
-    pub baseline_ssim: f64,
-}
-
-/// Scores `vae` and the baseline of its latent size on `clips`; writes a side-by-side preview
-/// (original | VAE | baseline) of the first clip to `preview` when given.
-pub fn evaluate(
-    vae: &Vae,
-    cfg: &VaeConfig,
-    clips: &[Clip],
-    preview: Option<&Path>,
-    d: &Device,
-    refine: Option<Refine>,
-) -> Result<VaeEval> {
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for clip in clips {
-        let c = usable(clip, cfg.time_factor());
-        let (w, h) = c.size();
-        let shape = cfg
-            .latent_shape(c.len(), h, w)
-            .map_err(|e| bad("clips", e.to_string()))?;
-        let rec = reconstruct(vae, cfg, &c, d, refine)?;
-        let b = same_size_baseline(&c, shape).map_err(video)?;
-        ours.push((c.clone(), rec));
-        base.push((c, b));
-    }
-    if let (Some(path), Some((c, r)), Some((_, b))) = (preview, ours.first(), base.first()) {
-        c.side_by_side(r)
-            .and_then(|x| x.side_by_side(b))
-            .and_then(|x| x.write_gif(path, 100))
-            .map_err(video)?;
-    }
-    let (vae_psnr, vae_ssim) = quality(&ours).map_err(video)?;
-    let (baseline_psnr, baseline_ssim) = quality(&base).map_err(video)?;
-    Ok(VaeEval {
-        clips: clips.len(),
-        vae_psnr,
-        vae_ssim,
-        baseline_psnr,
-        baseline_ssim,
-    })
 }
 
 /// What a VAE training run reports.
@@ -328,110 +222,31 @@ pub struct VaeSummary {
     pub seconds: f64,
 }
 
-#[derive(Serialize)]
-struct VaeMetrics {
-    step: usize,
-    loss: f64,
-    l1: f64,
-    mse: f64,
-    gradient: f64,
-    kl: f64,
-    lr: f64,
-    seconds: f64,
-}
-
-/// Trains a VAE recipe from scratch in its (new) run folder.
+/// Trains a VAE recipe from scratch in its (new) run folder: burn-video's [`VaeTrainer`] on
+/// the training split, metrics every `log_every` steps, a checkpoint, the latent statistics
+/// and the held-out scores (with refined latents too when `eval.refine` is set).
 pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let run = &recipe.run.dir;
     refuse_existing(run, "choose another run.dir")?;
     let (train, held) = split_clips(&recipe.data.clips, recipe.data.holdout_every)?;
-    let (d, t, cfg) = (&recipe.data, &recipe.training, &recipe.vae);
-    for c in &train {
-        let (w, h) = c.size();
-        if c.len() < d.frames || w < d.crop || h < d.crop {
-            return Err(bad(
-                "data.crop",
-                format!(
-                    "a {w}x{h} clip of {} frames is smaller than a crop",
-                    c.len()
-                ),
-            ));
-        }
-    }
+    let (t, cfg) = (&recipe.training, &recipe.vae);
     let device = Device::flex().autodiff();
-    let mut vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
-    // The linear path starts at the principal components of the training clips' blocks (each
-    // clip cropped to whole blocks).
-    let linear_explained = if cfg.linear != LinearPath::None {
-        let fit_device = Device::flex();
-        let fs = cfg.space_factor();
-        let clips: Vec<Tensor<5>> = train
-            .iter()
-            .map(|c| {
-                let c = usable(c, cfg.time_factor());
-                let (w, h) = c.size();
-                crops(
-                    &[&c],
-                    &[(0, 0, 0)],
-                    c.len(),
-                    (h / fs * fs, w / fs * fs),
-                    &fit_device,
-                )
-            })
-            .collect();
-        let (fitted, explained) = vae
-            .fit_linear(&clips)
-            .map_err(|e| bad("vae.linear", e.to_string()))?;
-        vae = fitted;
-        Some(explained)
-    } else {
-        None
-    };
-    let mut opt = single_rank_adamw(t.lr, t.grad_clip)?;
+    let vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
+    let mut trainer = VaeTrainer::new(vae, cfg, &recipe.training_config(), train, &device)
+        .map_err(training_key)?;
+    let linear_explained = trainer
+        .fit_linear()
+        .map_err(|e| bad("vae.linear", e.to_string()))?;
     let mut metrics = start(run, recipe)?;
-    let began = Instant::now();
-    let mut losses = Vec::new();
-    for step in 0..t.steps {
-        let mut state = mix(recipe.run.seed ^ (step as u64).wrapping_mul(0x9E37_79B9));
-        let mut draw = |n: usize| {
-            state = mix(state);
-            (state % n as u64) as usize
-        };
-        let (mut picked, mut at) = (Vec::new(), Vec::new());
-        for _ in 0..t.batch {
-            let c = &train[draw(train.len())];
-            let (w, h) = c.size();
-            at.push((
-                draw(c.len() - d.frames + 1),
-                draw(h - d.crop + 1),
-                draw(w - d.crop + 1),
-            ));
-            picked.push(c);
-        }
-        let x = crops(&picked, &at, d.frames, (d.crop, d.crop), &device);
-        let loss = vae.loss(x, cfg, true);
-        let value = scalar(loss.total.clone());
-        let mut grads = GradientBuffer::new();
-        grads.add(&vae, &loss.total.backward())?;
-        opt.set_lr(recipe.lr(step));
-        let roles = replicated_roles(&vae);
-        vae = opt.step_buffered(vae, grads, &roles)?.0;
-        losses.push(value);
-        if (step + 1).is_multiple_of(t.log_every) {
-            let line = VaeMetrics {
-                step: step + 1,
-                loss: value,
-                l1: scalar(loss.l1),
-                mse: scalar(loss.mse),
-                gradient: scalar(loss.gradient),
-                kl: scalar(loss.kl),
-                lr: recipe.lr(step),
-                seconds: began.elapsed().as_secs_f64(),
-            };
-            metrics.write(&line)?;
+    let (mut losses, mut seconds) = (Vec::new(), 0.0);
+    for _ in 0..t.steps {
+        let step = trainer.step().map_err(training_key)?;
+        seconds = step.seconds;
+        losses.push(step.loss);
+        if step.step.is_multiple_of(t.log_every) {
+            metrics.write(&step)?;
         }
     }
-    let seconds = began.elapsed().as_secs_f64();
     let meta = Meta {
         step: t.steps,
         world: 1,
@@ -439,55 +254,30 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
         seed: recipe.run.seed,
     };
     let comm = burn_parallel::comm::SingleRank::new();
-    checkpoint::save(run, &meta, &vae, &opt.state(), &comm, 1)?;
-    // Per-channel latent statistics over the training clips (posterior means).
-    let eval_device = device.clone();
-    let (mut sum, mut sq, mut n) = (vec![0f64; cfg.latent], vec![0f64; cfg.latent], 0f64);
-    for c in &train {
-        let c = usable(c, cfg.time_factor());
-        let z = vae.encode(clip_tensor(&c, &eval_device)).mean;
-        let [_, ch, zt, zh, zw] = z.dims();
-        let v = z
-            .into_data()
-            .convert::<f64>()
-            .try_into_vec::<f64>()
-            .map_err(|e| bad("vae", format!("{e:?}")))?;
-        let per = zt * zh * zw;
-        for c in 0..ch {
-            for x in &v[c * per..(c + 1) * per] {
-                sum[c] += x;
-                sq[c] += x * x;
-            }
-        }
-        n += per as f64;
-    }
-    let latent_mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-    let latent_std: Vec<f64> = sq
-        .iter()
-        .zip(&latent_mean)
-        .map(|(s, m)| (s / n - m * m).max(0.0).sqrt())
-        .collect();
-    let holdout = evaluate(
-        &vae,
-        cfg,
-        &held,
-        Some(&run.join("holdout_preview.gif")),
-        &eval_device,
-        None,
+    checkpoint::save(
+        run,
+        &meta,
+        trainer.vae(),
+        &trainer.optimizer_state(),
+        &comm,
+        1,
     )?;
+    let (latent_mean, latent_std) = latent_statistics(trainer.vae(), cfg, trainer.clips(), &device)
+        .map_err(|e| bad("vae", e.to_string()))?;
+    let vae = trainer.into_vae();
+    let evaluated = |refine: Option<Refine>, preview: Option<&Path>| {
+        evaluate(&vae, cfg, &held, preview, &device, refine).map_err(video)
+    };
+    let holdout = evaluated(None, Some(&run.join("holdout_preview.gif")))?;
     // The training device differentiates, as refinement needs.
     let e = &recipe.eval;
     let holdout_refined = if e.refine > 0 {
-        Some(evaluate(
-            &vae,
-            cfg,
-            &held,
-            None,
-            &eval_device,
+        Some(evaluated(
             Some(Refine {
                 steps: e.refine,
                 lr: e.refine_lr,
             }),
+            None,
         )?)
     } else {
         None
