@@ -112,3 +112,12 @@ pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
     LARGEST.store(0, Ordering::Relaxed);
 }
+
+/// The memory this machine can still give (`MemAvailable` of `/proc/meminfo`), in bytes;
+/// `None` where the system does not say.
+pub fn available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -98,6 +98,13 @@ impl Clip {
         (w, h)
     }
 
+    /// Encodes the clip at `fps` frames per second into `path` (MP4, MKV, …: the container
+    /// from the extension) through FFmpeg, written to a temporary file renamed into place.
+    #[cfg(feature = "ffmpeg")]
+    pub fn write_video(&self, path: &Path, fps: u32) -> Result<()> {
+        crate::ffmpeg::write_frames(&self.frames, path, fps)
+    }
+
     /// The first `n` frames (all when the clip is shorter).
     pub fn trim(&self, n: usize) -> Self {
         Self {
@@ -117,7 +124,7 @@ impl Clip {
         } else if is_video_file(path) {
             #[cfg(feature = "ffmpeg")]
             {
-                crate::ffmpeg::read_video(path)
+                Self::new(crate::ffmpeg::read_frames(path)?)
             }
             #[cfg(not(feature = "ffmpeg"))]
             Err(decode(

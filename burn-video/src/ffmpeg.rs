@@ -1,15 +1,15 @@
 //! MP4 and anything else FFmpeg reads (feature `ffmpeg`: Debian's libav*-dev through the
-//! `ffmpeg-next` binding; `scripts/setup-ffmpeg` installs them): [`read_video`] decodes the
-//! first video stream to RGB frames, [`write_video`] encodes a clip (MPEG-4 Part 2, FFmpeg's
+//! `ffmpeg-next` binding; `scripts/setup-ffmpeg` installs them): [`read_frames`] decodes the
+//! first video stream to RGB frames, [`write_frames`] encodes frames (MPEG-4 Part 2, FFmpeg's
 //! built-in encoder, so no external codec library is needed) into any container FFmpeg
-//! writes, chosen by the file extension (`.mp4`, `.mkv`, `.avi`, …).
+//! writes, chosen by the file extension (`.mp4`, `.mkv`, `.avi`, …). Clips use them through
+//! `Clip::read` and `Clip::write_video`.
 
 use std::path::Path;
 use std::sync::Once;
 
 use ffmpeg_next as ff;
 
-use crate::clip::Clip;
 use crate::error::{Result, VideoError, io};
 use crate::metrics::Frame;
 
@@ -46,8 +46,9 @@ fn to_frame(rgb: &ff::frame::Video) -> Result<Frame> {
     Ok(Frame::new(w, h, 3, px)?)
 }
 
-/// Decodes every frame of the first video stream of `path` to RGB.
-pub fn read_video(path: &Path) -> Result<Clip> {
+/// Decodes every frame of the first video stream of `path` to RGB (`Clip::read` reads video
+/// files through it).
+pub fn read_frames(path: &Path) -> Result<Vec<Frame>> {
     init();
     let mut input = ff::format::input(path).map_err(|e| decode(path, e))?;
     let stream = input
@@ -95,17 +96,20 @@ pub fn read_video(path: &Path) -> Result<Clip> {
     if frames.is_empty() {
         return Err(decode(path, "no decodable video frames"));
     }
-    Clip::new(frames)
+    Ok(frames)
 }
 
 /// Encodes `clip` at `fps` frames per second into `path` (container from the extension), at a
 /// high quality (quantiser 2), through a temporary file renamed into place.
-pub fn write_video(clip: &Clip, path: &Path, fps: u32) -> Result<()> {
+/// `frames` must share one size (as a clip's do; `Clip::write_video` writes through it).
+pub fn write_frames(frames: &[Frame], path: &Path, fps: u32) -> Result<()> {
     init();
     if fps == 0 {
         return Err(crate::error::invalid("fps", "must be at least 1"));
     }
-    let (w, h) = clip.size();
+    let Some((w, h, _)) = frames.first().map(Frame::size) else {
+        return Err(crate::error::invalid("frames", "no frames to write"));
+    };
     if w % 2 != 0 || h % 2 != 0 {
         return Err(crate::error::invalid(
             "clip",
@@ -117,7 +121,7 @@ pub fn write_video(clip: &Clip, path: &Path, fps: u32) -> Result<()> {
         .map(|e| e.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_extension(format!("tmp.{ext}"));
-    let result = encode(clip, &tmp, fps, (w as u32, h as u32));
+    let result = encode(frames, &tmp, fps, (w as u32, h as u32));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -125,7 +129,7 @@ pub fn write_video(clip: &Clip, path: &Path, fps: u32) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
-fn encode(clip: &Clip, path: &Path, fps: u32, (w, h): (u32, u32)) -> Result<()> {
+fn encode(frames: &[Frame], path: &Path, fps: u32, (w, h): (u32, u32)) -> Result<()> {
     let err = |e: ff::Error| io(path, e);
     let mut output = ff::format::output(path).map_err(err)?;
     let global_header = output
@@ -183,7 +187,7 @@ fn encode(clip: &Clip, path: &Path, fps: u32, (w, h): (u32, u32)) -> Result<()> 
         }
         Ok(())
     };
-    for (i, frame) in clip.frames().iter().enumerate() {
+    for (i, frame) in frames.iter().enumerate() {
         let mut rgb = ff::frame::Video::new(ff::format::Pixel::RGB24, w, h);
         let stride = rgb.stride(0);
         let row = 3 * w as usize;

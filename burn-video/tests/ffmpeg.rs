@@ -4,7 +4,6 @@
 #![cfg(feature = "ffmpeg")]
 
 use burn_video::clip::{Clip, list_clips};
-use burn_video::ffmpeg::{read_video, write_video};
 use burn_video::resample::quality;
 use burn_video::synthetic::{Label, generate};
 
@@ -14,7 +13,7 @@ fn a_clip_survives_mp4_and_mkv() {
     let clip = generate(&Label::nth(3), 64, 17, 5).expect("synthetic clip");
     for ext in ["mp4", "mkv"] {
         let path = tmp.path().join(format!("clip.{ext}"));
-        write_video(&clip, &path, 8).expect("write");
+        clip.write_video(&path, 8).expect("write");
         let back = Clip::read(&path).expect("read");
         assert_eq!((back.len(), back.size()), (17, (64, 64)), "{ext}");
         let (psnr, ssim) = quality(&[(clip.clone(), back)]).expect("quality");
@@ -29,7 +28,7 @@ fn a_broken_video_is_a_decode_error_naming_the_file() {
     let tmp = tempfile::tempdir().expect("temporary folder");
     let path = tmp.path().join("broken.mp4");
     std::fs::write(&path, b"not a video at all").expect("write");
-    let e = read_video(&path).unwrap_err().to_string();
+    let e = Clip::read(&path).unwrap_err().to_string();
     assert!(e.contains("broken.mp4"), "{e}");
     let odd = generate(&Label::nth(0), 64, 5, 1)
         .expect("clip")
@@ -42,7 +41,8 @@ fn a_broken_video_is_a_decode_error_naming_the_file() {
         })
         .collect::<Vec<_>>();
     let odd = Clip::new(odd).expect("clip");
-    let e = write_video(&odd, &tmp.path().join("odd.mp4"), 8)
+    let e = odd
+        .write_video(&tmp.path().join("odd.mp4"), 8)
         .unwrap_err()
         .to_string();
     assert!(e.contains("even"), "{e}");

@@ -237,11 +237,7 @@ impl FlowConfig {
     }
 }
 
-/// Whether recipe text is a DiT recipe (it has a `[dit]` table).
-pub fn is_dit_recipe(text: &str) -> bool {
-    text.parse::<toml::Table>()
-        .is_ok_and(|t| t.contains_key("dit"))
-}
+pub use crate::recipe::is_dit_recipe;
 
 impl DitRecipe {
     /// Reads a recipe file and applies `--set` overrides.
@@ -1001,7 +997,7 @@ impl Sampler<'_> {
     /// this machine's available memory, stating both numbers.
     pub fn check_memory(&self, batch: usize) -> Result<()> {
         let need = self.memory_bytes(batch);
-        let Some(have) = crate::train::available_memory() else {
+        let Some(have) = burn_parallel::memory::available() else {
             return Ok(());
         };
         if need <= have {

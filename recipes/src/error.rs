@@ -72,5 +72,13 @@ impl RecipeError {
     }
 }
 
+/// An invalid value of recipe key `key` (`section.field`), with why.
+pub(crate) fn bad(key: &str, reason: impl Into<String>) -> RecipeError {
+    RecipeError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = RecipeError> = core::result::Result<T, E>;

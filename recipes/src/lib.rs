@@ -11,6 +11,7 @@
 //! `burn-recipes` binary is the command line over them.
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod data;
 pub mod dit;
 pub mod error;

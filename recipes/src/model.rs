@@ -147,26 +147,20 @@ pub const ROUTER_KEYS: [&str; 16] = [
     "input_jitter_eps",
 ];
 
-/// A library error of the layer split, named by its `[parallel]` key.
-fn parallel_key(e: MoeError) -> RecipeError {
-    match e {
-        MoeError::InvalidConfig { field, reason } => RecipeError::Invalid {
-            key: format!("parallel.{field}"),
-            reason,
-        },
-        other => other.into(),
-    }
-}
-
 /// The layer split a recipe asks for (`parallel.pp_layers`, or uniform).
 pub fn layer_split(recipe: &Recipe) -> Result<LayerSplit> {
-    let p = &recipe.parallel;
-    let chunks = p.virtual_pp.unwrap_or(1);
-    match &p.pp_layers {
-        Some(counts) => LayerSplit::given(recipe.model.layers, p.pp, chunks, counts),
-        None => LayerSplit::uniform(recipe.model.layers, p.pp, chunks),
-    }
-    .map_err(parallel_key)
+    recipe.layer_split()
+}
+
+/// Parameters of the model (all ranks together): `(total, active per token)`.
+pub fn parameter_count(m: &ModelConfig) -> (u64, u64) {
+    m.lm_config().parameter_count()
+}
+
+/// Bytes of parameters, gradients and AdamW state (f32 weights and gradients, f32 master
+/// weights and two moments) for the whole model, before any sharding.
+pub fn training_state_bytes(m: &ModelConfig) -> u64 {
+    parameter_count(m).0 * 4 * 5
 }
 
 /// The stage layout a recipe's `[parallel]` table asks for.

@@ -26,10 +26,10 @@ pub struct Recipe {
     pub parallel: ParallelConfig,
     /// The cluster `plan` estimates for (H100 defaults).
     #[serde(default)]
-    pub cluster: Option<crate::plan::ClusterConfig>,
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// The planner's efficiency numbers (defaults fitted to the seed paper).
     #[serde(default)]
-    pub calibration: Option<crate::plan::Calibration>,
+    pub calibration: Option<crate::cluster::Calibration>,
 }
 
 /// `[run]`.
@@ -403,14 +403,33 @@ impl Default for ParallelConfig {
     }
 }
 
-pub(crate) fn bad(key: &str, reason: impl Into<String>) -> RecipeError {
-    RecipeError::Invalid {
-        key: key.to_string(),
-        reason: reason.into(),
+pub(crate) use crate::error::bad;
+
+/// A library error of the layer split, named by its `[parallel]` key.
+fn parallel_key(e: burn_moe::MoeError) -> RecipeError {
+    match e {
+        burn_moe::MoeError::InvalidConfig { field, reason } => RecipeError::Invalid {
+            key: format!("parallel.{field}"),
+            reason,
+        },
+        other => other.into(),
     }
 }
 
 impl Recipe {
+    /// The layer split the recipe asks for (`parallel.pp_layers`, or uniform).
+    pub fn layer_split(&self) -> Result<burn_moe::lm::LayerSplit> {
+        let p = &self.parallel;
+        let chunks = p.virtual_pp.unwrap_or(1);
+        match &p.pp_layers {
+            Some(counts) => {
+                burn_moe::lm::LayerSplit::given(self.model.layers, p.pp, chunks, counts)
+            }
+            None => burn_moe::lm::LayerSplit::uniform(self.model.layers, p.pp, chunks),
+        }
+        .map_err(parallel_key)
+    }
+
     /// Peak TFLOP/s per rank used for MFU.
     pub fn run_peak_tflops(&self) -> f64 {
         self.run.peak_tflops.unwrap_or(0.19)
@@ -639,7 +658,7 @@ impl Recipe {
         if p.virtual_pp == Some(0) {
             return Err(bad("parallel.virtual_pp", "must be at least 1"));
         }
-        crate::model::layer_split(self)?;
+        self.layer_split()?;
         if let Some(r) = &self.model.router {
             for (key, flat, table) in [
                 (
@@ -812,9 +831,9 @@ pub fn run_kind(run: &Path) -> Result<&'static str> {
         ));
     }
     let text = read_recipe_text(&path)?;
-    Ok(if crate::video::is_vae_recipe(&text) {
+    Ok(if is_vae_recipe(&text) {
         "a video VAE"
-    } else if crate::dit::is_dit_recipe(&text) {
+    } else if is_dit_recipe(&text) {
         "a DiT"
     } else {
         "a MoE LM"
@@ -926,4 +945,16 @@ pub(crate) fn from_serde(message: &str) -> RecipeError {
         key,
         reason: message.trim().to_string(),
     }
+}
+
+/// Whether recipe text is a video VAE recipe (it has a `[vae]` table).
+pub fn is_vae_recipe(text: &str) -> bool {
+    text.parse::<toml::Table>()
+        .is_ok_and(|t| t.contains_key("vae"))
+}
+
+/// Whether recipe text is a DiT recipe (it has a `[dit]` table).
+pub fn is_dit_recipe(text: &str) -> bool {
+    text.parse::<toml::Table>()
+        .is_ok_and(|t| t.contains_key("dit"))
 }

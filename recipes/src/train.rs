@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result};
-use crate::recipe::{ModelConfig, Precision, Recipe};
+use crate::recipe::{Precision, Recipe};
 use crate::rundir::{MetricsLog, refuse_existing};
 use burn_moe::lm::{MoeLm, TokenSource, sequence_index};
 use burn_parallel::lr_schedule::LrSchedule;
@@ -81,24 +81,7 @@ struct StepMetrics {
     seconds: f64,
 }
 
-/// Parameters of the model (all ranks together): `(total, active per token)`.
-pub fn parameter_count(m: &ModelConfig) -> (u64, u64) {
-    m.lm_config().parameter_count()
-}
-
-/// Bytes of parameters, gradients and AdamW state (f32 weights and gradients, f32 master
-/// weights and two moments) for the whole model, before any sharding.
-pub fn training_state_bytes(m: &ModelConfig) -> u64 {
-    parameter_count(m).0 * 4 * 5
-}
-
-/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is none).
-pub(crate) fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use crate::model::{parameter_count, training_state_bytes};
 
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
@@ -109,7 +92,7 @@ fn gib(bytes: u64) -> f64 {
 pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
     let total_bytes = training_state_bytes(&recipe.model);
     let need = total_bytes / world as u64;
-    let Some(have) = available_memory() else {
+    let Some(have) = burn_parallel::memory::available() else {
         return Ok(());
     };
     if need <= have {
@@ -140,7 +123,7 @@ pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
 /// gradients, optimizer state, activations, dispatcher buffers; the model this project's CPU
 /// trainer follows within ~20%) times the ranks on this host, against `MemAvailable`.
 pub fn check_step_memory(recipe: &Recipe, world: usize) -> Result<()> {
-    let Some(have) = available_memory() else {
+    let Some(have) = burn_parallel::memory::available() else {
         return Ok(());
     };
     let (mut problem, layout) = crate::plan::Problem::from_recipe(recipe)?;
@@ -183,7 +166,7 @@ pub fn check_layer_memory(
     (tokens, hidden, ffn): (usize, usize, usize),
     (experts, topk): (usize, usize),
 ) -> Result<()> {
-    let Some(have) = available_memory() else {
+    let Some(have) = burn_parallel::memory::available() else {
         return Ok(());
     };
     let f = |v: usize| v as f64;

@@ -105,11 +105,7 @@ pub struct VaeRecipe {
     pub eval: VaeEvalConfig,
 }
 
-/// Whether recipe text is a VAE recipe (it has a `[vae]` table).
-pub fn is_vae_recipe(text: &str) -> bool {
-    text.parse::<toml::Table>()
-        .is_ok_and(|t| t.contains_key("vae"))
-}
+pub use crate::recipe::is_vae_recipe;
 
 impl VaeRecipe {
     /// Reads a recipe file and applies `--set` overrides.

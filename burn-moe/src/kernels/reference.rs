@@ -3,11 +3,40 @@
 
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
 
-use crate::dispatch::permute::routing_permutation;
 use crate::error::Result;
 use crate::host;
 
 use super::{RoutingIndex, group_ranges};
+
+/// The dispatch order of a routing map `[T, E]`: token indices grouped expert-major, ascending
+/// token index within an expert, and the number of tokens per expert.
+///
+/// Reads the map back to the host: one device-to-host synchronisation (dropless routing needs
+/// the counts on the host to size the expert groups, as in Megatron-Core).
+pub fn routing_permutation(routing_map: Tensor<2, Bool>) -> Result<(Vec<i64>, Vec<usize>)> {
+    let [t, e] = routing_map.dims();
+    let map = host::read_bool(routing_map, "reading the routing map")?;
+    Ok(permutation_from_mask(&map, t, e))
+}
+
+/// [`routing_permutation`] on a host mask `[T, E]` (row-major).
+pub fn permutation_from_mask(
+    map: &[bool],
+    num_tokens: usize,
+    num_experts: usize,
+) -> (Vec<i64>, Vec<usize>) {
+    let mut counts = vec![0usize; num_experts];
+    let mut order = Vec::new();
+    for (expert, count) in counts.iter_mut().enumerate() {
+        for token in 0..num_tokens {
+            if map[token * num_experts + expert] {
+                order.push(token as i64);
+                *count += 1;
+            }
+        }
+    }
+    (order, counts)
+}
 
 /// Tokens per expert: column sums of the routing map.
 pub fn expert_counts(routing_map: Tensor<2, Bool>) -> Tensor<1, Int> {
