@@ -8,8 +8,8 @@
 //! manifest with the reason for every rejection), [`synthetic`] (labelled clips of moving
 //! shapes), [`resample`] (anti-aliased resizing, the VAE baseline), [`vae`] (the causal 3-D convolutional VAE, chunked
 //! encode/decode), [`vae_training`] (training on random crops, latent statistics, evaluation
-//! against the resize baseline) and [`metrics`] (PSNR, SSIM). The latent cache and the DiT
-//! trainer still run through `burn-recipes`.
+//! against the resize baseline), [`latent_cache`] (clips encoded once for the DiT) and
+//! [`metrics`] (PSNR, SSIM). The DiT trainer still runs through `burn-recipes`.
 //!
 //! ```
 //! use burn_video::metrics::{Frame, psnr};
@@ -27,6 +27,7 @@ pub mod error;
 pub mod ffmpeg;
 pub mod filter;
 pub mod flow;
+pub mod latent_cache;
 pub mod metrics;
 pub mod pipeline;
 pub mod resample;
@@ -44,6 +45,7 @@ pub mod prelude {
     pub use crate::clip::{Clip, list_clips};
     pub use crate::dit::{Condition, Dit, DitConfig};
     pub use crate::error::{Result, VideoError};
+    pub use crate::latent_cache::{CacheMeta, CachedClip, cache_latents, read_cache, read_latent};
     pub use crate::metrics::{Frame, psnr, ssim};
     pub use crate::pipeline::{Buckets, scan};
     pub use crate::resample::same_size_baseline;
