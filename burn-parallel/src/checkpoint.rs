@@ -223,6 +223,10 @@ impl ModuleVisitor for Collect {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
         let t = p.val();
         let shape = t.dims().to_vec();
+        crate::transfers::read(
+            "checkpoint: a parameter",
+            4 * t.shape().num_elements() as u64,
+        );
         let values = t
             .into_data()
             .convert::<f32>()
@@ -346,6 +350,7 @@ impl ModuleMapper for Load {
             }
             let device = t.device();
             let track = t.is_require_grad();
+            crate::transfers::upload("checkpoint: a parameter", 4 * values.len() as u64);
             let fresh = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
             if track { fresh.require_grad() } else { fresh }
         })

@@ -60,9 +60,21 @@ pub enum RecipeError {
     /// A collective or parallel layer failed.
     #[error(transparent)]
     Parallel(#[from] burn_parallel::ParallelError),
+    /// The video pipeline failed (reading a clip, the VAE, the latent cache).
+    #[error(transparent)]
+    Video(#[from] burn_video::VideoError),
 }
 
 impl RecipeError {
+    /// An invalid value of `key` (a recipe key such as `training.lr`, or a command-line
+    /// argument such as `--frames`), with why.
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// A file that could not be read or written, with the system's message.
     pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
         Self::Io {

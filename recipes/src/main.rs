@@ -10,6 +10,7 @@ use burn_moe::prelude::*;
 use burn_moe::timing::time_forward_backward;
 use burn_parallel::launch::MpiRun;
 use burn_parallel::world::World;
+use burn_recipes::error::{RecipeError, Result};
 use burn_recipes::plan::{self, Estimate};
 use burn_recipes::recipe::Recipe;
 use burn_recipes::train::{TrainOptions, train};
@@ -111,23 +112,23 @@ fn with_sampler<T>(
         &burn_recipes::dit::Sampler<'_>,
         &burn_video::dit::Dit,
     ) -> burn_recipes::error::Result<T>,
-) -> Result<T, String> {
+) -> Result<T> {
     use burn_recipes::dit::{Sampler, load_dit};
     if frames == 0 {
-        return Err("`--frames`: must be at least 1".into());
+        return Err(RecipeError::invalid("--frames", "must be at least 1"));
     }
     if steps == 0 {
-        return Err("`--steps`: must be at least 1".into());
+        return Err(RecipeError::invalid("--steps", "must be at least 1"));
     }
     if !(guidance.is_finite() && guidance >= 0.0) {
-        return Err(format!(
-            "`--guidance`: is {guidance}; it must be a finite scale >= 0 (1: none)"
+        return Err(RecipeError::invalid(
+            "--guidance",
+            format!("is {guidance}; it must be a finite scale >= 0 (1: none)"),
         ));
     }
-    let loaded = load_dit(run).map_err(|e| e.to_string())?;
+    let loaded = load_dit(run)?;
     let (_, vae, _) =
-        burn_recipes::video::load_vae(&loaded.meta.vae_run, Some(&loaded.meta.checkpoint))
-            .map_err(|e| e.to_string())?;
+        burn_recipes::video::load_vae(&loaded.meta.vae_run, Some(&loaded.meta.checkpoint))?;
     let (h, w) = loaded.latent_size;
     let sampler = Sampler {
         vae: &vae,
@@ -139,12 +140,15 @@ fn with_sampler<T>(
         steps,
         guidance,
     };
-    f(&sampler, &loaded.dit).map_err(|e| e.to_string())
+    f(&sampler, &loaded.dit)
 }
 
-fn run_sample(args: &SampleArgs) -> Result<(), String> {
+fn run_sample(args: &SampleArgs) -> Result<()> {
     if args.out.exists() {
-        return Err(format!("`--out`: {} already exists", args.out.display()));
+        return Err(RecipeError::invalid(
+            "--out",
+            format!("{} already exists", args.out.display()),
+        ));
     }
     let captions: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
     let clips = with_sampler(&args.run, args.sampling, |s, dit| {
@@ -152,19 +156,18 @@ fn run_sample(args: &SampleArgs) -> Result<(), String> {
     })?;
     let tmp = args.out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| RecipeError::io(&tmp, e))?;
     for (i, clip) in clips.iter().enumerate() {
-        clip.write_gif(&tmp.join(format!("sample_{i:02}.gif")), 100)
-            .map_err(|e| e.to_string())?;
+        clip.write_gif(&tmp.join(format!("sample_{i:02}.gif")), 100)?;
     }
-    std::fs::rename(&tmp, &args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    std::fs::rename(&tmp, &args.out).map_err(|e| RecipeError::io(&args.out, e))?;
     println!("{} clips in {}", clips.len(), args.out.display());
     Ok(())
 }
 
-fn run_eval_dit(args: &EvalDitArgs) -> Result<(), String> {
+fn run_eval_dit(args: &EvalDitArgs) -> Result<()> {
     if args.prompts == 0 {
-        return Err("`--prompts`: must be at least 1".into());
+        return Err(RecipeError::invalid("--prompts", "must be at least 1"));
     }
     let a = with_sampler(&args.run, args.sampling, |s, dit| {
         s.accuracy(dit, args.prompts, args.sampling.seed)
@@ -213,12 +216,12 @@ struct EvalVaeArgs {
     refine_lr: f64,
 }
 
-fn run_eval_vae(args: &EvalVaeArgs) -> Result<(), String> {
+fn run_eval_vae(args: &EvalVaeArgs) -> Result<()> {
     use burn_recipes::video::{Refine, evaluate, load_vae_on};
     if !(args.refine_lr.is_finite() && args.refine_lr > 0.0) {
-        return Err(format!(
-            "--refine-lr: {} must be a finite number > 0",
-            args.refine_lr
+        return Err(RecipeError::invalid(
+            "--refine-lr",
+            format!("{} must be a finite number > 0", args.refine_lr),
         ));
     }
     let refine = (args.refine > 0).then_some(Refine {
@@ -231,15 +234,17 @@ fn run_eval_vae(args: &EvalVaeArgs) -> Result<(), String> {
     } else {
         Device::flex()
     };
-    let (recipe, vae, _) =
-        load_vae_on(&args.run, args.checkpoint.as_deref(), &device).map_err(|e| e.to_string())?;
-    let paths = burn_video::clip::list_clips(&args.clips).map_err(|e| e.to_string())?;
+    let (recipe, vae, _) = load_vae_on(&args.run, args.checkpoint.as_deref(), &device)?;
+    let paths = burn_video::clip::list_clips(&args.clips)?;
     if paths.is_empty() {
-        return Err(format!("{}: no clips", args.clips.display()));
+        return Err(RecipeError::invalid(
+            "--clips",
+            format!("{}: no clips", args.clips.display()),
+        ));
     }
     let clips = paths
         .iter()
-        .map(|p| burn_video::clip::Clip::read(p).map_err(|e| e.to_string()))
+        .map(|p| burn_video::clip::Clip::read(p))
         .collect::<Result<Vec<_>, _>>()?;
     let report = evaluate(
         &vae,
@@ -248,8 +253,7 @@ fn run_eval_vae(args: &EvalVaeArgs) -> Result<(), String> {
         Some(&args.preview),
         &device,
         refine,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let how = match refine {
         Some(r) => format!(" (latents refined by {} steps)", r.steps),
         None => String::new(),
@@ -297,15 +301,14 @@ struct CacheArgs {
     chunk: usize,
 }
 
-fn run_cache(args: &CacheArgs) -> Result<(), String> {
+fn run_cache(args: &CacheArgs) -> Result<()> {
     let meta = burn_recipes::latents::cache_latents(
         &args.run,
         args.checkpoint.as_deref(),
         &args.source,
         &args.out,
         args.chunk,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     println!(
         "{} clips encoded ({} latent channels, {}x{}x{} compression) into {}",
         meta.clips,
@@ -360,7 +363,7 @@ struct SynthArgs {
     seed: u64,
 }
 
-fn run_scan(args: &ScanArgs) -> Result<(), String> {
+fn run_scan(args: &ScanArgs) -> Result<()> {
     use burn_video::filter::Filters;
     use burn_video::pipeline::{Buckets, scan, write_manifest};
     for (flag, v) in [
@@ -372,11 +375,17 @@ fn run_scan(args: &ScanArgs) -> Result<(), String> {
         if let Some(v) = v
             && !(v.is_finite() && v >= 0.0)
         {
-            return Err(format!("`{flag}`: is {v}; it must be a finite number >= 0"));
+            return Err(RecipeError::invalid(
+                flag,
+                format!("is {v}; it must be a finite number >= 0"),
+            ));
         }
     }
     if args.lengths.is_empty() || args.lengths.contains(&0) {
-        return Err("`--lengths`: give clip lengths of at least 1 frame".into());
+        return Err(RecipeError::invalid(
+            "--lengths",
+            "give clip lengths of at least 1 frame",
+        ));
     }
     let d = Filters::default();
     let filters = Filters {
@@ -390,14 +399,17 @@ fn run_scan(args: &ScanArgs) -> Result<(), String> {
         lengths: args.lengths.clone(),
         resolutions: Vec::new(),
     };
-    let entries = scan(&args.clips, &filters, &buckets).map_err(|e| e.to_string())?;
+    let entries = scan(&args.clips, &filters, &buckets)?;
     if entries.is_empty() {
-        return Err(format!(
-            "{}: no clips (PNG-frame folders or GIFs)",
-            args.clips.display()
+        return Err(RecipeError::invalid(
+            "CLIPS",
+            format!(
+                "{}: no clips (PNG-frame folders or GIFs)",
+                args.clips.display()
+            ),
         ));
     }
-    write_manifest(&args.out, &entries).map_err(|e| e.to_string())?;
+    write_manifest(&args.out, &entries)?;
     let accepted = entries.iter().filter(|e| e.accepted).count();
     println!(
         "{} clips: {accepted} accepted, {} rejected; manifest {}",
@@ -418,10 +430,13 @@ fn run_scan(args: &ScanArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_synth(args: &SynthArgs) -> Result<(), String> {
+fn run_synth(args: &SynthArgs) -> Result<()> {
     use burn_video::synthetic::{Label, generate};
     if args.out.exists() {
-        return Err(format!("`OUT`: {} already exists", args.out.display()));
+        return Err(RecipeError::invalid(
+            "OUT",
+            format!("{} already exists", args.out.display()),
+        ));
     }
     for (flag, v) in [
         ("--count", args.count),
@@ -429,7 +444,7 @@ fn run_synth(args: &SynthArgs) -> Result<(), String> {
         ("--frames", args.frames),
     ] {
         if v == 0 {
-            return Err(format!("`{flag}`: must be at least 1"));
+            return Err(RecipeError::invalid(flag, "must be at least 1"));
         }
     }
     // Everything is generated before anything is written.
@@ -443,7 +458,6 @@ fn run_synth(args: &SynthArgs) -> Result<(), String> {
                 args.seed.wrapping_add(i as u64),
             )
             .map(|c| (label, c))
-            .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
     let tmp = args.out.with_extension("tmp");
@@ -451,14 +465,14 @@ fn run_synth(args: &SynthArgs) -> Result<(), String> {
     let mut captions = String::new();
     for (i, (label, clip)) in clips.iter().enumerate() {
         let name = format!("clip_{i:04}");
-        clip.write_dir(&tmp.join(&name))
-            .map_err(|e| e.to_string())?;
+        clip.write_dir(&tmp.join(&name))?;
         let line = serde_json::json!({ "clip": name, "caption": label.caption(), "label": label });
         captions.push_str(&line.to_string());
         captions.push('\n');
     }
-    std::fs::write(tmp.join("captions.jsonl"), captions).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, &args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    std::fs::write(tmp.join("captions.jsonl"), captions)
+        .map_err(|e| RecipeError::io(&tmp.join("captions.jsonl"), e))?;
+    std::fs::rename(&tmp, &args.out).map_err(|e| RecipeError::io(&args.out, e))?;
     println!(
         "{} clips and captions.jsonl in {}",
         clips.len(),
@@ -578,23 +592,22 @@ struct LayerArgs {
     device: Backend,
 }
 
-fn device(backend: Backend) -> Result<Device, String> {
+fn device(backend: Backend) -> Result<Device> {
     let kind = match backend {
         Backend::Flex => BackendKind::Flex,
         Backend::Cuda => BackendKind::Cuda,
     };
-    burn_moe::backend::device(kind).map_err(|e| e.to_string())
+    Ok(burn_moe::backend::device(kind)?)
 }
 
-fn run_layer(args: &LayerArgs) -> Result<(), String> {
+fn run_layer(args: &LayerArgs) -> Result<()> {
     if args.tokens == 0 {
-        return Err("--tokens must be > 0".into());
+        return Err(RecipeError::invalid("--tokens", "must be at least 1"));
     }
     burn_recipes::train::check_layer_memory(
         (args.tokens, args.hidden, args.ffn),
         (args.experts, args.topk),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let device = device(args.device)?.autodiff();
     let score = match args.score {
         Score::Softmax => ScoreFunction::Softmax,
@@ -608,7 +621,7 @@ fn run_layer(args: &LayerArgs) -> Result<(), String> {
         .with_capacity_factor(args.capacity_factor)
         .with_aux_loss_coeff(args.aux_loss_coeff)
         .with_z_loss_coeff(args.z_loss_coeff);
-    let layer = config.init(&device).map_err(|e| e.to_string())?;
+    let layer = config.init(&device)?;
     println!(
         "MoE layer: T={} H={} F={} E={} k={} ({:?}, {}), {} parameters",
         args.tokens,
@@ -628,7 +641,7 @@ fn run_layer(args: &LayerArgs) -> Result<(), String> {
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let timing = time_forward_backward(&layer, x, args.iters).map_err(|e| e.to_string())?;
+    let timing = time_forward_backward(&layer, x, args.iters)?;
     let median = timing.median();
     let out = timing.last;
     let counts: Vec<i64> = out
@@ -656,16 +669,16 @@ fn run_layer(args: &LayerArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_train_vae(args: &TrainArgs) -> Result<(), String> {
+fn run_train_vae(args: &TrainArgs) -> Result<()> {
     use burn_recipes::video::{VaeRecipe, train_vae};
     if args.resume || args.stop_at.is_some() || args.device != Backend::Flex {
-        return Err(
+        return Err(RecipeError::Refused(
             "video VAE recipes train from scratch on the CPU (no --resume, --stop-at, --device)"
                 .into(),
-        );
+        ));
     }
-    let recipe = VaeRecipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
-    let s = train_vae(&recipe).map_err(|e| e.to_string())?;
+    let recipe = VaeRecipe::load(&args.recipe, &args.overrides)?;
+    let s = train_vae(&recipe)?;
     let h = &s.holdout;
     println!(
         "trained in {:.0} s, final loss {:.4}; {} held-out clips: VAE PSNR {:.2} dB, SSIM {:.4}; baseline PSNR {:.2} dB, SSIM {:.4} ({:+.2} dB)",
@@ -694,21 +707,20 @@ fn run_train_vae(args: &TrainArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_train_dit(args: &TrainArgs) -> Result<(), String> {
+fn run_train_dit(args: &TrainArgs) -> Result<()> {
     use burn_recipes::dit::{DitRecipe, train_dit};
     if args.resume || args.stop_at.is_some() || args.device != Backend::Flex {
-        return Err(
+        return Err(RecipeError::Refused(
             "DiT recipes train from scratch on the CPU (no --resume, --stop-at, --device)".into(),
-        );
+        ));
     }
-    let recipe = DitRecipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
+    let recipe = DitRecipe::load(&args.recipe, &args.overrides)?;
     let s = train_dit(&recipe, |stage| {
         println!(
             "stage {}: {} steps, lr {}, batch {}, {} latent frames, image ratio {}",
             stage.name, stage.steps, stage.lr, stage.batch, stage.frames, stage.image_ratio
         );
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     for r in &s.stages {
         println!(
             "stage {}: final loss {:.4}, validation loss {:.4} ({} latent frames)",
@@ -747,29 +759,31 @@ struct Failure {
     message: String,
 }
 
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Self { code: 2, message }
-    }
-}
-
-impl From<&str> for Failure {
-    fn from(message: &str) -> Self {
-        message.to_string().into()
+impl From<RecipeError> for Failure {
+    /// Exit 128 + the signal for a run stopped by one, 2 for everything else.
+    fn from(e: RecipeError) -> Self {
+        let code = match &e {
+            RecipeError::Interrupted { signal, .. } => burn_recipes::interrupt::describe(*signal).1,
+            _ => 2,
+        };
+        Self {
+            code,
+            message: e.to_string(),
+        }
     }
 }
 
 fn run_train(args: &TrainArgs) -> Result<(), Failure> {
-    let text = burn_recipes::recipe::read_recipe_text(&args.recipe).map_err(|e| e.to_string())?;
+    let text = burn_recipes::recipe::read_recipe_text(&args.recipe)?;
     if burn_recipes::video::is_vae_recipe(&text) {
         return run_train_vae(args).map_err(Failure::from);
     }
     if burn_recipes::dit::is_dit_recipe(&text) {
         return run_train_dit(args).map_err(Failure::from);
     }
-    let recipe = Recipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
-    recipe.validate().map_err(|e| e.to_string())?;
-    let world = World::from_env().map_err(|e| e.to_string())?;
+    let recipe = Recipe::load(&args.recipe, &args.overrides)?;
+    recipe.validate()?;
+    let world = World::from_env().map_err(RecipeError::from)?;
     let main = world.is_main();
     if main {
         // `tracing` logs go to RUN_DIR/train.log (appended; nothing is written before the run
@@ -795,26 +809,19 @@ fn run_train(args: &TrainArgs) -> Result<(), Failure> {
         device: device(args.device)?,
         progress: main && std::io::stderr().is_terminal(),
         stop_at: args.stop_at,
-        interrupts: Some(
-            burn_recipes::interrupt::Interrupts::install().map_err(|e| e.to_string())?,
-        ),
+        interrupts: Some(burn_recipes::interrupt::Interrupts::install()?),
     };
     let summary = match train(&recipe, &options, &world) {
         Ok(s) => s,
-        Err(e @ burn_recipes::error::RecipeError::Interrupted { signal, .. }) => {
-            let code = burn_recipes::interrupt::describe(signal).1;
-            return Err(Failure {
-                code,
-                message: e.to_string(),
-            });
-        }
+        // Every rank stops after the same step: they leave together.
+        Err(e @ RecipeError::Interrupted { .. }) => return Err(e.into()),
         Err(e) if world.size() > 1 => {
             // Only this rank may have failed (a damaged shard, a full disk): the others must
             // not wait for it inside a collective until their timeout.
             eprintln!("error: rank {}: {e}", world.rank());
             world.exit_after_failure(2)
         }
-        Err(e) => return Err(e.to_string().into()),
+        Err(e) => return Err(e.into()),
     };
     if main {
         match summary.entropy_floor {
@@ -887,7 +894,7 @@ fn describe(e: &Estimate) -> String {
     )
 }
 
-fn run_plan(args: &PlanArgs) -> Result<(), String> {
+fn run_plan(args: &PlanArgs) -> Result<()> {
     let mut out = String::new();
     let result = plan_report(args, &mut out);
     // A closed pipe (`plan … | head`) is not an error.
@@ -895,12 +902,12 @@ fn run_plan(args: &PlanArgs) -> Result<(), String> {
     result
 }
 
-fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
+fn plan_report(args: &PlanArgs, out: &mut String) -> Result<()> {
     if args.top == 0 {
-        return Err("`--top`: must be at least 1".into());
+        return Err(RecipeError::invalid("--top", "must be at least 1"));
     }
     if let Some(anchors) = &args.calibrate {
-        let rows = plan::load_anchors(anchors).map_err(|e| e.to_string())?;
+        let rows = plan::load_anchors(anchors)?;
         let measurements: Vec<_> = rows.iter().map(|(_, _, m)| m.clone()).collect();
         let (cal, worst) = plan::calibrate(&measurements);
         say!(
@@ -920,7 +927,7 @@ fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
         for (name, system, m) in &rows {
             let mut p = m.problem.clone();
             p.calibration = cal;
-            let e = p.estimate(&m.layout).map_err(|e| e.to_string())?;
+            let e = p.estimate(&m.layout)?;
             let l = m.layout;
             say!(
                 out,
@@ -937,19 +944,18 @@ fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
         }
         return Ok(());
     }
-    let path = args
-        .recipe
-        .as_ref()
-        .ok_or("`RECIPE`: give a recipe file (or --calibrate ANCHORS_JSON)")?;
-    let recipe = Recipe::load(path, &args.overrides).map_err(|e| e.to_string())?;
-    recipe.validate().map_err(|e| e.to_string())?;
-    let (problem, layout) = plan::Problem::from_recipe(&recipe).map_err(|e| e.to_string())?;
+    let path = args.recipe.as_ref().ok_or_else(|| {
+        RecipeError::invalid("RECIPE", "give a recipe file (or --calibrate ANCHORS_JSON)")
+    })?;
+    let recipe = Recipe::load(path, &args.overrides)?;
+    recipe.validate()?;
+    let (problem, layout) = plan::Problem::from_recipe(&recipe)?;
     if args.search {
         let ranked = problem.search();
         if ranked.is_empty() {
-            return Err(format!(
-                "`cluster.gpus`: no layout of {} GPUs fits this model",
-                problem.cluster.gpus
+            return Err(RecipeError::invalid(
+                "cluster.gpus",
+                format!("no layout of {} GPUs fits this model", problem.cluster.gpus),
             ));
         }
         if args.json {
@@ -957,7 +963,7 @@ fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
             say!(
                 out,
                 "{}",
-                serde_json::to_string(&top).map_err(|e| e.to_string())?
+                serde_json::to_string(&top).map_err(|e| RecipeError::Refused(e.to_string()))?
             );
         } else {
             say!(
@@ -973,12 +979,12 @@ fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
         }
         return Ok(());
     }
-    let estimate = problem.estimate(&layout).map_err(|e| e.to_string())?;
+    let estimate = problem.estimate(&layout)?;
     if args.json {
         say!(
             out,
             "{}",
-            serde_json::to_string(&estimate).map_err(|e| e.to_string())?
+            serde_json::to_string(&estimate).map_err(|e| RecipeError::Refused(e.to_string()))?
         );
     } else {
         say!(out, "{}", describe(&estimate));
@@ -986,28 +992,34 @@ fn plan_report(args: &PlanArgs, out: &mut String) -> Result<(), String> {
     Ok(())
 }
 
-fn run_plot(args: &PlotArgs) -> Result<(), String> {
+fn run_plot(args: &PlotArgs) -> Result<()> {
     // The entropy floor, when the run recorded one.
     let floor = std::fs::read_to_string(args.run_dir.join("summary.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v["entropy_floor"].as_f64());
-    let written = burn_recipes::plot::plot(&args.run_dir, floor).map_err(|e| e.to_string())?;
+    let written = burn_recipes::plot::plot(&args.run_dir, floor)?;
     for path in written {
         println!("wrote {}", path.display());
     }
     Ok(())
 }
 
+/// A failure of the launcher itself (mpirun missing, a signal handler), exit 2.
+fn refused(message: String) -> Failure {
+    RecipeError::Refused(message).into()
+}
+
 fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
     if args.nproc == 0 {
-        return Err("`--nproc`: must be at least 1".into());
+        return Err(RecipeError::invalid("--nproc", "must be at least 1").into());
     }
     // Check the recipe here, so a bad one fails once and writes nothing.
-    let recipe = Recipe::load(&args.recipe, &args.overrides).map_err(|e| e.to_string())?;
-    recipe.validate().map_err(|e| e.to_string())?;
-    recipe.check_world(args.nproc).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let recipe = Recipe::load(&args.recipe, &args.overrides)?;
+    recipe.validate()?;
+    recipe.check_world(args.nproc)?;
+    let exe =
+        std::env::current_exe().map_err(|e| refused(format!("cannot find this program: {e}")))?;
     let mut program = vec![
         exe.display().to_string(),
         "train".to_string(),
@@ -1026,11 +1038,13 @@ fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
     // once.
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("installing signal handlers: {e}"))?;
+        .map_err(|e| refused(format!("installing signal handlers: {e}")))?;
     let mut command = MpiRun::new(args.nproc, program).command();
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command.spawn().map_err(|e| {
-        format!("cannot start mpirun ({e}); install OpenMPI with scripts/setup-mpi")
+        refused(format!(
+            "cannot start mpirun ({e}); install OpenMPI with scripts/setup-mpi"
+        ))
     })?;
     let pid = child.id().to_string();
     let mut signal = None;
@@ -1049,7 +1063,7 @@ fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
         polls += 1;
         if let Some(status) = child
             .try_wait()
-            .map_err(|e| format!("waiting for mpirun: {e}"))?
+            .map_err(|e| refused(format!("waiting for mpirun: {e}")))?
         {
             break status;
         }
@@ -1094,7 +1108,7 @@ fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
             ),
         });
     }
-    Err(format!("mpirun exited with {status}").into())
+    Err(refused(format!("mpirun exited with {status}")))
 }
 
 fn main() -> ExitCode {
