@@ -322,6 +322,13 @@ impl ModuleMapper for Write {
 }
 
 impl DistributedAdamW {
+    /// `config` on one rank (every group a single rank): what a trainer without data or
+    /// tensor parallelism steps with.
+    pub fn single_rank(config: AdamWConfig) -> Result<Self> {
+        let single = Group::single();
+        Self::new(config, single.clone(), single.clone(), single)
+    }
+
     /// An optimizer over data-parallel group `dp`, tensor-parallel group `tp` (for
     /// sequence-parallel gradients and norm de-duplication) and `norm_group`, the group over
     /// which gradient-norm contributions are summed (the world, or the pipeline's model).

@@ -38,7 +38,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
-use burn_parallel::group::Group;
 use burn_parallel::lr_schedule::LrSchedule;
 use burn_parallel::optim::{
     AdamWConfig, DistributedAdamW, GradientBuffer, OptimizerState, replicated_roles,
@@ -166,18 +165,12 @@ impl VaeTrainer {
                 ));
             }
         }
-        let single = Group::single();
-        let opt = DistributedAdamW::new(
-            AdamWConfig {
-                lr: config.schedule.lr,
-                weight_decay: 0.0,
-                max_grad_norm: config.grad_clip,
-                ..AdamWConfig::default()
-            },
-            single.clone(),
-            single.clone(),
-            single,
-        )?;
+        let opt = DistributedAdamW::single_rank(AdamWConfig {
+            lr: config.schedule.lr,
+            weight_decay: 0.0,
+            max_grad_norm: config.grad_clip,
+            ..AdamWConfig::default()
+        })?;
         Ok(Self {
             vae,
             vae_config: vae_config.clone(),

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, Group};
+use burn_parallel::prelude::{AdamWConfig, DistributedAdamW};
 pub use burn_parallel::run_dir::{MetricsLog, RunLock};
 use serde::Serialize;
 
@@ -44,16 +44,10 @@ pub(crate) fn start(run: &Path, recipe: &impl Serialize) -> Result<MetricsLog> {
 
 /// AdamW without weight decay on one rank (no data or expert groups).
 pub(crate) fn single_rank_adamw(lr: f64, max_grad_norm: Option<f64>) -> Result<DistributedAdamW> {
-    let single = Group::single();
-    Ok(DistributedAdamW::new(
-        AdamWConfig {
-            lr,
-            weight_decay: 0.0,
-            max_grad_norm,
-            ..AdamWConfig::default()
-        },
-        single.clone(),
-        single.clone(),
-        single,
-    )?)
+    Ok(DistributedAdamW::single_rank(AdamWConfig {
+        lr,
+        weight_decay: 0.0,
+        max_grad_norm,
+        ..AdamWConfig::default()
+    })?)
 }
