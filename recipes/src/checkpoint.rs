@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use burn_parallel::checkpoint::CheckpointMeta;
-pub use burn_parallel::checkpoint::{
-    load, named_params, read_params, save, step_dir, verify, write_params,
-};
+pub use burn_parallel::checkpoint::{load, named_params, save};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;

@@ -2,7 +2,7 @@
 //! stage layout ([`burn_moe::lm`]).
 
 use burn_moe::MoeError;
-use burn_moe::lm::{LayerSplit, MoeLmConfig, StageLayout};
+use burn_moe::lm::{MoeLmConfig, StageLayout};
 use burn_moe::prelude::{
     Activation, DispatcherKind, DropPolicy, ExpertsConfig, MoeLayerConfig, RouterConfig,
     RoutingType, ScoreFunction, SharedExpertsConfig,
@@ -147,11 +147,6 @@ pub const ROUTER_KEYS: [&str; 16] = [
     "input_jitter_eps",
 ];
 
-/// The layer split a recipe asks for (`parallel.pp_layers`, or uniform).
-pub fn layer_split(recipe: &Recipe) -> Result<LayerSplit> {
-    recipe.layer_split()
-}
-
 /// Parameters of the model (all ranks together): `(total, active per token)`.
 pub fn parameter_count(m: &ModelConfig) -> (u64, u64) {
     m.lm_config().parameter_count()
@@ -168,7 +163,7 @@ pub fn stage_layout(recipe: &Recipe) -> Result<StageLayout> {
     let p = &recipe.parallel;
     Ok(StageLayout {
         dispatcher: dispatcher_kind(p.dispatcher),
-        split: layer_split(recipe)?,
+        split: recipe.layer_split()?,
         cp_attention: match p.cp_comm {
             CpComm::P2p => CpAttention::Ring,
             CpComm::Allgather => CpAttention::AllGather,
