@@ -48,6 +48,28 @@ pub enum MoeError {
     /// The requested backend cannot run here.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
+    /// A training step's losses are not finite; the trainer stops before the optimizer step,
+    /// so the newest checkpoint is the last good state.
+    #[error(
+        "the loss is {loss} (aux {aux}, z {z}); the run stops before the optimizer step and its \
+         last checkpoint is intact (lower the learning rate, or check the data)"
+    )]
+    NonFiniteLoss {
+        /// Cross-entropy of the step.
+        loss: f64,
+        /// Load-balancing loss of the step.
+        aux: f64,
+        /// z-loss of the step.
+        z: f64,
+    },
+    /// A training step failed (before its optimizer step).
+    #[error("step {step}: {source}")]
+    AtStep {
+        /// The step (1-based).
+        step: usize,
+        /// What went wrong.
+        source: Box<MoeError>,
+    },
     /// A collective operation (cross-rank reduction or exchange) failed.
     #[error("communication error: {0}")]
     Communication(#[from] burn_parallel::ParallelError),

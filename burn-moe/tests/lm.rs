@@ -1,10 +1,16 @@
 //! The library LM (`burn_moe::lm`): logits against the loss it trains on, parameter counts
-//! against the built modules, the full tensors round trip, configuration errors.
+//! against the built modules, the full tensors round trip, configuration errors, and the
+//! trainer: a run stopped on request resumes to the uninterrupted run bit for bit.
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_moe::lm::{MoeLm, MoeLmConfig, StageLayout};
+use burn_moe::lm::{
+    CheckpointPolicy, FitEnd, FitObserver, FitOptions, LmTrainer, LmTrainingConfig, MoeLm,
+    MoeLmConfig, StageLayout, StepRecord, TokenSource,
+};
 use burn_moe::prelude::*;
+use burn_parallel::checkpoint::{self, TrainingMeta};
+use burn_parallel::lr_schedule::LrSchedule;
 use burn_parallel::prelude::ProcessGroups;
 
 fn moe_config() -> MoeLmConfig {
@@ -143,4 +149,103 @@ fn the_model_prints_as_a_module_tree() {
     for part in ["MoeLm", "blocks", "attn", "moe", "router"] {
         assert!(text.contains(part), "no {part} in:\n{text}");
     }
+}
+
+fn trainer(steps: usize) -> LmTrainer {
+    let mut t = LmTrainingConfig::new(8, 2, 4, steps);
+    t.lr_schedule = LrSchedule {
+        lr: 1e-2,
+        min_lr: 1e-3,
+        warmup_steps: 2,
+        steps,
+    };
+    t.seed = 5;
+    let source = TokenSource::markov(24, 3, 5).expect("source");
+    let groups = ProcessGroups::single().expect("groups");
+    let device = Device::flex().autodiff();
+    LmTrainer::new(
+        &moe_config(),
+        &StageLayout::single(3),
+        &t,
+        source,
+        groups,
+        &device,
+    )
+    .expect("trainer")
+}
+
+/// Asks to stop (as a signal would) after step `at`.
+struct StopAfter(usize, usize);
+
+impl FitObserver for StopAfter {
+    type Error = burn_moe::MoeError;
+
+    fn on_step(&mut self, record: &StepRecord) -> Result<(), Self::Error> {
+        self.1 = record.step;
+        Ok(())
+    }
+
+    fn stop_request(&mut self) -> Option<i32> {
+        (self.1 == self.0).then_some(15)
+    }
+}
+
+#[test]
+fn fit_stopped_on_request_resumes_to_the_uninterrupted_run_bit_for_bit() {
+    let mut seen = Vec::new();
+    let full = trainer(6)
+        .fit(&FitOptions::default(), &mut |r: &StepRecord| {
+            seen.push((r.step, r.loss, r.last))
+        })
+        .expect("fit");
+    assert_eq!(full.end, FitEnd::Finished);
+    assert_eq!(full.losses.len(), 6);
+    assert_eq!(
+        seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert!(seen.iter().all(|s| s.2 == (s.0 == 6)), "{seen:?}");
+    assert!(full.losses[5] < full.losses[0], "{:?}", full.losses);
+
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let policy = CheckpointPolicy {
+        run_dir: tmp.path().to_path_buf(),
+        every: 0,
+        keep: 2,
+    };
+    let with = |start_step, stop_at| FitOptions {
+        start_step,
+        stop_at,
+        checkpoints: Some(policy.clone()),
+    };
+    let first = trainer(6)
+        .fit(&with(0, None), &mut StopAfter(3, 0))
+        .expect("fit");
+    assert_eq!(first.end, FitEnd::Requested { request: 15 });
+    assert_eq!(first.step, 3);
+    let (dir, meta): (_, TrainingMeta) = checkpoint::latest(tmp.path())
+        .expect("read")
+        .expect("a checkpoint after the stop");
+    assert_eq!((meta.step, meta.world, meta.seed), (3, 1, 5));
+
+    let mut resumed = trainer(6);
+    let start = resumed.resume(&dir, meta.step).expect("resume");
+    let rest = resumed
+        .fit(&with(start, Some(5)), &mut |_: &StepRecord| {})
+        .expect("fit");
+    assert_eq!(rest.end, FitEnd::Stopped);
+    let joined: Vec<f64> = first.losses.iter().chain(&rest.losses).copied().collect();
+    assert_eq!(joined, full.losses[..5], "bit for bit");
+    let (dir5, meta5): (_, TrainingMeta) = checkpoint::latest(tmp.path())
+        .expect("read")
+        .expect("a checkpoint at stop_at");
+    assert_eq!(meta5.step, 5);
+
+    // A checkpoint whose optimizer state disagrees with the step, and stops outside the run.
+    let err = trainer(6).resume(&dir5, 4).expect_err("refused");
+    assert!(err.to_string().contains("optimizer state"), "{err}");
+    let err = trainer(6)
+        .fit(&with(5, Some(5)), &mut |_: &StepRecord| {})
+        .expect_err("refused");
+    assert!(err.to_string().contains("stop_at"), "{err}");
 }

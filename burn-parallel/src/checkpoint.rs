@@ -62,6 +62,26 @@ pub trait CheckpointMeta: Serialize + DeserializeOwned {
     fn step(&self) -> usize;
 }
 
+/// The `meta.json` of the project's trainers: the step, the world that wrote the checkpoint
+/// and where the run's data stream and generators continue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingMeta {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Ranks that wrote the checkpoint.
+    pub world: usize,
+    /// Index of the next sequence (or clip batch) of the data stream.
+    pub next_sequence: u64,
+    /// The run's seed (the data and initialisation generators' state is (seed, position)).
+    pub seed: u64,
+}
+
+impl CheckpointMeta for TrainingMeta {
+    fn step(&self) -> usize {
+        self.step
+    }
+}
+
 /// The checkpoint folder of `step`.
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:06}"))

@@ -54,9 +54,9 @@ pub enum RecipeError {
     /// Another process holds the run folder.
     #[error("`run.dir`: {0}")]
     Locked(String),
-    /// The MoE layer failed.
+    /// The MoE layer, model or trainer failed.
     #[error(transparent)]
-    Moe(#[from] burn_moe::MoeError),
+    Moe(burn_moe::MoeError),
     /// A collective or parallel layer failed.
     #[error(transparent)]
     Parallel(#[from] burn_parallel::ParallelError),
@@ -80,6 +80,17 @@ impl RecipeError {
         Self::Io {
             path: path.to_path_buf(),
             reason: e.to_string(),
+        }
+    }
+}
+
+impl From<burn_moe::MoeError> for RecipeError {
+    /// burn-moe's errors, with those of burn-parallel it passes on (a checkpoint's file, a
+    /// collective) as burn-parallel's own.
+    fn from(e: burn_moe::MoeError) -> Self {
+        match e {
+            burn_moe::MoeError::Communication(p) => Self::Parallel(p),
+            other => Self::Moe(other),
         }
     }
 }

@@ -1,28 +1,23 @@
-//! The training loop: data-parallel micro-batches with gradient accumulation, the distributed
-//! AdamW with warm-up + cosine decay and clipping, JSONL metrics, a progress bar, tracing logs
-//! and atomic checkpoints with exact resume.
+//! A recipe's training run: the recipe's tables as burn-moe's [`LmTrainer`] (whose
+//! [`fit`](LmTrainer::fit) is the loop: micro-batches with gradient accumulation through the
+//! pipeline schedule, the distributed AdamW with warm-up + cosine decay and clipping, atomic
+//! checkpoints with exact resume), with the checks before a run, the run folder, JSONL
+//! metrics, a progress bar, tracing logs, signals, `summary.json` and the plots.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use burn::module::{Module, ParamId};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_parallel::comm::ReduceOp;
-use burn_parallel::context::ContextLayout;
-use burn_parallel::pipeline::run_stage;
-use burn_parallel::prelude::{
-    AdamWConfig, DistributedAdamW, GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims,
-    ParamRole, ProcessGroups, StepStats, World,
+use burn::tensor::Device;
+use burn_moe::lm::{
+    CheckpointPolicy, FitEnd, FitObserver, FitOptions, LmTrainer, LmTrainingConfig, StepRecord,
 };
-use burn_parallel::schedule::{Schedule, ScheduleKind};
+use burn_parallel::lr_schedule::LrSchedule;
+use burn_parallel::prelude::{AdamWConfig, Mesh, MoeDims, ParallelDims, ProcessGroups, World};
 use serde::Serialize;
 
 use crate::checkpoint::{self, Meta};
-use crate::error::{RecipeError, Result};
+use crate::error::{RecipeError, Result, bad};
 use crate::recipe::{Precision, Recipe};
-use crate::rundir::{MetricsLog, refuse_existing};
-use burn_moe::lm::{MoeLm, TokenSource, sequence_index};
-use burn_parallel::lr_schedule::LrSchedule;
+use crate::rundir::{MetricsLog, RunLock, refuse_existing};
 
 /// How to run a recipe.
 #[derive(Debug, Clone)]
@@ -198,345 +193,191 @@ fn check_supported(recipe: &Recipe) -> Result<()> {
     Ok(())
 }
 
-/// Learning rate of `step` (0-based): linear warm-up, then cosine decay to `min_lr`.
-pub fn learning_rate(recipe: &Recipe, step: usize) -> f64 {
+/// The library's training configuration of a recipe's `[training]`, `[data]` and `[run]`
+/// tables.
+pub fn training_config(recipe: &Recipe) -> LmTrainingConfig {
     let t = &recipe.training;
-    LrSchedule {
-        lr: t.lr,
-        min_lr: t.min_lr,
-        warmup_steps: t.warmup_steps,
-        steps: t.steps,
-    }
-    .at(step)
-}
-
-fn value(t: Tensor<1>) -> Result<f64> {
-    let v = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| RecipeError::Refused(format!("reading a loss: {e:?}")))?;
-    Ok(f64::from(v.first().copied().unwrap_or(f32::NAN)))
-}
-
-/// One rank's share of a recipe's training: its model stage, the distributed optimizer, the
-/// pipeline schedule and the data. [`train`] drives it; check programs drive it step by step.
-pub struct Trainer {
-    recipe: Recipe,
-    groups: ProcessGroups,
-    device: Device,
-    model: Option<MoeLm>,
-    opt: DistributedAdamW,
-    schedule: Schedule,
-    source: TokenSource,
-    positions: Vec<usize>,
-    roles: Vec<(ParamId, ParamRole)>,
-    dp: usize,
-    micro_batches: usize,
-    moe_layers: usize,
-}
-
-/// A step's forward and backward passes on one rank, before the optimizer.
-#[derive(Debug, Clone)]
-pub struct Backward {
-    /// This rank's parameter gradients summed over its micro-batches (not reduced over ranks).
-    pub grads: GradientBuffer,
-    /// This rank's cross-entropy (on the stage holding the head), aux and z losses, each the
-    /// mean over micro-batches.
-    pub ce: f64,
-    /// See `ce`.
-    pub aux: f64,
-    /// See `ce`.
-    pub z: f64,
-    /// Tokens per expert of each MoE layer routed on this rank.
-    pub load: Vec<Vec<f64>>,
-}
-
-/// What a step reports: the same on every rank.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reported {
-    /// Cross-entropy averaged over the step's tokens.
-    pub loss: f64,
-    /// Load-balancing loss (summed over TP × CP, averaged over DP).
-    pub aux: f64,
-    /// z-loss.
-    pub z: f64,
-    /// Tokens per expert of each MoE layer, over every rank.
-    pub expert_load: Vec<Vec<f64>>,
-}
-
-impl Trainer {
-    /// The trainer of this rank in `groups` (built from the recipe's `[parallel]` layout) on
-    /// `device` (with autodiff). The model starts from the recipe's seed.
-    pub fn new(recipe: &Recipe, groups: ProcessGroups, device: &Device) -> Result<Self> {
-        let p = &recipe.parallel;
-        let t = &recipe.training;
-        let layout = crate::model::stage_layout(recipe)?;
-        let chunks = layout.split.chunks();
-        let model =
-            recipe
-                .model
-                .lm_config()
-                .init_stage(recipe.run.seed, &groups, &layout, device)?;
-        let adamw = AdamWConfig {
+    LmTrainingConfig {
+        seq_len: recipe.data.seq_len,
+        micro_batch: t.micro_batch,
+        global_batch: t.global_batch,
+        adamw: AdamWConfig {
             lr: t.lr,
             beta1: t.beta1,
             beta2: t.beta2,
             eps: t.eps,
             weight_decay: t.weight_decay,
             max_grad_norm: t.grad_clip,
-        };
-        // Gradients are averaged over the data-parallel and context-parallel ranks (each
-        // holds its own tokens of replicated parameters).
-        let opt = DistributedAdamW::new(
-            adamw,
-            groups.group(GroupKind::DpCp).clone(),
-            groups.group(GroupKind::Tp).clone(),
-            groups.world().clone(),
-        )?
-        .with_expert_group(groups.group(GroupKind::ExpertDp).clone());
-        let dp = groups.group(GroupKind::Dp).size();
-        let micro_batches = t.global_batch / (t.micro_batch * dp);
-        let kind = if chunks > 1 {
-            ScheduleKind::Interleaved {
-                virtual_stages: chunks,
-                group: None,
-            }
-        } else {
-            ScheduleKind::OneFOneB
-        };
-        let schedule =
-            Schedule::new(kind, p.pp, micro_batches).map_err(|e| RecipeError::Invalid {
-                key: "parallel.virtual_pp".into(),
-                reason: e.to_string(),
+        },
+        lr_schedule: LrSchedule {
+            lr: t.lr,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            steps: t.steps,
+        },
+        seed: recipe.run.seed,
+    }
+}
+
+/// The library trainer of this rank in `groups` (built from the recipe's `[parallel]`
+/// layout) on `device` (with autodiff): the recipe's model, layout, training configuration
+/// and data source.
+pub fn trainer(recipe: &Recipe, groups: ProcessGroups, device: &Device) -> Result<LmTrainer> {
+    let m = &recipe.model;
+    let source = crate::data::token_source(&recipe.data, m.vocab, recipe.run.seed)?;
+    let layout = crate::model::stage_layout(recipe)?;
+    LmTrainer::new(
+        &m.lm_config(),
+        &layout,
+        &training_config(recipe),
+        source,
+        groups,
+        device,
+    )
+    .map_err(|e| m.key_of(e))
+}
+
+/// What the command line does after every step: `metrics.jsonl` (rank 0, every `log_every`
+/// steps and the last), the tracing log, the progress bar, and the signals it relays to the
+/// trainer.
+struct Observer<'a> {
+    metrics: Option<MetricsLog>,
+    log_every: usize,
+    flops_per_token: f64,
+    peak_tflops: f64,
+    ranks: usize,
+    bar: Option<indicatif::ProgressBar>,
+    interrupts: Option<&'a crate::interrupt::Interrupts>,
+}
+
+impl FitObserver for Observer<'_> {
+    type Error = RecipeError;
+
+    fn on_step(&mut self, r: &StepRecord) -> Result<()> {
+        let tokens_per_s = r.tokens as f64 / r.seconds;
+        let tflops = tokens_per_s * self.flops_per_token / 1e12;
+        if let Some(file) = self.metrics.as_mut()
+            && (r.step.is_multiple_of(self.log_every) || r.last)
+        {
+            file.write(&StepMetrics {
+                step: r.step,
+                loss: r.loss,
+                aux_loss: r.aux,
+                z_loss: r.z,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                tokens_per_s,
+                tflops,
+                mfu: tflops / (self.peak_tflops * self.ranks as f64),
+                peak_memory_bytes: r.peak_memory_bytes,
+                expert_load: r.expert_load.clone(),
+                seconds: r.seconds,
             })?;
-        let context = ContextLayout::new(recipe.data.seq_len, p.cp)?;
-        let positions = context.positions(groups.group(GroupKind::Cp).rank());
-        let m = &recipe.model;
-        let moe_layers = (0..m.layers)
-            .filter(|l| m.moe_every > 0 && (l + 1).is_multiple_of(m.moe_every))
-            .count();
-        // Parameter ids survive optimizer steps (new values, same parameters).
-        let roles = model.roles();
-        Ok(Self {
-            source: crate::data::token_source(&recipe.data, m.vocab, recipe.run.seed)?,
-            recipe: recipe.clone(),
-            groups,
-            device: device.clone(),
-            model: Some(model),
-            opt,
-            schedule,
-            positions,
-            roles,
-            dp,
-            micro_batches,
-            moe_layers,
-        })
-    }
-
-    fn gone() -> RecipeError {
-        RecipeError::Invalid {
-            key: "model".into(),
-            reason: "an earlier optimizer step failed and took the model with it".into(),
         }
-    }
-
-    /// This rank's model stage.
-    pub fn model(&self) -> Result<&MoeLm> {
-        self.model.as_ref().ok_or_else(Self::gone)
-    }
-
-    /// The process groups.
-    pub fn groups(&self) -> &ProcessGroups {
-        &self.groups
-    }
-
-    /// Each trained parameter's role.
-    pub fn roles(&self) -> &[(ParamId, ParamRole)] {
-        &self.roles
-    }
-
-    /// Micro-batches per step on each data-parallel rank.
-    pub fn micro_batches(&self) -> usize {
-        self.micro_batches
-    }
-
-    /// The pipeline schedule's bubble: `(p − 1) / (m + p − 1)` for 1F1B, with `p − 1` divided
-    /// by the virtual stages when interleaved (0 without pipeline parallelism).
-    pub fn bubble_fraction(&self) -> f64 {
-        self.schedule.bubble_fraction()
-    }
-
-    /// The data source.
-    pub fn source(&self) -> &TokenSource {
-        &self.source
-    }
-
-    /// Bytes of the weights and optimizer state this rank holds (f32).
-    pub fn resident_bytes(&self) -> u64 {
-        let params = self.model.as_ref().map_or(0, Module::num_params);
-        4 * (params + self.opt.state_len()) as u64
-    }
-
-    /// The sequence index after `step` steps (for checkpoints).
-    pub fn next_sequence(&self, step: usize) -> u64 {
-        let t = &self.recipe.training;
-        sequence_index(step, 0, 0, 0, (t.micro_batch, self.micro_batches, self.dp))
-    }
-
-    /// Loads this rank's model and optimizer state from checkpoint folder `dir`.
-    pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let model = self.model.take().ok_or_else(Self::gone)?;
-        let rank = self.groups.world().rank();
-        let (loaded, state) = checkpoint::load(dir, model, rank)?;
-        self.model = Some(loaded);
-        self.opt.load_state(state)?;
+        tracing::info!(
+            step = r.step,
+            loss = r.loss,
+            grad_norm = r.grad_norm,
+            tokens_per_s,
+            "step"
+        );
+        if let Some(bar) = &self.bar {
+            bar.set_position(r.step as u64);
+            bar.set_message(format!("loss {:.4}  {tokens_per_s:.0} tok/s", r.loss));
+        }
         Ok(())
     }
 
-    /// Writes a checkpoint of every rank (collective over the world); returns its folder.
-    pub fn save(&self, run_dir: &Path, meta: &Meta, keep: usize) -> Result<PathBuf> {
-        let comm = self.groups.world().communicator()?;
-        Ok(checkpoint::save(
+    fn stop_request(&mut self) -> Option<i32> {
+        self.interrupts
+            .and_then(crate::interrupt::Interrupts::received)
+    }
+}
+
+fn progress_bar(steps: usize, start: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+/// The newest checkpoint to resume from (`--resume`), checked against the recipe and the
+/// world, or `None` for a fresh run (refused when the folder already holds one).
+fn resume_point(
+    recipe: &Recipe,
+    options: &TrainOptions,
+    world: usize,
+) -> Result<Option<(PathBuf, Meta)>> {
+    let run_dir = &recipe.run.dir;
+    if !options.resume {
+        refuse_existing(
             run_dir,
-            meta,
-            self.model()?,
-            &self.opt.state(),
-            comm.as_ref(),
-            keep,
-        )?)
-    }
-
-    /// Forward and backward passes of every micro-batch of `step` (0-based) on this rank,
-    /// through the pipeline schedule. Collective over the model's groups.
-    pub fn backward(&self, step: usize) -> Result<Backward> {
-        let t = &self.recipe.training;
-        let p = &self.recipe.parallel;
-        let model = self.model()?;
-        let seq = self.recipe.data.seq_len;
-        let (micro_batches, dp) = (self.micro_batches, self.dp);
-        let dp_rank = self.groups.group(GroupKind::Dp).rank();
-        let (mut ce, mut aux, mut z) = (0.0, 0.0, 0.0);
-        let experts = self.recipe.model.experts;
-        let mut load = vec![vec![0.0; experts]; self.moe_layers];
-        let scale = 1.0 / micro_batches as f64;
-        // The global aux loss's counts, accumulated over this step's micro-batches.
-        let mut global = vec![None; self.moe_layers];
-        let shape = [seq / p.cp / p.tp, t.micro_batch, self.recipe.model.hidden];
-        let device = &self.device;
-        let mut run = run_stage(
-            &self.schedule,
-            self.groups.group(GroupKind::Pp),
-            model,
-            shape,
-            device,
-            |chunk, micro, input| {
-                // Sequence-first [S, B] ids of this rank's tokens (its CP chunks) and their
-                // next-token targets.
-                let columns: Vec<Vec<i64>> = (0..t.micro_batch)
-                    .map(|i| {
-                        let index = sequence_index(
-                            step,
-                            micro,
-                            dp_rank,
-                            i,
-                            (t.micro_batch, micro_batches, dp),
-                        );
-                        self.source.sequence(index, seq)
-                    })
-                    .collect();
-                let (mut ids, mut next) = (Vec::new(), Vec::new());
-                for &pos in &self.positions {
-                    for col in &columns {
-                        ids.push(col[pos]);
-                        next.push(col[pos + 1]);
-                    }
-                }
-                let local = [self.positions.len(), t.micro_batch];
-                let inputs = Tensor::<2, Int>::from_data(TensorData::new(ids, local), device);
-                let targets = Tensor::<2, Int>::from_data(TensorData::new(next, local), device);
-                let out = model.forward_chunk_with(chunk, input, (&inputs, &targets), &global)?;
-                for (index, state) in &out.global_aux {
-                    if let Some(slot) = global.get_mut(*index) {
-                        *slot = Some(state.clone());
-                    }
-                }
-                if let Some(v) = out.ce.clone() {
-                    ce += value(v)? * scale;
-                }
-                if let Some(v) = out.aux.clone() {
-                    aux += value(v)? * scale;
-                }
-                if let Some(v) = out.z.clone() {
-                    z += value(v)? * scale;
-                }
-                for (layer, counts) in &out.expert_load {
-                    let c = counts
-                        .clone()
-                        .into_data()
-                        .convert::<i64>()
-                        .try_into_vec::<i64>()
-                        .unwrap_or_default();
-                    if let Some(slot) = load.get_mut(*layer) {
-                        slot.iter_mut().zip(&c).for_each(|(a, b)| *a += *b as f64);
-                    }
-                }
-                Ok::<_, RecipeError>(model.stage_output(&out, scale))
-            },
+            "continue it with --resume or choose another run.dir",
         )?;
-        model.tie_gradients(&mut run.grads, self.groups.group(GroupKind::Pp))?;
-        Ok(Backward {
-            grads: run.grads,
-            ce,
-            aux,
-            z,
-            load,
-        })
+        return Ok(None);
     }
+    let Some((dir, meta)) = checkpoint::latest(run_dir)? else {
+        return Err(bad(
+            "--resume",
+            format!("{} has no checkpoint", run_dir.display()),
+        ));
+    };
+    if meta.world != world {
+        return Err(bad(
+            "--resume",
+            format!(
+                "the checkpoint was written by {} ranks, this run has {world}",
+                meta.world
+            ),
+        ));
+    }
+    if recipe.training.steps <= meta.step {
+        return Err(bad(
+            "training.steps",
+            format!(
+                "is {} but the checkpoint is at step {}: nothing to train; raise \
+                 training.steps to go on",
+                recipe.training.steps, meta.step
+            ),
+        ));
+    }
+    check_resumable(recipe, run_dir)?;
+    Ok(Some((dir, meta)))
+}
 
-    /// The step's reported values from every rank's [`Backward`]: cross-entropy (on the last
-    /// pipeline stage) averaged over DP × CP; aux and z summed over the pipeline's stages and
-    /// over TP × CP (each rank routes its own tokens), averaged over DP; expert load summed
-    /// over every rank. Collective over the world.
-    pub fn report(&self, b: &Backward) -> Result<Reported> {
-        let g = &self.groups;
-        let mut reported = [b.ce as f32, b.aux as f32, b.z as f32];
-        g.group(GroupKind::Pp)
-            .communicator()?
-            .all_reduce(&mut reported, ReduceOp::Sum)?;
-        g.group(GroupKind::TpCp)
-            .communicator()?
-            .all_reduce(&mut reported[1..], ReduceOp::Sum)?;
-        g.group(GroupKind::DpCp)
-            .communicator()?
-            .all_reduce(&mut reported, ReduceOp::Avg)?;
-        let mut flat: Vec<f32> = b.load.iter().flatten().map(|&v| v as f32).collect();
-        g.world()
-            .communicator()?
-            .all_reduce(&mut flat, ReduceOp::Sum)?;
-        let experts = self.recipe.model.experts.max(1);
-        Ok(Reported {
-            loss: f64::from(reported[0]),
-            aux: f64::from(reported[1]),
-            z: f64::from(reported[2]),
-            expert_load: flat
-                .chunks(experts)
-                .map(|row| row.iter().map(|&v| f64::from(v)).collect())
-                .collect(),
-        })
+/// Refuses a `--stop-at` outside the steps this invocation runs.
+fn check_stop_at(recipe: &Recipe, stop_at: Option<usize>, start: usize) -> Result<()> {
+    match stop_at {
+        Some(stop) if stop <= start || stop > recipe.training.steps => Err(bad(
+            "--stop-at",
+            format!(
+                "is {stop}; it must be after the first step to run ({}) and at most \
+                 training.steps ({})",
+                start + 1,
+                recipe.training.steps
+            ),
+        )),
+        _ => Ok(()),
     }
+}
 
-    /// The optimizer step of `step` (0-based; sets its learning rate) with the gradients of
-    /// [`backward`](Self::backward), then the expert-bias update of routers that have one
-    /// (with this rank's tokens per expert of the step). Collective over the world.
-    pub fn apply(&mut self, backward: Backward, step: usize) -> Result<StepStats> {
-        self.opt.set_lr(learning_rate(&self.recipe, step));
-        let model = self.model.take().ok_or_else(Self::gone)?;
-        let (mut next, stats) = self.opt.step_buffered(model, backward.grads, &self.roles)?;
-        next.update_expert_biases(&backward.load)?;
-        self.model = Some(next);
-        Ok(stats)
-    }
+/// Takes the run folder (rank 0): its lock, the recipe's copy and `metrics.jsonl` continued
+/// from `start` (metrics after the checkpoint's step were never part of the run; a fresh
+/// start begins a new file).
+fn open_run_dir(recipe: &Recipe, start: usize) -> Result<(RunLock, MetricsLog)> {
+    let run_dir = &recipe.run.dir;
+    let lock = crate::rundir::lock(run_dir)?;
+    std::fs::create_dir_all(run_dir).map_err(|e| RecipeError::io(run_dir, e))?;
+    let copy = run_dir.join("recipe.toml");
+    let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
+    std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
+    let metrics = MetricsLog::resume(&run_dir.join("metrics.jsonl"), start)?;
+    Ok((lock, metrics))
 }
 
 /// Refuses to resume with a recipe that changes what the run's checkpoint continues: the
@@ -581,7 +422,9 @@ fn check_resumable(recipe: &Recipe, run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) a recipe on this process's share of `world`.
+/// Runs (or resumes) a recipe on this process's share of `world`: the checks, the run folder,
+/// burn-moe's [`LmTrainer::fit`] with this crate's metrics, log, progress bar and signals,
+/// then `summary.json` and the plots.
 pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<Summary> {
     recipe.validate()?;
     let n = world.size();
@@ -589,250 +432,84 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     check_supported(recipe)?;
     let (dp, edp) = recipe.check_world(n)?;
     check_step_memory(recipe, n)?;
-    let comm = world.communicator();
-    let main = world.is_main();
-    let run_dir = recipe.run.dir.clone();
-    let resume_from = if options.resume {
-        let found = checkpoint::latest(&run_dir)?;
-        if found.is_none() {
-            return Err(RecipeError::Invalid {
-                key: "--resume".into(),
-                reason: format!("{} has no checkpoint", run_dir.display()),
-            });
-        }
-        found
-    } else {
-        refuse_existing(
-            &run_dir,
-            "continue it with --resume or choose another run.dir",
-        )?;
-        None
-    };
-    if let Some((_, meta)) = &resume_from
-        && meta.world != n
-    {
-        return Err(RecipeError::Invalid {
-            key: "--resume".into(),
-            reason: format!(
-                "the checkpoint was written by {} ranks, this run has {n}",
-                meta.world
-            ),
-        });
-    }
+    let resume_from = resume_point(recipe, options, n)?;
     let start_step = resume_from.as_ref().map_or(0, |(_, m)| m.step);
-    if let Some((_, meta)) = &resume_from {
-        if recipe.training.steps <= meta.step {
-            return Err(RecipeError::Invalid {
-                key: "training.steps".into(),
-                reason: format!(
-                    "is {} but the checkpoint is at step {}: nothing to train; raise \
-                     training.steps to go on",
-                    recipe.training.steps, meta.step
-                ),
-            });
-        }
-        check_resumable(recipe, &run_dir)?;
-    }
-    if let Some(stop) = options.stop_at
-        && (stop <= start_step || stop > recipe.training.steps)
-    {
-        return Err(RecipeError::Invalid {
-            key: "--stop-at".into(),
-            reason: format!(
-                "is {stop}; it must be after the first step to run ({}) and at most \
-                 training.steps ({})",
-                start_step + 1,
-                recipe.training.steps
-            ),
-        });
-    }
+    check_stop_at(recipe, options.stop_at, start_step)?;
     let p = &recipe.parallel;
     let mesh = Mesh::new(
         n,
         ParallelDims::new(p.tp, p.cp, dp, p.pp),
         MoeDims::new(p.etp, p.ep, edp),
     )?;
-    let groups = ProcessGroups::new(mesh, comm.clone())?;
+    let groups = ProcessGroups::new(mesh, world.communicator().clone())?;
     let mut device = options.device.clone().autodiff();
     if recipe.training.recompute {
         // Burn's balanced checkpointing: memory-bound activations are recomputed in the
         // backward pass instead of being kept.
         device = device.gradient_checkpointing();
     }
-    let mut trainer = Trainer::new(recipe, groups, &device)?;
-    let mut start = 0;
+    let mut trainer = trainer(recipe, groups, &device)?;
     if let Some((dir, meta)) = &resume_from {
-        trainer.load(dir)?;
-        if trainer.opt.steps() != meta.step as u64 {
-            return Err(RecipeError::io(
-                dir,
-                format!(
-                    "meta.json says step {} but the optimizer state has taken {} steps; the \
-                     checkpoint is inconsistent",
-                    meta.step,
-                    trainer.opt.steps()
-                ),
-            ));
-        }
-        start = meta.step;
+        trainer.resume(dir, meta.step)?;
     }
     // Everything is checked and the checkpoint loaded: now the run directory may be written,
     // by this process alone.
-    let _lock = if main {
-        Some(crate::rundir::lock(&run_dir)?)
-    } else {
-        None
+    let main = world.is_main();
+    let (_lock, metrics) = match main {
+        true => open_run_dir(recipe, start_step).map(|(l, m)| (Some(l), Some(m)))?,
+        false => (None, None),
     };
-    let mut metrics = if main {
-        std::fs::create_dir_all(&run_dir).map_err(|e| RecipeError::io(&run_dir, e))?;
-        let copy = run_dir.join("recipe.toml");
-        let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
-        std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
-        // Metrics after the checkpoint's step were never part of the run (a killed run logged
-        // steps it did not checkpoint); a fresh start begins a new file.
-        Some(MetricsLog::resume(&run_dir.join("metrics.jsonl"), start)?)
-    } else {
-        None
+    world.communicator().barrier()?;
+    let (total, active) = parameter_count(&recipe.model);
+    tracing::info!(
+        world = n,
+        tp = p.tp,
+        cp = p.cp,
+        pp = p.pp,
+        virtual_pp = p.virtual_pp.unwrap_or(1),
+        dp,
+        ep = p.ep,
+        etp = p.etp,
+        edp,
+        micro_batches = trainer.micro_batches(),
+        pipeline_bubble = trainer.bubble_fraction(),
+        parameters = total,
+        active_parameters = active,
+        start_step,
+        "training"
+    );
+    let (t, m) = (&recipe.training, &recipe.model);
+    let mut observer = Observer {
+        metrics,
+        log_every: t.log_every,
+        flops_per_token: 6.0 * active as f64
+            + 6.0 * (m.layers * recipe.data.seq_len * m.hidden) as f64,
+        peak_tflops: recipe.run_peak_tflops(),
+        ranks: n,
+        bar: (main && options.progress).then(|| progress_bar(t.steps, start_step)),
+        interrupts: options.interrupts.as_ref(),
     };
-    comm.barrier()?;
-    let t = &recipe.training;
-    {
-        let (total, active) = parameter_count(&recipe.model);
-        tracing::info!(
-            world = n,
-            tp = p.tp,
-            cp = p.cp,
-            pp = p.pp,
-            virtual_pp = p.virtual_pp.unwrap_or(1),
-            dp,
-            ep = p.ep,
-            etp = p.etp,
-            edp,
-            micro_batches = trainer.micro_batches(),
-            pipeline_bubble = trainer.bubble_fraction(),
-            parameters = total,
-            active_parameters = active,
-            start_step = start,
-            "training"
-        );
-    }
-    let seq = recipe.data.seq_len;
-    let (_, active) = parameter_count(&recipe.model);
-    let m = &recipe.model;
-    let flops_per_token = 6.0 * active as f64 + 6.0 * (m.layers * seq * m.hidden) as f64;
-    let peak = recipe.run_peak_tflops();
-    let bar = (main && options.progress).then(|| {
-        let bar = indicatif::ProgressBar::new(t.steps as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_position(start as u64);
-        bar
-    });
-    let mut losses = Vec::new();
-    let mut peak_memory: Option<u64> = None;
-    for step in start..t.steps {
-        let began = Instant::now();
-        let resident = trainer.resident_bytes();
-        let step_start = crate::memory::live();
-        crate::memory::reset_peak();
-        let at = |e: RecipeError| RecipeError::AtStep {
-            step: step + 1,
-            source: Box::new(e),
-        };
-        let backward = trainer.backward(step).map_err(at)?;
-        let reported = trainer.report(&backward).map_err(at)?;
-        // The reported values are the same on every rank: all of them stop here together,
-        // before the step, leaving the newest checkpoint as it was.
-        if !(reported.loss.is_finite() && reported.aux.is_finite() && reported.z.is_finite()) {
-            return Err(at(RecipeError::Refused(format!(
-                "the loss is {} (aux {}, z {}); the run stops before the optimizer step and \
-                 its last checkpoint is intact (lower training.lr, or check the data)",
-                reported.loss, reported.aux, reported.z
-            ))));
-        }
-        let stats = trainer.apply(backward, step)?;
-        let step_peak = crate::memory::peak()
-            .zip(step_start)
-            .map(|(p, b)| resident + p.saturating_sub(b) as u64);
-        peak_memory = peak_memory.max(step_peak);
-        let loss = reported.loss;
-        losses.push(loss);
-        let seconds = began.elapsed().as_secs_f64();
-        let tokens = (t.global_batch * seq) as f64;
-        let tokens_per_s = tokens / seconds;
-        let tflops = tokens_per_s * flops_per_token / 1e12;
-        let stop = options.stop_at == Some(step + 1);
-        let last = step + 1 == t.steps || stop;
-        // Every `log_every` steps, and the last one (so every run has its final metrics).
-        if let Some(file) = metrics.as_mut()
-            && ((step + 1).is_multiple_of(t.log_every) || last)
-        {
-            let line = StepMetrics {
-                step: step + 1,
-                loss,
-                aux_loss: reported.aux,
-                z_loss: reported.z,
-                lr: learning_rate(recipe, step),
-                grad_norm: stats.grad_norm,
-                tokens_per_s,
-                tflops,
-                mfu: tflops / (peak * n as f64),
-                peak_memory_bytes: step_peak,
-                expert_load: reported.expert_load,
-                seconds,
-            };
-            file.write(&line)?;
-        }
-        tracing::info!(
-            step = step + 1,
-            loss,
-            grad_norm = stats.grad_norm,
-            tokens_per_s,
-            "step"
-        );
-        if let Some(bar) = &bar {
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
-        }
-        // A signal on any rank stops every rank after this step.
-        let signal = options
-            .interrupts
-            .as_ref()
-            .and_then(crate::interrupt::Interrupts::received)
-            .unwrap_or(0);
-        let mut any = [signal as f32];
-        comm.all_reduce(&mut any, ReduceOp::Max)?;
-        let interrupted = any[0] > 0.0;
-        let scheduled = t.checkpoint_every > 0 && (step + 1).is_multiple_of(t.checkpoint_every);
-        if last || scheduled || interrupted {
-            let meta = Meta {
-                step: step + 1,
-                world: n,
-                next_sequence: trainer.next_sequence(step + 1),
-                seed: recipe.run.seed,
-            };
-            trainer.save(&run_dir, &meta, t.keep_checkpoints)?;
-        }
-        if interrupted && !last {
-            let signal = any[0] as i32;
-            return Err(RecipeError::Interrupted {
-                signal,
-                signal_name: crate::interrupt::describe(signal).0,
-                step: step + 1,
-            });
-        }
-        if stop {
-            break;
-        }
-    }
-    if let Some(bar) = bar {
+    let fit = FitOptions {
+        start_step,
+        stop_at: options.stop_at,
+        checkpoints: Some(CheckpointPolicy {
+            run_dir: recipe.run.dir.clone(),
+            every: t.checkpoint_every,
+            keep: t.keep_checkpoints,
+        }),
+    };
+    let outcome = trainer.fit(&fit, &mut observer)?;
+    if let Some(bar) = observer.bar.take() {
         bar.finish_and_clear();
     }
-    let tail = &losses[losses.len().saturating_sub(10)..];
+    if let FitEnd::Requested { request } = outcome.end {
+        return Err(RecipeError::Interrupted {
+            signal: request,
+            signal_name: crate::interrupt::describe(request).0,
+            step: outcome.step,
+        });
+    }
+    let tail = &outcome.losses[outcome.losses.len().saturating_sub(10)..];
     let final_loss = if tail.is_empty() {
         f64::NAN
     } else {
@@ -840,11 +517,11 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     };
     let summary = Summary {
         final_loss,
-        losses,
+        losses: outcome.losses,
         entropy_floor: trainer.source().entropy_rate(),
         steps: t.steps,
-        run_dir,
-        peak_memory_bytes: peak_memory,
+        run_dir: recipe.run.dir.clone(),
+        peak_memory_bytes: outcome.peak_memory_bytes,
     };
     if main {
         let path = summary.run_dir.join("summary.json");

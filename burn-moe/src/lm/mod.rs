@@ -2,8 +2,8 @@
 //! MoE layer's own [`MoeLayerConfig`](crate::layer::MoeLayerConfig)) → [`MoeLm`] (a Burn
 //! `Module` with `forward(ids) -> logits`), its parts ([`Attention`], [`DenseFfn`], [`Block`])
 //! as public modules, parallel layouts applied by [`MoeLm::parallelize`] (or drawn per rank
-//! by [`MoeLmConfig::init_stage`]) over a [`StageLayout`], and the [`TokenSource`]s the
-//! recipes train on.
+//! by [`MoeLmConfig::init_stage`]) over a [`StageLayout`], the [`TokenSource`]s the
+//! recipes train on, and [`LmTrainer`], one rank's share of training under any layout.
 
 pub mod attention;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod data;
 pub mod ffn;
 pub mod model;
 pub mod split;
+pub mod trainer;
 
 pub use attention::Attention;
 pub use config::MoeLmConfig;
@@ -18,3 +19,7 @@ pub use data::{TokenSource, sequence_index};
 pub use ffn::DenseFfn;
 pub use model::{Block, Forward, FullTensors, MoeLm};
 pub use split::{LayerSplit, StageLayout};
+pub use trainer::{
+    Backward, CheckpointPolicy, FitEnd, FitObserver, FitOptions, FitOutcome, LmTrainer,
+    LmTrainingConfig, Reported, StepRecord,
+};

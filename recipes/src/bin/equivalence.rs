@@ -25,7 +25,7 @@ use burn_parallel::prelude::{
     GradientBuffer, GroupKind, Mesh, MoeDims, ParallelDims, ParamRole, ProcessGroups,
 };
 use burn_recipes::recipe::Recipe;
-use burn_recipes::train::Trainer;
+use burn_recipes::train::trainer;
 
 const STEPS: usize = 3;
 /// Losses and first-step gradients.
@@ -100,7 +100,7 @@ struct Reference {
 
 fn reference(tied: bool, device: &Device) -> Res<Reference> {
     let r = recipe(&[format!("model.tie_embeddings={tied}")])?;
-    let mut t = Trainer::new(&r, ProcessGroups::single().map_err(err)?, device).map_err(err)?;
+    let mut t = trainer(&r, ProcessGroups::single().map_err(err)?, device).map_err(err)?;
     let (mut reported, mut grads) = (Vec::new(), None);
     for step in 0..STEPS {
         let b = t.backward(step).map_err(err)?;
@@ -182,7 +182,7 @@ fn run_layout(
     )
     .map_err(err)?;
     let groups = ProcessGroups::new(mesh, world.communicator()).map_err(err)?;
-    let mut trainer = Trainer::new(&r, groups.clone(), device).map_err(err)?;
+    let mut trainer = trainer(&r, groups.clone(), device).map_err(err)?;
     let label = format!(
         "{}{} (rank {})",
         layout.join(" "),
