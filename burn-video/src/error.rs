@@ -36,9 +36,38 @@ pub enum VideoError {
     /// A frame is malformed.
     #[error(transparent)]
     Frame(#[from] MetricError),
+    /// A training loss is not finite: the trainer stops.
+    #[error("{what} became {value}; {advice}")]
+    NonFiniteLoss {
+        /// Which loss, and where (step, stage).
+        what: String,
+        /// Its value.
+        value: f64,
+        /// What to change.
+        advice: &'static str,
+    },
+    /// A computation would not fit in this machine's available memory; refused before
+    /// allocating.
+    #[error(
+        "{what} needs about {:.1} GiB and this machine has {:.1} GiB available",
+        gib(*.need),
+        gib(*.have)
+    )]
+    OutOfMemory {
+        /// What was asked for.
+        what: String,
+        /// Bytes it needs.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
     /// The optimizer of a trainer failed.
     #[error(transparent)]
     Parallel(#[from] burn_parallel::ParallelError),
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// `Result` with [`VideoError`].

@@ -22,6 +22,7 @@
 pub mod checker;
 pub mod clip;
 pub mod dit;
+pub mod dit_training;
 pub mod error;
 #[cfg(feature = "ffmpeg")]
 pub mod ffmpeg;

@@ -349,3 +349,104 @@ fn the_dpo_loss_is_log_2_at_the_reference_and_rewards_fitting_the_preferred_samp
     );
     assert_eq!(values(per), vec![0.0, 2.5]);
 }
+
+/// The curriculum trainer on clips of random latents: stages run in order with their frames,
+/// steps count over the whole run, each stage reports a validation loss, and two runs with the
+/// same seed are the same run (losses and saved weights), another seed another run.
+#[test]
+fn the_curriculum_trainer_runs_its_stages_in_order_and_a_seed_reproduces_a_run() {
+    use burn_video::dit_training::{
+        DitEvent, DitTrainer, DitTrainingConfig, FlowConfig, LatentClip, Stage,
+    };
+    let d = Device::flex().autodiff();
+    let captions = ["a red square", "a blue circle", "a green square"];
+    let vocab = Vocabulary::from_captions(&captions.map(String::from));
+    let clip = |i: usize| LatentClip {
+        clip: format!("clip{i}").into(),
+        latent: Tensor::<4>::from_data(
+            TensorData::new(
+                (0..4 * 3 * 4 * 4)
+                    .map(|k| ((k * 7 + i * 13) % 11) as f32 / 5.0 - 1.0)
+                    .collect::<Vec<_>>(),
+                [4, 3, 4, 4],
+            ),
+            &d,
+        ),
+        caption: captions[i % 3].into(),
+    };
+    let (train, held): (Vec<_>, Vec<_>) = ((0..6).map(clip).collect(), (6..8).map(clip).collect());
+    let stage = |name: &str, steps, frames, image_ratio| Stage {
+        name: name.into(),
+        steps,
+        lr: 1e-3,
+        min_lr: None,
+        warmup_steps: 1,
+        batch: 2,
+        frames,
+        image_ratio,
+    };
+    let config = |seed| DitTrainingConfig {
+        stages: vec![stage("images", 3, 1, 0.0), stage("clips", 2, 3, 0.5)],
+        flow: FlowConfig::default(),
+        caption_dropout: 0.1,
+        text_len: 6,
+        ema: None,
+        seed,
+    };
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let run = |seed: u64, dir: &str| {
+        let mut cfg = tiny();
+        cfg.vocab = vocab.len();
+        let mut t = DitTrainer::new(cfg, config(seed), vocab.clone(), &d).expect("trainer");
+        let mut events = Vec::new();
+        let reports = t
+            .curriculum(&train, &held, |e| {
+                events.push(match e {
+                    DitEvent::Stage { index, .. } => format!("stage {index}"),
+                    DitEvent::Step {
+                        step, frames, loss, ..
+                    } => {
+                        assert!(loss.is_finite());
+                        format!("step {step} ({frames})")
+                    }
+                    DitEvent::StageDone(r) => format!("{} done", r.name),
+                });
+                Ok(())
+            })
+            .expect("curriculum");
+        assert!(reports.iter().all(|r| r.validation_loss.is_finite()));
+        let dir = t.save(&tmp.path().join(dir)).expect("save");
+        let weights = std::fs::read(dir.join("rank-00000.safetensors")).expect("weights");
+        (events, reports, weights)
+    };
+    let (events, reports, weights) = run(3, "a");
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| e.split(" (").next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "stage 0",
+            "step 1",
+            "step 2",
+            "step 3",
+            "images done",
+            "stage 1",
+            "step 4",
+            "step 5",
+            "clips done"
+        ]
+    );
+    // Image stages draw one latent frame.
+    assert!(
+        events[1..4].iter().all(|e| e.ends_with("(1)")),
+        "{events:?}"
+    );
+    assert_eq!(reports.iter().map(|r| r.frames).collect::<Vec<_>>(), [1, 3]);
+    let (_, again, same_weights) = run(3, "b");
+    assert_eq!(reports, again);
+    assert!(weights == same_weights, "the same seed gave other weights");
+    let (_, other, _) = run(4, "c");
+    assert_ne!(reports, other);
+}

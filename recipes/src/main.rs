@@ -134,7 +134,7 @@ fn with_sampler<T>(
         vae: &vae,
         vocab: &loaded.summary.vocabulary,
         meta: &loaded.meta,
-        model: &loaded.recipe.dit,
+        config: &loaded.config,
         shift_base: loaded.recipe.flow.shift_base,
         shape: (frames, h, w),
         steps,
@@ -152,7 +152,9 @@ fn run_sample(args: &SampleArgs) -> Result<()> {
     }
     let captions: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
     let clips = with_sampler(&args.run, args.sampling, |s, dit| {
-        s.sample(dit, &captions, args.sampling.seed).map(|(_, c)| c)
+        s.sample(dit, &captions, args.sampling.seed)
+            .map(|(_, c)| c)
+            .map_err(burn_recipes::dit::sampling_key)
     })?;
     let tmp = args.out.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -171,6 +173,7 @@ fn run_eval_dit(args: &EvalDitArgs) -> Result<()> {
     }
     let a = with_sampler(&args.run, args.sampling, |s, dit| {
         s.accuracy(dit, args.prompts, args.sampling.seed)
+            .map_err(burn_recipes::dit::sampling_key)
     })?;
     println!(
         "{} prompts: direction {:.1}% (chance 25%), colour {:.1}% (chance 25%), count {:.1}% (chance 33%)",

@@ -1,10 +1,8 @@
 //! What every trainer of the crate does with its run folder: refuse a folder that already
-//! holds a run, take its lock, start a fresh one (the recipe's copy and `metrics.jsonl`), and
-//! the single-rank AdamW of the DiT trainer.
+//! holds a run, take its lock, start a fresh one (the recipe's copy and `metrics.jsonl`).
 
 use std::path::Path;
 
-use burn_parallel::prelude::{AdamWConfig, DistributedAdamW};
 pub use burn_parallel::run_dir::{MetricsLog, RunLock};
 use serde::Serialize;
 
@@ -40,14 +38,4 @@ pub(crate) fn start(run: &Path, recipe: &impl Serialize) -> Result<MetricsLog> {
     let text = toml::to_string_pretty(recipe).map_err(|e| RecipeError::io(&copy, e))?;
     std::fs::write(&copy, text).map_err(|e| RecipeError::io(&copy, e))?;
     Ok(MetricsLog::create(&run.join("metrics.jsonl"))?)
-}
-
-/// AdamW without weight decay on one rank (no data or expert groups).
-pub(crate) fn single_rank_adamw(lr: f64, max_grad_norm: Option<f64>) -> Result<DistributedAdamW> {
-    Ok(DistributedAdamW::single_rank(AdamWConfig {
-        lr,
-        weight_decay: 0.0,
-        max_grad_norm,
-        ..AdamWConfig::default()
-    })?)
 }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use burn_parallel::lr_schedule::LrSchedule;
 use burn_video::clip::Clip;
 pub use burn_video::tensor::clip_tensor;
@@ -193,11 +193,6 @@ pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
     burn_video::vae_training::split_clips(dir, every).map_err(training_key)
 }
 
-/// The clip of `[1, 3, T, H, W]` in `[-1, 1]`, errors named for the recipe.
-pub(crate) fn to_clip(x: Tensor<5>) -> Result<Clip> {
-    burn_video::tensor::to_clip(x).map_err(video)
-}
-
 /// What a VAE training run reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VaeSummary {
@@ -227,6 +222,9 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let (train, held) = split_clips(&recipe.data.clips, recipe.data.holdout_every)?;
     let (t, cfg) = (&recipe.training, &recipe.vae);
     let device = Device::flex().autodiff();
+    // The initialisation and the posterior's noise come from the device's generator: seeded,
+    // a run is reproducible.
+    device.seed(recipe.run.seed);
     let vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
     let mut trainer = VaeTrainer::new(vae, cfg, &recipe.training_config(), train, &device)
         .map_err(training_key)?;

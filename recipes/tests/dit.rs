@@ -7,7 +7,8 @@ mod common;
 
 use std::process::Output;
 
-use burn_recipes::dit::{BatchKind, DitRecipe, Stage, batch_kind};
+use burn_recipes::dit::DitRecipe;
+use burn_video::dit_training::{BatchKind, Stage, batch_kind};
 use burn_video::flow::Rng;
 use common::{bin, recipe, train};
 
@@ -96,8 +97,8 @@ fn dpo_raises_the_implicit_reward_margin_of_its_own_pairs() {
     use burn::module::Module;
     use burn::tensor::{Device, Distribution, Tensor};
     use burn_parallel::prelude::{AdamWConfig, DistributedAdamW, Group};
-    use burn_recipes::dit::{dpo_margin, dpo_steps};
     use burn_video::dit::DitConfig;
+    use burn_video::dit_training::{dpo_margin, dpo_steps};
     use burn_video::synthetic::Label;
     use burn_video::text::Vocabulary;
 
@@ -143,8 +144,9 @@ fn dpo_raises_the_implicit_reward_margin_of_its_own_pairs() {
     let before = dpo_margin((&dit.valid(), &reference), &pairs, post.beta, inputs).expect("margin");
     assert!(before.abs() < 1e-9, "the policy is the reference: {before}");
     let mut rng = Rng::new(7);
+    let training = recipe.training_config();
     let (none, losses) = dpo_steps(
-        &recipe,
+        &training,
         &post,
         (dit.clone(), &mut opt, None),
         &reference,
@@ -157,7 +159,7 @@ fn dpo_raises_the_implicit_reward_margin_of_its_own_pairs() {
         dpo_margin((&none.valid(), &reference), &pairs, post.beta, inputs).expect("margin");
     assert!(unchanged.abs() < 1e-9, "{unchanged}");
     let (trained, losses) = dpo_steps(
-        &recipe,
+        &training,
         &post,
         (dit, &mut opt, None),
         &reference,
