@@ -104,6 +104,42 @@ pub struct Estimate {
     pub memory: MemoryBreakdown,
 }
 
+/// The sizes of a model on a layout, as the planner's formulas use them.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    h: f64,
+    heads: f64,
+    layers: f64,
+    e: f64,
+    k: f64,
+    v: f64,
+    kv: f64,
+    dh: f64,
+    fe: f64,
+    fs: f64,
+    fd: f64,
+    s: f64,
+    tp: f64,
+    cp: f64,
+    pp: f64,
+    ep: f64,
+    etp: f64,
+    vpp: f64,
+    g: f64,
+    mb: f64,
+    moe_layers: f64,
+    dense_layers: f64,
+    t: f64,
+    tg: f64,
+    rows: f64,
+    dense_params: f64,
+    expert_params: f64,
+    layers_stage: f64,
+    dp: usize,
+    edp: usize,
+    micro_batches: usize,
+}
+
 /// Everything that does not change with the layout.
 #[derive(Debug, Clone)]
 pub struct Problem {
@@ -203,12 +239,10 @@ impl Problem {
         Ok(())
     }
 
-    /// The estimate of one layout.
-    pub fn estimate(&self, l: &Layout) -> Result<Estimate> {
-        self.check(l)?;
+    /// The sizes of the model and of layout `l` the estimates use, as f64 (counts as usize).
+    fn sizes(&self, l: &Layout) -> Sizes {
         let m = &self.model;
         let c = &self.cluster;
-        let cal = &self.calibration;
         let f = |v: usize| v as f64;
         let (h, heads, layers, e, k, v) = (
             f(m.hidden),
@@ -226,9 +260,6 @@ impl Problem {
         let s = f(self.seq_len);
         let (tp, cp, pp, ep, etp, vpp) = (f(l.tp), f(l.cp), f(l.pp), f(l.ep), f(l.etp), f(l.vpp));
         let g = f(c.gpus);
-        let peak = c.peak_tflops * 1e12;
-        let nvlink = c.nvlink_gbytes_per_s * 1e9;
-        let ibw = c.ib_gbits_per_s / 8.0 * 1e9;
         let dp = c.gpus / (l.tp * l.cp * l.pp);
         let micro_batches = self.global_batch / (dp * l.micro_batch);
         let mb = f(micro_batches);
@@ -237,6 +268,86 @@ impl Problem {
             .count() as f64;
         let dense_layers = layers - moe_layers;
 
+        let t = f(l.micro_batch) * s; // tokens of one data-parallel replica's micro-batch
+        let tg = t / (tp * cp); // tokens per GPU after sequence parallelism
+        let rows = ep * etp * t * k / (tp * cp * e); // rows per local expert on one GPU
+        let (total, _) = parameter_count(m);
+        let expert_params = moe_layers * e * 3.0 * h * fe;
+        Sizes {
+            h,
+            heads,
+            layers,
+            e,
+            k,
+            v,
+            kv,
+            dh,
+            fe,
+            fs,
+            fd,
+            s,
+            tp,
+            cp,
+            pp,
+            ep,
+            etp,
+            vpp,
+            g,
+            mb,
+            moe_layers,
+            dense_layers,
+            t,
+            tg,
+            rows,
+            expert_params,
+            dense_params: total as f64 - expert_params,
+            layers_stage: layers / pp,
+            dp,
+            edp: c.gpus / (l.etp * l.ep * l.pp),
+            micro_batches,
+        }
+    }
+
+    /// Model FLOPs of a step, the step time and its breakdown for layout `l`.
+    fn time(&self, l: &Layout, z: &Sizes) -> (f64, f64, TimeBreakdown) {
+        let c = &self.cluster;
+        let cal = &self.calibration;
+        let f = |v: usize| v as f64;
+        let peak = c.peak_tflops * 1e12;
+        let nvlink = c.nvlink_gbytes_per_s * 1e9;
+        let ibw = c.ib_gbits_per_s / 8.0 * 1e9;
+        let Sizes {
+            h,
+            heads,
+            layers,
+            e,
+            k,
+            v,
+            kv,
+            dh,
+            fe,
+            fs,
+            fd,
+            s,
+            tp,
+            cp,
+            pp,
+            ep,
+            etp,
+            vpp,
+            mb,
+            moe_layers,
+            dense_layers,
+            t,
+            tg,
+            rows,
+            dense_params,
+            expert_params,
+            layers_stage,
+            dp,
+            edp,
+            ..
+        } = *z;
         // Model FLOPs (forward, per token), ×3 for training.
         let attn_tok =
             2.0 * h * (heads + 2.0 * kv) * dh + 2.0 * heads * dh * h + 2.0 * s * heads * dh;
@@ -248,13 +359,10 @@ impl Problem {
         let model_flops = 3.0 * flops_tok * f(self.global_batch) * s;
 
         // One GPU, one micro-batch, one layer (forward + backward).
-        let t = f(l.micro_batch) * s; // tokens of one data-parallel replica's micro-batch
-        let tg = t / (tp * cp); // tokens per GPU after sequence parallelism
         let eff = |d: f64| cal.gemm_efficiency * d / (d + 128.0);
         let attn_proj = 3.0 * (2.0 * tg * h * (heads + 2.0 * kv) * dh + 2.0 * tg * heads * dh * h)
             / (eff(h.min((heads + 2.0 * kv) * dh / tp).min(t / cp)) * peak);
         let attn_core = 3.0 * 2.0 * t * s * heads * dh / (tp * cp) / (eff(s.min(4.0 * dh)) * peak);
-        let rows = ep * etp * t * k / (tp * cp * e); // rows per local expert on one GPU
         let experts = 3.0 * (k * 6.0 * tg * h * fe + 6.0 * tg * h * fs)
             / (eff(rows.min(h).min(fe / etp)) * peak)
             + 3.0 * 2.0 * tg * h * e / (cal.gemm_efficiency * peak);
@@ -308,10 +416,6 @@ impl Problem {
         let micro = stage + pp_comm;
         let bubble = (pp - 1.0) / vpp * micro;
         // Distributed optimizer: reduce-scatter grads + all-gather params (bf16) per step.
-        let (total, _) = parameter_count(m);
-        let expert_params = moe_layers * e * 3.0 * h * fe;
-        let dense_params = total as f64 - expert_params;
-        let edp = c.gpus / (l.etp * l.ep * l.pp);
         let ring = |n: usize| (n as f64 - 1.0) / n as f64;
         let dp_comm = (2.0 * 2.0 * dense_params / (tp * pp) * ring(dp)
             + 2.0 * 2.0 * expert_params / (etp * ep * pp) * ring(edp))
@@ -319,7 +423,6 @@ impl Problem {
             * (1.0 - cal.overlap);
         let step_time = mb * micro + bubble + dp_comm;
         let scale = mb + (pp - 1.0) / vpp;
-        let layers_stage = layers / pp;
         let time = TimeBreakdown {
             compute_s: scale
                 * (rc
@@ -337,7 +440,41 @@ impl Problem {
             bubble_s: bubble,
         };
 
-        // Memory of the first stage.
+        (model_flops, step_time, time)
+    }
+
+    /// The memory of the first pipeline stage on one GPU for layout `l`.
+    fn memory(&self, l: &Layout, z: &Sizes) -> MemoryBreakdown {
+        let m = &self.model;
+        let c = &self.cluster;
+        let f = |v: usize| v as f64;
+        let Sizes {
+            h,
+            heads,
+            e,
+            v,
+            fe,
+            fs,
+            fd,
+            s,
+            tp,
+            cp,
+            pp,
+            ep,
+            etp,
+            moe_layers,
+            dense_layers,
+            t,
+            tg,
+            rows,
+            dense_params,
+            expert_params,
+            layers_stage,
+            dp,
+            edp,
+            micro_batches,
+            ..
+        } = *z;
         let elem = match self.precision {
             Precision::Bf16 => 2.0,
             Precision::F32 => 4.0,
@@ -399,6 +536,18 @@ impl Problem {
             activations: activations as u64,
             dispatcher: dispatcher as u64,
         };
+        memory
+    }
+
+    /// The estimate of one layout: step time (compute per layer with a GEMM efficiency that
+    /// falls for small dimensions, TP / EP / ETP / PP / DP communication, the pipeline
+    /// bubble) and memory of the first stage.
+    pub fn estimate(&self, l: &Layout) -> Result<Estimate> {
+        self.check(l)?;
+        let c = &self.cluster;
+        let z = self.sizes(l);
+        let (model_flops, step_time, time) = self.time(l, &z);
+        let memory = self.memory(l, &z);
         let bytes = memory.weights
             + memory.gradients
             + memory.optimizer
@@ -406,12 +555,12 @@ impl Problem {
             + memory.dispatcher;
         Ok(Estimate {
             layout: *l,
-            mfu: model_flops / (step_time * g * peak),
+            mfu: model_flops / (step_time * z.g * c.peak_tflops * 1e12),
             step_time_s: step_time,
             memory_per_gpu_bytes: bytes,
             fits: (bytes as f64) <= c.memory_gib * (1u64 << 30) as f64,
             model_flops_per_step: model_flops,
-            micro_batches,
+            micro_batches: z.micro_batches,
             time,
             memory,
         })

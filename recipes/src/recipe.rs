@@ -489,6 +489,16 @@ impl Recipe {
                 return Err(bad(key, "must be at least 1"));
             }
         }
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_training()?;
+        self.validate_parallel()?;
+        self.validate_router()
+    }
+
+    /// The `[model]` keys' own ranges and their agreement with each other.
+    fn validate_model(&self) -> Result<()> {
+        let m = &self.model;
         if !m.hidden.is_multiple_of(m.heads) {
             return Err(bad(
                 "model.heads",
@@ -549,6 +559,12 @@ impl Recipe {
         if !(m.init_std.is_finite() && m.init_std > 0.0) {
             return Err(bad("model.init_std", "must be a positive number"));
         }
+        Ok(())
+    }
+
+    /// The `[data]` source and its keys.
+    fn validate_data(&self) -> Result<()> {
+        let m = &self.model;
         match self.data.source {
             Source::Markov => {
                 if self.data.branching == 0 || self.data.branching > m.vocab {
@@ -576,6 +592,11 @@ impl Recipe {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The `[training]` optimizer, schedule and batch keys.
+    fn validate_training(&self) -> Result<()> {
         let t = &self.training;
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(bad("training.lr", "must be a positive number"));
@@ -611,6 +632,13 @@ impl Recipe {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The `[parallel]` layout against the model and the sequence: every split divides.
+    fn validate_parallel(&self) -> Result<()> {
+        let m = &self.model;
+        let kv = m.kv_heads.unwrap_or(m.heads);
         let p = &self.parallel;
         if !m.heads.is_multiple_of(p.tp) || !kv.is_multiple_of(p.tp) {
             return Err(bad(
@@ -659,6 +687,35 @@ impl Recipe {
             return Err(bad("parallel.virtual_pp", "must be at least 1"));
         }
         self.layer_split()?;
+        let seq = self.data.seq_len;
+        if p.cp > 1 && (!seq.is_multiple_of(2 * p.cp) || !(seq / p.cp).is_multiple_of(p.tp)) {
+            return Err(bad(
+                "data.seq_len",
+                format!(
+                    "context parallelism splits the sequence into 2 × cp = {} equal chunks and \
+                     each rank's {} tokens over tp = {}; {seq} does not allow it",
+                    2 * p.cp,
+                    seq / p.cp,
+                    p.tp
+                ),
+            ));
+        }
+        if p.microbatches == Some(0) {
+            return Err(bad("parallel.microbatches", "must be at least 1"));
+        }
+        if let Some(g) = p.gpus {
+            self.check_world(g).map_err(|e| match e {
+                RecipeError::Invalid { reason, .. } => bad("parallel.gpus", reason),
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The `[model.router]` table (each key given once, flat or in the table) and the MoE
+    /// layer's own checks, named by their recipe key.
+    fn validate_router(&self) -> Result<()> {
+        let m = &self.model;
         if let Some(r) = &self.model.router {
             for (key, flat, table) in [
                 (
@@ -695,28 +752,6 @@ impl Recipe {
             .lm_config()
             .validate()
             .map_err(|e| self.model.key_of(e))?;
-        let seq = self.data.seq_len;
-        if p.cp > 1 && (!seq.is_multiple_of(2 * p.cp) || !(seq / p.cp).is_multiple_of(p.tp)) {
-            return Err(bad(
-                "data.seq_len",
-                format!(
-                    "context parallelism splits the sequence into 2 × cp = {} equal chunks and \
-                     each rank's {} tokens over tp = {}; {seq} does not allow it",
-                    2 * p.cp,
-                    seq / p.cp,
-                    p.tp
-                ),
-            ));
-        }
-        if p.microbatches == Some(0) {
-            return Err(bad("parallel.microbatches", "must be at least 1"));
-        }
-        if let Some(g) = p.gpus {
-            self.check_world(g).map_err(|e| match e {
-                RecipeError::Invalid { reason, .. } => bad("parallel.gpus", reason),
-                other => other,
-            })?;
-        }
         Ok(())
     }
 
