@@ -464,118 +464,18 @@ impl DistributedAdamW {
         if let Some(e) = collect.error {
             return Err(e);
         }
-        let roles: HashMap<ParamId, ParamRole> = roles.iter().copied().collect();
-        // A parameter without a role would be reduced and counted in the norm as a guess:
-        // refuse, naming it (module order and size), before any collective runs.
-        if let Some((index, (id, value, _))) = collect
-            .params
-            .iter()
-            .enumerate()
-            .find(|(_, (id, _, _))| !roles.contains_key(id))
-        {
-            return Err(ParallelError::InvalidArgument {
-                name: "roles",
-                reason: format!(
-                    "trained parameter #{index} ({id}, {} values) has no role; list every \
-                     parameter (`ParallelParams::param_roles`, or `replicated_roles` for a \
-                     model without tensor parallelism)",
-                    value.len()
-                ),
-            });
-        }
-        let role_of = |id: &ParamId| roles[id];
-        let has_expert_group = self.expert.is_some();
-        let (tp, data_shards) = (self.tp.clone(), self.data_shards as f32);
-        // Per class: reduce, shard and count towards the norm.
+        let roles = role_map(&collect.params, roles)?;
+        // Per class (dense, then expert when there is an expert group): reduce, shard and
+        // count towards the norm.
         let mut classes = Vec::new();
         let mut sq = 0f64;
         for is_expert in [false, true] {
-            let shard = if is_expert {
-                match self.expert.as_mut() {
-                    Some(s) => s,
-                    None => continue,
-                }
-            } else {
-                &mut self.dense
-            };
-            let members: Vec<(usize, ParamRole)> = collect
-                .params
-                .iter()
-                .enumerate()
-                .map(|(i, (id, _, _))| (i, role_of(id)))
-                .filter(|(_, r)| {
-                    has_expert_group && r.expert == is_expert || !has_expert_group && !is_expert
-                })
-                .collect();
-            let layout = layout_for(shard, &collect.params, &members)?;
-            let mut flat_grads = vec![0f32; layout.padded];
-            let mut flat_params = vec![0f32; layout.padded];
-            for e in &layout.entries {
-                let (_, value, grad) = &collect.params[e.index];
-                flat_params[e.offset..e.offset + e.numel].copy_from_slice(value);
-                if let Some(g) = grad {
-                    flat_grads[e.offset..e.offset + e.numel].copy_from_slice(g);
-                }
+            if is_expert && self.expert.is_none() {
+                continue;
             }
-            // 1. Partial gradients of sequence-parallel parameters: sum over TP.
-            if tp.size() > 1 {
-                let sp: Vec<&Entry> = layout
-                    .entries
-                    .iter()
-                    .filter(|e| e.role.sequence_parallel_grad)
-                    .collect();
-                if !sp.is_empty() {
-                    let mut packed: Vec<f32> = sp
-                        .iter()
-                        .flat_map(|e| flat_grads[e.offset..e.offset + e.numel].to_vec())
-                        .collect();
-                    tp.communicator()?.all_reduce(&mut packed, ReduceOp::Sum)?;
-                    let mut at = 0;
-                    for e in sp {
-                        flat_grads[e.offset..e.offset + e.numel]
-                            .copy_from_slice(&packed[at..at + e.numel]);
-                        at += e.numel;
-                    }
-                }
-            }
-            // 2. Sum over the class's data-parallel group, divided by the number of data
-            //    shards (the mean over DP for dense parameters), scattered: this rank's shard.
-            let mut grad_shard = shard
-                .group
-                .communicator()?
-                .reduce_scatter(&flat_grads, ReduceOp::Sum)?;
-            grad_shard.iter_mut().for_each(|g| *g /= data_shards);
-            let (start, len) = (layout.shard_start, layout.shard_len);
-            if shard.master.is_empty() {
-                shard.master = flat_params[start..start + len].to_vec();
-                shard.m = vec![0.0; len];
-                shard.v = vec![0.0; len];
-            } else if shard.master.len() != len {
-                return Err(ParallelError::InvalidArgument {
-                    name: "state",
-                    reason: format!(
-                        "the loaded shard has {} values, this layout {len}",
-                        shard.master.len()
-                    ),
-                });
-            }
-            // 3. Norm contributions, TP-replicated parameters counted once.
-            let mut decay = vec![0f32; len];
-            for e in &layout.entries {
-                let (lo, hi) = (e.offset.max(start), (e.offset + e.numel).min(start + len));
-                if lo >= hi {
-                    continue;
-                }
-                let once = (e.role.tp_split || tp.rank() == 0) && !e.role.tied_copy;
-                if once {
-                    sq += grad_shard[lo - start..hi - start]
-                        .iter()
-                        .map(|g| f64::from(*g) * f64::from(*g))
-                        .sum::<f64>();
-                }
-                decay[lo - start..hi - start].fill(if e.role.weight_decay { 1.0 } else { 0.0 });
-            }
-            classes.push((is_expert, layout, grad_shard, decay));
+            let (class, class_sq) = self.reduce_class(is_expert, &collect.params, &roles)?;
+            sq += class_sq;
+            classes.push((is_expert, class));
         }
         let mut sq = [sq as f32];
         self.norm_group
@@ -588,32 +488,13 @@ impl DistributedAdamW {
         };
         // 4. AdamW on each shard; 5. every rank gets every shard back.
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         let mut values = HashMap::new();
-        for (is_expert, layout, grad_shard, decay) in classes {
-            let shard = if is_expert {
-                self.expert.as_mut().ok_or(ParallelError::InvalidArgument {
-                    name: "expert",
-                    reason: "no expert group".into(),
-                })?
-            } else {
-                &mut self.dense
-            };
-            for i in 0..layout.shard_len {
-                let g = f64::from(grad_shard[i]) * coef.unwrap_or(1.0);
-                let mut p = f64::from(shard.master[i]);
-                p -= c.lr * c.weight_decay * f64::from(decay[i]) * p;
-                let m = c.beta1 * f64::from(shard.m[i]) + (1.0 - c.beta1) * g;
-                let v = c.beta2 * f64::from(shard.v[i]) + (1.0 - c.beta2) * g * g;
-                p -= c.lr / bc1 * m / ((v / bc2).sqrt() + c.eps);
-                shard.m[i] = m as f32;
-                shard.v[i] = v as f32;
-                shard.master[i] = p as f32;
-            }
+        for (is_expert, class) in classes {
+            let (config, step) = (self.config, self.step);
+            let shard = self.shard_mut(is_expert)?;
+            adamw(config, step, shard, &class, coef.unwrap_or(1.0));
             let updated = shard.group.communicator()?.all_gather(&shard.master)?;
-            for e in &layout.entries {
+            for e in &class.layout.entries {
                 values.insert(e.id, updated[e.offset..e.offset + e.numel].to_vec());
             }
         }
@@ -625,6 +506,170 @@ impl DistributedAdamW {
                 clipped: coef.is_some(),
             },
         ))
+    }
+
+    fn shard_mut(&mut self, is_expert: bool) -> Result<&mut Shard> {
+        if is_expert {
+            self.expert.as_mut().ok_or(ParallelError::InvalidArgument {
+                name: "expert",
+                reason: "no expert group".into(),
+            })
+        } else {
+            Ok(&mut self.dense)
+        }
+    }
+
+    /// Steps 1–3 for the dense or the expert class of `params`: partial gradients of
+    /// sequence-parallel parameters summed over TP, the sum over the class's data-parallel
+    /// group divided by the data shards and scattered (this rank's shard; the shard's master
+    /// weights start from the parameters), and the class's contribution to the squared
+    /// gradient norm (TP-replicated parameters counted once).
+    fn reduce_class(
+        &mut self,
+        is_expert: bool,
+        params: &[Flat],
+        roles: &HashMap<ParamId, ParamRole>,
+    ) -> Result<(ClassShard, f64)> {
+        let has_expert_group = self.expert.is_some();
+        let (tp, data_shards) = (self.tp.clone(), self.data_shards as f32);
+        let shard = self.shard_mut(is_expert)?;
+        let members: Vec<(usize, ParamRole)> = params
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _, _))| (i, roles[id]))
+            .filter(|(_, r)| {
+                has_expert_group && r.expert == is_expert || !has_expert_group && !is_expert
+            })
+            .collect();
+        let layout = layout_for(shard, params, &members)?;
+        let mut flat_grads = vec![0f32; layout.padded];
+        let mut flat_params = vec![0f32; layout.padded];
+        for e in &layout.entries {
+            let (_, value, grad) = &params[e.index];
+            flat_params[e.offset..e.offset + e.numel].copy_from_slice(value);
+            if let Some(g) = grad {
+                flat_grads[e.offset..e.offset + e.numel].copy_from_slice(g);
+            }
+        }
+        // 1. Partial gradients of sequence-parallel parameters: sum over TP.
+        if tp.size() > 1 {
+            let sp: Vec<&Entry> = layout
+                .entries
+                .iter()
+                .filter(|e| e.role.sequence_parallel_grad)
+                .collect();
+            if !sp.is_empty() {
+                let mut packed: Vec<f32> = sp
+                    .iter()
+                    .flat_map(|e| flat_grads[e.offset..e.offset + e.numel].to_vec())
+                    .collect();
+                tp.communicator()?.all_reduce(&mut packed, ReduceOp::Sum)?;
+                let mut at = 0;
+                for e in sp {
+                    flat_grads[e.offset..e.offset + e.numel]
+                        .copy_from_slice(&packed[at..at + e.numel]);
+                    at += e.numel;
+                }
+            }
+        }
+        // 2. Sum over the class's data-parallel group, divided by the number of data shards
+        //    (the mean over DP for dense parameters), scattered: this rank's shard.
+        let mut grads = shard
+            .group
+            .communicator()?
+            .reduce_scatter(&flat_grads, ReduceOp::Sum)?;
+        grads.iter_mut().for_each(|g| *g /= data_shards);
+        let (start, len) = (layout.shard_start, layout.shard_len);
+        if shard.master.is_empty() {
+            shard.master = flat_params[start..start + len].to_vec();
+            shard.m = vec![0.0; len];
+            shard.v = vec![0.0; len];
+        } else if shard.master.len() != len {
+            return Err(ParallelError::InvalidArgument {
+                name: "state",
+                reason: format!(
+                    "the loaded shard has {} values, this layout {len}",
+                    shard.master.len()
+                ),
+            });
+        }
+        // 3. Norm contributions, TP-replicated parameters counted once.
+        let mut sq = 0f64;
+        let mut decay = vec![0f32; len];
+        for e in &layout.entries {
+            let (lo, hi) = (e.offset.max(start), (e.offset + e.numel).min(start + len));
+            if lo >= hi {
+                continue;
+            }
+            let once = (e.role.tp_split || tp.rank() == 0) && !e.role.tied_copy;
+            if once {
+                sq += grads[lo - start..hi - start]
+                    .iter()
+                    .map(|g| f64::from(*g) * f64::from(*g))
+                    .sum::<f64>();
+            }
+            decay[lo - start..hi - start].fill(if e.role.weight_decay { 1.0 } else { 0.0 });
+        }
+        Ok((
+            ClassShard {
+                layout,
+                grads,
+                decay,
+            },
+            sq,
+        ))
+    }
+}
+
+/// A class's reduced gradients on this rank: its layout, its shard of the gradients and
+/// which of the shard's values take weight decay.
+struct ClassShard {
+    layout: Layout,
+    grads: Vec<f32>,
+    decay: Vec<f32>,
+}
+
+/// Every trained parameter's role, or an error naming the first parameter without one (a
+/// parameter without a role would be reduced and counted in the norm as a guess), before any
+/// collective runs.
+fn role_map(
+    params: &[Flat],
+    roles: &[(ParamId, ParamRole)],
+) -> Result<HashMap<ParamId, ParamRole>> {
+    let roles: HashMap<ParamId, ParamRole> = roles.iter().copied().collect();
+    if let Some((index, (id, value, _))) = params
+        .iter()
+        .enumerate()
+        .find(|(_, (id, _, _))| !roles.contains_key(id))
+    {
+        return Err(ParallelError::InvalidArgument {
+            name: "roles",
+            reason: format!(
+                "trained parameter #{index} ({id}, {} values) has no role; list every \
+                 parameter (`ParallelParams::param_roles`, or `replicated_roles` for a model \
+                 without tensor parallelism)",
+                value.len()
+            ),
+        });
+    }
+    Ok(roles)
+}
+
+/// AdamW step `step` (1-based, for the bias corrections) on a shard's master weights and
+/// moments, in f64, with the gradients scaled by the clipping coefficient `clip`.
+fn adamw(c: AdamWConfig, step: u64, shard: &mut Shard, class: &ClassShard, clip: f64) {
+    let t = step as i32;
+    let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+    for i in 0..class.layout.shard_len {
+        let g = f64::from(class.grads[i]) * clip;
+        let mut p = f64::from(shard.master[i]);
+        p -= c.lr * c.weight_decay * f64::from(class.decay[i]) * p;
+        let m = c.beta1 * f64::from(shard.m[i]) + (1.0 - c.beta1) * g;
+        let v = c.beta2 * f64::from(shard.v[i]) + (1.0 - c.beta2) * g * g;
+        p -= c.lr / bc1 * m / ((v / bc2).sqrt() + c.eps);
+        shard.m[i] = m as f32;
+        shard.v[i] = v as f32;
+        shard.master[i] = p as f32;
     }
 }
 
