@@ -137,6 +137,15 @@ impl RouterConfig {
     }
 }
 
+/// The load-balancing losses of a step and the global loss's accumulated counts.
+#[derive(Default)]
+struct AuxLosses {
+    aux: Option<Tensor<1>>,
+    seq_aux: Option<Tensor<1>>,
+    global_aux: Option<Tensor<1>>,
+    global_state: Option<GlobalAuxState>,
+}
+
 impl Router {
     /// Builds a router from a given gate weight `[E, H]`.
     pub fn from_weight(config: RouterConfig, weight: Tensor<2>) -> Result<Self> {
@@ -311,77 +320,11 @@ impl Router {
             None => (probs, map),
         };
 
-        let mut out_global_state = None;
-        let (mut aux_loss, mut seq_aux_loss, mut global_aux_loss) = (None, None, None);
-        let any_aux = cfg.aux_loss_coeff > 0.0
-            || cfg.seq_aux_loss_coeff > 0.0
-            || cfg.global_aux_loss_coeff > 0.0;
-        if training && any_aux {
-            let scores = losses::aux_scores(logits.clone(), cfg.score_function);
-            let aux_map =
-                select::mask_from_indices(select::topk_indices(scores.clone(), cfg.topk, None), e);
-            let local_counts: Tensor<1> = aux_map.clone().sum_dim(0).reshape([e]);
-            if cfg.aux_loss_coeff > 0.0 {
-                let counts = reduce.sum_tp_cp(local_counts.clone())?;
-                let total = (t * reduce.tp_cp_size()) as f64;
-                aux_loss = Some(losses::switch_loss(
-                    scores.clone(),
-                    counts,
-                    total,
-                    cfg.topk,
-                    e,
-                    cfg.aux_loss_coeff,
-                ));
-            }
-            if cfg.seq_aux_loss_coeff > 0.0 {
-                let seq_scores = scores.clone().reshape([seq_len, batch * e]);
-                let seq_counts: Tensor<1> = aux_map
-                    .clone()
-                    .reshape([seq_len, batch * e])
-                    .sum_dim(0)
-                    .reshape([batch * e]);
-                let counts = reduce.sum_tp_cp(seq_counts)?;
-                let total = (seq_len * reduce.tp_cp_size()) as f64;
-                seq_aux_loss = Some(
-                    losses::switch_loss(
-                        seq_scores,
-                        counts,
-                        total,
-                        cfg.topk,
-                        e,
-                        cfg.seq_aux_loss_coeff,
-                    )
-                    .div_scalar(batch as f64),
-                );
-            }
-            if cfg.global_aux_loss_coeff > 0.0 {
-                let counts = reduce.sum_tp_dp_cp(local_counts)?;
-                let state = match options.global_aux {
-                    Some(prev) => GlobalAuxState {
-                        tokens_per_expert: prev.tokens_per_expert + counts,
-                        steps: prev.steps + 1,
-                    },
-                    None => GlobalAuxState {
-                        tokens_per_expert: counts,
-                        steps: 1,
-                    },
-                };
-                let averaged = state
-                    .tokens_per_expert
-                    .clone()
-                    .div_scalar(state.steps as f64);
-                let total = (t * reduce.tp_dp_cp_size()) as f64;
-                global_aux_loss = Some(losses::switch_loss(
-                    scores,
-                    averaged,
-                    total,
-                    cfg.topk,
-                    e,
-                    cfg.global_aux_loss_coeff,
-                ));
-                out_global_state = Some(state);
-            }
-        }
+        let aux = if training {
+            self.aux_losses(logits.clone(), (seq_len, batch), options.global_aux)?
+        } else {
+            AuxLosses::default()
+        };
 
         let tokens_per_expert: Tensor<1, Int> = map.clone().sum_dim(0).reshape([e]).int();
         Ok(RouterOutput {
@@ -390,12 +333,99 @@ impl Router {
             routing_map: map.equal_elem(1.0),
             tokens_per_expert,
             capacity,
-            aux_loss,
-            seq_aux_loss,
-            global_aux_loss,
+            aux_loss: aux.aux,
+            seq_aux_loss: aux.seq_aux,
+            global_aux_loss: aux.global_aux,
             z_loss,
-            global_aux_state: out_global_state,
+            global_aux_state: aux.global_state,
         })
+    }
+
+    /// The load-balancing losses of a training step from logits `[T, E]`: the micro-batch
+    /// (switch) loss over TP × CP, the per-sequence loss, and the global-batch loss over
+    /// TP × DP × CP with its counts accumulated from `global_aux` (the previous micro-batches
+    /// of the global batch).
+    fn aux_losses(
+        &self,
+        logits: Tensor<2>,
+        (seq_len, batch): (usize, usize),
+        global_aux: Option<GlobalAuxState>,
+    ) -> Result<AuxLosses> {
+        let cfg = &self.config;
+        let reduce = &self.reduce;
+        let [t, e] = logits.dims();
+        let mut out = AuxLosses::default();
+        let any_aux = cfg.aux_loss_coeff > 0.0
+            || cfg.seq_aux_loss_coeff > 0.0
+            || cfg.global_aux_loss_coeff > 0.0;
+        if !any_aux {
+            return Ok(out);
+        }
+        let scores = losses::aux_scores(logits.clone(), cfg.score_function);
+        let aux_map =
+            select::mask_from_indices(select::topk_indices(scores.clone(), cfg.topk, None), e);
+        let local_counts: Tensor<1> = aux_map.clone().sum_dim(0).reshape([e]);
+        if cfg.aux_loss_coeff > 0.0 {
+            let counts = reduce.sum_tp_cp(local_counts.clone())?;
+            let total = (t * reduce.tp_cp_size()) as f64;
+            out.aux = Some(losses::switch_loss(
+                scores.clone(),
+                counts,
+                total,
+                cfg.topk,
+                e,
+                cfg.aux_loss_coeff,
+            ));
+        }
+        if cfg.seq_aux_loss_coeff > 0.0 {
+            let seq_scores = scores.clone().reshape([seq_len, batch * e]);
+            let seq_counts: Tensor<1> = aux_map
+                .clone()
+                .reshape([seq_len, batch * e])
+                .sum_dim(0)
+                .reshape([batch * e]);
+            let counts = reduce.sum_tp_cp(seq_counts)?;
+            let total = (seq_len * reduce.tp_cp_size()) as f64;
+            out.seq_aux = Some(
+                losses::switch_loss(
+                    seq_scores,
+                    counts,
+                    total,
+                    cfg.topk,
+                    e,
+                    cfg.seq_aux_loss_coeff,
+                )
+                .div_scalar(batch as f64),
+            );
+        }
+        if cfg.global_aux_loss_coeff > 0.0 {
+            let counts = reduce.sum_tp_dp_cp(local_counts)?;
+            let state = match global_aux {
+                Some(prev) => GlobalAuxState {
+                    tokens_per_expert: prev.tokens_per_expert + counts,
+                    steps: prev.steps + 1,
+                },
+                None => GlobalAuxState {
+                    tokens_per_expert: counts,
+                    steps: 1,
+                },
+            };
+            let averaged = state
+                .tokens_per_expert
+                .clone()
+                .div_scalar(state.steps as f64);
+            let total = (t * reduce.tp_dp_cp_size()) as f64;
+            out.global_aux = Some(losses::switch_loss(
+                scores,
+                averaged,
+                total,
+                cfg.topk,
+                e,
+                cfg.global_aux_loss_coeff,
+            ));
+            out.global_state = Some(state);
+        }
+        Ok(out)
     }
 
     /// Dense probabilities `[T, E]` (with gradient) and the 0/1 routing map before dropping.
