@@ -439,7 +439,9 @@ pub struct DitTrainer {
 
 impl DitTrainer {
     /// A new DiT of `dit_config` on `device` (with autodiff) for captions of `vocab`; seeds
-    /// the device's generator with `config.seed`.
+    /// the device's generator with `config.seed`, so a run repeats bit for bit (Burn's
+    /// generator belongs to the process: other threads drawing random tensors meanwhile take
+    /// draws of this run).
     pub fn new(
         dit_config: DitConfig,
         config: DitTrainingConfig,

@@ -34,7 +34,7 @@
 //! assert_eq!(report.clips, 2);
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
@@ -253,6 +253,54 @@ impl VaeTrainer {
             lr,
             seconds: began.elapsed().as_secs_f64(),
         })
+    }
+
+    /// A trainer of a new VAE of `vae_config` on `device` (an autodiff one): the device's
+    /// generator is seeded with `config.seed` first, so the initialisation and the
+    /// posterior's noise — and with the seeded crop draws, the whole run — repeat bit for bit
+    /// (Burn's generator belongs to the process: other threads drawing random tensors
+    /// meanwhile take draws of this run).
+    pub fn seeded(
+        vae_config: &VaeConfig,
+        config: &VaeTrainingConfig,
+        clips: Vec<Clip>,
+        device: &Device,
+    ) -> Result<Self> {
+        device.seed(config.seed);
+        let vae = vae_config.init(device)?;
+        Self::new(vae, vae_config, config, clips, device)
+    }
+
+    /// Runs the steps left of the run's `steps`, handing each step's measurements to
+    /// `on_step` (metrics, progress); returns them.
+    pub fn fit(&mut self, mut on_step: impl FnMut(&VaeStep) -> Result<()>) -> Result<Vec<VaeStep>> {
+        let mut done = Vec::new();
+        while self.next < self.config.steps {
+            let step = self.step()?;
+            on_step(&step)?;
+            done.push(step);
+        }
+        Ok(done)
+    }
+
+    /// Writes the VAE and the optimizer state as a checkpoint of `run_dir` after the steps
+    /// taken (one rank); returns its folder.
+    pub fn save(&self, run_dir: &Path) -> Result<PathBuf> {
+        let meta = burn_parallel::checkpoint::TrainingMeta {
+            step: self.next,
+            world: 1,
+            next_sequence: 0,
+            seed: self.config.seed,
+        };
+        let comm = burn_parallel::comm::SingleRank::new();
+        Ok(burn_parallel::checkpoint::save(
+            run_dir,
+            &meta,
+            &self.vae,
+            &self.opt.state(),
+            &comm,
+            1,
+        )?)
     }
 
     /// Steps taken.

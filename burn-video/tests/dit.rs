@@ -11,6 +11,14 @@ use burn_video::dit::{DitConfig, MoeFfn, apply_rope, rope_tables};
 use burn_video::flow::{self, Rng};
 use burn_video::text::Vocabulary;
 
+/// Burn's random generator belongs to the process: the tests draw from it one at a time, so a
+/// seeded run sees only its own draws.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn tiny() -> DitConfig {
     DitConfig {
         latent: 4,
@@ -48,6 +56,7 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 #[test]
 fn rope_scores_depend_on_relative_positions_only() {
+    let _serial = serial();
     let d = Device::flex();
     let head_dim = 24;
     let (grid_t, grid_h, grid_w) = (5, 5, 5);
@@ -109,6 +118,7 @@ fn batch(d: &Device) -> (Tensor<5>, Tensor<5>, Tensor<1>, burn_video::dit::Condi
 
 #[test]
 fn a_fresh_dit_is_the_identity_in_every_block_and_predicts_zero() {
+    let _serial = serial();
     let d = Device::flex();
     let dit = tiny().init(&d).expect("dit");
     let (x0, eps, t, cond) = batch(&d);
@@ -131,11 +141,13 @@ fn a_fresh_dit_is_the_identity_in_every_block_and_predicts_zero() {
 
 #[test]
 fn a_small_dit_overfits_one_batch() {
+    let _serial = serial();
     overfit(&tiny());
 }
 
 #[test]
 fn a_pooled_text_dit_starts_at_zero_and_overfits_one_batch() {
+    let _serial = serial();
     let pooled = DitConfig {
         pooled_text: true,
         ..tiny()
@@ -154,6 +166,7 @@ fn a_pooled_text_dit_starts_at_zero_and_overfits_one_batch() {
 
 #[test]
 fn a_small_moe_dit_overfits_one_batch_and_reports_its_aux_loss() {
+    let _serial = serial();
     let d = Device::flex();
     let dit = tiny_moe().init(&d).expect("moe dit");
     let (x0, eps, t, cond) = batch(&d);
@@ -218,6 +231,7 @@ fn overfit(cfg: &DitConfig) {
 
 #[test]
 fn euler_carries_noise_to_a_gaussian_along_its_analytic_velocity() {
+    let _serial = serial();
     // x0 ~ N(mu, s0²), eps ~ N(0, 1), x_t = (1 − t) x0 + t eps: E[eps − x0 | x_t = x] is
     // linear in x. Integrating it from t = 1 must give N(mu, s0²).
     let (mu, s0) = (2.0f64, 0.5f64);
@@ -256,6 +270,7 @@ fn euler_carries_noise_to_a_gaussian_along_its_analytic_velocity() {
 
 #[test]
 fn timesteps_shift_toward_noise_and_captions_encode() {
+    let _serial = serial();
     assert!((flow::shift(0.5, 3.0) - 0.75).abs() < 1e-12);
     assert_eq!(flow::shift(0.0, 5.0), 0.0);
     assert!((flow::shift(1.0, 5.0) - 1.0).abs() < 1e-12);
@@ -288,6 +303,7 @@ fn timesteps_shift_toward_noise_and_captions_encode() {
 
 #[test]
 fn bad_dit_configs_name_the_field() {
+    let _serial = serial();
     for (cfg, field) in [
         (DitConfig { heads: 3, ..tiny() }, "heads"),
         (DitConfig { depth: 0, ..tiny() }, "depth"),
@@ -319,6 +335,7 @@ fn bad_dit_configs_name_the_field() {
 
 #[test]
 fn the_dpo_loss_is_log_2_at_the_reference_and_rewards_fitting_the_preferred_sample() {
+    let _serial = serial();
     let d = Device::flex();
     let t = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), &d);
     let same = flow::dpo_loss(
@@ -355,6 +372,7 @@ fn the_dpo_loss_is_log_2_at_the_reference_and_rewards_fitting_the_preferred_samp
 /// same seed are the same run (losses and saved weights), another seed another run.
 #[test]
 fn the_curriculum_trainer_runs_its_stages_in_order_and_a_seed_reproduces_a_run() {
+    let _serial = serial();
     use burn_video::dit_training::{
         DitEvent, DitTrainer, DitTrainingConfig, FlowConfig, LatentClip, Stage,
     };

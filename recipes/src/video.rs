@@ -15,7 +15,7 @@ pub use burn_video::vae_training::{Refine, VaeEval, evaluate};
 use burn_video::vae_training::{VaeTrainer, VaeTrainingConfig, latent_statistics};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, Meta};
+use crate::checkpoint;
 use crate::error::{RecipeError, Result};
 use crate::recipe::{RunConfig, bad, load_file};
 use crate::rundir::{refuse_existing, start};
@@ -222,40 +222,23 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let (train, held) = split_clips(&recipe.data.clips, recipe.data.holdout_every)?;
     let (t, cfg) = (&recipe.training, &recipe.vae);
     let device = Device::flex().autodiff();
-    // The initialisation and the posterior's noise come from the device's generator: seeded,
-    // a run is reproducible.
-    device.seed(recipe.run.seed);
-    let vae = cfg.init(&device).map_err(|e| bad("vae", e.to_string()))?;
-    let mut trainer = VaeTrainer::new(vae, cfg, &recipe.training_config(), train, &device)
-        .map_err(training_key)?;
+    let mut trainer =
+        VaeTrainer::seeded(cfg, &recipe.training_config(), train, &device).map_err(training_key)?;
     let linear_explained = trainer
         .fit_linear()
         .map_err(|e| bad("vae.linear", e.to_string()))?;
     let mut metrics = start(run, recipe)?;
-    let (mut losses, mut seconds) = (Vec::new(), 0.0);
-    for _ in 0..t.steps {
-        let step = trainer.step().map_err(training_key)?;
-        seconds = step.seconds;
-        losses.push(step.loss);
-        if step.step.is_multiple_of(t.log_every) {
-            metrics.write(&step)?;
-        }
-    }
-    let meta = Meta {
-        step: t.steps,
-        world: 1,
-        next_sequence: 0,
-        seed: recipe.run.seed,
-    };
-    let comm = burn_parallel::comm::SingleRank::new();
-    checkpoint::save(
-        run,
-        &meta,
-        trainer.vae(),
-        &trainer.optimizer_state(),
-        &comm,
-        1,
-    )?;
+    let steps = trainer
+        .fit(|step| {
+            if step.step.is_multiple_of(t.log_every) {
+                metrics.write(step)?;
+            }
+            Ok(())
+        })
+        .map_err(training_key)?;
+    trainer.save(run).map_err(video)?;
+    let losses: Vec<f64> = steps.iter().map(|s| s.loss).collect();
+    let seconds = steps.last().map_or(0.0, |s| s.seconds);
     let (latent_mean, latent_std) = latent_statistics(trainer.vae(), cfg, trainer.clips(), &device)
         .map_err(|e| bad("vae", e.to_string()))?;
     let vae = trainer.into_vae();

@@ -310,6 +310,10 @@ impl TokenDispatcher for AllToAllDispatcher {
         self.groups.local_experts(num_experts)
     }
 
+    /// Megatron's `token_permutation`, step for step in one function (permute, the counts,
+    /// the all-to-all-v over EP with each row's probability and a carrier row, the
+    /// all-gather-v over ETP, the chunk sort by local expert): the steps share the counts
+    /// and split sizes, which reads best in the order the collectives run.
     fn dispatch(
         &self,
         hidden: Tensor<2>,
