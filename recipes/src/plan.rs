@@ -529,14 +529,13 @@ impl Problem {
                 scale * rows_gpu * (2.0 * h * 2.0 + 3.0 * fe / etp * 2.0) * moe_stage * in_flight,
             )
         };
-        let memory = MemoryBreakdown {
+        MemoryBreakdown {
             weights: weights as u64,
             gradients: gradients as u64,
             optimizer: optimizer as u64,
             activations: activations as u64,
             dispatcher: dispatcher as u64,
-        };
-        memory
+        }
     }
 
     /// The estimate of one layout: step time (compute per layer with a GEMM efficiency that
