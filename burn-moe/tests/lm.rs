@@ -249,3 +249,34 @@ fn fit_stopped_on_request_resumes_to_the_uninterrupted_run_bit_for_bit() {
         .expect_err("refused");
     assert!(err.to_string().contains("stop_at"), "{err}");
 }
+
+/// The presets against their published sizes: Mixtral 8x22B "141B parameters, 39B active"
+/// (Mistral AI), Qwen2-57B-A14B 57 B total and 14 B activated (Qwen2 technical report), and
+/// Llama-3-8×70B with one expert is Llama-3-70B (70.6 B).
+#[test]
+fn presets_have_their_published_sizes() {
+    let near = |got: u64, want: f64, tol: f64| (got as f64 / want - 1.0).abs() < tol;
+    let (total, active) = MoeLmConfig::mixtral_8x22b().parameter_count();
+    assert!(
+        near(total, 141e9, 0.01) && near(active, 39e9, 0.01),
+        "{total} {active}"
+    );
+    let (total, active) = MoeLmConfig::qwen2_57b_a14b().parameter_count();
+    assert!(
+        near(total, 57e9, 0.02) && near(active, 14e9, 0.02),
+        "{total} {active}"
+    );
+    let mut dense = MoeLmConfig::llama3_8x70b();
+    if let Some(moe) = dense.moe.as_mut() {
+        *moe = MoeLayerConfig::swiglu(8192, 28672, 1, 1);
+    }
+    let (total, _) = dense.parameter_count();
+    assert!(near(total, 70.6e9, 0.005), "{total}");
+    for preset in [
+        MoeLmConfig::mixtral_8x22b(),
+        MoeLmConfig::qwen2_57b_a14b(),
+        MoeLmConfig::llama3_8x70b(),
+    ] {
+        preset.validate().expect("a valid preset");
+    }
+}

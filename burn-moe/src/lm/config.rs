@@ -3,6 +3,7 @@
 use burn::config::Config;
 
 use crate::error::{Result, invalid};
+use crate::experts::SharedExpertsConfig;
 use crate::layer::MoeLayerConfig;
 
 /// A decoder-only MoE transformer LM: embedding, pre-norm blocks of RMSNorm → grouped-query
@@ -170,5 +171,46 @@ impl MoeLmConfig {
             active += attention + a;
         }
         (total, active)
+    }
+
+    /// Mixtral 8x22B (Mistral AI): 56 layers of hidden 6144, 48 query and 8 key/value heads,
+    /// 8 SwiGLU experts of width 16384 on every layer, top-2 with a load-balancing loss of
+    /// 0.01 (Megatron's default for it), vocabulary 32768, RoPE base 10⁶, untied output
+    /// layer. About 141 B parameters, 39 B active per token. Dropless, as Megatron trains
+    /// it; the routing options are the router's to change.
+    pub fn mixtral_8x22b() -> Self {
+        let mut moe = MoeLayerConfig::swiglu(6144, 16384, 8, 2);
+        moe.router = moe.router.with_aux_loss_coeff(1e-2);
+        Self::new(32768, 6144, 56, 48, 16384)
+            .with_kv_heads(Some(8))
+            .with_moe(Some(moe))
+            .with_rope_theta(1e6)
+    }
+
+    /// Qwen2-57B-A14B (Qwen): 28 layers of hidden 3584, 28 query and 4 key/value heads, 64
+    /// SwiGLU experts of width 2560 (top-8, probabilities not renormalised: softmax over all
+    /// experts, then top-k) beside a shared expert of width 20480 behind a sigmoid gate,
+    /// vocabulary 151936, RoPE base 10⁶, untied output layer. About 57 B parameters, 14 B
+    /// active per token. (Qwen2's query/key/value biases are not part of this model.)
+    pub fn qwen2_57b_a14b() -> Self {
+        let mut moe = MoeLayerConfig::swiglu(3584, 2560, 64, 8)
+            .with_shared(Some(SharedExpertsConfig::new(3584, 20480).with_gate(true)));
+        moe.router = moe.router.with_pre_softmax(true).with_aux_loss_coeff(1e-3);
+        Self::new(151936, 3584, 28, 28, 18944)
+            .with_kv_heads(Some(4))
+            .with_moe(Some(moe))
+            .with_rope_theta(1e6)
+    }
+
+    /// Llama-3-8×70B, the upcycled model of the MoE Parallel Folding paper's Table 1:
+    /// Llama-3-70B's 80 layers (hidden 8192, 64 query and 8 key/value heads, vocabulary
+    /// 128256, RoPE base 5·10⁵) with its FFN (width 28672) copied into 8 experts, top-2.
+    pub fn llama3_8x70b() -> Self {
+        let mut moe = MoeLayerConfig::swiglu(8192, 28672, 8, 2);
+        moe.router = moe.router.with_aux_loss_coeff(1e-2);
+        Self::new(128256, 8192, 80, 64, 28672)
+            .with_kv_heads(Some(8))
+            .with_moe(Some(moe))
+            .with_rope_theta(5e5)
     }
 }
