@@ -34,17 +34,7 @@ fn devices() -> Vec<(&'static str, Device)> {
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    burn_parallel::rng::uniform_values(n, seed, 1.0)
 }
 
 fn float<const D: usize>(v: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {

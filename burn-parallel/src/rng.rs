@@ -34,6 +34,47 @@ pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData
     TensorData::new(values, shape)
 }
 
+/// `n` values uniform in `[-scale, scale)` from `seed` (value `i` a pure function of
+/// `(seed, i)`): the inputs of tests, examples and check programs.
+pub fn uniform_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let base = mix(seed);
+    (0..n)
+        .map(|i| (unit(base.wrapping_add(i as u64)) * 2.0 - 1.0) as f32 * scale)
+        .collect()
+}
+
+/// A seeded stream of draws (SplitMix64's sequence: draw `k` is [`unit`] of
+/// `seed + k·0x9E3779B97F4A7C15`), for sequential choices such as timesteps, clips of a batch
+/// or caption dropout.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        let v = unit(self.0);
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        v
+    }
+
+    /// Uniform in `0..n` (`n` at least 1).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = self.uniform().max(f64::MIN_POSITIVE);
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

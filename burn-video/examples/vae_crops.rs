@@ -36,13 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         g.clone(),
         g,
     )?;
-    let mut state = 1u64;
-    let mut next = |n: usize| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % n as u64) as usize
-    };
+    let mut rng = burn_parallel::rng::Rng::new(1);
+    let mut next = |n: usize| rng.below(n);
     let (b, f, s) = (4, 9, 32);
     let mut acc = 0.0;
     for step in 0..steps {

@@ -35,38 +35,8 @@ pub fn resolution_shift(height: usize, width: usize, frames: usize, base: usize)
     ((height * width) as f64 / (base * base) as f64).sqrt() * (frames as f64).sqrt()
 }
 
-/// A small deterministic generator (splitmix64) for timesteps and noise seeds.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n` (`n` at least 1).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u = self.uniform().max(f64::MIN_POSITIVE);
-        let v = self.uniform();
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
+/// The seeded stream of draws for timesteps, batches and noise (burn-parallel's generator).
+pub use burn_parallel::rng::Rng;
 
 /// `n` timesteps `shift(sigmoid(m + s·z), r)` with `z ~ N(0, 1)`.
 pub fn logit_normal(n: usize, m: f64, s: f64, r: f64, rng: &mut Rng) -> Vec<f64> {

@@ -3,6 +3,7 @@
 //! in the caption is the count on screen. The label is known, so a
 //! rule-based checker can later tell whether a generated clip shows what was asked for.
 
+use burn_parallel::rng::mix;
 use serde::{Deserialize, Serialize};
 
 use crate::clip::Clip;
@@ -134,14 +135,6 @@ impl Label {
             count: 1 + (i / 48) % 3,
         }
     }
-}
-
-/// SplitMix64 step.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn uniform(state: &mut u64) -> f32 {

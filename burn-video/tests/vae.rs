@@ -243,13 +243,9 @@ fn chunked_encode_and_decode_equal_the_whole_clip() {
 /// A clip whose causal 4×8×8 blocks are the mean plus combinations of three fixed patterns
 /// (constant over a block's frames, so the first block of repeated frames fits too).
 fn low_rank_clip(d: &Device, seed: u64) -> Tensor<5> {
-    fn generator(mut state: u64) -> impl FnMut() -> f32 {
-        move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 - 0.5
-        }
+    fn generator(seed: u64) -> impl FnMut() -> f32 {
+        let mut rng = burn_parallel::rng::Rng::new(seed);
+        move || rng.uniform() as f32 - 0.5
     }
     // The patterns are the same in every clip, the coefficients differ.
     let mut fixed = generator(99);

@@ -7,7 +7,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use burn_moe::prelude::*;
-use tests::{lcg_tensor, lcg_values};
+use tests::{seeded_tensor, seeded_values};
 
 const S: usize = 8;
 const B: usize = 4;
@@ -20,18 +20,18 @@ fn layer(device: &Device) -> MoeLayer {
     let router = RouterConfig::new(H, E, 2)
         .with_aux_loss_coeff(0.1)
         .with_z_loss_coeff(Some(0.01));
-    let router = Router::from_weight(router, lcg_tensor([E, H], 2, 0.8, device)).unwrap();
+    let router = Router::from_weight(router, seeded_tensor([E, H], 2, 0.8, device)).unwrap();
     let experts = Experts::from_weights(
         ExpertsConfig::new(E, H, F),
-        lcg_tensor([E, H, 2 * F], 3, 0.5, device),
-        lcg_tensor([E, F, H], 4, 0.5, device),
+        seeded_tensor([E, H, 2 * F], 3, 0.5, device),
+        seeded_tensor([E, F, H], 4, 0.5, device),
     )
     .unwrap();
     let shared = SharedExperts::from_weights(
         SharedExpertsConfig::new(H, FS).with_gate(true),
-        lcg_tensor([H, 2 * FS], 5, 0.5, device),
-        lcg_tensor([FS, H], 6, 0.5, device),
-        Some(lcg_tensor([1, H], 7, 0.5, device)),
+        seeded_tensor([H, 2 * FS], 5, 0.5, device),
+        seeded_tensor([FS, H], 6, 0.5, device),
+        Some(seeded_tensor([1, H], 7, 0.5, device)),
     )
     .unwrap();
     MoeLayer::new(router, experts, Some(shared)).unwrap()
@@ -127,19 +127,19 @@ fn check(name: &str, analytic: &[f32], direction: &[f32], plus: f64, minus: f64,
 fn moe_layer_gradients_match_finite_differences() {
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
-    let upstream = lcg_tensor([S, B, H], 9, 1.0, &plain);
-    let x = lcg_tensor([S, B, H], 1, 1.0, &plain);
+    let upstream = seeded_tensor([S, B, H], 9, 1.0, &plain);
+    let x = seeded_tensor([S, B, H], 1, 1.0, &plain);
     let eps = 1e-3f64;
 
     // Autodiff gradients of the input and of every parameter.
     let trained = layer(&ad);
-    let x_ad = lcg_tensor([S, B, H], 1, 1.0, &ad).require_grad();
-    let upstream_ad = lcg_tensor([S, B, H], 9, 1.0, &ad);
+    let x_ad = seeded_tensor([S, B, H], 1, 1.0, &ad).require_grad();
+    let upstream_ad = seeded_tensor([S, B, H], 9, 1.0, &ad);
     let grads = loss(&trained, x_ad.clone(), &upstream_ad).backward();
     let found = params(&trained, Some(&grads));
 
     let base = layer(&plain);
-    let dx = lcg_tensor([S, B, H], 11, 1.0, &plain);
+    let dx = seeded_tensor([S, B, H], 11, 1.0, &plain);
     check(
         "x",
         &flat(x_ad.grad(&grads).unwrap()),
@@ -158,7 +158,7 @@ fn moe_layer_gradients_match_finite_differences() {
         let grad = grad
             .as_ref()
             .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let direction = lcg_values(*numel, 100 + i as u64, 1.0);
+        let direction = seeded_values(*numel, 100 + i as u64, 1.0);
         let shifted = |scale: f64| {
             base.clone().map(&mut Shift {
                 target: i,

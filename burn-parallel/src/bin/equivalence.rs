@@ -51,25 +51,19 @@ impl Full {
     }
 }
 
-fn lcg_data(seed: u64, shape: Vec<usize>, scale: f32, offset: f32) -> TensorData {
+/// `offset` plus values uniform in `[-scale, scale)` from `seed`.
+fn seeded_data(seed: u64, shape: Vec<usize>, scale: f32, offset: f32) -> TensorData {
     let n: usize = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            offset + scale * (((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0)
-        })
-        .collect();
-    TensorData::new(values, shape)
+    let values = burn_parallel::rng::uniform_values(n, seed, scale);
+    TensorData::new(
+        values.into_iter().map(|v| offset + v).collect::<Vec<_>>(),
+        shape,
+    )
 }
 
 fn initial_weights() -> Full {
-    let w = |seed, shape: Vec<usize>| lcg_data(seed, shape, 0.2, 0.0);
-    let norm = |seed| lcg_data(seed, vec![HIDDEN], 0.1, 1.0);
+    let w = |seed, shape: Vec<usize>| seeded_data(seed, shape, 0.2, 0.0);
+    let norm = |seed| seeded_data(seed, vec![HIDDEN], 0.1, 1.0);
     Full(vec![
         w(1, vec![VOCAB, HIDDEN]),
         norm(2),
@@ -77,9 +71,9 @@ fn initial_weights() -> Full {
         w(4, vec![HIDDEN, HIDDEN]),
         norm(5),
         w(6, vec![HIDDEN, FFN]),
-        lcg_data(7, vec![FFN], 0.05, 0.0),
+        seeded_data(7, vec![FFN], 0.05, 0.0),
         w(8, vec![FFN, HIDDEN]),
-        lcg_data(9, vec![HIDDEN], 0.05, 0.0),
+        seeded_data(9, vec![HIDDEN], 0.05, 0.0),
         norm(10),
         w(11, vec![HIDDEN, VOCAB]),
     ])

@@ -36,18 +36,14 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn lcg(seed: u64, shape: Vec<usize>, scale: f32, offset: f32) -> TensorData {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+/// `offset` plus values uniform in `[-scale, scale)` from `seed`.
+fn seeded_data(seed: u64, shape: Vec<usize>, scale: f32, offset: f32) -> TensorData {
     let n: usize = shape.iter().product();
-    let v = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            offset + scale * ((state % 2001) as f32 / 1000.0 - 1.0)
-        })
-        .collect();
-    TensorData::new(v, shape)
+    let values = burn_parallel::rng::uniform_values(n, seed, scale);
+    TensorData::new(
+        values.into_iter().map(|v| offset + v).collect::<Vec<_>>(),
+        shape,
+    )
 }
 
 /// Weights of the whole model: embedding, 8 per block, final norm, head.
@@ -58,8 +54,8 @@ const PER_BLOCK: usize = 8;
 
 impl Weights {
     fn initial() -> Self {
-        let w = |seed, shape: Vec<usize>| lcg(seed, shape, 0.3, 0.0);
-        let norm = |seed| lcg(seed, vec![HIDDEN], 0.1, 1.0);
+        let w = |seed, shape: Vec<usize>| seeded_data(seed, shape, 0.3, 0.0);
+        let norm = |seed| seeded_data(seed, vec![HIDDEN], 0.1, 1.0);
         let mut all = vec![w(1, vec![VOCAB, HIDDEN])];
         for l in 0..LAYERS as u64 {
             let s = 10 + 10 * l;
@@ -69,9 +65,9 @@ impl Weights {
                 w(s + 2, vec![HIDDEN, HIDDEN]),
                 norm(s + 3),
                 w(s + 4, vec![HIDDEN, FFN]),
-                lcg(s + 5, vec![FFN], 0.05, 0.0),
+                seeded_data(s + 5, vec![FFN], 0.05, 0.0),
                 w(s + 6, vec![FFN, HIDDEN]),
-                lcg(s + 7, vec![HIDDEN], 0.05, 0.0),
+                seeded_data(s + 7, vec![HIDDEN], 0.05, 0.0),
             ]);
         }
         all.push(norm(5));
