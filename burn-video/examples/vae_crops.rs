@@ -9,6 +9,9 @@ use burn_video::vae::VaeConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().collect();
+    if a.len() < 5 {
+        return Err("usage: vae_crops DIR STEPS LR SAMPLE(0|1) [CHANNELS]".into());
+    }
     let dir = std::path::Path::new(&a[1]);
     let steps: usize = a[2].parse()?;
     let lr: f64 = a[3].parse()?;
