@@ -107,6 +107,21 @@ pub enum ParallelError {
         /// The system's message, or what is wrong with the content.
         reason: String,
     },
+    /// What was asked for would not fit in this machine's available memory; refused before
+    /// allocating.
+    #[error(
+        "{what} needs about {:.1} GiB and this machine has {:.1} GiB available",
+        gib(*.need),
+        gib(*.have)
+    )]
+    OutOfMemory {
+        /// What was asked for, with its parts.
+        what: String,
+        /// Bytes it needs.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
     /// Another process holds a run folder.
     #[error("{0}")]
     Locked(String),
@@ -128,6 +143,10 @@ impl ParallelError {
             reason: reason.to_string(),
         }
     }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// Result alias of this crate.

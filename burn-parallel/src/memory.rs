@@ -113,6 +113,20 @@ pub fn reset_peak() {
     LARGEST.store(0, Ordering::Relaxed);
 }
 
+/// Refuses, before allocating, what needs `need` bytes when this machine has less available
+/// ([`available`]); `what` names it (and its parts) in the error. Passes where the system
+/// does not say.
+pub fn require(need: u64, what: impl FnOnce() -> String) -> crate::error::Result<()> {
+    match available() {
+        Some(have) if need > have => Err(crate::ParallelError::OutOfMemory {
+            what: what(),
+            need,
+            have,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The memory this machine can still give (`MemAvailable` of `/proc/meminfo`), in bytes;
 /// `None` where the system does not say.
 pub fn available() -> Option<u64> {
@@ -120,4 +134,24 @@ pub fn available() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_refuses_more_than_is_available_naming_both_sizes() {
+        assert!(require(0, || "nothing".into()).is_ok());
+        let Some(have) = available() else {
+            return;
+        };
+        let err = require(have + (1 << 30), || "a test buffer".into())
+            .expect_err("more than is available");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("a test buffer needs about ") && text.contains("GiB available"),
+            "{text}"
+        );
+    }
 }

@@ -46,28 +46,9 @@ pub enum VideoError {
         /// What to change.
         advice: &'static str,
     },
-    /// A computation would not fit in this machine's available memory; refused before
-    /// allocating.
-    #[error(
-        "{what} needs about {:.1} GiB and this machine has {:.1} GiB available",
-        gib(*.need),
-        gib(*.have)
-    )]
-    OutOfMemory {
-        /// What was asked for.
-        what: String,
-        /// Bytes it needs.
-        need: u64,
-        /// Bytes available.
-        have: u64,
-    },
     /// The optimizer of a trainer failed.
     #[error(transparent)]
     Parallel(#[from] burn_parallel::ParallelError),
-}
-
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// `Result` with [`VideoError`].

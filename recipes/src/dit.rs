@@ -300,7 +300,7 @@ pub fn sampling_key(e: VideoError) -> RecipeError {
             name: "steps",
             reason,
         } => bad("--steps", reason),
-        e @ VideoError::OutOfMemory { .. } => {
+        VideoError::Parallel(e @ burn_parallel::ParallelError::OutOfMemory { .. }) => {
             RecipeError::Refused(format!("{e}; lower --frames or the number of prompts"))
         }
         other => other.into(),

@@ -82,35 +82,40 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// burn-parallel's memory check ([`burn_parallel::memory::require`]) with `advice` after
+/// its message.
+fn require(need: u64, what: impl FnOnce() -> String, advice: &str) -> Result<()> {
+    burn_parallel::memory::require(need, what)
+        .map_err(|e| RecipeError::Refused(format!("{e}; {advice}")))
+}
+
 /// Refuses a recipe whose parameters, gradients and optimizer state cannot fit in this
 /// machine's available memory, saying how much it needs.
 pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
     let total_bytes = training_state_bytes(&recipe.model);
-    let need = total_bytes / world as u64;
-    let Some(have) = burn_parallel::memory::available() else {
-        return Ok(());
+    let what = || {
+        let (total, active) = parameter_count(&recipe.model);
+        let layout = match recipe.parallel.gpus {
+            Some(g) => format!(
+                "; {:.1} GiB per GPU over the recipe's {g} GPUs, before activations",
+                gib(total_bytes / g as u64)
+            ),
+            None => String::new(),
+        };
+        format!(
+            "this recipe's parameters, gradients and AdamW state on {world} rank(s) ({:.1} GiB in \
+             all for {:.1} B parameters, {:.1} B active per token; f32 weights and gradients, \
+             f32 master weights and two moments{layout})",
+            gib(total_bytes),
+            total as f64 / 1e9,
+            active as f64 / 1e9,
+        )
     };
-    if need <= have {
-        return Ok(());
-    }
-    let (total, active) = parameter_count(&recipe.model);
-    let layout = match recipe.parallel.gpus {
-        Some(g) => format!(
-            " ({:.1} GiB per GPU over the recipe's {g} GPUs, before activations)",
-            gib(total_bytes / g as u64)
-        ),
-        None => String::new(),
-    };
-    Err(RecipeError::Refused(format!(
-        "this recipe needs {:.1} GiB for parameters, gradients and AdamW state ({:.1} B \
-         parameters, {:.1} B active per token; f32 weights and gradients, f32 master weights \
-         and two moments){layout}; this machine has {:.1} GiB available for {world} rank(s). \
-         Run it on a GPU cluster with its [parallel] layout.",
-        gib(total_bytes),
-        total as f64 / 1e9,
-        active as f64 / 1e9,
-        gib(have)
-    )))
+    require(
+        total_bytes / world as u64,
+        what,
+        "run it on a GPU cluster with its [parallel] layout",
+    )
 }
 
 /// Refuses a run whose training step cannot fit in this machine's available memory, before
@@ -118,9 +123,9 @@ pub fn check_memory(recipe: &Recipe, world: usize) -> Result<()> {
 /// gradients, optimizer state, activations, dispatcher buffers; the model this project's CPU
 /// trainer follows within ~20%) times the ranks on this host, against `MemAvailable`.
 pub fn check_step_memory(recipe: &Recipe, world: usize) -> Result<()> {
-    let Some(have) = burn_parallel::memory::available() else {
+    if burn_parallel::memory::available().is_none() {
         return Ok(());
-    };
+    }
     let (mut problem, layout) = crate::plan::Problem::from_recipe(recipe)?;
     problem.cluster = crate::plan::ClusterConfig {
         gpus: world,
@@ -133,24 +138,21 @@ pub fn check_step_memory(recipe: &Recipe, world: usize) -> Result<()> {
         return Ok(());
     };
     let need = estimate.memory_per_gpu_bytes.saturating_mul(world as u64);
-    if need <= have {
-        return Ok(());
-    }
     let m = &estimate.memory;
-    Err(RecipeError::Refused(format!(
-        "a training step needs about {:.1} GiB ({world} rank(s) × {:.2} GiB: weights {:.2}, \
-         gradients {:.2}, optimizer {:.2}, activations {:.2}, dispatcher {:.2}; the planner's \
-         estimate for eager kernels) and this machine has {:.1} GiB available; lower \
-         data.seq_len or training.micro_batch",
-        gib(need),
-        gib(estimate.memory_per_gpu_bytes),
-        gib(m.weights),
-        gib(m.gradients),
-        gib(m.optimizer),
-        gib(m.activations),
-        gib(m.dispatcher),
-        gib(have)
-    )))
+    let what = || {
+        format!(
+            "a training step ({world} rank(s) × {:.2} GiB: weights {:.2}, gradients {:.2}, \
+             optimizer {:.2}, activations {:.2}, dispatcher {:.2}; the planner's estimate for \
+             eager kernels)",
+            gib(estimate.memory_per_gpu_bytes),
+            gib(m.weights),
+            gib(m.gradients),
+            gib(m.optimizer),
+            gib(m.activations),
+            gib(m.dispatcher),
+        )
+    };
+    require(need, what, "lower data.seq_len or training.micro_batch")
 }
 
 /// Refuses a `layer` run whose buffers cannot fit in this machine's available memory: f32
@@ -161,24 +163,18 @@ pub fn check_layer_memory(
     (tokens, hidden, ffn): (usize, usize, usize),
     (experts, topk): (usize, usize),
 ) -> Result<()> {
-    let Some(have) = burn_parallel::memory::available() else {
-        return Ok(());
-    };
     let f = |v: usize| v as f64;
     let weights = f(experts) * f(hidden) * f(3 * ffn) * 4.0 * 3.0;
     let per_token = f(hidden) * 3.0 + f(experts) * 3.0 + f(topk) * (f(hidden) * 2.0 + f(ffn) * 3.0);
     let need = weights + f(tokens) * per_token * 4.0 * 3.0;
-    if need <= have as f64 {
-        return Ok(());
-    }
-    Err(RecipeError::Refused(format!(
-        "this layer needs about {:.1} GiB (weights and gradients {:.2}, buffers of {tokens} \
-         tokens {:.1}) and this machine has {:.1} GiB available; lower --tokens",
-        need / (1u64 << 30) as f64,
-        weights / (1u64 << 30) as f64,
-        (need - weights) / (1u64 << 30) as f64,
-        gib(have)
-    )))
+    let what = || {
+        format!(
+            "this layer (weights and gradients {:.2} GiB, buffers of {tokens} tokens {:.1} GiB)",
+            weights / (1u64 << 30) as f64,
+            (need - weights) / (1u64 << 30) as f64,
+        )
+    };
+    require(need as u64, what, "lower --tokens")
 }
 
 /// Refuses layouts and settings this build cannot run, with the key that says so.

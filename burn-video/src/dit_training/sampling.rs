@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::dit::{Condition, Dit, DitConfig};
-use crate::error::{Result, VideoError};
+use crate::error::Result;
 use crate::flow::{self, Rng};
 use crate::latent_cache::CacheMeta;
 use crate::text::Vocabulary;
@@ -143,23 +143,15 @@ impl Sampler<'_> {
     /// Refuses, before allocating, a sampling run [`Sampler::memory_bytes`] says cannot fit in
     /// this machine's available memory, stating both numbers.
     pub fn check_memory(&self, batch: usize) -> Result<()> {
-        let need = self.memory_bytes(batch);
-        let Some(have) = burn_parallel::memory::available() else {
-            return Ok(());
-        };
-        if need <= have {
-            return Ok(());
-        }
         let (frames, h, w) = self.shape;
-        Err(VideoError::OutOfMemory {
-            what: format!(
+        burn_parallel::memory::require(self.memory_bytes(batch), || {
+            format!(
                 "sampling {batch} clip(s) of {frames} latent frames at {h}x{w} (attention over \
                  {} video tokens)",
                 frames * h.div_ceil(2) * w.div_ceil(2)
-            ),
-            need,
-            have,
-        })
+            )
+        })?;
+        Ok(())
     }
 
     /// The rule-based checker's accuracy on the captions of the first `prompts` synthetic
