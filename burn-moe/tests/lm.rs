@@ -280,3 +280,100 @@ fn presets_have_their_published_sizes() {
         preset.validate().expect("a valid preset");
     }
 }
+
+/// The tiny hub checkpoints beside the repository (`HF_MODELS_DIR` overrides).
+fn hf_models() -> std::path::PathBuf {
+    std::env::var_os("HF_MODELS_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/hf-models"),
+        Into::into,
+    )
+}
+
+/// Mixtral read from the hub's files gives transformers' own logits (within the reference's
+/// tolerance), its loss and its greedy continuation.
+#[test]
+fn a_mixtral_checkpoint_gives_the_logits_of_transformers() {
+    let dir = hf_models().join("mixtral-tiny");
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
+    )
+    .expect("JSON");
+    let d = Device::flex();
+    let model = MoeLm::from_hf(&dir, &d).expect("model");
+    let ints = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_i64().expect("int"))
+            .collect()
+    };
+    let shape = ints(&reference["input_ids"]["shape"]);
+    let (b, s) = (shape[0] as usize, shape[1] as usize);
+    let ids = ints(&reference["input_ids"]["data"]);
+    // Batch-major in the file, sequence-first in the model.
+    let seq_first: Vec<i64> = (0..s)
+        .flat_map(|t| (0..b).map(move |r| (r, t)))
+        .map(|(r, t)| ids[r * s + t])
+        .collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(seq_first, [s, b]), &d);
+    let logits = model.forward(input).expect("forward");
+    let v = model.config().vocab;
+    let got = floats(logits.permute([1, 0, 2]).reshape([b * s * v]));
+    let want: Vec<f64> = reference["logits"]["data"]
+        .as_array()
+        .expect("logits")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect();
+    let (rtol, atol) = (
+        reference["tolerance"]["rtol"].as_f64().expect("rtol"),
+        reference["tolerance"]["atol"].as_f64().expect("atol"),
+    );
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(&g, &w)| (f64::from(g) - w).abs() - (atol + rtol * w.abs()))
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert!(worst <= 0.0, "a logit is {worst} beyond the tolerance");
+    // The mean next-token cross-entropy of both rows, from the logits.
+    let mut loss = 0.0;
+    for r in 0..b {
+        for t in 0..s - 1 {
+            let row = &got[(r * s + t) * v..(r * s + t + 1) * v];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let lse = f64::from(max)
+                + row
+                    .iter()
+                    .map(|&x| f64::from(x - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            loss += lse - f64::from(row[ids[r * s + t + 1] as usize]);
+        }
+    }
+    loss /= (b * (s - 1)) as f64;
+    let want_loss = reference["loss"].as_f64().expect("loss");
+    assert!(
+        (loss - want_loss).abs() < 1e-4 * want_loss,
+        "{loss} vs {want_loss}"
+    );
+    // Greedy decoding from the prompt.
+    let mut seq = ints(&reference["greedy_prompt"]);
+    let want_next = ints(&reference["greedy_continuation"]);
+    for _ in 0..want_next.len() {
+        let n = seq.len();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(seq.clone(), [n, 1]), &d);
+        let last = floats(
+            model
+                .forward(input)
+                .expect("forward")
+                .slice([n - 1..n, 0..1, 0..v])
+                .reshape([v]),
+        );
+        let best = (0..v)
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .expect("vocab");
+        seq.push(best as i64);
+    }
+    assert_eq!(seq[seq.len() - want_next.len()..], want_next[..]);
+}

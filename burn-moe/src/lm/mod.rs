@@ -9,6 +9,7 @@ pub mod attention;
 pub mod config;
 pub mod data;
 pub mod ffn;
+pub mod hf;
 pub mod model;
 pub mod split;
 pub mod trainer;

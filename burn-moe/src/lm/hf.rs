@@ -1,0 +1,363 @@
+//! Hugging Face checkpoints in: a folder as `transformers` writes it (`config.json` and
+//! `model.safetensors`, or shards listed by `model.safetensors.index.json`) read into an
+//! [`MoeLm`]: the configuration from `config.json`, every tensor renamed and laid out as the
+//! model's full tensors ([`MoeLm::full_tensors`]).
+//!
+//! Architectures: `MixtralForCausalLM`. Others are refused naming what they need that the
+//! model does not have yet.
+//!
+//! Layouts: the hub stores linear weights `[out, in]`, the model `[in, out]`; the hub's rotary
+//! embedding rotates the two halves of a head (`rotate_half`), the model rotates adjacent pairs
+//! `(2i, 2i+1)`, so the query and key rows of each head are interleaved on the way in (row `i`
+//! and row `i + d/2` become rows `2i` and `2i + 1`), which leaves every attention score
+//! unchanged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, TensorData};
+use burn_parallel::prelude::ProcessGroups;
+use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
+use serde_json::Value;
+
+use super::config::MoeLmConfig;
+use super::model::{FullTensors, MoeLm};
+use super::split::StageLayout;
+use crate::error::{MoeError, Result};
+use crate::layer::MoeLayerConfig;
+
+fn bad(name: &'static str, reason: impl Into<String>) -> MoeError {
+    MoeError::InvalidArgument {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// A tensor read from a checkpoint: its shape and values as f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubTensor {
+    /// Shape, as stored.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub values: Vec<f32>,
+}
+
+/// Every tensor of the checkpoint folder `dir`: `model.safetensors`, or the files that
+/// `model.safetensors.index.json` lists; bf16, f16 and f32 are read as f32.
+pub fn read_tensors(dir: &Path) -> Result<HashMap<String, HubTensor>> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| bad("dir", format!("{}: {e}", index.display())))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| bad("dir", format!("{}: {e}", index.display())))?;
+        let map = json["weight_map"].as_object().ok_or_else(|| {
+            bad(
+                "dir",
+                format!("{}: no `weight_map` object", index.display()),
+            )
+        })?;
+        let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut out = HashMap::new();
+    for file in files {
+        let bytes =
+            std::fs::read(&file).map_err(|e| bad("dir", format!("{}: {e}", file.display())))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad("dir", format!("{}: {e}", file.display())))?;
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                other => {
+                    return Err(bad(
+                        "dir",
+                        format!(
+                            "{}: `{name}` is {other:?}; bf16, f16 or f32 are read",
+                            file.display()
+                        ),
+                    ));
+                }
+            };
+            out.insert(
+                name,
+                HubTensor {
+                    shape: view.shape().to_vec(),
+                    values,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `config.json` of `dir`.
+pub fn read_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| bad("dir", format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| bad("dir", format!("{}: {e}", path.display())))
+}
+
+fn usize_of(c: &Value, key: &str) -> Result<usize> {
+    c[key]
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| bad("config", format!("config.json has no integer `{key}`")))
+}
+
+fn f64_of(c: &Value, key: &str) -> Option<f64> {
+    c[key].as_f64()
+}
+
+/// The model configuration of a hub `config.json`.
+pub fn config_from_hub(c: &Value) -> Result<MoeLmConfig> {
+    let arch = c["architectures"][0].as_str().unwrap_or_default();
+    if arch != "MixtralForCausalLM" {
+        return Err(bad(
+            "config",
+            format!(
+                "architecture `{arch}` is not read yet (MixtralForCausalLM is); Qwen3-MoE needs \
+                 per-head query/key norms, OLMoE norms over the whole query and key \
+                 projections, Qwen2-MoE query/key/value biases"
+            ),
+        ));
+    }
+    let (h, heads) = (
+        usize_of(c, "hidden_size")?,
+        usize_of(c, "num_attention_heads")?,
+    );
+    if let Some(d) = c["head_dim"].as_u64()
+        && d as usize * heads != h
+    {
+        return Err(bad(
+            "config",
+            format!(
+                "head_dim {d} × {heads} heads is not hidden_size {h}; the model needs them equal"
+            ),
+        ));
+    }
+    let rope_theta = f64_of(&c["rope_parameters"], "rope_theta")
+        .or_else(|| f64_of(c, "rope_theta"))
+        .unwrap_or(10_000.0);
+    let (e, k) = (
+        usize_of(c, "num_local_experts")?,
+        usize_of(c, "num_experts_per_tok")?,
+    );
+    let f = usize_of(c, "intermediate_size")?;
+    let mut moe = MoeLayerConfig::swiglu(h, f, e, k);
+    moe.router = moe
+        .router
+        .with_pre_softmax(false)
+        .with_aux_loss_coeff(f64_of(c, "router_aux_loss_coef").unwrap_or(0.0));
+    let config = MoeLmConfig::new(
+        usize_of(c, "vocab_size")?,
+        h,
+        usize_of(c, "num_hidden_layers")?,
+        heads,
+        f,
+    )
+    .with_kv_heads(Some(usize_of(c, "num_key_value_heads")?))
+    .with_moe(Some(moe))
+    .with_rope_theta(rope_theta)
+    .with_norm_eps(f64_of(c, "rms_norm_eps").unwrap_or(1e-6))
+    .with_tie_embeddings(c["tie_word_embeddings"].as_bool().unwrap_or(false));
+    config.validate()?;
+    Ok(config)
+}
+
+/// Takes tensor `name` of `shape` out of `tensors`.
+fn take(tensors: &mut HashMap<String, HubTensor>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = tensors
+        .remove(name)
+        .ok_or_else(|| bad("dir", format!("the checkpoint has no tensor `{name}`")))?;
+    if t.shape != shape {
+        return Err(bad(
+            "dir",
+            format!(
+                "`{name}` has shape {:?}, the configuration needs {shape:?}",
+                t.shape
+            ),
+        ));
+    }
+    Ok(t.values)
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+/// The rows of a `[heads·d, in]` projection with each head's halves interleaved (row `i` and
+/// `i + d/2` of a head become `2i` and `2i + 1`).
+fn interleave_heads(v: &[f32], heads: usize, d: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    for head in 0..heads {
+        for i in 0..d / 2 {
+            for half in [0, d / 2] {
+                let row = head * d + i + half;
+                out.extend_from_slice(&v[row * cols..(row + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn data(values: Vec<f32>, shape: &[usize]) -> TensorData {
+    TensorData::new(values, shape.to_vec())
+}
+
+/// The full tensors ([`MoeLm::full_tensors`] names) of a Mixtral checkpoint for `cfg`; every
+/// tensor of the checkpoint must be used.
+pub fn full_tensors_from_hub(
+    cfg: &MoeLmConfig,
+    mut t: HashMap<String, HubTensor>,
+) -> Result<FullTensors> {
+    let (v, h, heads, kv) = (cfg.vocab, cfg.hidden, cfg.heads, cfg.kv());
+    let d = h / heads;
+    let moe = cfg
+        .moe
+        .as_ref()
+        .ok_or_else(|| bad("config", "a Mixtral model has MoE layers"))?;
+    let (e, f) = (moe.router.num_experts, moe.experts.ffn_hidden);
+    let mut out = FullTensors::new();
+    out.insert(
+        "embed".into(),
+        data(take(&mut t, "model.embed_tokens.weight", &[v, h])?, &[v, h]),
+    );
+    for l in 0..cfg.layers {
+        let p = format!("model.layers.{l}");
+        let mut put = |name: &str, values: Vec<f32>, shape: &[usize]| {
+            out.insert(format!("layers.{l}.{name}"), data(values, shape));
+        };
+        put(
+            "norm1",
+            take(&mut t, &format!("{p}.input_layernorm.weight"), &[h])?,
+            &[h],
+        );
+        put(
+            "norm2",
+            take(
+                &mut t,
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+            )?,
+            &[h],
+        );
+        let q = take(
+            &mut t,
+            &format!("{p}.self_attn.q_proj.weight"),
+            &[heads * d, h],
+        )?;
+        let k = take(
+            &mut t,
+            &format!("{p}.self_attn.k_proj.weight"),
+            &[kv * d, h],
+        )?;
+        let vv = take(
+            &mut t,
+            &format!("{p}.self_attn.v_proj.weight"),
+            &[kv * d, h],
+        )?;
+        // Rows [q; k; v] of the fused `[out, in]` projection, then `[in, out]`.
+        let mut rows = interleave_heads(&q, heads, d, h);
+        rows.extend(interleave_heads(&k, kv, d, h));
+        rows.extend(vv);
+        let cols = (heads + 2 * kv) * d;
+        put("attn.qkv", transpose(&rows, cols, h), &[h, cols]);
+        let o = take(
+            &mut t,
+            &format!("{p}.self_attn.o_proj.weight"),
+            &[h, heads * d],
+        )?;
+        put("attn.out", transpose(&o, h, heads * d), &[heads * d, h]);
+        let m = format!("{p}.block_sparse_moe");
+        put(
+            "moe.router",
+            take(&mut t, &format!("{m}.gate.weight"), &[e, h])?,
+            &[e, h],
+        );
+        let (mut w1, mut w2) = (
+            Vec::with_capacity(e * h * 2 * f),
+            Vec::with_capacity(e * f * h),
+        );
+        for x in 0..e {
+            let gate = transpose(
+                &take(&mut t, &format!("{m}.experts.{x}.w1.weight"), &[f, h])?,
+                f,
+                h,
+            );
+            let up = transpose(
+                &take(&mut t, &format!("{m}.experts.{x}.w3.weight"), &[f, h])?,
+                f,
+                h,
+            );
+            // `[h, 2f]`: gate columns, then up columns.
+            for r in 0..h {
+                w1.extend_from_slice(&gate[r * f..(r + 1) * f]);
+                w1.extend_from_slice(&up[r * f..(r + 1) * f]);
+            }
+            let down = take(&mut t, &format!("{m}.experts.{x}.w2.weight"), &[h, f])?;
+            w2.extend(transpose(&down, h, f));
+        }
+        put("moe.w1", w1, &[e, h, 2 * f]);
+        put("moe.w2", w2, &[e, f, h]);
+    }
+    out.insert(
+        "norm_f".into(),
+        data(take(&mut t, "model.norm.weight", &[h])?, &[h]),
+    );
+    if !cfg.tie_embeddings {
+        let head = take(&mut t, "lm_head.weight", &[v, h])?;
+        out.insert("head".into(), data(transpose(&head, v, h), &[h, v]));
+    }
+    if let Some(name) = t.keys().min() {
+        return Err(bad(
+            "dir",
+            format!(
+                "{} tensor(s) of the checkpoint have no place in the model (first: `{name}`)",
+                t.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+impl MoeLm {
+    /// The model of the Hugging Face checkpoint folder `dir` on `device`, whole on one rank.
+    pub fn from_hf(dir: &Path, device: &Device) -> Result<Self> {
+        let config = config_from_hub(&read_config(dir)?)?;
+        let tensors = full_tensors_from_hub(&config, read_tensors(dir)?)?;
+        let layout = StageLayout::single(config.layers);
+        Self::from_tensors(
+            &config,
+            &tensors,
+            &ProcessGroups::single()?,
+            &layout,
+            device,
+        )
+    }
+}
