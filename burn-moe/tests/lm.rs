@@ -289,17 +289,22 @@ fn hf_models() -> std::path::PathBuf {
     )
 }
 
-/// Mixtral read from the hub's files gives transformers' own logits (within the reference's
-/// tolerance), its loss and its greedy continuation.
+/// Mixtral and Qwen3-MoE read from the hub's files give transformers' own logits (within the
+/// reference's tolerance), its loss and its greedy continuation.
 #[test]
-fn a_mixtral_checkpoint_gives_the_logits_of_transformers() {
-    let dir = hf_models().join("mixtral-tiny");
+fn hub_checkpoints_give_the_logits_of_transformers() {
+    for name in ["mixtral-tiny", "qwen3-moe-tiny"] {
+        matches_transformers(&hf_models().join(name));
+    }
+}
+
+fn matches_transformers(dir: &std::path::Path) {
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
     )
     .expect("JSON");
     let d = Device::flex();
-    let model = MoeLm::from_hf(&dir, &d).expect("model");
+    let model = MoeLm::from_hf(dir, &d).expect("model");
     let ints = |v: &serde_json::Value| -> Vec<i64> {
         v.as_array()
             .expect("array")
@@ -335,7 +340,11 @@ fn a_mixtral_checkpoint_gives_the_logits_of_transformers() {
         .zip(&want)
         .map(|(&g, &w)| (f64::from(g) - w).abs() - (atol + rtol * w.abs()))
         .fold(f64::NEG_INFINITY, f64::max);
-    assert!(worst <= 0.0, "a logit is {worst} beyond the tolerance");
+    assert!(
+        worst <= 0.0,
+        "{}: a logit is {worst} beyond the tolerance",
+        dir.display()
+    );
     // The mean next-token cross-entropy of both rows, from the logits.
     let mut loss = 0.0;
     for r in 0..b {

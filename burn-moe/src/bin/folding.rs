@@ -40,7 +40,9 @@ fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-/// burn-moe's LM: one block of RoPE attention and a top-2 MoE FFN with aux and z losses.
+/// burn-moe's LM: one block of RoPE attention with per-head QK norms (their weights
+/// replicated over TP, each rank's gradient covering its own heads) and a top-2 MoE FFN with
+/// aux and z losses.
 fn config() -> MoeLmConfig {
     let mut moe = MoeLayerConfig::swiglu(HIDDEN, EXPERT_FFN, EXPERTS, 2);
     moe.router = moe
@@ -49,6 +51,7 @@ fn config() -> MoeLmConfig {
         .with_z_loss_coeff(Some(1e-3));
     MoeLmConfig::new(VOCAB, HIDDEN, 1, HEADS, 2 * HIDDEN)
         .with_moe(Some(moe))
+        .with_qk_norm(true)
         .with_init_std(0.2)
 }
 

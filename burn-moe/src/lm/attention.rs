@@ -1,6 +1,6 @@
 //! Grouped-query self-attention with rotary position embeddings, heads split over TP.
 
-use burn::module::{Module, ParamId};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::Tensor;
 use burn_parallel::context::{ContextLayout, CpAttention, context_attention};
 use burn_parallel::prelude::{
@@ -33,6 +33,14 @@ pub struct Attention {
     pub qkv: ColumnParallelLinear,
     /// `[h·d / tp, H]`.
     pub out: RowParallelLinear,
+    /// RMSNorm weight `[d]` over each query head (before RoPE), when the model has QK norms.
+    pub q_norm: Option<Param<Tensor<1>>>,
+    /// RMSNorm weight `[d]` over each key head.
+    pub k_norm: Option<Param<Tensor<1>>>,
+    #[module(skip)]
+    norm_eps: f64,
+    #[module(skip)]
+    tp_size: usize,
     #[module(skip)]
     heads: usize,
     #[module(skip)]
@@ -44,6 +52,24 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The same with RMSNorms over each query and key head (weights `[d]`, epsilon `eps`;
+    /// Qwen3's QK norm), applied before the rotary embedding.
+    pub fn with_qk_norm(mut self, (q, k): (Tensor<1>, Tensor<1>), eps: f64) -> Result<Self> {
+        for (name, w) in [("q_norm", &q), ("k_norm", &k)] {
+            if w.dims() != [self.head_dim] {
+                return Err(crate::MoeError::ShapeMismatch {
+                    name,
+                    expected: format!("[head_dim = {}]", self.head_dim),
+                    got: w.dims().to_vec(),
+                });
+            }
+        }
+        self.q_norm = Some(Param::from_tensor(q));
+        self.k_norm = Some(Param::from_tensor(k));
+        self.norm_eps = eps;
+        Ok(self)
+    }
+
     /// This rank's part of an attention layer with `heads` query and `kv_heads` key/value heads
     /// from the full weights: `qkv` `[H, (heads + 2·kv_heads)·d]` (query heads, then key heads,
     /// then value heads) and `out` `[heads·d, H]`, heads split over `tp` (`sequence_parallel`:
@@ -103,6 +129,10 @@ impl Attention {
                 sequence_parallel,
             ),
             out: RowParallelLinear::from_full(out, None, tp.clone(), sequence_parallel)?,
+            q_norm: None,
+            k_norm: None,
+            norm_eps: 1e-6,
+            tp_size: p,
             heads: lh,
             kv_heads: lkv,
             head_dim: dh,
@@ -176,8 +206,13 @@ impl Attention {
             Some(l) => l.positions(cp.rank()),
             None => (0..s).collect(),
         };
-        let q = self.rope(part(0, h), &positions);
-        let k = self.rope(part(h, kv), &positions);
+        let (mut q, mut k) = (part(0, h), part(h, kv));
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = head_norm(q, qn.val(), self.norm_eps);
+            k = head_norm(k, kn.val(), self.norm_eps);
+        }
+        let q = self.rope(q, &positions);
+        let k = self.rope(k, &positions);
         let v = part(h + kv, kv);
         // Each key/value head serves h / kv query heads.
         let group = h / kv;
@@ -201,5 +236,21 @@ impl ParallelParams for Attention {
     fn param_roles(&self, out: &mut Vec<(ParamId, ParamRole)>) {
         self.qkv.param_roles(out);
         self.out.param_roles(out);
+        // Replicated over TP; each rank's gradient covers its own heads only, so the
+        // gradients are summed over TP.
+        let role = ParamRole {
+            sequence_parallel_grad: self.tp_size > 1,
+            ..ParamRole::replicated(false)
+        };
+        for w in [&self.q_norm, &self.k_norm].into_iter().flatten() {
+            out.push((w.id, role));
+        }
     }
+}
+
+/// RMSNorm over the last dimension of `x` `[B, n, S, d]` with weight `w` `[d]`.
+fn head_norm(x: Tensor<4>, w: Tensor<1>, eps: f64) -> Tensor<4> {
+    let d = w.dims()[0];
+    let rms = (x.clone().powi_scalar(2).mean_dim(3) + eps).sqrt();
+    x / rms * w.reshape([1, 1, 1, d])
 }

@@ -55,6 +55,17 @@ pub struct MoeLmConfig {
     /// Tie the output layer to the embedding (one `[vocab, hidden]` weight).
     #[config(default = false)]
     pub tie_embeddings: bool,
+    /// Width of an attention head; `None`: `hidden / heads`.
+    #[config(default = "None")]
+    pub head_dim: Option<usize>,
+    /// RMSNorm over each query and key head before the rotary embedding (Qwen3's, one weight
+    /// of `head_dim` for the query heads and one for the key heads).
+    #[config(default = false)]
+    pub qk_norm: bool,
+    /// Layers (0-based) with a dense FFN even where `moe_every` puts an MoE layer (Qwen's
+    /// `mlp_only_layers`).
+    #[config(default = "Vec::new()")]
+    pub dense_layers: Vec<usize>,
 }
 
 impl MoeLmConfig {
@@ -63,9 +74,17 @@ impl MoeLmConfig {
         self.kv_heads.unwrap_or(self.heads)
     }
 
+    /// Width of an attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
+    }
+
     /// Whether layer `layer` (0-based) has an MoE FFN.
     pub fn is_moe(&self, layer: usize) -> bool {
-        self.moe.is_some() && self.moe_every > 0 && (layer + 1).is_multiple_of(self.moe_every)
+        self.moe.is_some()
+            && self.moe_every > 0
+            && (layer + 1).is_multiple_of(self.moe_every)
+            && !self.dense_layers.contains(&layer)
     }
 
     /// Index of MoE layer `layer` among the model's MoE layers.
@@ -87,19 +106,33 @@ impl MoeLmConfig {
                 return Err(invalid(field, "must be positive"));
             }
         }
-        if !self.hidden.is_multiple_of(self.heads) {
-            return Err(invalid(
-                "heads",
-                format!("{} heads do not divide hidden {}", self.heads, self.hidden),
-            ));
+        match self.head_dim {
+            None if !self.hidden.is_multiple_of(self.heads) => {
+                return Err(invalid(
+                    "heads",
+                    format!("{} heads do not divide hidden {}", self.heads, self.hidden),
+                ));
+            }
+            Some(0) => return Err(invalid("head_dim", "must be positive")),
+            _ => {}
         }
-        if !(self.hidden / self.heads).is_multiple_of(2) {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(invalid(
-                "heads",
+                if self.head_dim.is_some() {
+                    "head_dim"
+                } else {
+                    "heads"
+                },
                 format!(
                     "the head dimension {} must be even for RoPE",
-                    self.hidden / self.heads
+                    self.head_dim()
                 ),
+            ));
+        }
+        if let Some(&l) = self.dense_layers.iter().find(|&&l| l >= self.layers) {
+            return Err(invalid(
+                "dense_layers",
+                format!("layer {l} is not among the model's {} layers", self.layers),
             ));
         }
         let kv = self.kv();
@@ -138,8 +171,9 @@ impl MoeLmConfig {
         let (h, v) = (self.hidden as u64, self.vocab as u64);
         let heads = self.heads as u64;
         let kv = self.kv() as u64;
-        let dh = h / heads;
-        let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h;
+        let dh = self.head_dim() as u64;
+        let qk_norm = if self.qk_norm { 2 * dh } else { 0 };
+        let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h + qk_norm;
         let dense = 3 * h * self.ffn_hidden as u64;
         // Embedding, output layer (unless tied to it), final norm.
         let io = if self.tie_embeddings {

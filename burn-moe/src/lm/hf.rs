@@ -3,8 +3,9 @@
 //! [`MoeLm`]: the configuration from `config.json`, every tensor renamed and laid out as the
 //! model's full tensors ([`MoeLm::full_tensors`]).
 //!
-//! Architectures: `MixtralForCausalLM`. Others are refused naming what they need that the
-//! model does not have yet.
+//! Architectures: `MixtralForCausalLM`, `Qwen3MoeForCausalLM` (per-head query/key norms, an
+//! explicit `head_dim`, `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`). Others
+//! are refused naming what they need that the model does not have yet.
 //!
 //! Layouts: the hub stores linear weights `[out, in]`, the model `[in, out]`; the hub's rotary
 //! embedding rotates the two halves of a head (`rotate_half`), the model rotates adjacent pairs
@@ -127,54 +128,91 @@ fn f64_of(c: &Value, key: &str) -> Option<f64> {
     c[key].as_f64()
 }
 
+/// The hub architectures read, with where their tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    /// `MixtralForCausalLM`: `block_sparse_moe`, experts `w1` (gate), `w3` (up), `w2` (down).
+    Mixtral,
+    /// `Qwen3MoeForCausalLM`: `mlp`, experts `gate_proj`, `up_proj`, `down_proj`, per-head
+    /// query/key norms.
+    Qwen3Moe,
+}
+
+impl Arch {
+    fn of(c: &Value) -> Result<Self> {
+        match c["architectures"][0].as_str().unwrap_or_default() {
+            "MixtralForCausalLM" => Ok(Self::Mixtral),
+            "Qwen3MoeForCausalLM" => Ok(Self::Qwen3Moe),
+            other => Err(bad(
+                "config",
+                format!(
+                    "architecture `{other}` is not read yet (MixtralForCausalLM and \
+                     Qwen3MoeForCausalLM are); OLMoE needs norms over the whole query and key \
+                     projections, Qwen2-MoE query/key/value biases"
+                ),
+            )),
+        }
+    }
+
+    /// The MoE block's name in a layer, and its experts' gate, up and down projections.
+    fn moe_names(self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            Self::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+            Self::Qwen3Moe => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        }
+    }
+}
+
 /// The model configuration of a hub `config.json`.
 pub fn config_from_hub(c: &Value) -> Result<MoeLmConfig> {
-    let arch = c["architectures"][0].as_str().unwrap_or_default();
-    if arch != "MixtralForCausalLM" {
-        return Err(bad(
-            "config",
-            format!(
-                "architecture `{arch}` is not read yet (MixtralForCausalLM is); Qwen3-MoE needs \
-                 per-head query/key norms, OLMoE norms over the whole query and key \
-                 projections, Qwen2-MoE query/key/value biases"
-            ),
-        ));
-    }
+    let arch = Arch::of(c)?;
     let (h, heads) = (
         usize_of(c, "hidden_size")?,
         usize_of(c, "num_attention_heads")?,
     );
-    if let Some(d) = c["head_dim"].as_u64()
-        && d as usize * heads != h
-    {
-        return Err(bad(
-            "config",
-            format!(
-                "head_dim {d} × {heads} heads is not hidden_size {h}; the model needs them equal"
-            ),
-        ));
-    }
     let rope_theta = f64_of(&c["rope_parameters"], "rope_theta")
         .or_else(|| f64_of(c, "rope_theta"))
         .unwrap_or(10_000.0);
     let (e, k) = (
-        usize_of(c, "num_local_experts")?,
+        usize_of(c, "num_local_experts").or_else(|_| usize_of(c, "num_experts"))?,
         usize_of(c, "num_experts_per_tok")?,
     );
-    let f = usize_of(c, "intermediate_size")?;
-    let mut moe = MoeLayerConfig::swiglu(h, f, e, k);
+    let dense_ffn = usize_of(c, "intermediate_size")?;
+    let (expert_ffn, renormalise, moe_every, dense_layers) = match arch {
+        Arch::Mixtral => (dense_ffn, true, 1, Vec::new()),
+        Arch::Qwen3Moe => (
+            usize_of(c, "moe_intermediate_size")?,
+            c["norm_topk_prob"].as_bool().unwrap_or(false),
+            usize_of(c, "decoder_sparse_step").unwrap_or(1),
+            c["mlp_only_layers"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .map(|l| l as usize)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+    };
+    let mut moe = MoeLayerConfig::swiglu(h, expert_ffn, e, k);
+    // Softmax over the k selected logits = softmax over all, renormalised over the k.
     moe.router = moe
         .router
-        .with_pre_softmax(false)
+        .with_pre_softmax(!renormalise)
         .with_aux_loss_coeff(f64_of(c, "router_aux_loss_coef").unwrap_or(0.0));
     let config = MoeLmConfig::new(
         usize_of(c, "vocab_size")?,
         h,
         usize_of(c, "num_hidden_layers")?,
         heads,
-        f,
+        dense_ffn,
     )
     .with_kv_heads(Some(usize_of(c, "num_key_value_heads")?))
+    .with_head_dim(c["head_dim"].as_u64().map(|d| d as usize))
+    .with_qk_norm(arch == Arch::Qwen3Moe)
+    .with_moe_every(moe_every)
+    .with_dense_layers(dense_layers)
     .with_moe(Some(moe))
     .with_rope_theta(rope_theta)
     .with_norm_eps(f64_of(c, "rms_norm_eps").unwrap_or(1e-6))
@@ -230,101 +268,23 @@ fn data(values: Vec<f32>, shape: &[usize]) -> TensorData {
     TensorData::new(values, shape.to_vec())
 }
 
-/// The full tensors ([`MoeLm::full_tensors`] names) of a Mixtral checkpoint for `cfg`; every
-/// tensor of the checkpoint must be used.
+/// The full tensors ([`MoeLm::full_tensors`] names) of a hub checkpoint with `config`
+/// (`config.json`) for the model configuration `cfg`; every tensor of the checkpoint must be
+/// used.
 pub fn full_tensors_from_hub(
+    config: &Value,
     cfg: &MoeLmConfig,
     mut t: HashMap<String, HubTensor>,
 ) -> Result<FullTensors> {
-    let (v, h, heads, kv) = (cfg.vocab, cfg.hidden, cfg.heads, cfg.kv());
-    let d = h / heads;
-    let moe = cfg
-        .moe
-        .as_ref()
-        .ok_or_else(|| bad("config", "a Mixtral model has MoE layers"))?;
-    let (e, f) = (moe.router.num_experts, moe.experts.ffn_hidden);
+    let arch = Arch::of(config)?;
+    let (v, h) = (cfg.vocab, cfg.hidden);
     let mut out = FullTensors::new();
     out.insert(
         "embed".into(),
         data(take(&mut t, "model.embed_tokens.weight", &[v, h])?, &[v, h]),
     );
     for l in 0..cfg.layers {
-        let p = format!("model.layers.{l}");
-        let mut put = |name: &str, values: Vec<f32>, shape: &[usize]| {
-            out.insert(format!("layers.{l}.{name}"), data(values, shape));
-        };
-        put(
-            "norm1",
-            take(&mut t, &format!("{p}.input_layernorm.weight"), &[h])?,
-            &[h],
-        );
-        put(
-            "norm2",
-            take(
-                &mut t,
-                &format!("{p}.post_attention_layernorm.weight"),
-                &[h],
-            )?,
-            &[h],
-        );
-        let q = take(
-            &mut t,
-            &format!("{p}.self_attn.q_proj.weight"),
-            &[heads * d, h],
-        )?;
-        let k = take(
-            &mut t,
-            &format!("{p}.self_attn.k_proj.weight"),
-            &[kv * d, h],
-        )?;
-        let vv = take(
-            &mut t,
-            &format!("{p}.self_attn.v_proj.weight"),
-            &[kv * d, h],
-        )?;
-        // Rows [q; k; v] of the fused `[out, in]` projection, then `[in, out]`.
-        let mut rows = interleave_heads(&q, heads, d, h);
-        rows.extend(interleave_heads(&k, kv, d, h));
-        rows.extend(vv);
-        let cols = (heads + 2 * kv) * d;
-        put("attn.qkv", transpose(&rows, cols, h), &[h, cols]);
-        let o = take(
-            &mut t,
-            &format!("{p}.self_attn.o_proj.weight"),
-            &[h, heads * d],
-        )?;
-        put("attn.out", transpose(&o, h, heads * d), &[heads * d, h]);
-        let m = format!("{p}.block_sparse_moe");
-        put(
-            "moe.router",
-            take(&mut t, &format!("{m}.gate.weight"), &[e, h])?,
-            &[e, h],
-        );
-        let (mut w1, mut w2) = (
-            Vec::with_capacity(e * h * 2 * f),
-            Vec::with_capacity(e * f * h),
-        );
-        for x in 0..e {
-            let gate = transpose(
-                &take(&mut t, &format!("{m}.experts.{x}.w1.weight"), &[f, h])?,
-                f,
-                h,
-            );
-            let up = transpose(
-                &take(&mut t, &format!("{m}.experts.{x}.w3.weight"), &[f, h])?,
-                f,
-                h,
-            );
-            // `[h, 2f]`: gate columns, then up columns.
-            for r in 0..h {
-                w1.extend_from_slice(&gate[r * f..(r + 1) * f]);
-                w1.extend_from_slice(&up[r * f..(r + 1) * f]);
-            }
-            let down = take(&mut t, &format!("{m}.experts.{x}.w2.weight"), &[h, f])?;
-            w2.extend(transpose(&down, h, f));
-        }
-        put("moe.w1", w1, &[e, h, 2 * f]);
-        put("moe.w2", w2, &[e, f, h]);
+        layer_tensors(arch, cfg, l, &mut t, &mut out)?;
     }
     out.insert(
         "norm_f".into(),
@@ -346,11 +306,105 @@ pub fn full_tensors_from_hub(
     Ok(out)
 }
 
+/// `[h, 2f]` (gate columns, then up columns) from the hub's gate and up `[f, h]`.
+fn gate_up(gate: &[f32], up: &[f32], f: usize, h: usize) -> Vec<f32> {
+    let (gate, up) = (transpose(gate, f, h), transpose(up, f, h));
+    let mut w = Vec::with_capacity(2 * f * h);
+    for r in 0..h {
+        w.extend_from_slice(&gate[r * f..(r + 1) * f]);
+        w.extend_from_slice(&up[r * f..(r + 1) * f]);
+    }
+    w
+}
+
+/// Layer `l`'s norms, attention and FFN (dense or MoE) into `out`.
+fn layer_tensors(
+    arch: Arch,
+    cfg: &MoeLmConfig,
+    l: usize,
+    t: &mut HashMap<String, HubTensor>,
+    out: &mut FullTensors,
+) -> Result<()> {
+    let (h, heads, kv, d) = (cfg.hidden, cfg.heads, cfg.kv(), cfg.head_dim());
+    let p = format!("model.layers.{l}");
+    let mut put = |name: &str, values: Vec<f32>, shape: &[usize]| {
+        out.insert(format!("layers.{l}.{name}"), data(values, shape));
+    };
+    put(
+        "norm1",
+        take(t, &format!("{p}.input_layernorm.weight"), &[h])?,
+        &[h],
+    );
+    put(
+        "norm2",
+        take(t, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+        &[h],
+    );
+    let a = format!("{p}.self_attn");
+    let q = take(t, &format!("{a}.q_proj.weight"), &[heads * d, h])?;
+    let k = take(t, &format!("{a}.k_proj.weight"), &[kv * d, h])?;
+    let vv = take(t, &format!("{a}.v_proj.weight"), &[kv * d, h])?;
+    // Rows [q; k; v] of the fused `[out, in]` projection, then `[in, out]`.
+    let mut rows = interleave_heads(&q, heads, d, h);
+    rows.extend(interleave_heads(&k, kv, d, h));
+    rows.extend(vv);
+    let cols = (heads + 2 * kv) * d;
+    put("attn.qkv", transpose(&rows, cols, h), &[h, cols]);
+    let o = take(t, &format!("{a}.o_proj.weight"), &[h, heads * d])?;
+    put("attn.out", transpose(&o, h, heads * d), &[heads * d, h]);
+    if cfg.qk_norm {
+        // The same interleaving as the rows they scale.
+        for name in ["q_norm", "k_norm"] {
+            let w = take(t, &format!("{a}.{name}.weight"), &[d])?;
+            put(&format!("attn.{name}"), interleave_heads(&w, 1, d, 1), &[d]);
+        }
+    }
+    let (block, [gate, up, down]) = arch.moe_names();
+    let m = format!("{p}.{block}");
+    match &cfg.moe {
+        Some(moe) if cfg.is_moe(l) => {
+            let (e, f) = (moe.router.num_experts, moe.experts.ffn_hidden);
+            put(
+                "moe.router",
+                take(t, &format!("{m}.gate.weight"), &[e, h])?,
+                &[e, h],
+            );
+            let (mut w1, mut w2) = (
+                Vec::with_capacity(e * h * 2 * f),
+                Vec::with_capacity(e * f * h),
+            );
+            for x in 0..e {
+                let ex = format!("{m}.experts.{x}");
+                let g = take(t, &format!("{ex}.{gate}.weight"), &[f, h])?;
+                let u = take(t, &format!("{ex}.{up}.weight"), &[f, h])?;
+                w1.extend(gate_up(&g, &u, f, h));
+                w2.extend(transpose(
+                    &take(t, &format!("{ex}.{down}.weight"), &[h, f])?,
+                    h,
+                    f,
+                ));
+            }
+            put("moe.w1", w1, &[e, h, 2 * f]);
+            put("moe.w2", w2, &[e, f, h]);
+        }
+        _ => {
+            let f = cfg.ffn_hidden;
+            let g = take(t, &format!("{m}.gate_proj.weight"), &[f, h])?;
+            let u = take(t, &format!("{m}.up_proj.weight"), &[f, h])?;
+            put("ffn.fc1", gate_up(&g, &u, f, h), &[h, 2 * f]);
+            let dn = take(t, &format!("{m}.down_proj.weight"), &[h, f])?;
+            put("ffn.fc2", transpose(&dn, h, f), &[f, h]);
+        }
+    }
+    Ok(())
+}
+
 impl MoeLm {
     /// The model of the Hugging Face checkpoint folder `dir` on `device`, whole on one rank.
     pub fn from_hf(dir: &Path, device: &Device) -> Result<Self> {
-        let config = config_from_hub(&read_config(dir)?)?;
-        let tensors = full_tensors_from_hub(&config, read_tensors(dir)?)?;
+        let json = read_config(dir)?;
+        let config = config_from_hub(&json)?;
+        let tensors = full_tensors_from_hub(&json, &config, read_tensors(dir)?)?;
         let layout = StageLayout::single(config.layers);
         Self::from_tensors(
             &config,

@@ -265,7 +265,7 @@ impl MoeLm {
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm::from_full(init.ones(name, h)?, cfg.norm_eps, sp))
         };
-        let dh = h / cfg.heads;
+        let dh = cfg.head_dim();
         let mut blocks = Vec::new();
         let mut ranges = Vec::with_capacity(chunks);
         let mut moe_index = Vec::new();
@@ -288,14 +288,20 @@ impl MoeLm {
                 let cols = (cfg.heads + 2 * cfg.kv()) * dh;
                 let qkv = init.get(&format!("{name}.attn.qkv"), stream, [h, cols])?;
                 let out = init.get(&format!("{name}.attn.out"), stream + 1, [cfg.heads * dh, h])?;
+                let mut attn = Attention::from_full(
+                    (qkv, out),
+                    (cfg.heads, cfg.kv(), cfg.rope_theta),
+                    &tp,
+                    sp,
+                )?;
+                if cfg.qk_norm {
+                    let q = init.ones(&format!("{name}.attn.q_norm"), dh)?;
+                    let k = init.ones(&format!("{name}.attn.k_norm"), dh)?;
+                    attn = attn.with_qk_norm((q, k), cfg.norm_eps)?;
+                }
                 blocks.push(Block {
                     norm1: norm(&format!("{name}.norm1"))?,
-                    attn: Attention::from_full(
-                        (qkv, out),
-                        (cfg.heads, cfg.kv(), cfg.rope_theta),
-                        &tp,
-                        sp,
-                    )?,
+                    attn,
                     norm2: norm(&format!("{name}.norm2"))?,
                     dense,
                     moe,
@@ -341,7 +347,8 @@ impl MoeLm {
 
     /// The full tensors of a one-rank whole model by name (its weights, or with `grads` their
     /// gradients; zeros for a parameter without one), for [`from_tensors`](Self::from_tensors):
-    /// `embed`, `layers.L.norm1`, `layers.L.attn.qkv`, `layers.L.attn.out`, `layers.L.norm2`,
+    /// `embed`, `layers.L.norm1`, `layers.L.attn.qkv`, `layers.L.attn.out` (and
+    /// `layers.L.attn.q_norm` / `k_norm` with QK norms), `layers.L.norm2`,
     /// `layers.L.ffn.fc1` / `fc2` (dense layers), `layers.L.moe.router`, `layers.L.moe.w1` /
     /// `w2`, `layers.L.moe.shared.w1` / `w2` / `gate` (MoE layers), `norm_f`, `head` (unless
     /// tied).
@@ -361,6 +368,10 @@ impl MoeLm {
             put("norm1", read(&b.norm1.weight, grads)?);
             put("attn.qkv", read(&b.attn.qkv.weight, grads)?);
             put("attn.out", read(&b.attn.out.weight, grads)?);
+            if let (Some(q), Some(k)) = (&b.attn.q_norm, &b.attn.k_norm) {
+                put("attn.q_norm", read(q, grads)?);
+                put("attn.k_norm", read(k, grads)?);
+            }
             put("norm2", read(&b.norm2.weight, grads)?);
             if let Some(d) = &b.dense {
                 put("ffn.fc1", read(&d.fc1.weight, grads)?);
