@@ -289,11 +289,16 @@ fn hf_models() -> std::path::PathBuf {
     )
 }
 
-/// Mixtral and Qwen3-MoE read from the hub's files give transformers' own logits (within the
-/// reference's tolerance), its loss and its greedy continuation.
+/// Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE read from the hub's files give transformers' own
+/// logits (within the reference's tolerance), its loss and its greedy continuation.
 #[test]
 fn hub_checkpoints_give_the_logits_of_transformers() {
-    for name in ["mixtral-tiny", "qwen3-moe-tiny"] {
+    for name in [
+        "mixtral-tiny",
+        "qwen3-moe-tiny",
+        "olmoe-tiny",
+        "qwen2-moe-tiny",
+    ] {
         matches_transformers(&hf_models().join(name));
     }
 }

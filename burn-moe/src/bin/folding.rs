@@ -51,7 +51,7 @@ fn config() -> MoeLmConfig {
         .with_z_loss_coeff(Some(1e-3));
     MoeLmConfig::new(VOCAB, HIDDEN, 1, HEADS, 2 * HIDDEN)
         .with_moe(Some(moe))
-        .with_qk_norm(true)
+        .with_qk_norm(burn_moe::lm::QkNorm::PerHead)
         .with_init_std(0.2)
 }
 

@@ -33,9 +33,10 @@ pub struct Attention {
     pub qkv: ColumnParallelLinear,
     /// `[h·d / tp, H]`.
     pub out: RowParallelLinear,
-    /// RMSNorm weight `[d]` over each query head (before RoPE), when the model has QK norms.
+    /// RMSNorm weight over the queries (before RoPE), when the model has QK norms: `[d]`
+    /// applied to each head, or `[h·d]` over all of them.
     pub q_norm: Option<Param<Tensor<1>>>,
-    /// RMSNorm weight `[d]` over each key head.
+    /// The same for the keys (`[d]` or `[kv·d]`).
     pub k_norm: Option<Param<Tensor<1>>>,
     #[module(skip)]
     norm_eps: f64,
@@ -52,14 +53,26 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// The same with RMSNorms over each query and key head (weights `[d]`, epsilon `eps`;
-    /// Qwen3's QK norm), applied before the rotary embedding.
+    /// The same with RMSNorms on the queries and keys (epsilon `eps`), applied before the
+    /// rotary embedding: over each head with weights `[d]` (Qwen3), or over the whole query
+    /// and key projections with weights `[heads·d]` and `[kv_heads·d]` (OLMoE; one process:
+    /// refused under tensor parallelism).
     pub fn with_qk_norm(mut self, (q, k): (Tensor<1>, Tensor<1>), eps: f64) -> Result<Self> {
-        for (name, w) in [("q_norm", &q), ("k_norm", &k)] {
-            if w.dims() != [self.head_dim] {
+        let d = self.head_dim;
+        let whole = q.dims() != [d];
+        if whole && self.tp_size > 1 {
+            return Err(invalid(
+                "qk_norm",
+                "a norm over the whole query and key projections runs on one process; use \
+                 tp = 1",
+            ));
+        }
+        let want = |n: usize| if whole { n * d } else { d };
+        for (name, w, n) in [("q_norm", &q, self.heads), ("k_norm", &k, self.kv_heads)] {
+            if w.dims() != [want(n)] {
                 return Err(crate::MoeError::ShapeMismatch {
                     name,
-                    expected: format!("[head_dim = {}]", self.head_dim),
+                    expected: format!("[head_dim = {d}] or [heads·head_dim = {}]", n * d),
                     got: w.dims().to_vec(),
                 });
             }
@@ -76,6 +89,7 @@ impl Attention {
     /// the input and output are sequence shards).
     pub fn from_full(
         (qkv, out): (Tensor<2>, Tensor<2>),
+        bias: Option<Tensor<1>>,
         (heads, kv_heads, rope_theta): (usize, usize, f64),
         tp: &Group,
         sequence_parallel: bool,
@@ -112,18 +126,27 @@ impl Attention {
             ));
         }
         let (lh, lkv, r) = (heads / p, kv_heads / p, tp.rank());
-        let local = column_blocks(
-            qkv,
-            &[
-                (r * lh * dh, lh * dh),
-                (heads * dh + r * lkv * dh, lkv * dh),
-                ((heads + kv_heads) * dh + r * lkv * dh, lkv * dh),
-            ],
-        );
+        let blocks = [
+            (r * lh * dh, lh * dh),
+            (heads * dh + r * lkv * dh, lkv * dh),
+            ((heads + kv_heads) * dh + r * lkv * dh, lkv * dh),
+        ];
+        let local = column_blocks(qkv, &blocks);
+        let bias = match bias {
+            Some(b) if b.dims() != [cols] => {
+                return Err(crate::MoeError::ShapeMismatch {
+                    name: "qkv_bias",
+                    expected: format!("[{cols}]"),
+                    got: b.dims().to_vec(),
+                });
+            }
+            Some(b) => Some(column_blocks(b.unsqueeze_dim(0), &blocks).reshape([cols / p])),
+            None => None,
+        };
         Ok(Self {
             qkv: ColumnParallelLinear::from_local(
                 local,
-                None,
+                bias,
                 tp.clone(),
                 false,
                 sequence_parallel,
@@ -208,8 +231,8 @@ impl Attention {
         };
         let (mut q, mut k) = (part(0, h), part(h, kv));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = head_norm(q, qn.val(), self.norm_eps);
-            k = head_norm(k, kn.val(), self.norm_eps);
+            q = qk_norm(q, qn.val(), self.norm_eps);
+            k = qk_norm(k, kn.val(), self.norm_eps);
         }
         let q = self.rope(q, &positions);
         let k = self.rope(k, &positions);
@@ -248,9 +271,14 @@ impl ParallelParams for Attention {
     }
 }
 
-/// RMSNorm over the last dimension of `x` `[B, n, S, d]` with weight `w` `[d]`.
-fn head_norm(x: Tensor<4>, w: Tensor<1>, eps: f64) -> Tensor<4> {
-    let d = w.dims()[0];
-    let rms = (x.clone().powi_scalar(2).mean_dim(3) + eps).sqrt();
-    x / rms * w.reshape([1, 1, 1, d])
+/// RMSNorm of `x` `[B, n, S, d]` with weight `w`: over each head (`w` `[d]`), or over all `n`
+/// heads of a token together (`w` `[n·d]`).
+fn qk_norm(x: Tensor<4>, w: Tensor<1>, eps: f64) -> Tensor<4> {
+    let [_, n, _, d] = x.dims();
+    if w.dims()[0] == d {
+        let rms = (x.clone().powi_scalar(2).mean_dim(3) + eps).sqrt();
+        return x / rms * w.reshape([1, 1, 1, d]);
+    }
+    let rms = (x.clone().powi_scalar(2).mean_dim(3).mean_dim(1) + eps).sqrt();
+    x / rms * w.reshape([1, n, 1, d])
 }

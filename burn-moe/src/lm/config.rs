@@ -58,14 +58,29 @@ pub struct MoeLmConfig {
     /// Width of an attention head; `None`: `hidden / heads`.
     #[config(default = "None")]
     pub head_dim: Option<usize>,
-    /// RMSNorm over each query and key head before the rotary embedding (Qwen3's, one weight
-    /// of `head_dim` for the query heads and one for the key heads).
+    /// RMSNorms on the queries and keys before the rotary embedding.
+    #[config(default = "QkNorm::Off")]
+    pub qk_norm: QkNorm,
+    /// Biases on the query, key and value projections (Qwen2's).
     #[config(default = false)]
-    pub qk_norm: bool,
+    pub qkv_bias: bool,
     /// Layers (0-based) with a dense FFN even where `moe_every` puts an MoE layer (Qwen's
     /// `mlp_only_layers`).
     #[config(default = "Vec::new()")]
     pub dense_layers: Vec<usize>,
+}
+
+/// RMSNorms on the queries and keys, before the rotary embedding.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// None.
+    Off,
+    /// Over each head (Qwen3): one weight of `head_dim` for the query heads, one for the key
+    /// heads.
+    PerHead,
+    /// Over the whole query and the whole key projection (OLMoE): weights of `heads·head_dim`
+    /// and `kv_heads·head_dim` (one process per layer: refused under tensor parallelism).
+    Whole,
 }
 
 impl MoeLmConfig {
@@ -172,8 +187,17 @@ impl MoeLmConfig {
         let heads = self.heads as u64;
         let kv = self.kv() as u64;
         let dh = self.head_dim() as u64;
-        let qk_norm = if self.qk_norm { 2 * dh } else { 0 };
-        let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h + qk_norm;
+        let qk_norm = match self.qk_norm {
+            QkNorm::Off => 0,
+            QkNorm::PerHead => 2 * dh,
+            QkNorm::Whole => (heads + kv) * dh,
+        };
+        let bias = if self.qkv_bias {
+            (heads + 2 * kv) * dh
+        } else {
+            0
+        };
+        let attention = h * (heads + 2 * kv) * dh + heads * dh * h + 2 * h + qk_norm + bias;
         let dense = 3 * h * self.ffn_hidden as u64;
         // Embedding, output layer (unless tied to it), final norm.
         let io = if self.tie_embeddings {

@@ -4,8 +4,10 @@
 //! model's full tensors ([`MoeLm::full_tensors`]).
 //!
 //! Architectures: `MixtralForCausalLM`, `Qwen3MoeForCausalLM` (per-head query/key norms, an
-//! explicit `head_dim`, `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`). Others
-//! are refused naming what they need that the model does not have yet.
+//! explicit `head_dim`, `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`),
+//! `OlmoeForCausalLM` (norms over the whole query and key projections) and
+//! `Qwen2MoeForCausalLM` (query/key/value biases, a shared expert behind a sigmoid gate).
+//! Others are refused, naming the ones read.
 //!
 //! Layouts: the hub stores linear weights `[out, in]`, the model `[in, out]`; the hub's rotary
 //! embedding rotates the two halves of a head (`rotate_half`), the model rotates adjacent pairs
@@ -22,10 +24,11 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 use serde_json::Value;
 
-use super::config::MoeLmConfig;
+use super::config::{MoeLmConfig, QkNorm};
 use super::model::{FullTensors, MoeLm};
 use super::split::StageLayout;
 use crate::error::{MoeError, Result};
+use crate::experts::SharedExpertsConfig;
 use crate::layer::MoeLayerConfig;
 
 fn bad(name: &'static str, reason: impl Into<String>) -> MoeError {
@@ -136,6 +139,11 @@ enum Arch {
     /// `Qwen3MoeForCausalLM`: `mlp`, experts `gate_proj`, `up_proj`, `down_proj`, per-head
     /// query/key norms.
     Qwen3Moe,
+    /// `OlmoeForCausalLM`: as Qwen3-MoE, with norms over the whole query and key projections.
+    Olmoe,
+    /// `Qwen2MoeForCausalLM`: as Qwen3-MoE without query/key norms, with query/key/value
+    /// biases and a shared expert behind a sigmoid gate.
+    Qwen2Moe,
 }
 
 impl Arch {
@@ -143,12 +151,13 @@ impl Arch {
         match c["architectures"][0].as_str().unwrap_or_default() {
             "MixtralForCausalLM" => Ok(Self::Mixtral),
             "Qwen3MoeForCausalLM" => Ok(Self::Qwen3Moe),
+            "OlmoeForCausalLM" => Ok(Self::Olmoe),
+            "Qwen2MoeForCausalLM" => Ok(Self::Qwen2Moe),
             other => Err(bad(
                 "config",
                 format!(
-                    "architecture `{other}` is not read yet (MixtralForCausalLM and \
-                     Qwen3MoeForCausalLM are); OLMoE needs norms over the whole query and key \
-                     projections, Qwen2-MoE query/key/value biases"
+                    "architecture `{other}` is not read (MixtralForCausalLM, \
+                     Qwen3MoeForCausalLM, OlmoeForCausalLM and Qwen2MoeForCausalLM are)"
                 ),
             )),
         }
@@ -158,7 +167,19 @@ impl Arch {
     fn moe_names(self) -> (&'static str, [&'static str; 3]) {
         match self {
             Self::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-            Self::Qwen3Moe => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+            _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        }
+    }
+
+    /// The number of routed experts: Mixtral's `num_local_experts`, the others'
+    /// `num_experts` (Qwen3-MoE's under either name).
+    fn experts(self, c: &Value) -> Result<usize> {
+        match self {
+            Self::Mixtral => usize_of(c, "num_local_experts"),
+            Self::Qwen3Moe => {
+                usize_of(c, "num_experts").or_else(|_| usize_of(c, "num_local_experts"))
+            }
+            Self::Olmoe | Self::Qwen2Moe => usize_of(c, "num_experts"),
         }
     }
 }
@@ -173,16 +194,15 @@ pub fn config_from_hub(c: &Value) -> Result<MoeLmConfig> {
     let rope_theta = f64_of(&c["rope_parameters"], "rope_theta")
         .or_else(|| f64_of(c, "rope_theta"))
         .unwrap_or(10_000.0);
-    let (e, k) = (
-        usize_of(c, "num_local_experts").or_else(|_| usize_of(c, "num_experts"))?,
-        usize_of(c, "num_experts_per_tok")?,
-    );
+    let (e, k) = (arch.experts(c)?, usize_of(c, "num_experts_per_tok")?);
     let dense_ffn = usize_of(c, "intermediate_size")?;
+    let renormalise = c["norm_topk_prob"].as_bool().unwrap_or(false);
     let (expert_ffn, renormalise, moe_every, dense_layers) = match arch {
         Arch::Mixtral => (dense_ffn, true, 1, Vec::new()),
-        Arch::Qwen3Moe => (
+        Arch::Olmoe => (dense_ffn, renormalise, 1, Vec::new()),
+        Arch::Qwen3Moe | Arch::Qwen2Moe => (
             usize_of(c, "moe_intermediate_size")?,
-            c["norm_topk_prob"].as_bool().unwrap_or(false),
+            renormalise,
             usize_of(c, "decoder_sparse_step").unwrap_or(1),
             c["mlp_only_layers"]
                 .as_array()
@@ -196,6 +216,10 @@ pub fn config_from_hub(c: &Value) -> Result<MoeLmConfig> {
         ),
     };
     let mut moe = MoeLayerConfig::swiglu(h, expert_ffn, e, k);
+    if arch == Arch::Qwen2Moe {
+        let shared = usize_of(c, "shared_expert_intermediate_size")?;
+        moe = moe.with_shared(Some(SharedExpertsConfig::new(h, shared).with_gate(true)));
+    }
     // Softmax over the k selected logits = softmax over all, renormalised over the k.
     moe.router = moe
         .router
@@ -210,7 +234,12 @@ pub fn config_from_hub(c: &Value) -> Result<MoeLmConfig> {
     )
     .with_kv_heads(Some(usize_of(c, "num_key_value_heads")?))
     .with_head_dim(c["head_dim"].as_u64().map(|d| d as usize))
-    .with_qk_norm(arch == Arch::Qwen3Moe)
+    .with_qk_norm(match arch {
+        Arch::Qwen3Moe => QkNorm::PerHead,
+        Arch::Olmoe => QkNorm::Whole,
+        _ => QkNorm::Off,
+    })
+    .with_qkv_bias(arch == Arch::Qwen2Moe && c["qkv_bias"].as_bool().unwrap_or(true))
     .with_moe_every(moe_every)
     .with_dense_layers(dense_layers)
     .with_moe(Some(moe))
@@ -352,11 +381,37 @@ fn layer_tensors(
     put("attn.qkv", transpose(&rows, cols, h), &[h, cols]);
     let o = take(t, &format!("{a}.o_proj.weight"), &[h, heads * d])?;
     put("attn.out", transpose(&o, h, heads * d), &[heads * d, h]);
-    if cfg.qk_norm {
+    if cfg.qkv_bias {
+        // The same interleaving as the rows they are added to.
+        let mut b = interleave_heads(
+            &take(t, &format!("{a}.q_proj.bias"), &[heads * d])?,
+            heads,
+            d,
+            1,
+        );
+        b.extend(interleave_heads(
+            &take(t, &format!("{a}.k_proj.bias"), &[kv * d])?,
+            kv,
+            d,
+            1,
+        ));
+        b.extend(take(t, &format!("{a}.v_proj.bias"), &[kv * d])?);
+        put("attn.qkv_bias", b, &[cols]);
+    }
+    let norm_heads = match cfg.qk_norm {
+        QkNorm::Off => None,
+        QkNorm::PerHead => Some((1, 1)),
+        QkNorm::Whole => Some((heads, kv)),
+    };
+    if let Some((nq, nk)) = norm_heads {
         // The same interleaving as the rows they scale.
-        for name in ["q_norm", "k_norm"] {
-            let w = take(t, &format!("{a}.{name}.weight"), &[d])?;
-            put(&format!("attn.{name}"), interleave_heads(&w, 1, d, 1), &[d]);
+        for (name, n) in [("q_norm", nq), ("k_norm", nk)] {
+            let w = take(t, &format!("{a}.{name}.weight"), &[n * d])?;
+            put(
+                &format!("attn.{name}"),
+                interleave_heads(&w, n, d, 1),
+                &[n * d],
+            );
         }
     }
     let (block, [gate, up, down]) = arch.moe_names();
@@ -386,6 +441,18 @@ fn layer_tensors(
             }
             put("moe.w1", w1, &[e, h, 2 * f]);
             put("moe.w2", w2, &[e, f, h]);
+            if let Some(s) = &moe.shared {
+                let (fs, sh) = (s.ffn_hidden, format!("{m}.shared_expert"));
+                let g = take(t, &format!("{sh}.gate_proj.weight"), &[fs, h])?;
+                let u = take(t, &format!("{sh}.up_proj.weight"), &[fs, h])?;
+                put("moe.shared.w1", gate_up(&g, &u, fs, h), &[h, 2 * fs]);
+                let dn = take(t, &format!("{sh}.down_proj.weight"), &[h, fs])?;
+                put("moe.shared.w2", transpose(&dn, h, fs), &[fs, h]);
+                if s.gate {
+                    let gw = take(t, &format!("{m}.shared_expert_gate.weight"), &[1, h])?;
+                    put("moe.shared.gate", gw, &[1, h]);
+                }
+            }
         }
         _ => {
             let f = cfg.ffn_hidden;

@@ -15,7 +15,7 @@ pub mod split;
 pub mod trainer;
 
 pub use attention::Attention;
-pub use config::MoeLmConfig;
+pub use config::{MoeLmConfig, QkNorm};
 pub use data::{TokenSource, sequence_index};
 pub use ffn::DenseFfn;
 pub use model::{Block, Forward, FullTensors, MoeLm};

@@ -24,7 +24,7 @@ use crate::experts::{Experts, SharedExperts};
 use crate::host;
 use crate::layer::MoeLayer;
 use crate::lm::attention::Attention;
-use crate::lm::config::MoeLmConfig;
+use crate::lm::config::{MoeLmConfig, QkNorm};
 use crate::lm::ffn::DenseFfn;
 use crate::lm::split::StageLayout;
 use crate::router::{GlobalAuxState, RouteOptions, Router};
@@ -65,6 +65,14 @@ impl Init<'_> {
             &self.device,
             "uploading initial weights",
         ))
+    }
+
+    /// Bias `name` `[n]`: given, or zeros.
+    fn zeros(&self, name: &str, n: usize) -> Result<Tensor<1>> {
+        match self.given {
+            Some(_) => self.get(name, 0, [n]),
+            None => Ok(Tensor::zeros([n], &self.device)),
+        }
     }
 
     /// Norm weight `name` `[h]`: given, or ones.
@@ -288,15 +296,25 @@ impl MoeLm {
                 let cols = (cfg.heads + 2 * cfg.kv()) * dh;
                 let qkv = init.get(&format!("{name}.attn.qkv"), stream, [h, cols])?;
                 let out = init.get(&format!("{name}.attn.out"), stream + 1, [cfg.heads * dh, h])?;
+                let bias = cfg
+                    .qkv_bias
+                    .then(|| init.zeros(&format!("{name}.attn.qkv_bias"), cols))
+                    .transpose()?;
                 let mut attn = Attention::from_full(
                     (qkv, out),
+                    bias,
                     (cfg.heads, cfg.kv(), cfg.rope_theta),
                     &tp,
                     sp,
                 )?;
-                if cfg.qk_norm {
-                    let q = init.ones(&format!("{name}.attn.q_norm"), dh)?;
-                    let k = init.ones(&format!("{name}.attn.k_norm"), dh)?;
+                let widths = match cfg.qk_norm {
+                    QkNorm::Off => None,
+                    QkNorm::PerHead => Some((dh, dh)),
+                    QkNorm::Whole => Some((cfg.heads * dh, cfg.kv() * dh)),
+                };
+                if let Some((wq, wk)) = widths {
+                    let q = init.ones(&format!("{name}.attn.q_norm"), wq)?;
+                    let k = init.ones(&format!("{name}.attn.k_norm"), wk)?;
                     attn = attn.with_qk_norm((q, k), cfg.norm_eps)?;
                 }
                 blocks.push(Block {
@@ -368,6 +386,9 @@ impl MoeLm {
             put("norm1", read(&b.norm1.weight, grads)?);
             put("attn.qkv", read(&b.attn.qkv.weight, grads)?);
             put("attn.out", read(&b.attn.out.weight, grads)?);
+            if let Some(bias) = &b.attn.qkv.bias {
+                put("attn.qkv_bias", read(bias, grads)?);
+            }
             if let (Some(q), Some(k)) = (&b.attn.q_norm, &b.attn.k_norm) {
                 put("attn.q_norm", read(q, grads)?);
                 put("attn.k_norm", read(k, grads)?);
