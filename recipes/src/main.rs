@@ -193,6 +193,88 @@ enum EvalCommand {
     /// Sample the synthetic generator's captions with a DiT run and check the clips by rules:
     /// motion direction, colour and object count accuracy.
     Dit(EvalDitArgs),
+    /// Run a Hugging Face MoE checkpoint folder (config.json, safetensors): against its
+    /// reference.json (transformers' logits, loss and greedy continuation) when it has one,
+    /// otherwise the loss and greedy continuation of `--ids`.
+    Hf(EvalHfArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalHfArgs {
+    /// The checkpoint folder.
+    dir: PathBuf,
+    /// Print one JSON object (pass, max_abs_err, loss, reference_loss, greedy, greedy_match).
+    #[arg(long)]
+    json: bool,
+    /// Token ids (comma-separated) for a folder without reference.json.
+    #[arg(long, value_delimiter = ',')]
+    ids: Vec<i64>,
+    /// Tokens of the greedy continuation without reference.json.
+    #[arg(long, default_value_t = 8)]
+    tokens: usize,
+}
+
+/// `eval hf`: exit 1 on a mismatch with the reference, 2 on an error.
+fn run_eval_hf(args: &EvalHfArgs) -> Result<(), Failure> {
+    use burn_moe::lm::MoeLm;
+    use burn_moe::lm::hf::{check_reference, greedy, logits_and_loss, read_reference};
+    let model = MoeLm::from_hf(&args.dir, &burn::tensor::Device::flex())
+        .map_err(|e| Failure::from(RecipeError::invalid("DIR", e.to_string())))?;
+    let name = args.dir.display();
+    let Some(reference) = read_reference(&args.dir).map_err(RecipeError::from)? else {
+        let ids = if args.ids.is_empty() {
+            (0..16.min(model.config().vocab) as i64).collect()
+        } else {
+            args.ids.clone()
+        };
+        let bad =
+            |e: burn_moe::MoeError| Failure::from(RecipeError::invalid("--ids", e.to_string()));
+        let (_, loss) = logits_and_loss(&model, std::slice::from_ref(&ids)).map_err(bad)?;
+        let next = greedy(&model, &ids, args.tokens).map_err(bad)?;
+        if args.json {
+            println!("{}", serde_json::json!({ "loss": loss, "greedy": next }));
+        } else {
+            println!(
+                "{name}: loss {loss:.4} on {} ids; greedy continuation {next:?}",
+                ids.len()
+            );
+        }
+        return Ok(());
+    };
+    let c = check_reference(&model, &reference).map_err(RecipeError::from)?;
+    if args.json {
+        let line = serde_json::json!({
+            "pass": c.pass,
+            "max_abs_err": c.max_abs_err,
+            "logits_failed": c.logits_failed,
+            "loss": c.loss,
+            "reference_loss": reference.loss,
+            "greedy": c.greedy,
+            "greedy_match": c.greedy_match,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{}: {name}: max |logit − transformers'| {:.2e} ({} beyond rtol {}, atol {}), loss \
+             {:.6} (transformers {:.6}), greedy continuation {}",
+            if c.pass { "PASS" } else { "FAIL" },
+            c.max_abs_err,
+            c.logits_failed,
+            reference.rtol,
+            reference.atol,
+            c.loss,
+            reference.loss,
+            if c.greedy_match { "equal" } else { "differs" },
+        );
+    }
+    if c.pass {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: format!("{name} does not match its reference.json"),
+        })
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -1127,6 +1209,7 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Cache(args)) => run_cache(args).map_err(Failure::from),
         Command::Eval(EvalCommand::Vae(args)) => run_eval_vae(args).map_err(Failure::from),
         Command::Eval(EvalCommand::Dit(args)) => run_eval_dit(args).map_err(Failure::from),
+        Command::Eval(EvalCommand::Hf(args)) => run_eval_hf(args),
         Command::Sample(args) => run_sample(args).map_err(Failure::from),
     };
     match result {

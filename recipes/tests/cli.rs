@@ -116,3 +116,62 @@ fn data_synth_then_scan_writes_clips_captions_and_a_manifest() {
         .expect("binary runs");
     assert_eq!(missing.status.code(), Some(2));
 }
+
+/// `eval hf` on a hub checkpoint: its reference passes (JSON verdict, exit 0); the same
+/// weights against a reference whose greedy continuation was altered fail (exit 1); a folder
+/// without a checkpoint is an error naming the file (exit 2).
+#[test]
+fn eval_hf_checks_a_hub_checkpoint_against_its_reference() {
+    let hf = std::env::var_os("HF_MODELS_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/hf-models"),
+        Into::into,
+    );
+    let dir = hf.join("qwen2-moe-tiny");
+    let out = bin()
+        .args(["eval", "hf", &dir.display().to_string(), "--json"])
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(verdict["pass"], true, "{verdict}");
+    assert_eq!(verdict["greedy_match"], true, "{verdict}");
+    assert!(
+        verdict["max_abs_err"].as_f64().is_some_and(|e| e < 1e-4),
+        "{verdict}"
+    );
+
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).expect("copy");
+    }
+    let mut reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference.json")).expect("reference"),
+    )
+    .expect("JSON");
+    let first = reference["greedy_continuation"][0].as_i64().expect("id");
+    reference["greedy_continuation"][0] = serde_json::json!((first + 1) % 256);
+    std::fs::write(tmp.path().join("reference.json"), reference.to_string()).expect("write");
+    let out = bin()
+        .args(["eval", "hf", &tmp.path().display().to_string()])
+        .output()
+        .expect("binary runs");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("FAIL"));
+
+    std::fs::remove_file(tmp.path().join("model.safetensors")).expect("remove");
+    let out = bin()
+        .args(["eval", "hf", &tmp.path().display().to_string()])
+        .output()
+        .expect("binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.safetensors"));
+}

@@ -482,3 +482,203 @@ impl MoeLm {
         )
     }
 }
+
+/// What `transformers` computed for a checkpoint (`reference.json`): its logits on
+/// `input_ids`, their mean next-token loss, and a greedy continuation of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubReference {
+    /// Rows of token ids (`[batch][seq]`).
+    pub input_ids: Vec<Vec<i64>>,
+    /// Logits `[batch, seq, vocab]`, row-major.
+    pub logits: Vec<f64>,
+    /// Mean next-token cross-entropy over every row (positions `0..seq−1` predict `1..seq`).
+    pub loss: f64,
+    /// The prompt of the greedy continuation.
+    pub greedy_prompt: Vec<i64>,
+    /// The tokens greedy decoding appends to it.
+    pub greedy_continuation: Vec<i64>,
+    /// A logit passes when `|got − want| ≤ atol + rtol·|want|`.
+    pub rtol: f64,
+    /// See `rtol`.
+    pub atol: f64,
+}
+
+fn ints(v: &Value, what: &str) -> Result<Vec<i64>> {
+    v.as_array()
+        .and_then(|a| a.iter().map(Value::as_i64).collect())
+        .ok_or_else(|| {
+            bad(
+                "reference",
+                format!("reference.json: `{what}` is not a list of integers"),
+            )
+        })
+}
+
+/// `reference.json` of `dir`, if the folder has one.
+pub fn read_reference(dir: &Path) -> Result<Option<HubReference>> {
+    let path = dir.join("reference.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| bad("reference", format!("{}: {e}", path.display())))?;
+    let r: Value = serde_json::from_str(&text)
+        .map_err(|e| bad("reference", format!("{}: {e}", path.display())))?;
+    let shape = ints(&r["input_ids"]["shape"], "input_ids.shape")?;
+    let ids = ints(&r["input_ids"]["data"], "input_ids.data")?;
+    let [b, s] = shape[..] else {
+        return Err(bad(
+            "reference",
+            "reference.json: `input_ids.shape` is not [batch, seq]",
+        ));
+    };
+    let (b, s) = (b as usize, s as usize);
+    if ids.len() != b * s || s < 2 {
+        return Err(bad(
+            "reference",
+            "reference.json: `input_ids` does not hold batch × seq ≥ 2 ids",
+        ));
+    }
+    let logits: Vec<f64> = r["logits"]["data"]
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_f64).collect())
+        .ok_or_else(|| {
+            bad(
+                "reference",
+                "reference.json: `logits.data` is not a list of numbers",
+            )
+        })?;
+    let number = |v: &Value, what: &str| {
+        v.as_f64()
+            .ok_or_else(|| bad("reference", format!("reference.json: no number `{what}`")))
+    };
+    Ok(Some(HubReference {
+        input_ids: ids.chunks(s).map(<[i64]>::to_vec).collect(),
+        logits,
+        loss: number(&r["loss"], "loss")?,
+        greedy_prompt: ints(&r["greedy_prompt"], "greedy_prompt")?,
+        greedy_continuation: ints(&r["greedy_continuation"], "greedy_continuation")?,
+        rtol: number(&r["tolerance"]["rtol"], "tolerance.rtol")?,
+        atol: number(&r["tolerance"]["atol"], "tolerance.atol")?,
+    }))
+}
+
+/// The logits `[batch, seq, vocab]` (row-major) of `rows` of equal length, and their mean
+/// next-token cross-entropy.
+pub fn logits_and_loss(model: &MoeLm, rows: &[Vec<i64>]) -> Result<(Vec<f32>, f64)> {
+    let (b, s, v) = (
+        rows.len(),
+        rows.first().map_or(0, Vec::len),
+        model.config().vocab,
+    );
+    if b == 0 || s < 2 || rows.iter().any(|r| r.len() != s) {
+        return Err(bad("ids", "rows of at least 2 ids, all of one length"));
+    }
+    if let Some(&id) = rows
+        .iter()
+        .flatten()
+        .find(|&&id| id < 0 || id as usize >= v)
+    {
+        return Err(bad(
+            "ids",
+            format!("id {id} is outside the vocabulary of {v}"),
+        ));
+    }
+    let device = model.device()?;
+    // Sequence-first `[S, B]`.
+    let ids: Vec<i64> = (0..s)
+        .flat_map(|t| rows.iter().map(move |r| r[t]))
+        .collect();
+    let input = crate::host::upload_i64(&ids, &device, "uploading token ids").reshape([s, b]);
+    let logits = model
+        .forward(input)?
+        .permute([1, 0, 2])
+        .reshape([b * s * v]);
+    let got: Vec<f32> = crate::host::read_f32(logits, "reading logits")?;
+    let mut loss = 0.0;
+    for (r, row) in rows.iter().enumerate() {
+        for t in 0..s - 1 {
+            let l = &got[(r * s + t) * v..(r * s + t + 1) * v];
+            let max = l.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let lse = f64::from(max)
+                + l.iter()
+                    .map(|&x| f64::from(x - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            loss += lse - f64::from(l[row[t + 1] as usize]);
+        }
+    }
+    Ok((got, loss / (b * (s - 1)) as f64))
+}
+
+/// `n` tokens appended to `prompt` by greedy decoding (the whole sequence run again for each).
+pub fn greedy(model: &MoeLm, prompt: &[i64], n: usize) -> Result<Vec<i64>> {
+    let v = model.config().vocab;
+    let mut seq = prompt.to_vec();
+    for _ in 0..n {
+        let last = seq.len();
+        let mut row = seq.clone();
+        // One more id so the rows hold at least two; its logits are not used.
+        row.push(0);
+        let (logits, _) = logits_and_loss(model, &[row])?;
+        let l = &logits[(last - 1) * v..last * v];
+        let best = (0..v).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap_or(0);
+        seq.push(best as i64);
+    }
+    Ok(seq[prompt.len()..].to_vec())
+}
+
+/// How a model compares with `transformers` on a [`HubReference`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubCheck {
+    /// Every logit within the tolerance, the loss within it, the greedy continuation equal.
+    pub pass: bool,
+    /// The largest `|got − want|` over the logits.
+    pub max_abs_err: f64,
+    /// Logits beyond the tolerance.
+    pub logits_failed: usize,
+    /// The model's mean next-token loss on the reference ids.
+    pub loss: f64,
+    /// The model's greedy continuation of the reference prompt.
+    pub greedy: Vec<i64>,
+    /// Whether it equals the reference's.
+    pub greedy_match: bool,
+}
+
+/// Compares `model` with `reference`: logits (the reference's tolerance), loss (the same
+/// tolerance) and greedy continuation (equal).
+pub fn check_reference(model: &MoeLm, reference: &HubReference) -> Result<HubCheck> {
+    let (got, loss) = logits_and_loss(model, &reference.input_ids)?;
+    if got.len() != reference.logits.len() {
+        return Err(bad(
+            "reference",
+            format!(
+                "reference.json holds {} logits, the model gives {}",
+                reference.logits.len(),
+                got.len()
+            ),
+        ));
+    }
+    let within =
+        |got: f64, want: f64| (got - want).abs() <= reference.atol + reference.rtol * want.abs();
+    let (mut max_abs_err, mut logits_failed) = (0f64, 0);
+    for (&g, &w) in got.iter().zip(&reference.logits) {
+        let g = f64::from(g);
+        max_abs_err = max_abs_err.max((g - w).abs());
+        logits_failed += usize::from(!within(g, w));
+    }
+    let greedy = greedy(
+        model,
+        &reference.greedy_prompt,
+        reference.greedy_continuation.len(),
+    )?;
+    let greedy_match = greedy == reference.greedy_continuation;
+    Ok(HubCheck {
+        pass: logits_failed == 0 && within(loss, reference.loss) && greedy_match,
+        max_abs_err,
+        logits_failed,
+        loss,
+        greedy,
+        greedy_match,
+    })
+}

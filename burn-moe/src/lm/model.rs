@@ -233,13 +233,17 @@ impl MoeLm {
     /// This whole one-rank model laid out for `groups` and `layout` (torchtitan's
     /// `parallelize`): the plain model is the reference of every layout.
     pub fn parallelize(self, groups: &ProcessGroups, layout: &StageLayout) -> Result<Self> {
-        let device = self
-            .embed
-            .as_ref()
-            .map(|e| e.weight.val().device())
-            .ok_or_else(not_whole)?;
+        let device = self.device()?;
         let tensors = self.full_tensors(None)?;
         Self::from_tensors(&self.config, &tensors, groups, layout, &device)
+    }
+
+    /// The device of the model's weights (a stage holding the embedding).
+    pub fn device(&self) -> Result<Device> {
+        self.embed
+            .as_ref()
+            .map(|e| e.weight.val().device())
+            .ok_or_else(not_whole)
     }
 
     /// The model's configuration.

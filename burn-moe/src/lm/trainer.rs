@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{Module, ParamId};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use burn_parallel::checkpoint::{self, TrainingMeta};
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::context::ContextLayout;
@@ -449,10 +449,10 @@ impl LmTrainer {
             }
         }
         let local = [self.positions.len(), t.micro_batch];
-        (
-            Tensor::from_data(TensorData::new(ids, local), &self.device),
-            Tensor::from_data(TensorData::new(next, local), &self.device),
-        )
+        let upload = |v: Vec<i64>| {
+            crate::host::upload_i64(&v, &self.device, "uploading token ids").reshape(local)
+        };
+        (upload(ids), upload(next))
     }
 
     /// Forward and backward passes of every micro-batch of `step` (0-based) on this rank,
@@ -489,12 +489,7 @@ impl LmTrainer {
                 aux += value(out.aux.clone())? * scale;
                 z += value(out.z.clone())? * scale;
                 for (layer, counts) in &out.expert_load {
-                    let c = counts
-                        .clone()
-                        .into_data()
-                        .convert::<i64>()
-                        .try_into_vec::<i64>()
-                        .map_err(|e| backend("reading the tokens per expert", e))?;
+                    let c = crate::host::read_i64(counts.clone(), "reading the tokens per expert")?;
                     if let Some(slot) = load.get_mut(*layer) {
                         slot.iter_mut().zip(&c).for_each(|(a, b)| *a += *b as f64);
                     }
@@ -657,22 +652,11 @@ impl LmTrainer {
     }
 }
 
-fn backend(context: &'static str, e: impl std::fmt::Debug) -> MoeError {
-    MoeError::Backend {
-        context,
-        message: format!("{e:?}"),
-    }
-}
-
 /// The value of a one-element loss tensor (0 when absent).
 fn value(t: Option<Tensor<1>>) -> Result<f64> {
     let Some(t) = t else {
         return Ok(0.0);
     };
-    let v = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| backend("reading a loss", e))?;
+    let v = crate::host::read_f32(t, "reading a loss")?;
     Ok(f64::from(v.first().copied().unwrap_or(f32::NAN)))
 }
