@@ -391,3 +391,54 @@ fn matches_transformers(dir: &std::path::Path) {
     }
     assert_eq!(seq[seq.len() - want_next.len()..], want_next[..]);
 }
+
+/// Each hub checkpoint read and written again (`save_hf`, bf16) gives the same file: every
+/// tensor under the same name with the same shape and the same bytes, and nothing else; the
+/// written folder passes its reference as the original does.
+#[test]
+fn hub_checkpoints_exported_again_are_the_same_tensors() {
+    use burn_moe::lm::hf::HubDtype;
+    use safetensors::SafeTensors;
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    for name in [
+        "mixtral-tiny",
+        "qwen3-moe-tiny",
+        "olmoe-tiny",
+        "qwen2-moe-tiny",
+    ] {
+        let dir = hf_models().join(name);
+        let model = MoeLm::from_hf(&dir, &Device::flex()).expect("model");
+        let out = tmp.path().join(name);
+        model.save_hf(&out, HubDtype::Bf16).expect("export");
+        let (a, b) = (
+            std::fs::read(dir.join("model.safetensors")).expect("original"),
+            std::fs::read(out.join("model.safetensors")).expect("exported"),
+        );
+        let (a, b) = (
+            SafeTensors::deserialize(&a).expect("original"),
+            SafeTensors::deserialize(&b).expect("exported"),
+        );
+        let mut names = a.names();
+        names.sort();
+        let mut exported = b.names();
+        exported.sort();
+        assert_eq!(names, exported, "{name}");
+        for t in names {
+            let (x, y) = (a.tensor(t).expect("tensor"), b.tensor(t).expect("tensor"));
+            assert_eq!(
+                (x.dtype(), x.shape()),
+                (y.dtype(), y.shape()),
+                "{name}: {t}"
+            );
+            assert!(x.data() == y.data(), "{name}: {t} differs");
+        }
+        std::fs::copy(dir.join("reference.json"), out.join("reference.json")).expect("copy");
+        matches_transformers(&out);
+    }
+    // An existing folder is not overwritten.
+    let model = MoeLm::from_hf(&hf_models().join("mixtral-tiny"), &Device::flex()).expect("model");
+    let err = model
+        .save_hf(&tmp.path().join("mixtral-tiny"), HubDtype::F32)
+        .expect_err("exists");
+    assert!(err.to_string().contains("already exists"), "{err}");
+}

@@ -54,6 +54,49 @@ enum Command {
     Eval(EvalCommand),
     /// Generate clips for captions with a trained DiT run (GIFs).
     Sample(SampleArgs),
+    /// Write a trained model in another format.
+    #[command(subcommand)]
+    Export(ExportCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCommand {
+    /// A training run's model (newest checkpoint, one rank) as a Hugging Face checkpoint
+    /// folder (config.json, model.safetensors) of the architecture that holds it.
+    Hf(ExportHfArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportHfArgs {
+    /// The run folder.
+    run: PathBuf,
+    /// The checkpoint folder to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Write float32 weights instead of bfloat16.
+    #[arg(long)]
+    f32: bool,
+}
+
+fn run_export_hf(args: &ExportHfArgs) -> Result<()> {
+    use burn_moe::lm::hf::HubDtype;
+    if args.out.exists() {
+        return Err(RecipeError::invalid(
+            "--out",
+            format!("{} already exists", args.out.display()),
+        ));
+    }
+    let model = burn_recipes::model::load_run(&args.run, &burn::tensor::Device::flex())?;
+    let dtype = if args.f32 {
+        HubDtype::F32
+    } else {
+        HubDtype::Bf16
+    };
+    model
+        .save_hf(&args.out, dtype)
+        .map_err(|e| RecipeError::invalid("RUN", e.to_string()))?;
+    println!("{}: config.json, model.safetensors", args.out.display());
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -1211,6 +1254,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Dit(args)) => run_eval_dit(args).map_err(Failure::from),
         Command::Eval(EvalCommand::Hf(args)) => run_eval_hf(args),
         Command::Sample(args) => run_sample(args).map_err(Failure::from),
+        Command::Export(ExportCommand::Hf(args)) => run_export_hf(args).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

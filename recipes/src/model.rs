@@ -178,3 +178,37 @@ pub fn dispatcher_kind(d: Dispatcher) -> DispatcherKind {
         Dispatcher::Allgather => DispatcherKind::AllGather,
     }
 }
+
+/// The model of a training run folder at its newest checkpoint, whole on `device` (a
+/// checkpoint written by one rank; those of several ranks are refused).
+pub fn load_run(
+    run: &std::path::Path,
+    device: &burn::tensor::Device,
+) -> Result<burn_moe::lm::MoeLm> {
+    let recipe = Recipe::load(&run.join("recipe.toml"), &[]).map_err(|e| {
+        RecipeError::invalid("RUN", format!("{}: {e}", run.join("recipe.toml").display()))
+    })?;
+    let Some((dir, meta)) = crate::checkpoint::latest(run)? else {
+        return Err(RecipeError::invalid(
+            "RUN",
+            format!("{} has no checkpoint", run.display()),
+        ));
+    };
+    if meta.world != 1 {
+        return Err(RecipeError::invalid(
+            "RUN",
+            format!(
+                "its checkpoint was written by {} ranks; reading a sharded checkpoint whole is \
+                 not supported yet (train or resume the run on one rank)",
+                meta.world
+            ),
+        ));
+    }
+    let model = recipe
+        .model
+        .lm_config()
+        .init(recipe.run.seed, device)
+        .map_err(|e| recipe.model.key_of(e))?;
+    let (model, _) = crate::checkpoint::load(&dir, model, 0)?;
+    Ok(model)
+}

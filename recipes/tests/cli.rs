@@ -175,3 +175,77 @@ fn eval_hf_checks_a_hub_checkpoint_against_its_reference() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("model.safetensors"));
 }
+
+/// `export hf` writes a one-rank run's model as a hub checkpoint (moe-tiny is a Mixtral):
+/// read back, it is the run's model (float32: the same logits bit for bit); `eval hf` runs it.
+#[test]
+fn export_hf_writes_a_run_as_a_hub_checkpoint_that_reads_back_the_same() {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let run = tmp.path().join("run");
+    let out = common::train(
+        &common::recipe("moe-tiny.toml"),
+        &run,
+        &["training.steps=3", "training.warmup_steps=1"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hub = tmp.path().join("hub");
+    let out = bin()
+        .args(["export", "hf", &run.display().to_string(), "--out"])
+        .arg(&hub)
+        .arg("--f32")
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hub.join("config.json")).expect("config"))
+            .expect("JSON");
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    let d = Device::flex();
+    let trained = burn_recipes::model::load_run(&run, &d).expect("run");
+    let exported = burn_moe::lm::MoeLm::from_hf(&hub, &d).expect("hub");
+    let ids = || {
+        let v: Vec<i64> = (0..16).map(|i| (i * 7 + 3) % 64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [8, 2]), &d)
+    };
+    let logits = |m: &burn_moe::lm::MoeLm| -> Vec<f32> {
+        m.forward(ids())
+            .expect("forward")
+            .into_data()
+            .iter::<f32>()
+            .collect()
+    };
+    assert!(
+        logits(&trained) == logits(&exported),
+        "the exported model differs"
+    );
+    let out = bin()
+        .args(["eval", "hf"])
+        .arg(&hub)
+        .args(["--json", "--ids", "1,2,3,4,5"])
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{v}");
+    // An existing folder is refused.
+    let out = bin()
+        .args(["export", "hf", &run.display().to_string(), "--out"])
+        .arg(&hub)
+        .output()
+        .expect("binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+}

@@ -15,6 +15,10 @@
 //! and row `i + d/2` become rows `2i` and `2i + 1`), which leaves every attention score
 //! unchanged.
 
+mod export;
+
+pub use export::HubDtype;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
