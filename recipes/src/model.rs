@@ -2,7 +2,7 @@
 //! stage layout ([`burn_moe::lm`]).
 
 use burn_moe::MoeError;
-use burn_moe::lm::{MoeLmConfig, StageLayout};
+use burn_moe::lm::{MoeLmConfig, QkNorm, StageLayout};
 use burn_moe::prelude::{
     Activation, DispatcherKind, DropPolicy, ExpertsConfig, MoeLayerConfig, RouterConfig,
     RoutingType, ScoreFunction, SharedExpertsConfig,
@@ -11,8 +11,8 @@ use burn_parallel::context::CpAttention;
 
 use crate::error::{RecipeError, Result};
 use crate::recipe::{
-    CpComm, Dispatcher, DropPolicyName, ExpertActivation, ModelConfig, Recipe, RoutingName,
-    ScoreFunctionName,
+    CpComm, Dispatcher, DropPolicyName, ExpertActivation, ModelConfig, QkNormName, Recipe,
+    RoutingName, ScoreFunctionName,
 };
 
 impl ModelConfig {
@@ -102,6 +102,14 @@ impl ModelConfig {
             .with_rope_theta(self.rope_theta)
             .with_init_std(self.init_std)
             .with_tie_embeddings(self.tie_embeddings)
+            .with_head_dim(self.head_dim)
+            .with_qk_norm(match self.qk_norm {
+                QkNormName::Off => QkNorm::Off,
+                QkNormName::PerHead => QkNorm::PerHead,
+                QkNormName::Whole => QkNorm::Whole,
+            })
+            .with_qkv_bias(self.qkv_bias)
+            .with_dense_layers(self.dense_layers.clone())
     }
 
     /// The `[model]` / `[model.router]` key of a library configuration error.

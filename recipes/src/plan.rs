@@ -253,7 +253,7 @@ impl Problem {
             f(m.vocab),
         );
         let kv = f(m.kv_heads.unwrap_or(m.heads));
-        let dh = h / heads;
+        let dh = m.head_dim.map_or(h / heads, f);
         let fe = f(m.expert_ffn_hidden.unwrap_or(m.ffn_hidden));
         let fs = f(m.shared_expert_ffn_hidden.unwrap_or(0));
         let fd = f(m.ffn_hidden);
@@ -263,9 +263,8 @@ impl Problem {
         let dp = c.gpus / (l.tp * l.cp * l.pp);
         let micro_batches = self.global_batch / (dp * l.micro_batch);
         let mb = f(micro_batches);
-        let moe_layers = (0..m.layers)
-            .filter(|i| m.moe_every > 0 && (i + 1).is_multiple_of(m.moe_every))
-            .count() as f64;
+        let lm = m.lm_config();
+        let moe_layers = (0..m.layers).filter(|&i| lm.is_moe(i)).count() as f64;
         let dense_layers = layers - moe_layers;
 
         let t = f(l.micro_batch) * s; // tokens of one data-parallel replica's micro-batch
@@ -738,6 +737,10 @@ pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measu
             shared_expert_gate: false,
             expert_activation: Default::default(),
             router: None,
+            head_dim: None,
+            qk_norm: Default::default(),
+            qkv_bias: false,
+            dense_layers: Vec::new(),
         };
         let gpus = num(row, "gpus")? as usize;
         let problem = Problem {

@@ -107,6 +107,39 @@ pub struct ModelConfig {
     /// `[model.router]`: every option of the library's `RouterConfig`, by its name.
     #[serde(default)]
     pub router: Option<RouterTable>,
+    /// Width of an attention head (absent: `hidden / heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// RMSNorms on the queries and keys before RoPE: `"off"`, `"per_head"` (Qwen3),
+    /// `"whole"` (the whole projections, OLMoE; `parallel.tp = 1`).
+    #[serde(default, skip_serializing_if = "QkNormName::is_off")]
+    pub qk_norm: QkNormName,
+    /// Biases on the query, key and value projections (Qwen2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qkv_bias: bool,
+    /// Layers (0-based) with a dense FFN where `moe_every` would put an MoE layer (Qwen's
+    /// `mlp_only_layers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense_layers: Vec<usize>,
+}
+
+/// `model.qk_norm` (burn-moe's `QkNorm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNormName {
+    /// None.
+    #[default]
+    Off,
+    /// Over each head.
+    PerHead,
+    /// Over the whole query and key projections.
+    Whole,
+}
+
+impl QkNormName {
+    fn is_off(&self) -> bool {
+        *self == Self::Off
+    }
 }
 
 /// The experts' activation (burn-moe's `Activation`).
@@ -499,16 +532,21 @@ impl Recipe {
     /// The `[model]` keys' own ranges and their agreement with each other.
     fn validate_model(&self) -> Result<()> {
         let m = &self.model;
-        if !m.hidden.is_multiple_of(m.heads) {
+        if m.head_dim.is_none() && !m.hidden.is_multiple_of(m.heads) {
             return Err(bad(
                 "model.heads",
                 format!("{} heads do not divide hidden = {}", m.heads, m.hidden),
             ));
         }
-        if !(m.hidden / m.heads).is_multiple_of(2) {
+        let head_dim = m.head_dim.unwrap_or(m.hidden / m.heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(
-                "model.heads",
-                "the head dimension must be even for RoPE",
+                if m.head_dim.is_some() {
+                    "model.head_dim"
+                } else {
+                    "model.heads"
+                },
+                "the head dimension must be even (and positive) for RoPE",
             ));
         }
         let kv = m.kv_heads.unwrap_or(m.heads);
@@ -681,6 +719,13 @@ impl Recipe {
             return Err(bad(
                 "parallel.tp",
                 format!("{} does not divide ffn_hidden = {}", p.tp, m.ffn_hidden),
+            ));
+        }
+        if m.qk_norm == QkNormName::Whole && p.tp > 1 {
+            return Err(bad(
+                "model.qk_norm",
+                "\"whole\" normalises the whole query and key projections on one process; it \
+                 needs parallel.tp = 1 (\"per_head\" splits over TP)",
             ));
         }
         if p.virtual_pp == Some(0) {

@@ -84,6 +84,18 @@ fn heads_not_dividing_hidden() {
 }
 
 #[test]
+fn attention_options_out_of_range_name_their_key() {
+    set("model.head_dim=7", "model.head_dim");
+    set("model.dense_layers=[5]", "model.dense_layers");
+    set("model.qk_norm=\"sideways\"", "model.qk_norm");
+    refuses(
+        TINY,
+        &["--set", "model.qk_norm=\"whole\"", "--set", "parallel.tp=2"],
+        "model.qk_norm",
+    );
+}
+
+#[test]
 fn kv_heads_not_dividing_heads() {
     set("model.kv_heads=3", "model.kv_heads");
 }

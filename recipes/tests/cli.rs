@@ -249,3 +249,73 @@ fn export_hf_writes_a_run_as_a_hub_checkpoint_that_reads_back_the_same() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
 }
+
+/// A recipe with Qwen3's attention and layer options (per-head QK norms, a head width other
+/// than hidden / heads, a dense layer between MoE layers) trains with a falling loss and
+/// exports as a Qwen3-MoE checkpoint that reads back with bit-identical logits (f32).
+#[test]
+fn a_qwen3_style_recipe_trains_and_exports_as_qwen3_moe() {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let run = tmp.path().join("run");
+    let out = common::train(
+        &common::recipe("moe-tiny.toml"),
+        &run,
+        &[
+            "training.steps=20",
+            "model.qk_norm=\"per_head\"",
+            "model.head_dim=32",
+            "model.dense_layers=[0]",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary"))
+            .expect("JSON");
+    let losses: Vec<f64> = summary["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    assert!(losses[losses.len() - 1] < losses[0], "{losses:?}");
+    let hub = tmp.path().join("hub");
+    let out = bin()
+        .args(["export", "hf", &run.display().to_string(), "--f32", "--out"])
+        .arg(&hub)
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hub.join("config.json")).expect("config"))
+            .expect("JSON");
+    assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
+    assert_eq!(config["head_dim"], 32);
+    assert_eq!(config["mlp_only_layers"], serde_json::json!([0]));
+    let d = Device::flex();
+    let trained = burn_recipes::model::load_run(&run, &d).expect("run");
+    let exported = burn_moe::lm::MoeLm::from_hf(&hub, &d).expect("hub");
+    let ids = || {
+        let v: Vec<i64> = (0..16).map(|i| (i * 5 + 1) % 64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [8, 2]), &d)
+    };
+    let logits = |m: &burn_moe::lm::MoeLm| -> Vec<f32> {
+        m.forward(ids())
+            .expect("forward")
+            .into_data()
+            .iter::<f32>()
+            .collect()
+    };
+    assert!(
+        logits(&trained) == logits(&exported),
+        "the exported model differs"
+    );
+}
