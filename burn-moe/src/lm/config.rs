@@ -83,6 +83,18 @@ pub enum QkNorm {
     Whole,
 }
 
+impl QkNorm {
+    /// How many heads the query and the key norm weight each span (each `head_dim` wide):
+    /// one for per-head norms, all of them for whole-projection norms; `None` without.
+    pub fn heads(self, heads: usize, kv_heads: usize) -> Option<(usize, usize)> {
+        match self {
+            Self::Off => None,
+            Self::PerHead => Some((1, 1)),
+            Self::Whole => Some((heads, kv_heads)),
+        }
+    }
+}
+
 impl MoeLmConfig {
     /// Key/value heads.
     pub fn kv(&self) -> usize {
@@ -187,11 +199,10 @@ impl MoeLmConfig {
         let heads = self.heads as u64;
         let kv = self.kv() as u64;
         let dh = self.head_dim() as u64;
-        let qk_norm = match self.qk_norm {
-            QkNorm::Off => 0,
-            QkNorm::PerHead => 2 * dh,
-            QkNorm::Whole => (heads + kv) * dh,
-        };
+        let qk_norm = self
+            .qk_norm
+            .heads(self.heads, self.kv())
+            .map_or(0, |(q, k)| (q + k) as u64 * dh);
         let bias = if self.qkv_bias {
             (heads + 2 * kv) * dh
         } else {

@@ -24,7 +24,7 @@ use crate::experts::{Experts, SharedExperts};
 use crate::host;
 use crate::layer::MoeLayer;
 use crate::lm::attention::Attention;
-use crate::lm::config::{MoeLmConfig, QkNorm};
+use crate::lm::config::MoeLmConfig;
 use crate::lm::ffn::DenseFfn;
 use crate::lm::split::StageLayout;
 use crate::router::{GlobalAuxState, RouteOptions, Router};
@@ -311,14 +311,9 @@ impl MoeLm {
                     &tp,
                     sp,
                 )?;
-                let widths = match cfg.qk_norm {
-                    QkNorm::Off => None,
-                    QkNorm::PerHead => Some((dh, dh)),
-                    QkNorm::Whole => Some((cfg.heads * dh, cfg.kv() * dh)),
-                };
-                if let Some((wq, wk)) = widths {
-                    let q = init.ones(&format!("{name}.attn.q_norm"), wq)?;
-                    let k = init.ones(&format!("{name}.attn.k_norm"), wk)?;
+                if let Some((nq, nk)) = cfg.qk_norm.heads(cfg.heads, cfg.kv()) {
+                    let q = init.ones(&format!("{name}.attn.q_norm"), nq * dh)?;
+                    let k = init.ones(&format!("{name}.attn.k_norm"), nk * dh)?;
                     attn = attn.with_qk_norm((q, k), cfg.norm_eps)?;
                 }
                 blocks.push(Block {

@@ -253,12 +253,7 @@ fn hub_tensors(model: &MoeLm, arch: Arch) -> Result<BTreeMap<String, HubTensor>>
             );
             put(format!("{a}.v_proj.bias"), vec![kv * d], vb.to_vec());
         }
-        let norm_heads = match cfg.qk_norm {
-            QkNorm::Off => None,
-            QkNorm::PerHead => Some((1, 1)),
-            QkNorm::Whole => Some((heads, kv)),
-        };
-        if let Some((nq, nk)) = norm_heads {
+        if let Some((nq, nk)) = cfg.qk_norm.heads(heads, kv) {
             for (name, n) in [("q_norm", nq), ("k_norm", nk)] {
                 let w = get(&format!("{m}.attn.{name}"))?;
                 put(

@@ -402,12 +402,7 @@ fn layer_tensors(
         b.extend(take(t, &format!("{a}.v_proj.bias"), &[kv * d])?);
         put("attn.qkv_bias", b, &[cols]);
     }
-    let norm_heads = match cfg.qk_norm {
-        QkNorm::Off => None,
-        QkNorm::PerHead => Some((1, 1)),
-        QkNorm::Whole => Some((heads, kv)),
-    };
-    if let Some((nq, nk)) = norm_heads {
+    if let Some((nq, nk)) = cfg.qk_norm.heads(heads, kv) {
         // The same interleaving as the rows they scale.
         for (name, n) in [("q_norm", nq), ("k_norm", nk)] {
             let w = take(t, &format!("{a}.{name}.weight"), &[n * d])?;
