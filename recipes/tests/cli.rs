@@ -176,11 +176,48 @@ fn eval_hf_checks_a_hub_checkpoint_against_its_reference() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("model.safetensors"));
 }
 
+/// `export hf RUN --out HUB --f32`, then the exported folder read back (`MoeLm::from_hf`)
+/// against the run's own model (`load_run`): the same logits bit for bit on `ids` (a
+/// sequence-first `[8, 2]` batch). Returns the exported `config.json`.
+fn export_f32_and_compare(
+    run: &std::path::Path,
+    hub: &std::path::Path,
+    ids: Vec<i64>,
+) -> serde_json::Value {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let out = bin()
+        .args(["export", "hf", &run.display().to_string(), "--f32", "--out"])
+        .arg(hub)
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Device::flex();
+    let trained = burn_recipes::model::load_run(run, &d).expect("run");
+    let exported = burn_moe::lm::MoeLm::from_hf(hub, &d).expect("hub");
+    let logits = |m: &burn_moe::lm::MoeLm| -> Vec<f32> {
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [8, 2]), &d);
+        m.forward(input)
+            .expect("forward")
+            .into_data()
+            .iter::<f32>()
+            .collect()
+    };
+    assert!(
+        logits(&trained) == logits(&exported),
+        "the exported model differs"
+    );
+    serde_json::from_str(&std::fs::read_to_string(hub.join("config.json")).expect("config"))
+        .expect("JSON")
+}
+
 /// `export hf` writes a one-rank run's model as a hub checkpoint (moe-tiny is a Mixtral):
 /// read back, it is the run's model (float32: the same logits bit for bit); `eval hf` runs it.
 #[test]
 fn export_hf_writes_a_run_as_a_hub_checkpoint_that_reads_back_the_same() {
-    use burn::tensor::{Device, Int, Tensor, TensorData};
     let tmp = tempfile::tempdir().expect("temporary folder");
     let run = tmp.path().join("run");
     let out = common::train(
@@ -194,39 +231,9 @@ fn export_hf_writes_a_run_as_a_hub_checkpoint_that_reads_back_the_same() {
         String::from_utf8_lossy(&out.stderr)
     );
     let hub = tmp.path().join("hub");
-    let out = bin()
-        .args(["export", "hf", &run.display().to_string(), "--out"])
-        .arg(&hub)
-        .arg("--f32")
-        .output()
-        .expect("binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hub.join("config.json")).expect("config"))
-            .expect("JSON");
+    let ids = (0..16).map(|i| (i * 7 + 3) % 64).collect();
+    let config = export_f32_and_compare(&run, &hub, ids);
     assert_eq!(config["architectures"][0], "MixtralForCausalLM");
-    let d = Device::flex();
-    let trained = burn_recipes::model::load_run(&run, &d).expect("run");
-    let exported = burn_moe::lm::MoeLm::from_hf(&hub, &d).expect("hub");
-    let ids = || {
-        let v: Vec<i64> = (0..16).map(|i| (i * 7 + 3) % 64).collect();
-        Tensor::<2, Int>::from_data(TensorData::new(v, [8, 2]), &d)
-    };
-    let logits = |m: &burn_moe::lm::MoeLm| -> Vec<f32> {
-        m.forward(ids())
-            .expect("forward")
-            .into_data()
-            .iter::<f32>()
-            .collect()
-    };
-    assert!(
-        logits(&trained) == logits(&exported),
-        "the exported model differs"
-    );
     let out = bin()
         .args(["eval", "hf"])
         .arg(&hub)
@@ -255,7 +262,6 @@ fn export_hf_writes_a_run_as_a_hub_checkpoint_that_reads_back_the_same() {
 /// exports as a Qwen3-MoE checkpoint that reads back with bit-identical logits (f32).
 #[test]
 fn a_qwen3_style_recipe_trains_and_exports_as_qwen3_moe() {
-    use burn::tensor::{Device, Int, Tensor, TensorData};
     let tmp = tempfile::tempdir().expect("temporary folder");
     let run = tmp.path().join("run");
     let out = common::train(
@@ -284,38 +290,9 @@ fn a_qwen3_style_recipe_trains_and_exports_as_qwen3_moe() {
         .collect();
     assert!(losses[losses.len() - 1] < losses[0], "{losses:?}");
     let hub = tmp.path().join("hub");
-    let out = bin()
-        .args(["export", "hf", &run.display().to_string(), "--f32", "--out"])
-        .arg(&hub)
-        .output()
-        .expect("binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hub.join("config.json")).expect("config"))
-            .expect("JSON");
+    let ids = (0..16).map(|i| (i * 5 + 1) % 64).collect();
+    let config = export_f32_and_compare(&run, &hub, ids);
     assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
     assert_eq!(config["head_dim"], 32);
     assert_eq!(config["mlp_only_layers"], serde_json::json!([0]));
-    let d = Device::flex();
-    let trained = burn_recipes::model::load_run(&run, &d).expect("run");
-    let exported = burn_moe::lm::MoeLm::from_hf(&hub, &d).expect("hub");
-    let ids = || {
-        let v: Vec<i64> = (0..16).map(|i| (i * 5 + 1) % 64).collect();
-        Tensor::<2, Int>::from_data(TensorData::new(v, [8, 2]), &d)
-    };
-    let logits = |m: &burn_moe::lm::MoeLm| -> Vec<f32> {
-        m.forward(ids())
-            .expect("forward")
-            .into_data()
-            .iter::<f32>()
-            .collect()
-    };
-    assert!(
-        logits(&trained) == logits(&exported),
-        "the exported model differs"
-    );
 }
