@@ -229,7 +229,7 @@ fn fit_stopped_on_request_resumes_to_the_uninterrupted_run_bit_for_bit() {
     assert_eq!((meta.step, meta.world, meta.seed), (3, 1, 5));
 
     let mut resumed = trainer(6);
-    let start = resumed.resume(&dir, meta.step).expect("resume");
+    let start = resumed.resume(&dir, &meta).expect("resume");
     let rest = resumed
         .fit(&with(start, Some(5)), &mut |_: &StepRecord| {})
         .expect("fit");
@@ -242,7 +242,11 @@ fn fit_stopped_on_request_resumes_to_the_uninterrupted_run_bit_for_bit() {
     assert_eq!(meta5.step, 5);
 
     // A checkpoint whose optimizer state disagrees with the step, and stops outside the run.
-    let err = trainer(6).resume(&dir5, 4).expect_err("refused");
+    let wrong = TrainingMeta {
+        step: 4,
+        ..meta5.clone()
+    };
+    let err = trainer(6).resume(&dir5, &wrong).expect_err("refused");
     assert!(err.to_string().contains("optimizer state"), "{err}");
     let err = trainer(6)
         .fit(&with(5, Some(5)), &mut |_: &StepRecord| {})

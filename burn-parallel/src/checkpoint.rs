@@ -53,6 +53,7 @@ use serde::de::DeserializeOwned;
 
 use crate::comm::Communicator;
 use crate::error::{ParallelError, Result};
+use crate::mesh::{Mesh, MoeDims, ParallelDims};
 use crate::optim::OptimizerState;
 
 /// What `meta.json` of a checkpoint records: at least the optimizer steps completed when it
@@ -74,6 +75,49 @@ pub struct TrainingMeta {
     pub next_sequence: u64,
     /// The run's seed (the data and initialisation generators' state is (seed, position)).
     pub seed: u64,
+    /// The parallel layout the checkpoint was written under, so that it can be read under
+    /// another (absent in checkpoints written before layouts were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<SavedLayout>,
+}
+
+/// The parallel layout of a checkpoint: the mesh and the pipeline's layer split, all a reader
+/// needs to know which part of each tensor every rank file holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedLayout {
+    /// Attention sizes `tp, cp, dp, pp`.
+    pub attention: ParallelDims,
+    /// MoE sizes `etp, ep, edp`.
+    pub moe: MoeDims,
+    /// The mesh's order string.
+    pub order: String,
+    /// Model chunks (virtual stages) per pipeline stage.
+    pub chunks: usize,
+    /// Layers of each virtual stage (virtual stage `chunk · pp + stage`).
+    pub stage_layers: Vec<usize>,
+}
+
+impl SavedLayout {
+    /// The layout of `mesh` with `chunks` model chunks per stage holding `stage_layers`.
+    pub fn new(mesh: &Mesh, chunks: usize, stage_layers: Vec<usize>) -> Self {
+        Self {
+            attention: mesh.attention(),
+            moe: mesh.moe(),
+            order: mesh.order().to_string(),
+            chunks,
+            stage_layers,
+        }
+    }
+
+    /// Ranks that wrote the checkpoint.
+    pub fn world_size(&self) -> usize {
+        self.attention.world_size()
+    }
+
+    /// The mesh.
+    pub fn mesh(&self) -> Result<Mesh> {
+        Mesh::with_order(self.world_size(), self.attention, self.moe, &self.order)
+    }
 }
 
 impl CheckpointMeta for TrainingMeta {
@@ -278,6 +322,50 @@ fn floats_of(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Writes rank `rank`'s file of a checkpoint into folder `dir`: its parameters under their
+/// module paths and its optimizer state. [`save`] calls it on every rank; a converter that
+/// lays out every rank of another layout in one process calls it for each, then
+/// [`finish`].
+pub fn write_rank<M: Module>(
+    dir: &Path,
+    module: &M,
+    optimizer: &OptimizerState,
+    rank: usize,
+) -> Result<()> {
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = named_params(module)
+        .into_iter()
+        .map(|(path, shape, v)| (format!("model.{path}"), shape, bytes_of(&v)))
+        .collect();
+    for (c, shard) in optimizer.shards.iter().enumerate() {
+        for (name, v) in ["master", "m", "v"].iter().zip(shard) {
+            named.push((format!("opt.{c}.{name}"), vec![v.len()], bytes_of(v)));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = named
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ParallelError::io(dir, e))
+        })
+        .collect::<Result<_>>()?;
+    let mut info = HashMap::new();
+    info.insert("optimizer_step".to_string(), optimizer.step.to_string());
+    let file = dir.join(format!("rank-{rank:05}.safetensors"));
+    let bytes =
+        safetensors::serialize(views, Some(info)).map_err(|e| ParallelError::io(&file, e))?;
+    std::fs::write(&file, bytes).map_err(|e| ParallelError::io(&file, e))
+}
+
+/// Completes checkpoint folder `dir` once every rank file is in it: writes `meta.json` and
+/// `SHA256SUMS`.
+pub fn finish<T: CheckpointMeta>(dir: &Path, meta: &T) -> Result<()> {
+    let meta_path = dir.join("meta.json");
+    let text = serde_json::to_string_pretty(meta).map_err(|e| ParallelError::io(&meta_path, e))?;
+    std::fs::write(&meta_path, text).map_err(|e| ParallelError::io(&meta_path, e))?;
+    write_checksums(dir)
+}
+
 /// Writes this rank's part of a checkpoint and, collectively, publishes it.
 pub fn save<M: Module, T: CheckpointMeta>(
     run_dir: &Path,
@@ -296,36 +384,10 @@ pub fn save<M: Module, T: CheckpointMeta>(
         std::fs::create_dir_all(&tmp).map_err(|e| ParallelError::io(&tmp, e))?;
     }
     world.barrier()?;
-    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = named_params(module)
-        .into_iter()
-        .map(|(path, shape, v)| (format!("model.{path}"), shape, bytes_of(&v)))
-        .collect();
-    for (c, shard) in optimizer.shards.iter().enumerate() {
-        for (name, v) in ["master", "m", "v"].iter().zip(shard) {
-            named.push((format!("opt.{c}.{name}"), vec![v.len()], bytes_of(v)));
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = named
-        .iter()
-        .map(|(n, shape, b)| {
-            TensorView::new(Dtype::F32, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| ParallelError::io(&tmp, e))
-        })
-        .collect::<Result<_>>()?;
-    let mut info = HashMap::new();
-    info.insert("optimizer_step".to_string(), optimizer.step.to_string());
-    let file = tmp.join(format!("rank-{:05}.safetensors", world.rank()));
-    let bytes =
-        safetensors::serialize(views, Some(info)).map_err(|e| ParallelError::io(&file, e))?;
-    std::fs::write(&file, bytes).map_err(|e| ParallelError::io(&file, e))?;
+    write_rank(&tmp, module, optimizer, world.rank())?;
     world.barrier()?;
     if world.rank() == 0 {
-        let meta_path = tmp.join("meta.json");
-        let text =
-            serde_json::to_string_pretty(meta).map_err(|e| ParallelError::io(&meta_path, e))?;
-        std::fs::write(&meta_path, text).map_err(|e| ParallelError::io(&meta_path, e))?;
-        write_checksums(&tmp)?;
+        finish(&tmp, meta)?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(|e| ParallelError::io(&final_dir, e))?;
         }
@@ -492,4 +554,135 @@ pub fn load<M: Module>(dir: &Path, module: M, rank: usize) -> Result<(M, Optimiz
             shards,
         },
     ))
+}
+
+/// One rank's file of a checkpoint, opened to read tensors by their byte offsets (only the
+/// header is read on opening; [`read`](Self::read) reads one tensor's bytes, or a range of
+/// its elements): what a rank reading a checkpoint written under another layout uses, so that
+/// it reads only the parts it needs.
+#[derive(Debug)]
+pub struct RankFile {
+    path: PathBuf,
+    file: std::fs::File,
+    data_start: u64,
+    tensors: HashMap<String, (Vec<usize>, (usize, usize))>,
+    optimizer_step: u64,
+}
+
+impl RankFile {
+    /// Rank `rank`'s file of checkpoint folder `dir` (checked with [`verify`] by the caller).
+    pub fn open(dir: &Path, rank: usize) -> Result<Self> {
+        use std::io::Read;
+        let path = dir.join(format!("rank-{rank:05}.safetensors"));
+        let mut file = std::fs::File::open(&path).map_err(|e| ParallelError::io(&path, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|e| ParallelError::io(&path, e))?;
+        let n = u64::from_le_bytes(len);
+        let size = file
+            .metadata()
+            .map_err(|e| ParallelError::io(&path, e))?
+            .len();
+        if n.saturating_add(8) > size {
+            return Err(ParallelError::io(
+                &path,
+                "its header is longer than the file",
+            ));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| ParallelError::io(&path, e))?;
+        // The header alone: the tensors' offsets (checked to tile the data) and the metadata.
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| ParallelError::io(&path, e))?;
+        let data_len = metadata
+            .tensors()
+            .values()
+            .map(|info| info.data_offsets.1)
+            .max()
+            .unwrap_or(0) as u64;
+        if 8 + n + data_len != size {
+            return Err(ParallelError::io(
+                &path,
+                format!(
+                    "is {size} bytes but its header describes {}",
+                    8 + n + data_len
+                ),
+            ));
+        }
+        let mut tensors = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            if info.dtype != Dtype::F32 {
+                return Err(ParallelError::io(
+                    &path,
+                    format!("tensor `{name}` is {:?}; checkpoints hold f32", info.dtype),
+                ));
+            }
+            tensors.insert(name, (info.shape.clone(), info.data_offsets));
+        }
+        let optimizer_step = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("optimizer_step"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| ParallelError::io(&path, "no optimizer_step in the metadata"))?;
+        Ok(Self {
+            path,
+            file,
+            data_start: 8 + n,
+            tensors,
+            optimizer_step,
+        })
+    }
+
+    /// The optimizer steps recorded in the file.
+    pub fn optimizer_step(&self) -> u64 {
+        self.optimizer_step
+    }
+
+    /// The shape of tensor `name`, if the file has it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|(shape, _)| shape.as_slice())
+    }
+
+    /// The names of the file's tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Elements `range` of tensor `name` (flat, row-major), read from their offsets.
+    pub fn read(&mut self, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some((_, (start, end))) = self.tensors.get(name) else {
+            return Err(ParallelError::io(
+                &self.path,
+                format!("has no tensor `{name}`"),
+            ));
+        };
+        let numel = (end - start) / 4;
+        if range.start > range.end || range.end > numel {
+            return Err(ParallelError::io(
+                &self.path,
+                format!("tensor `{name}` has {numel} values; {range:?} was asked for"),
+            ));
+        }
+        let at = self.data_start + (start + 4 * range.start) as u64;
+        let mut bytes = vec![0u8; 4 * range.len()];
+        self.file
+            .seek(SeekFrom::Start(at))
+            .and_then(|_| self.file.read_exact(&mut bytes))
+            .map_err(|e| ParallelError::io(&self.path, e))?;
+        Ok(floats_of(&bytes))
+    }
+
+    /// Every element of tensor `name`.
+    pub fn read_all(&mut self, name: &str) -> Result<Vec<f32>> {
+        let numel = self
+            .tensors
+            .get(name)
+            .map_or(0, |(_, (start, end))| (end - start) / 4);
+        self.read(name, 0..numel)
+    }
 }

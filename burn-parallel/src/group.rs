@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use crate::comm::{Communicator, SingleRank};
+use crate::comm::{Communicator, Detached, SingleRank};
 use crate::error::{ParallelError, Result};
 use crate::mesh::{GroupKind, Mesh};
 
@@ -256,6 +256,34 @@ impl ProcessGroups {
             mesh,
             rank,
             world: Group::named(world.clone(), "world")?,
+            groups,
+        })
+    }
+
+    /// The groups world rank `rank` of `mesh` would have, without communication: every group
+    /// is a [`Detached`] view (right ranks and sizes; collectives return errors). For laying
+    /// out another rank's share of a model, e.g. to read a checkpoint written under another
+    /// layout.
+    pub fn detached(mesh: Mesh, rank: usize) -> Result<Self> {
+        let world_size = mesh.world_size();
+        if rank >= world_size {
+            return Err(ParallelError::RankOutOfRange { rank, world_size });
+        }
+        let mut groups = Vec::new();
+        for kind in GroupKind::ALL {
+            let members = mesh.group_of(kind, rank)?.to_vec();
+            let at = mesh.rank_in_group(kind, rank)?;
+            let name = format!("detached {} group of world ranks {members:?}", kind.name());
+            groups.push((
+                kind,
+                Group::named(Arc::new(Detached::new(at, members)?), name)?,
+            ));
+        }
+        let world = Detached::new(rank, (0..world_size).collect())?;
+        Ok(Self {
+            mesh,
+            rank,
+            world: Group::named(Arc::new(world), "detached world")?,
             groups,
         })
     }

@@ -10,7 +10,7 @@ use std::fmt;
 use crate::error::{ParallelError, Result};
 
 /// Parallel sizes of attention and dense layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ParallelDims {
     /// Tensor parallel size.
     pub tp: usize,
@@ -35,7 +35,7 @@ impl ParallelDims {
 }
 
 /// Parallel sizes of MoE layers (the pipeline size is shared with [`ParallelDims`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MoeDims {
     /// Expert tensor parallel size.
     pub etp: usize,

@@ -673,6 +673,20 @@ fn adamw(c: AdamWConfig, step: u64, shard: &mut Shard, class: &ClassShard, clip:
     }
 }
 
+/// The part of a class's flat buffer (its trained parameters' values one after the other,
+/// in module order, `total` in all) that rank `rank` of the class's data-parallel group of
+/// `size` ranks holds in its [`OptimizerState`]: `rank · len .. (rank + 1) · len` with
+/// `len = ⌈total / size⌉` (the last shards end in padding past `total`).
+///
+/// Classes: with an expert group ([`DistributedAdamW::with_expert_group`]) the first class
+/// holds the parameters whose role is not `expert`, sharded over the data-parallel group, the
+/// second the expert parameters, sharded over the expert-data-parallel group; without one, one
+/// class holds every trained parameter. Parameters that do not require gradients are in none.
+pub fn shard_range(total: usize, size: usize, rank: usize) -> std::ops::Range<usize> {
+    let len = total.div_ceil(size.max(1));
+    rank * len..(rank + 1) * len
+}
+
 /// The flat layout of a class's parameters (`members`: module index and role), fixed at the
 /// first step.
 fn layout_for(
@@ -709,12 +723,12 @@ fn layout_for(
         offset += numel;
     }
     let dp = shard.group.size();
-    let shard_len = offset.div_ceil(dp);
+    let range = shard_range(offset, dp, shard.group.rank());
     let layout = Layout {
         entries,
-        padded: shard_len * dp,
-        shard_start: shard.group.rank() * shard_len,
-        shard_len,
+        padded: range.len() * dp,
+        shard_start: range.start,
+        shard_len: range.len(),
     };
     shard.layout = Some(layout.clone());
     Ok(layout)

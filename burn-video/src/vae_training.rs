@@ -291,6 +291,7 @@ impl VaeTrainer {
             world: 1,
             next_sequence: 0,
             seed: self.config.seed,
+            layout: None,
         };
         let comm = burn_parallel::comm::SingleRank::new();
         Ok(burn_parallel::checkpoint::save(

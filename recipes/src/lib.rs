@@ -7,7 +7,8 @@
 //! loop, metrics, progress), [`plan`] (memory, step time and MFU of a layout; layout search),
 //! [`video`] (video VAE recipes: training and evaluation), [`checkpoint`] (the recipes'
 //! `meta.json` over burn-parallel's checkpoints), [`memory`] (heap accounting for the
-//! per-step memory report) and [`plot`] (PNG plots of a run). The
+//! per-step memory report), [`hf`] (Hugging Face checkpoints as runs) and [`plot`] (PNG plots
+//! of a run). The
 //! `burn-recipes` binary is the command line over them.
 
 pub mod checkpoint;
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod data;
 pub mod dit;
 pub mod error;
+pub mod hf;
 pub mod interrupt;
 pub mod latents;
 /// Heap accounting (from burn-parallel).

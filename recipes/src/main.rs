@@ -57,12 +57,46 @@ enum Command {
     /// Write a trained model in another format.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Make a training run of a model in another format.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCommand {
+    /// A Hugging Face checkpoint folder (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) as a run folder
+    /// (recipe.toml from its config.json, a step-0 checkpoint) that `train RUN/recipe.toml
+    /// --resume` fine-tunes under any `--set parallel.*` layout.
+    Hf(ImportHfArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportHfArgs {
+    /// The hub checkpoint folder (config.json, model.safetensors or a sharded index).
+    dir: PathBuf,
+    /// The run folder to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Set a value of the derived recipe (repeatable; e.g. the data source, the schedule).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+fn run_import_hf(args: &ImportHfArgs) -> Result<()> {
+    let recipe = burn_recipes::hf::import_hf(&args.dir, &args.out, &args.overrides)?;
+    println!(
+        "{}: recipe.toml, checkpoints/step-000000; fine-tune with `burn-recipes train {} \
+         --resume` (any --set parallel.* layout)",
+        recipe.run.dir.display(),
+        recipe.run.dir.join("recipe.toml").display()
+    );
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
 enum ExportCommand {
-    /// A training run's model (newest checkpoint, one rank) as a Hugging Face checkpoint
-    /// folder (config.json, model.safetensors) of the architecture that holds it.
+    /// A training run's model (newest checkpoint, written under any layout) as a Hugging Face
+    /// checkpoint folder (config.json, model.safetensors) of the architecture that holds it.
     Hf(ExportHfArgs),
 }
 
@@ -664,9 +698,13 @@ struct LaunchArgs {
     /// Override a recipe value (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
-    /// Continue from the newest checkpoint in the run directory.
+    /// Continue from the newest checkpoint in the run directory (under any `[parallel]`
+    /// layout when the checkpoint recorded its own).
     #[arg(long)]
     resume: bool,
+    /// Stop after this step, with a checkpoint (continue later with `--resume`).
+    #[arg(long, value_name = "STEP")]
+    stop_at: Option<usize>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -1160,6 +1198,9 @@ fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
     if args.resume {
         program.push("--resume".into());
     }
+    if let Some(step) = args.stop_at {
+        program.extend(["--stop-at".into(), step.to_string()]);
+    }
     // mpirun and the ranks run in their own process group: a Ctrl-C reaches this process
     // alone, which hands the first SIGINT or SIGTERM to mpirun (mpirun passes it to every
     // rank, which stop after the same step with a checkpoint); a second one kills the job at
@@ -1255,6 +1296,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Hf(args)) => run_eval_hf(args),
         Command::Sample(args) => run_sample(args).map_err(Failure::from),
         Command::Export(ExportCommand::Hf(args)) => run_export_hf(args).map_err(Failure::from),
+        Command::Import(ImportCommand::Hf(args)) => run_import_hf(args).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

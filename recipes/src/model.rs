@@ -101,6 +101,7 @@ impl ModelConfig {
             .with_moe((self.moe_every > 0).then_some(moe))
             .with_rope_theta(self.rope_theta)
             .with_init_std(self.init_std)
+            .with_norm_eps(self.norm_eps)
             .with_tie_embeddings(self.tie_embeddings)
             .with_head_dim(self.head_dim)
             .with_qk_norm(match self.qk_norm {
@@ -187,8 +188,8 @@ pub fn dispatcher_kind(d: Dispatcher) -> DispatcherKind {
     }
 }
 
-/// The model of a training run folder at its newest checkpoint, whole on `device` (a
-/// checkpoint written by one rank; those of several ranks are refused).
+/// The model of a training run folder at its newest checkpoint, whole on `device`, whatever
+/// layout wrote it (a checkpoint of several ranks that did not record its layout is refused).
 pub fn load_run(
     run: &std::path::Path,
     device: &burn::tensor::Device,
@@ -202,19 +203,26 @@ pub fn load_run(
             format!("{} has no checkpoint", run.display()),
         ));
     };
+    let config = recipe.model.lm_config();
+    match &meta.layout {
+        // Several ranks' shards put together.
+        Some(saved) if meta.world > 1 => {
+            return burn_moe::lm::reshard::load_whole(&dir, &config, saved, device)
+                .map_err(|e| recipe.model.key_of(e));
+        }
+        _ => {}
+    }
     if meta.world != 1 {
         return Err(RecipeError::invalid(
             "RUN",
             format!(
-                "its checkpoint was written by {} ranks; reading a sharded checkpoint whole is \
-                 not supported yet (train or resume the run on one rank)",
+                "its checkpoint was written by {} ranks before checkpoints recorded their \
+                 layout; resume it on one rank first",
                 meta.world
             ),
         ));
     }
-    let model = recipe
-        .model
-        .lm_config()
+    let model = config
         .init(recipe.run.seed, device)
         .map_err(|e| recipe.model.key_of(e))?;
     let (model, _) = crate::checkpoint::load(&dir, model, 0)?;

@@ -733,6 +733,7 @@ pub fn load_anchors(path: &std::path::Path) -> Result<Vec<(String, String, Measu
             capacity_factor: Some(1.0),
             rope_theta: 1e6,
             init_std: 0.02,
+            norm_eps: 1e-6,
             tie_embeddings: false,
             shared_expert_gate: false,
             expert_activation: Default::default(),

@@ -94,6 +94,9 @@ pub struct ModelConfig {
     /// Standard deviation of the initialisation.
     #[serde(default = "init_std")]
     pub init_std: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
     /// Tie the output layer to the embedding (one `[vocab, hidden]` weight; with pipeline
     /// parallelism the last stage holds a copy whose gradient is summed with the first's).
     #[serde(default)]
@@ -239,6 +242,9 @@ fn rope_theta() -> f64 {
 }
 fn init_std() -> f64 {
     0.02
+}
+fn norm_eps() -> f64 {
+    1e-6
 }
 
 /// Where tokens come from.

@@ -323,11 +323,14 @@ fn resume_point(
             format!("{} has no checkpoint", run_dir.display()),
         ));
     };
-    if meta.world != world {
+    // A checkpoint that recorded its layout resumes under any layout (resharded); an older
+    // one only under its own.
+    if meta.layout.is_none() && meta.world != world {
         return Err(bad(
             "--resume",
             format!(
-                "the checkpoint was written by {} ranks, this run has {world}",
+                "the checkpoint was written by {} ranks before checkpoints recorded their \
+                 layout; this run has {world}",
                 meta.world
             ),
         ));
@@ -342,7 +345,7 @@ fn resume_point(
             ),
         ));
     }
-    check_resumable(recipe, run_dir)?;
+    check_resumable(recipe, run_dir, meta.layout.is_some())?;
     Ok(Some((dir, meta)))
 }
 
@@ -379,8 +382,10 @@ fn open_run_dir(recipe: &Recipe, start: usize) -> Result<(RunLock, MetricsLog)> 
 /// Refuses to resume with a recipe that changes what the run's checkpoint continues: the
 /// model, the data stream (seed, source, sequence length, batch sizes) or the optimisation
 /// (schedule, AdamW, clipping), against the run's own `recipe.toml`. `training.steps` (to go
-/// on), logging and checkpointing cadence, the cluster and the planner's numbers may change.
-fn check_resumable(recipe: &Recipe, run_dir: &Path) -> Result<()> {
+/// on), logging and checkpointing cadence, the cluster and the planner's numbers may change,
+/// and `[parallel]` too when the checkpoint recorded its layout (`resharded`: it is read
+/// under the new one).
+fn check_resumable(recipe: &Recipe, run_dir: &Path, resharded: bool) -> Result<()> {
     let stored_path = run_dir.join("recipe.toml");
     let stored = Recipe::load(&stored_path, &[]).map_err(|e| RecipeError::Invalid {
         key: "--resume".into(),
@@ -392,7 +397,7 @@ fn check_resumable(recipe: &Recipe, run_dir: &Path) -> Result<()> {
         ("run.seed", a.run.seed == b.run.seed),
         ("model", a.model == b.model),
         ("data", a.data == b.data),
-        ("parallel", a.parallel == b.parallel),
+        ("parallel", resharded || a.parallel == b.parallel),
         ("training.micro_batch", ta.micro_batch == tb.micro_batch),
         ("training.global_batch", ta.global_batch == tb.global_batch),
         ("training.lr", ta.lr == tb.lr),
@@ -446,7 +451,7 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     }
     let mut trainer = trainer(recipe, groups, &device)?;
     if let Some((dir, meta)) = &resume_from {
-        trainer.resume(dir, meta.step)?;
+        trainer.resume(dir, meta)?;
     }
     // Everything is checked and the checkpoint loaded: now the run directory may be written,
     // by this process alone.

@@ -122,11 +122,7 @@ fn data_synth_then_scan_writes_clips_captions_and_a_manifest() {
 /// without a checkpoint is an error naming the file (exit 2).
 #[test]
 fn eval_hf_checks_a_hub_checkpoint_against_its_reference() {
-    let hf = std::env::var_os("HF_MODELS_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/hf-models"),
-        Into::into,
-    );
-    let dir = hf.join("qwen2-moe-tiny");
+    let dir = common::hf_models().join("qwen2-moe-tiny");
     let out = bin()
         .args(["eval", "hf", &dir.display().to_string(), "--json"])
         .output()

@@ -296,3 +296,131 @@ fn context_pipeline_tensor_and_expert_layouts_match_one_rank_on_2_4_8_ranks() {
     .unwrap_or_else(|e| panic!("{e}"));
     print!("{out}");
 }
+
+/// `train` (one rank) or `launch -n N` of the tiny recipe into `run`, seven steps of four
+/// sequences per micro-batch (so that every layout below divides the batch), and `extra`.
+#[cfg(feature = "mpi")]
+fn run_on(n: usize, run: &Path, extra: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_burn-recipes"));
+    match n {
+        1 => cmd.arg("train"),
+        n => cmd.args(["launch", "-n", &n.to_string()]),
+    };
+    cmd.arg(tiny())
+        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
+        .args([
+            "--set",
+            "training.steps=7",
+            "--set",
+            "training.warmup_steps=2",
+        ])
+        .args([
+            "--set",
+            "training.micro_batch=4",
+            "--set",
+            "training.checkpoint_every=0",
+        ])
+        .args(extra)
+        .env("BURN_PARALLEL_TIMEOUT_S", "120");
+    let out = cmd.output().expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{n} ranks {extra:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Steps `from..to` (0-based) of `resumed` against the uninterrupted run: the first within
+/// 1e-5, the later ones within 1e-4 (relative; other layouts round differently).
+#[cfg(feature = "mpi")]
+fn same_losses(straight: &Path, resumed: &Path, from: usize, to: usize, what: &str) {
+    let parse = |v: Vec<String>| -> Vec<f64> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let (a, b) = (parse(losses(straight)), parse(losses(resumed)));
+    assert!(b.len() >= to, "{what}: {} steps", b.len());
+    for step in from..to {
+        let tol = if step == from {
+            1e-5
+        } else {
+            1e-4 * a[step].abs()
+        };
+        assert!(
+            (a[step] - b[step]).abs() <= tol,
+            "{what}, step {}: {} uninterrupted, {} resumed",
+            step + 1,
+            a[step],
+            b[step]
+        );
+    }
+}
+
+/// `export hf RUN` (float32) into `RUN/../NAME-hub`, then `eval hf` of the export on a
+/// fixed sequence: its loss.
+#[cfg(feature = "mpi")]
+fn hub_loss(run: &Path) -> f64 {
+    let hub = run.with_extension("hub");
+    let bin = || Command::new(env!("CARGO_BIN_EXE_burn-recipes"));
+    let out = bin()
+        .args(["export", "hf", &run.display().to_string(), "--f32", "--out"])
+        .arg(&hub)
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<String> = (0..24).map(|i| ((i * 11 + 5) % 64).to_string()).collect();
+    let out = bin()
+        .args(["eval", "hf"])
+        .arg(&hub)
+        .args(["--json", "--ids", &ids.join(",")])
+        .output()
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["loss"].as_f64().expect("loss")
+}
+
+/// Checkpoints reshard: a TP2·EP2 run on four ranks stopped after step 3 resumes on EP4 (four
+/// ranks) to step 5, whose checkpoint resumes on one rank to the end; a PP2 run stopped after
+/// step 3 resumes on one rank. Every resumed step matches the uninterrupted run; the four
+/// ranks' checkpoint exports as the model of a one-rank run.
+#[cfg(feature = "mpi")]
+#[test]
+fn launch_checkpoints_reshard_from_tp2_ep2_to_ep4_to_one_rank_and_from_pp2_to_pp1() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let folded = ["--set", "parallel.tp=2", "--set", "parallel.ep=2"];
+    let straight = tmp.path().join("straight");
+    run_on(4, &straight, &folded);
+    let run = tmp.path().join("run");
+    run_on(4, &run, &[&folded[..], &["--stop-at", "3"]].concat());
+    // Exported from the four ranks' shards: the model of a one-rank run of the same steps.
+    let single = tmp.path().join("single");
+    run_on(1, &single, &["--stop-at", "3"]);
+    let (four, one) = (hub_loss(&run), hub_loss(&single));
+    assert!(
+        (four - one).abs() <= 1e-5,
+        "exported: {four} from 4 ranks, {one} from one"
+    );
+    run_on(
+        4,
+        &run,
+        &["--resume", "--set", "parallel.ep=4", "--stop-at", "5"],
+    );
+    same_losses(&straight, &run, 3, 5, "TP2·EP2 → EP4");
+    run_on(1, &run, &["--resume"]);
+    same_losses(&straight, &run, 5, 7, "EP4 → one rank");
+
+    let piped = ["--set", "parallel.pp=2"];
+    let straight = tmp.path().join("straight-pp");
+    run_on(2, &straight, &piped);
+    let run = tmp.path().join("run-pp");
+    run_on(2, &run, &[&piped[..], &["--stop-at", "3"]].concat());
+    run_on(1, &run, &["--resume"]);
+    same_losses(&straight, &run, 3, 7, "PP2 → PP1");
+}

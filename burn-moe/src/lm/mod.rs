@@ -11,6 +11,7 @@ pub mod data;
 pub mod ffn;
 pub mod hf;
 pub mod model;
+pub mod reshard;
 pub mod split;
 pub mod trainer;
 
@@ -22,5 +23,5 @@ pub use model::{Block, Forward, FullTensors, MoeLm};
 pub use split::{LayerSplit, StageLayout};
 pub use trainer::{
     Backward, CheckpointPolicy, FitEnd, FitObserver, FitOptions, FitOutcome, LmTrainer,
-    LmTrainingConfig, Reported, StepRecord,
+    LmTrainingConfig, Reported, StepRecord, save_initial,
 };

@@ -75,6 +75,15 @@ impl Init<'_> {
         }
     }
 
+    /// Tensor `name` of `shape` when weights are given (it must be there), `None` when they
+    /// are drawn (state that starts from the layer's own default, such as an expert bias).
+    fn state<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Option<Tensor<D>>> {
+        match self.given {
+            Some(_) => self.get(name, 0, shape).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Norm weight `name` `[h]`: given, or ones.
     fn ones(&self, name: &str, h: usize) -> Result<Tensor<1>> {
         match self.given {
@@ -208,6 +217,64 @@ impl MoeLmConfig {
             device: device.clone(),
         };
         MoeLm::build(self, &init, groups, layout)
+    }
+}
+
+impl MoeLmConfig {
+    /// The name and shape of every full tensor of the model ([`MoeLm::full_tensors`]'s names),
+    /// without building it.
+    pub fn full_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        self.validate()?;
+        let (h, dh) = (self.hidden, self.head_dim());
+        let mut out = BTreeMap::new();
+        let mut put = |name: String, shape: Vec<usize>| {
+            out.insert(name, shape);
+        };
+        put("embed".into(), vec![self.vocab, h]);
+        for l in 0..self.layers {
+            let name = |n: &str| format!("layers.{l}.{n}");
+            let cols = (self.heads + 2 * self.kv()) * dh;
+            put(name("norm1"), vec![h]);
+            put(name("attn.qkv"), vec![h, cols]);
+            put(name("attn.out"), vec![self.heads * dh, h]);
+            if self.qkv_bias {
+                put(name("attn.qkv_bias"), vec![cols]);
+            }
+            if let Some((nq, nk)) = self.qk_norm.heads(self.heads, self.kv()) {
+                put(name("attn.q_norm"), vec![nq * dh]);
+                put(name("attn.k_norm"), vec![nk * dh]);
+            }
+            put(name("norm2"), vec![h]);
+            match (&self.moe, self.is_moe(l)) {
+                (Some(moe), true) => {
+                    let (e, f) = (moe.router.num_experts, moe.experts.ffn_hidden);
+                    put(name("moe.router"), vec![e, h]);
+                    if moe.router.expert_bias {
+                        put(name("moe.expert_bias"), vec![e]);
+                    }
+                    let f1 = moe.experts.activation.fc1_width(f);
+                    put(name("moe.w1"), vec![e, h, f1]);
+                    put(name("moe.w2"), vec![e, f, h]);
+                    if let Some(s) = &moe.shared {
+                        let fs = s.ffn_hidden;
+                        put(name("moe.shared.w1"), vec![h, s.activation.fc1_width(fs)]);
+                        put(name("moe.shared.w2"), vec![fs, h]);
+                        if s.gate {
+                            put(name("moe.shared.gate"), vec![1, h]);
+                        }
+                    }
+                }
+                _ => {
+                    put(name("ffn.fc1"), vec![h, 2 * self.ffn_hidden]);
+                    put(name("ffn.fc2"), vec![self.ffn_hidden, h]);
+                }
+            }
+        }
+        put("norm_f".into(), vec![h]);
+        if !self.tie_embeddings {
+            put("head".into(), vec![h, self.vocab]);
+        }
+        Ok(out)
     }
 }
 
@@ -366,7 +433,8 @@ impl MoeLm {
     /// gradients; zeros for a parameter without one), for [`from_tensors`](Self::from_tensors):
     /// `embed`, `layers.L.norm1`, `layers.L.attn.qkv`, `layers.L.attn.out` (and
     /// `layers.L.attn.q_norm` / `k_norm` with QK norms), `layers.L.norm2`,
-    /// `layers.L.ffn.fc1` / `fc2` (dense layers), `layers.L.moe.router`, `layers.L.moe.w1` /
+    /// `layers.L.ffn.fc1` / `fc2` (dense layers), `layers.L.moe.router` (and
+    /// `layers.L.moe.expert_bias` with an expert bias), `layers.L.moe.w1` /
     /// `w2`, `layers.L.moe.shared.w1` / `w2` / `gate` (MoE layers), `norm_f`, `head` (unless
     /// tied).
     pub fn full_tensors(&self, grads: Option<&GradientBuffer>) -> Result<FullTensors> {
@@ -402,6 +470,9 @@ impl MoeLm {
                     return Err(not_whole());
                 }
                 put("moe.router", read(&m.router.weight, grads)?);
+                if let Some(bias) = &m.router.expert_bias {
+                    put("moe.expert_bias", read(bias, grads)?);
+                }
                 put("moe.w1", read(&m.experts.w1, grads)?);
                 put("moe.w2", read(&m.experts.w2, grads)?);
                 if let Some(sh) = &m.shared {
@@ -725,10 +796,15 @@ fn moe_layer(cfg: &MoeLmConfig, init: &Init, name: &str, stream: u64) -> Result<
     let (h, e) = (cfg.hidden, moe.router.num_experts);
     let f = moe.experts.ffn_hidden;
     let f1 = moe.experts.activation.fc1_width(f);
-    let router = Router::from_weight(
+    let mut router = Router::from_weight(
         moe.router.clone(),
         init.get(&format!("{name}.router"), stream, [e, h])?,
     )?;
+    if moe.router.expert_bias
+        && let Some(bias) = init.state(&format!("{name}.expert_bias"), [e])?
+    {
+        router = router.with_expert_bias(bias)?;
+    }
     let experts = Experts::from_weights(
         moe.experts.clone(),
         init.get(&format!("{name}.w1"), stream + 1, [e, h, f1])?,

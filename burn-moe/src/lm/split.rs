@@ -81,6 +81,11 @@ impl LayerSplit {
         self.chunks
     }
 
+    /// Layers of each virtual stage (virtual stage `chunk · stages + stage`).
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+
     /// The global layers of model chunk `chunk` on pipeline stage `stage`.
     pub fn layers(&self, stage: usize, chunk: usize) -> std::ops::Range<usize> {
         let vs = chunk * self.stages + stage;

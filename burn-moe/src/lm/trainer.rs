@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use burn::module::{Module, ParamId};
 use burn::tensor::{Device, Int, Tensor};
-use burn_parallel::checkpoint::{self, TrainingMeta};
+use burn_parallel::checkpoint::{self, SavedLayout, TrainingMeta};
 use burn_parallel::comm::ReduceOp;
 use burn_parallel::context::ContextLayout;
 use burn_parallel::lr_schedule::LrSchedule;
@@ -51,6 +51,7 @@ use burn_parallel::{ParallelError, memory};
 use super::config::MoeLmConfig;
 use super::data::{TokenSource, sequence_index};
 use super::model::MoeLm;
+use super::reshard::{Needed, read_full_state, saved_layout, shard_state};
 use super::split::StageLayout;
 use crate::error::{MoeError, Result, invalid};
 
@@ -229,6 +230,42 @@ pub struct FitOutcome {
     pub end: FitEnd,
 }
 
+/// Writes `model` (whole, on one rank) as the step-0 checkpoint of run folder `run_dir`, with
+/// its layout and no optimizer state yet, so that an [`LmTrainer`] of any layout resumes from
+/// it ([`LmTrainer::resume`]): how a given model — one read from the hub, say — is
+/// fine-tuned. `seed` is the run's (the data stream's) seed. Returns the checkpoint folder.
+pub fn save_initial(model: &MoeLm, run_dir: &Path, seed: u64) -> Result<PathBuf> {
+    let groups = ProcessGroups::single()?;
+    let layout = StageLayout::single(model.config().layers);
+    let meta = TrainingMeta {
+        step: 0,
+        world: 1,
+        next_sequence: 0,
+        seed,
+        layout: Some(saved_layout(&groups, &layout)),
+    };
+    // The state of an optimizer that has not stepped: empty shards of the trainer's two
+    // classes (dense, expert).
+    let single = groups.world().clone();
+    let state = DistributedAdamW::new(
+        AdamWConfig::default(),
+        single.clone(),
+        single.clone(),
+        single.clone(),
+    )?
+    .with_expert_group(single)
+    .state();
+    let comm = groups.world().communicator()?;
+    Ok(checkpoint::save(
+        run_dir,
+        &meta,
+        model,
+        &state,
+        comm.as_ref(),
+        1,
+    )?)
+}
+
 /// One rank's share of training an [`MoeLm`]: its model stage, the distributed optimizer,
 /// the pipeline schedule and the data. [`fit`](Self::fit) runs the loop; multi-rank checks
 /// drive [`backward`](Self::backward), [`report`](Self::report) and [`apply`](Self::apply)
@@ -241,6 +278,7 @@ pub struct LmTrainer {
     opt: DistributedAdamW,
     schedule: Schedule,
     source: TokenSource,
+    layout: StageLayout,
     positions: Vec<usize>,
     roles: Vec<(ParamId, ParamRole)>,
     dp: usize,
@@ -308,6 +346,7 @@ impl LmTrainer {
             opt,
             schedule,
             source,
+            layout: layout.clone(),
             positions,
             roles,
             dp,
@@ -380,7 +419,8 @@ impl LmTrainer {
         sequence_index(step, 0, 0, 0, (t.micro_batch, self.micro_batches, self.dp))
     }
 
-    /// Loads this rank's model and optimizer state from checkpoint folder `dir`.
+    /// Loads this rank's model and optimizer state from checkpoint folder `dir`, written under
+    /// this trainer's layout (each rank reads its own file).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let model = self.model.take().ok_or_else(Self::gone)?;
         let rank = self.groups.world().rank();
@@ -390,11 +430,47 @@ impl LmTrainer {
         Ok(())
     }
 
-    /// Loads checkpoint folder `dir` written after `step` steps ([`load`](Self::load)) and
-    /// checks that its optimizer state has taken as many; returns the step to go on from
-    /// ([`FitOptions::start_step`]).
-    pub fn resume(&mut self, dir: &Path, step: usize) -> Result<usize> {
-        self.load(dir)?;
+    /// Loads checkpoint folder `dir` written under `saved`, any layout of the same model: each
+    /// rank reads, by offset, the stored values of the parts it holds
+    /// ([`reshard`](super::reshard)).
+    pub fn load_resharded(&mut self, dir: &Path, saved: &SavedLayout) -> Result<()> {
+        let config = self.model()?.config().clone();
+        let needed = Needed::of(&config, &self.groups, &self.layout)?;
+        let full = read_full_state(dir, &config, saved, Some(&needed))?;
+        let (model, state) = shard_state(&full, &config, &self.groups, &self.layout, &self.device)?;
+        self.roles = model.roles();
+        self.model = Some(model);
+        self.opt.load_state(state)?;
+        Ok(())
+    }
+
+    /// The checkpoint layout ([`SavedLayout`]) of this trainer.
+    pub fn saved_layout(&self) -> SavedLayout {
+        saved_layout(&self.groups, &self.layout)
+    }
+
+    /// Loads the checkpoint in folder `dir` whose `meta.json` is `meta` — written under this
+    /// layout ([`load`](Self::load)) or, when it recorded its layout, under any other
+    /// ([`load_resharded`](Self::load_resharded)) — and checks that its optimizer state has
+    /// taken `meta.step` steps; returns the step to go on from ([`FitOptions::start_step`]).
+    pub fn resume(&mut self, dir: &Path, meta: &TrainingMeta) -> Result<usize> {
+        let here = self.saved_layout();
+        match &meta.layout {
+            Some(saved) if *saved != here => self.load_resharded(dir, saved)?,
+            None if meta.world != self.groups.world().size() => {
+                return Err(ParallelError::io(
+                    dir,
+                    format!(
+                        "was written by {} ranks before checkpoints recorded their layout; \
+                         resume it with the layout it was written under",
+                        meta.world
+                    ),
+                )
+                .into());
+            }
+            _ => self.load(dir)?,
+        }
+        let step = meta.step;
         if self.opt.steps() != step as u64 {
             return Err(ParallelError::io(
                 dir,
@@ -418,6 +494,7 @@ impl LmTrainer {
             world: self.groups.world().size(),
             next_sequence: self.next_sequence(step),
             seed: self.config.seed,
+            layout: Some(self.saved_layout()),
         };
         Ok(checkpoint::save(
             &policy.run_dir,

@@ -2,6 +2,8 @@
 //!
 //! [`Communicator`] is the interface every collective of this crate goes through. Engines:
 //! - [`SingleRank`]: the default; a world of one, no system packages.
+//! - [`Detached`]: another rank's place in a group, for laying out its share of a model; it
+//!   cannot communicate.
 //! - `Mpi` (feature `mpi`): OpenMPI through the `mpi` crate, for multi-process CPU runs.
 //! - `Nccl` (feature `cuda`): NCCL through `cudarc`, for NVIDIA GPUs.
 //!
@@ -10,6 +12,7 @@
 //! Every blocking call of a multi-rank engine has a timeout and returns a typed error; a lost
 //! peer is reported by world rank, never a hang.
 
+mod detached;
 mod single;
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 mod worker;
@@ -27,6 +30,7 @@ use half::bf16;
 
 use crate::error::{ParallelError, Result};
 
+pub use detached::Detached;
 pub use single::SingleRank;
 
 /// Environment variable overriding the timeout of multi-rank engines, in seconds.

@@ -502,6 +502,7 @@ impl DitTrainer {
             world: 1,
             next_sequence: 0,
             seed: self.config.seed,
+            layout: None,
         };
         let comm = burn_parallel::comm::SingleRank::new();
         let dit = self.averaged()?;

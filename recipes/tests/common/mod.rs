@@ -25,3 +25,12 @@ pub fn train(recipe: &Path, run: &Path, sets: &[&str]) -> Output {
     }
     cmd.output().expect("binary runs")
 }
+
+/// `../shared/hf-models` (or `$HF_MODELS_DIR`): the tiny hub checkpoints with transformers'
+/// reference outputs.
+pub fn hf_models() -> PathBuf {
+    std::env::var_os("HF_MODELS_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/hf-models"),
+        Into::into,
+    )
+}

@@ -188,9 +188,85 @@ impl Arch {
     }
 }
 
+/// Refuses the `config.json` options the model does not implement, naming the key: another
+/// activation, sliding-window attention, a RoPE other than the default, biases on the
+/// attention output, clipped query/key/value projections.
+fn check_supported(c: &Value) -> Result<()> {
+    let refuse = |key: &str, value: &Value, why: &str| {
+        Err(bad(
+            "config",
+            format!("config.json `{key}` = {value}: {why}"),
+        ))
+    };
+    match &c["hidden_act"] {
+        Value::Null => {}
+        Value::String(a) if a == "silu" => {}
+        other => {
+            return refuse(
+                "hidden_act",
+                other,
+                "only silu (SwiGLU experts) is implemented",
+            );
+        }
+    }
+    if c["use_sliding_window"].as_bool() == Some(true) {
+        return refuse(
+            "use_sliding_window",
+            &c["use_sliding_window"],
+            "sliding-window attention is not implemented",
+        );
+    }
+    // Mixtral attends within `sliding_window` whenever it is set (a window no shorter than the
+    // longest position changes nothing).
+    let window = c["sliding_window"].as_u64();
+    let longest = c["max_position_embeddings"].as_u64();
+    let binds = match (window, longest) {
+        (Some(w), Some(p)) => w < p,
+        _ => true,
+    };
+    if c["use_sliding_window"].is_null() && !c["sliding_window"].is_null() && binds {
+        return refuse(
+            "sliding_window",
+            &c["sliding_window"],
+            "sliding-window attention is not implemented",
+        );
+    }
+    for key in ["rope_parameters", "rope_scaling"] {
+        let kind = &c[key]["rope_type"];
+        let kind = if kind.is_null() {
+            &c[key]["type"]
+        } else {
+            kind
+        };
+        match kind {
+            Value::Null => {}
+            Value::String(k) if k == "default" => {}
+            other => {
+                return refuse(
+                    &format!("{key}.rope_type"),
+                    other,
+                    "only the default RoPE is implemented",
+                );
+            }
+        }
+    }
+    if c["attention_bias"].as_bool() == Some(true) {
+        return refuse(
+            "attention_bias",
+            &c["attention_bias"],
+            "biases on every attention projection are not implemented (qkv_bias is)",
+        );
+    }
+    if !c["clip_qkv"].is_null() {
+        return refuse("clip_qkv", &c["clip_qkv"], "clipping is not implemented");
+    }
+    Ok(())
+}
+
 /// The model configuration of a hub `config.json`.
 pub fn config_from_hub(c: &Value) -> Result<MoeLmConfig> {
     let arch = Arch::of(c)?;
+    check_supported(c)?;
     let (h, heads) = (
         usize_of(c, "hidden_size")?,
         usize_of(c, "num_attention_heads")?,
