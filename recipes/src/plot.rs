@@ -19,7 +19,7 @@ const FONT_FILES: [&str; 3] = [
 ];
 
 /// Registers the first system font found (once per process); whether one was.
-fn font() -> bool {
+pub(crate) fn font() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {
         for path in FONT_FILES {
