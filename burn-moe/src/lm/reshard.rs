@@ -89,6 +89,7 @@ pub fn stage_layout(saved: &SavedLayout, layers: usize) -> Result<StageLayout> {
 
 /// Global numbers of the full tensors' elements: tensor `t`'s element `i` is
 /// `starts[t] + i`, numbers start at 1 (0 marks padding a layout adds).
+#[derive(Debug, Clone)]
 struct Numbering {
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
@@ -168,6 +169,7 @@ impl Numbering {
 
 /// One parameter of a rank: its module path, whether the optimizer trains it and in which
 /// class, and the global number of each of its values (0: padding).
+#[derive(Debug, Clone)]
 struct Local {
     path: String,
     trained: bool,
@@ -176,6 +178,7 @@ struct Local {
 }
 
 /// What a rank of a layout holds, parameter by parameter in module order.
+#[derive(Debug, Clone)]
 struct RankMap {
     params: Vec<Local>,
 }
@@ -450,6 +453,10 @@ pub fn read_full_state(
 #[derive(Debug, Clone)]
 pub struct Needed {
     wanted: Vec<bool>,
+    /// The numbering of the full tensors' elements.
+    numbering: Numbering,
+    /// What the rank holds, parameter by parameter.
+    map: RankMap,
 }
 
 impl Needed {
@@ -464,7 +471,11 @@ impl Needed {
             wanted[*id as usize] = true;
         }
         wanted[0] = false;
-        Ok(Self { wanted })
+        Ok(Self {
+            wanted,
+            numbering,
+            map,
+        })
     }
 
     fn wants(&self, id: u64) -> bool {
@@ -473,12 +484,14 @@ impl Needed {
 }
 
 /// This rank's model (on `device`) and optimizer state under `groups` and `layout` from a
-/// checkpoint's full state: what a run resumed under another layout starts from.
+/// checkpoint's full state: what a run resumed under another layout starts from. `needed` is
+/// [`Needed::of`] the same rank and layout (its map places the optimizer state).
 pub fn shard_state(
     full: &FullState,
     config: &MoeLmConfig,
     groups: &ProcessGroups,
     layout: &StageLayout,
+    needed: &Needed,
     device: &Device,
 ) -> Result<(MoeLm, OptimizerState)> {
     let model = MoeLm::from_tensors(config, &full.params, groups, layout, device)?;
@@ -493,10 +506,7 @@ pub fn shard_state(
             },
         ));
     }
-    let numbering = Numbering::new(config)?;
-    let index = [numbering.tensors(false), numbering.tensors(true)];
-    let detached = ProcessGroups::detached(groups.mesh().clone(), groups.rank())?;
-    let map = rank_map(config, &index, &detached, layout)?;
+    let (numbering, map) = (&needed.numbering, &needed.map);
     let values: Vec<Vec<Vec<f32>>> = full
         .optimizer
         .iter()

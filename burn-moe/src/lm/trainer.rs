@@ -437,7 +437,14 @@ impl LmTrainer {
         let config = self.model()?.config().clone();
         let needed = Needed::of(&config, &self.groups, &self.layout)?;
         let full = read_full_state(dir, &config, saved, Some(&needed))?;
-        let (model, state) = shard_state(&full, &config, &self.groups, &self.layout, &self.device)?;
+        let (model, state) = shard_state(
+            &full,
+            &config,
+            &self.groups,
+            &self.layout,
+            &needed,
+            &self.device,
+        )?;
         self.roles = model.roles();
         self.model = Some(model);
         self.opt.load_state(state)?;
