@@ -18,12 +18,14 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Gradients, Tensor, TensorData};
+use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 
 use crate::comm::ReduceOp;
 use crate::error::{ParallelError, Result};
 use crate::group::Group;
 use crate::layers::ParamRole;
+use crate::mappings;
+use crate::ops::GatherGrad;
 
 /// The role of every trained float parameter of `module` for a model without tensor
 /// parallelism: replicated over TP, not an expert, weight decay on (every parameter, as the
@@ -147,9 +149,15 @@ struct Layout {
 struct Shard {
     group: Group,
     layout: Option<Layout>,
-    master: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    /// Master weights, first and second moments of this rank's shard, f32 tensors on the
+    /// parameters' device, once the class has stepped.
+    state: Option<[Tensor<1>; 3]>,
+    /// A state restored from a checkpoint, uploaded at the next step (to the parameters'
+    /// device, unknown until then).
+    loaded: Option<[Vec<f32>; 3]>,
+    /// Per value of the shard: weight decay on (1) or off (0), and counted in the gradient
+    /// norm (1) or not (0). Made on the device with the layout.
+    masks: Option<(Tensor<1>, Tensor<1>)>,
 }
 
 impl Shard {
@@ -157,15 +165,29 @@ impl Shard {
         Self {
             group,
             layout: None,
-            master: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
+            state: None,
+            loaded: None,
+            masks: None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.state, &self.loaded) {
+            (Some(state), _) => state[0].dims()[0],
+            (None, Some(loaded)) => loaded[0].len(),
+            (None, None) => 0,
         }
     }
 }
 
 /// AdamW whose state is sharded over the data-parallel group (ZeRO-1); expert parameters can
 /// be sharded over the expert-data-parallel group instead.
+///
+/// Everything runs as tensor operations on the parameters' device: gradients are summed in
+/// f32 tensors ([`GradientBuffer`]), flattened into one buffer per class, reduced with the
+/// tensor collectives of [`crate::mappings`], and the AdamW update runs on this rank's shard
+/// of f32 master weights; the host reads one number per step, the gradient norm (for
+/// clipping and the log).
 #[derive(Debug, Clone)]
 pub struct DistributedAdamW {
     config: AdamWConfig,
@@ -178,56 +200,75 @@ pub struct DistributedAdamW {
     step: u64,
 }
 
-/// A parameter's id, values and gradient (when it has one), flattened.
-type Flat = (ParamId, Vec<f32>, Option<Vec<f32>>);
+/// A trained parameter: its id, its values flattened (f32, without autodiff), its summed
+/// gradient when it has one.
+struct Flat {
+    id: ParamId,
+    values: Tensor<1>,
+    grad: Option<Tensor<1>>,
+}
 
-fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+impl Flat {
+    fn numel(&self) -> usize {
+        self.values.dims()[0]
+    }
+}
+
+fn f32_flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
+    let n = t.shape().num_elements();
+    let t = t.inner().reshape([n]);
+    if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.cast(DType::F32)
+    }
+}
+
+/// Reads a state tensor to the host (checkpoints only: never during a step).
+fn read_state(t: Tensor<1>) -> Result<Vec<f32>> {
     crate::transfers::read(
-        "optimizer: a parameter or gradient to the host",
+        "optimizer: a state shard to the host for a checkpoint",
         (t.shape().num_elements() * t.dtype().size()) as u64,
     );
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| ParallelError::Backend {
-            context: "reading a parameter",
+            context: "reading the optimizer state",
             reason: format!("{e:?}"),
         })
 }
 
-/// Gradients of several micro-batches summed on the host as they arrive, like Megatron's f32
-/// `main_grad` buffers: [`add`](Self::add) reads a micro-batch's gradients and drops them, so
-/// gradient accumulation holds one f32 copy of the gradients however many micro-batches run.
+/// Gradients of several micro-batches summed as they arrive, like Megatron's f32 `main_grad`
+/// buffers: [`add`](Self::add) adds a micro-batch's gradients (flattened f32 tensors on their
+/// device; nothing is read to the host) and they can be dropped, so gradient accumulation holds
+/// one f32 copy of the gradients however many micro-batches run.
 #[derive(Debug, Clone, Default)]
 pub struct GradientBuffer {
-    sums: HashMap<ParamId, Vec<f32>>,
+    sums: HashMap<ParamId, Tensor<1>>,
     micro_batches: usize,
 }
 
 struct Accumulate<'a> {
     grads: &'a Gradients,
-    sums: &'a mut HashMap<ParamId, Vec<f32>>,
-    error: Option<ParallelError>,
+    sums: &'a mut HashMap<ParamId, Tensor<1>>,
 }
 
 impl ModuleVisitor for Accumulate<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.val();
-        if !value.is_require_grad() || self.error.is_some() {
+        if !value.is_require_grad() {
             return;
         }
         let Some(g) = value.grad(self.grads) else {
             return;
         };
-        match read(g) {
-            Ok(g) => match self.sums.get_mut(&param.id) {
-                Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                None => {
-                    self.sums.insert(param.id, g);
-                }
-            },
-            Err(e) => self.error = Some(e),
-        }
+        let g = f32_flat(g);
+        let sum = match self.sums.remove(&param.id) {
+            Some(acc) => acc + g,
+            None => g,
+        };
+        self.sums.insert(param.id, sum);
     }
 }
 
@@ -243,12 +284,8 @@ impl GradientBuffer {
         let mut visit = Accumulate {
             grads,
             sums: &mut self.sums,
-            error: None,
         };
         module.visit(&mut visit);
-        if let Some(e) = visit.error {
-            return Err(e);
-        }
         self.micro_batches += 1;
         Ok(())
     }
@@ -258,27 +295,28 @@ impl GradientBuffer {
         self.micro_batches
     }
 
-    /// The summed gradient of a parameter, flattened, when it received one.
-    pub fn get(&self, id: ParamId) -> Option<&[f32]> {
-        self.sums.get(&id).map(Vec::as_slice)
+    /// The summed gradient of a parameter, flattened (f32, on the parameter's device), when it
+    /// received one.
+    pub fn get(&self, id: ParamId) -> Option<Tensor<1>> {
+        self.sums.get(&id).cloned()
     }
 
-    /// Adds `values` to a parameter's gradient (which starts at zero when it has none).
-    pub fn accumulate(&mut self, id: ParamId, values: &[f32]) {
-        match self.sums.get_mut(&id) {
-            Some(acc) => acc.iter_mut().zip(values).for_each(|(a, b)| *a += b),
-            None => {
-                self.sums.insert(id, values.to_vec());
-            }
-        }
+    /// Adds flattened `values` to a parameter's gradient (which starts at zero when it has
+    /// none).
+    pub fn accumulate(&mut self, id: ParamId, values: Tensor<1>) {
+        let values = f32_flat(values);
+        let sum = match self.sums.remove(&id) {
+            Some(acc) => acc + values,
+            None => values,
+        };
+        self.sums.insert(id, sum);
     }
 }
 
 /// Collects every trained float parameter's values and summed gradient, in module order.
 struct Collect {
-    sums: HashMap<ParamId, Vec<f32>>,
+    sums: HashMap<ParamId, Tensor<1>>,
     params: Vec<Flat>,
-    error: Option<ParallelError>,
 }
 
 impl ModuleVisitor for Collect {
@@ -288,19 +326,19 @@ impl ModuleVisitor for Collect {
             // Not trained by the optimizer (buffers such as an expert bias).
             return;
         }
-        let sum = self.sums.remove(&param.id);
-        match read(value) {
-            Ok(v) => self.params.push((param.id, v, sum)),
-            Err(e) => {
-                self.error.get_or_insert(e);
-            }
-        }
+        let grad = self.sums.remove(&param.id);
+        self.params.push(Flat {
+            id: param.id,
+            values: f32_flat(value),
+            grad,
+        });
     }
 }
 
-/// Writes new values into the parameters, keeping their devices and gradient tracking.
+/// Writes new values into the parameters, keeping their shapes, dtypes, devices and gradient
+/// tracking.
 struct Write {
-    values: HashMap<ParamId, Vec<f32>>,
+    values: HashMap<ParamId, Tensor<1>>,
 }
 
 impl ModuleMapper for Write {
@@ -309,13 +347,14 @@ impl ModuleMapper for Write {
             return param;
         };
         param.map(|t| {
-            let device = t.device();
-            let track = t.is_require_grad();
-            crate::transfers::upload(
-                "optimizer: an updated parameter to the device",
-                (values.len() * 4) as u64,
-            );
-            let fresh = Tensor::<D>::from_data(TensorData::new(values, t.shape()), &device);
+            let (track, autodiff, dtype) = (t.is_require_grad(), t.is_autodiff(), t.dtype());
+            let mut fresh: Tensor<D> = values.reshape(t.shape());
+            if dtype != DType::F32 {
+                fresh = fresh.cast(dtype);
+            }
+            if autodiff {
+                fresh = fresh.autodiff();
+            }
             if track { fresh.require_grad() } else { fresh }
         })
     }
@@ -354,29 +393,38 @@ impl DistributedAdamW {
         self
     }
 
+    fn shards(&self) -> impl Iterator<Item = &Shard> {
+        std::iter::once(&self.dense).chain(self.expert.as_ref())
+    }
+
     /// Number of optimizer-state values (master weights, two moments) this rank holds.
     pub fn state_len(&self) -> usize {
-        [Some(&self.dense), self.expert.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|s| s.master.len() + s.m.len() + s.v.len())
-            .sum()
+        self.shards().map(|s| 3 * s.len()).sum()
     }
 
     /// The optimizer state of this rank (step count; master weights and moments of each class's
-    /// shard), for checkpoints.
-    pub fn state(&self) -> OptimizerState {
-        OptimizerState {
+    /// shard), for checkpoints: read from the device.
+    pub fn state(&self) -> Result<OptimizerState> {
+        let shards = self
+            .shards()
+            .map(|s| match (&s.state, &s.loaded) {
+                (Some([p, m, v]), _) => Ok([
+                    read_state(p.clone())?,
+                    read_state(m.clone())?,
+                    read_state(v.clone())?,
+                ]),
+                (None, Some(loaded)) => Ok(loaded.clone()),
+                (None, None) => Ok([Vec::new(), Vec::new(), Vec::new()]),
+            })
+            .collect::<Result<_>>()?;
+        Ok(OptimizerState {
             step: self.step,
-            shards: [Some(&self.dense), self.expert.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|s| [s.master.clone(), s.m.clone(), s.v.clone()])
-                .collect(),
-        }
+            shards,
+        })
     }
 
-    /// Restores a state saved by [`state`](Self::state) on the same rank and layout.
+    /// Restores a state saved by [`state`](Self::state) on the same rank and layout (uploaded
+    /// to the parameters' device at the next step).
     pub fn load_state(&mut self, state: OptimizerState) -> Result<()> {
         let mut shards: Vec<&mut Shard> = std::iter::once(&mut self.dense)
             .chain(self.expert.as_mut())
@@ -391,17 +439,19 @@ impl DistributedAdamW {
                 ),
             });
         }
-        for (shard, [master, m, v]) in shards.iter_mut().zip(state.shards) {
+        for [master, m, v] in &state.shards {
             if master.len() != m.len() || m.len() != v.len() {
                 return Err(ParallelError::InvalidArgument {
                     name: "state",
                     reason: "master weights and moments differ in length".into(),
                 });
             }
-            shard.master = master;
-            shard.m = m;
-            shard.v = v;
+        }
+        for (shard, loaded) in shards.iter_mut().zip(state.shards) {
+            shard.loaded = (!loaded[0].is_empty()).then_some(loaded);
+            shard.state = None;
             shard.layout = None;
+            shard.masks = None;
         }
         self.step = state.step;
         Ok(())
@@ -458,30 +508,37 @@ impl DistributedAdamW {
         let mut collect = Collect {
             sums: buffer.sums,
             params: Vec::new(),
-            error: None,
         };
         module.visit(&mut collect);
-        if let Some(e) = collect.error {
-            return Err(e);
-        }
-        let roles = role_map(&collect.params, roles)?;
+        let params = collect.params;
+        let roles = role_map(&params, roles)?;
+        let device = params
+            .first()
+            .map_or_else(Device::default, |p| p.values.device());
         // Per class (dense, then expert when there is an expert group): reduce, shard and
         // count towards the norm.
         let mut classes = Vec::new();
-        let mut sq = 0f64;
+        let mut sq = Tensor::<1>::zeros([1], &device);
         for is_expert in [false, true] {
             if is_expert && self.expert.is_none() {
                 continue;
             }
-            let (class, class_sq) = self.reduce_class(is_expert, &collect.params, &roles)?;
-            sq += class_sq;
-            classes.push((is_expert, class));
+            if let Some((class, class_sq)) = self.reduce_class(is_expert, &params, &roles)? {
+                sq = sq + class_sq;
+                classes.push((is_expert, class));
+            }
         }
-        let mut sq = [sq as f32];
-        self.norm_group
-            .communicator()?
-            .all_reduce(&mut sq, ReduceOp::Sum)?;
-        let grad_norm = f64::from(sq[0]).sqrt();
+        let sq = mappings::all_reduce(sq, &self.norm_group, ReduceOp::Sum)?;
+        crate::transfers::read("optimizer: the squared gradient norm", 4);
+        let sq = sq
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| ParallelError::Backend {
+                context: "reading the gradient norm",
+                reason: format!("{e:?}"),
+            })?;
+        let grad_norm = f64::from(sq.first().copied().unwrap_or(0.0)).sqrt();
         let coef = match self.config.max_grad_norm {
             Some(max) if max / (grad_norm + 1e-6) < 1.0 => Some(max / (grad_norm + 1e-6)),
             _ => None,
@@ -492,10 +549,17 @@ impl DistributedAdamW {
         for (is_expert, class) in classes {
             let (config, step) = (self.config, self.step);
             let shard = self.shard_mut(is_expert)?;
-            adamw(config, step, shard, &class, coef.unwrap_or(1.0));
-            let updated = shard.group.communicator()?.all_gather(&shard.master)?;
+            let state = shard.state.take().ok_or(ParallelError::InvalidArgument {
+                name: "state",
+                reason: "the class has no optimizer state".into(),
+            })?;
+            let state = adamw(config, step, state, class.grads, class.decay, coef);
+            let master = state[0].clone();
+            shard.state = Some(state);
+            let updated =
+                mappings::gather_from_sequence_region(master, &shard.group, GatherGrad::Split)?;
             for e in &class.layout.entries {
-                values.insert(e.id, updated[e.offset..e.offset + e.numel].to_vec());
+                values.insert(e.id, updated.clone().narrow(0, e.offset, e.numel));
             }
         }
         let module = module.map(&mut Write { values });
@@ -523,110 +587,164 @@ impl DistributedAdamW {
     /// sequence-parallel parameters summed over TP, the sum over the class's data-parallel
     /// group divided by the data shards and scattered (this rank's shard; the shard's master
     /// weights start from the parameters), and the class's contribution to the squared
-    /// gradient norm (TP-replicated parameters counted once).
+    /// gradient norm (TP-replicated parameters counted once). `None` for a class without
+    /// parameters on this rank (then on every rank of its group, which hold the same layers).
     fn reduce_class(
         &mut self,
         is_expert: bool,
         params: &[Flat],
         roles: &HashMap<ParamId, ParamRole>,
-    ) -> Result<(ClassShard, f64)> {
+    ) -> Result<Option<(ClassShard, Tensor<1>)>> {
         let has_expert_group = self.expert.is_some();
-        let (tp, data_shards) = (self.tp.clone(), self.data_shards as f32);
+        let (tp, data_shards) = (self.tp.clone(), self.data_shards as f64);
         let shard = self.shard_mut(is_expert)?;
         let members: Vec<(usize, ParamRole)> = params
             .iter()
             .enumerate()
-            .map(|(i, (id, _, _))| (i, roles[id]))
+            .map(|(i, p)| (i, roles[&p.id]))
             .filter(|(_, r)| {
                 has_expert_group && r.expert == is_expert || !has_expert_group && !is_expert
             })
             .collect();
-        let layout = layout_for(shard, params, &members)?;
-        let mut flat_grads = vec![0f32; layout.padded];
-        let mut flat_params = vec![0f32; layout.padded];
-        for e in &layout.entries {
-            let (_, value, grad) = &params[e.index];
-            flat_params[e.offset..e.offset + e.numel].copy_from_slice(value);
-            if let Some(g) = grad {
-                flat_grads[e.offset..e.offset + e.numel].copy_from_slice(g);
-            }
+        if members.is_empty() {
+            return Ok(None);
         }
+        let layout = layout_for(shard, params, &members)?;
+        let device = params[members[0].0].values.device();
+        let padding = layout.padded - layout.entries.last().map_or(0, |e| e.offset + e.numel);
+        let mut pieces: Vec<Tensor<1>> = layout
+            .entries
+            .iter()
+            .map(|e| {
+                params[e.index]
+                    .grad
+                    .clone()
+                    .unwrap_or_else(|| Tensor::zeros([e.numel], &device))
+            })
+            .collect();
         // 1. Partial gradients of sequence-parallel parameters: sum over TP.
         if tp.size() > 1 {
-            let sp: Vec<&Entry> = layout
-                .entries
-                .iter()
-                .filter(|e| e.role.sequence_parallel_grad)
+            let sp: Vec<usize> = (0..layout.entries.len())
+                .filter(|&i| layout.entries[i].role.sequence_parallel_grad)
                 .collect();
             if !sp.is_empty() {
-                let mut packed: Vec<f32> = sp
-                    .iter()
-                    .flat_map(|e| flat_grads[e.offset..e.offset + e.numel].to_vec())
-                    .collect();
-                tp.communicator()?.all_reduce(&mut packed, ReduceOp::Sum)?;
+                let packed = Tensor::cat(sp.iter().map(|&i| pieces[i].clone()).collect(), 0);
+                let summed = mappings::all_reduce(packed, &tp, ReduceOp::Sum)?;
                 let mut at = 0;
-                for e in sp {
-                    flat_grads[e.offset..e.offset + e.numel]
-                        .copy_from_slice(&packed[at..at + e.numel]);
-                    at += e.numel;
+                for &i in &sp {
+                    let n = layout.entries[i].numel;
+                    pieces[i] = summed.clone().narrow(0, at, n);
+                    at += n;
                 }
             }
         }
+        if padding > 0 {
+            pieces.push(Tensor::zeros([padding], &device));
+        }
         // 2. Sum over the class's data-parallel group, divided by the number of data shards
         //    (the mean over DP for dense parameters), scattered: this rank's shard.
-        let mut grads = shard
-            .group
-            .communicator()?
-            .reduce_scatter(&flat_grads, ReduceOp::Sum)?;
-        grads.iter_mut().for_each(|g| *g /= data_shards);
+        let flat = Tensor::cat(pieces, 0);
+        let grads = mappings::reduce_scatter_to_sequence_region(flat, &shard.group)?;
+        let grads = if data_shards == 1.0 {
+            grads
+        } else {
+            grads / data_shards
+        };
         let (start, len) = (layout.shard_start, layout.shard_len);
-        if shard.master.is_empty() {
-            shard.master = flat_params[start..start + len].to_vec();
-            shard.m = vec![0.0; len];
-            shard.v = vec![0.0; len];
-        } else if shard.master.len() != len {
-            return Err(ParallelError::InvalidArgument {
-                name: "state",
-                reason: format!(
-                    "the loaded shard has {} values, this layout {len}",
-                    shard.master.len()
-                ),
+        if shard.state.is_none() {
+            shard.state = Some(match shard.loaded.take() {
+                Some([master, m, v]) => {
+                    if master.len() != len {
+                        return Err(ParallelError::InvalidArgument {
+                            name: "state",
+                            reason: format!(
+                                "the loaded shard has {} values, this layout {len}",
+                                master.len()
+                            ),
+                        });
+                    }
+                    let upload = |values: Vec<f32>| {
+                        crate::transfers::upload(
+                            "optimizer: a restored state shard to the device",
+                            (values.len() * 4) as u64,
+                        );
+                        Tensor::<1>::from_data(TensorData::new(values, [len]), &device)
+                    };
+                    [upload(master), upload(m), upload(v)]
+                }
+                None => {
+                    let mut values: Vec<Tensor<1>> = layout
+                        .entries
+                        .iter()
+                        .map(|e| params[e.index].values.clone())
+                        .collect();
+                    if padding > 0 {
+                        values.push(Tensor::zeros([padding], &device));
+                    }
+                    [
+                        Tensor::cat(values, 0).narrow(0, start, len),
+                        Tensor::zeros([len], &device),
+                        Tensor::zeros([len], &device),
+                    ]
+                }
             });
         }
         // 3. Norm contributions, TP-replicated parameters counted once.
-        let mut sq = 0f64;
-        let mut decay = vec![0f32; len];
-        for e in &layout.entries {
-            let (lo, hi) = (e.offset.max(start), (e.offset + e.numel).min(start + len));
-            if lo >= hi {
-                continue;
-            }
-            let once = (e.role.tp_split || tp.rank() == 0) && !e.role.tied_copy;
-            if once {
-                sq += grads[lo - start..hi - start]
-                    .iter()
-                    .map(|g| f64::from(*g) * f64::from(*g))
-                    .sum::<f64>();
-            }
-            decay[lo - start..hi - start].fill(if e.role.weight_decay { 1.0 } else { 0.0 });
+        if shard.masks.is_none() {
+            shard.masks = Some(masks(&layout, tp.rank(), &device));
         }
-        Ok((
+        let (decay, once) = shard.masks.clone().ok_or(ParallelError::InvalidArgument {
+            name: "state",
+            reason: "no masks".into(),
+        })?;
+        let sq = (grads.clone() * grads.clone() * once).sum();
+        Ok(Some((
             ClassShard {
                 layout,
                 grads,
                 decay,
             },
             sq,
-        ))
+        )))
     }
+}
+
+/// The weight-decay and norm masks of a class's shard (1 where the value takes weight decay,
+/// resp. counts in the gradient norm), built from constant pieces on the device.
+fn masks(layout: &Layout, tp_rank: usize, device: &Device) -> (Tensor<1>, Tensor<1>) {
+    let (start, len) = (layout.shard_start, layout.shard_len);
+    let (mut decay, mut once) = (Vec::new(), Vec::new());
+    let mut at = start;
+    let piece = |n: usize, on: bool| {
+        if on {
+            Tensor::<1>::ones([n], device)
+        } else {
+            Tensor::<1>::zeros([n], device)
+        }
+    };
+    for e in &layout.entries {
+        let (lo, hi) = (e.offset.max(start), (e.offset + e.numel).min(start + len));
+        if lo >= hi {
+            continue;
+        }
+        let counted = (e.role.tp_split || tp_rank == 0) && !e.role.tied_copy;
+        decay.push(piece(hi - lo, e.role.weight_decay));
+        once.push(piece(hi - lo, counted));
+        at = hi;
+    }
+    if at < start + len {
+        decay.push(piece(start + len - at, false));
+        once.push(piece(start + len - at, false));
+    }
+    (Tensor::cat(decay, 0), Tensor::cat(once, 0))
 }
 
 /// A class's reduced gradients on this rank: its layout, its shard of the gradients and
 /// which of the shard's values take weight decay.
 struct ClassShard {
     layout: Layout,
-    grads: Vec<f32>,
-    decay: Vec<f32>,
+    grads: Tensor<1>,
+    decay: Tensor<1>,
 }
 
 /// Every trained parameter's role, or an error naming the first parameter without one (a
@@ -637,18 +755,19 @@ fn role_map(
     roles: &[(ParamId, ParamRole)],
 ) -> Result<HashMap<ParamId, ParamRole>> {
     let roles: HashMap<ParamId, ParamRole> = roles.iter().copied().collect();
-    if let Some((index, (id, value, _))) = params
+    if let Some((index, p)) = params
         .iter()
         .enumerate()
-        .find(|(_, (id, _, _))| !roles.contains_key(id))
+        .find(|(_, p)| !roles.contains_key(&p.id))
     {
         return Err(ParallelError::InvalidArgument {
             name: "roles",
             reason: format!(
-                "trained parameter #{index} ({id}, {} values) has no role; list every \
+                "trained parameter #{index} ({}, {} values) has no role; list every \
                  parameter (`ParallelParams::param_roles`, or `replicated_roles` for a model \
                  without tensor parallelism)",
-                value.len()
+                p.id,
+                p.numel()
             ),
         });
     }
@@ -656,21 +775,31 @@ fn role_map(
 }
 
 /// AdamW step `step` (1-based, for the bias corrections) on a shard's master weights and
-/// moments, in f64, with the gradients scaled by the clipping coefficient `clip`.
-fn adamw(c: AdamWConfig, step: u64, shard: &mut Shard, class: &ClassShard, clip: f64) {
+/// moments `[p, m, v]`, as f32 tensor operations, with the gradients scaled by the clipping
+/// coefficient `clip` and weight decay where `decay` is 1.
+fn adamw(
+    c: AdamWConfig,
+    step: u64,
+    [p, m, v]: [Tensor<1>; 3],
+    grads: Tensor<1>,
+    decay: Tensor<1>,
+    clip: Option<f64>,
+) -> [Tensor<1>; 3] {
     let t = step as i32;
     let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-    for i in 0..class.layout.shard_len {
-        let g = f64::from(class.grads[i]) * clip;
-        let mut p = f64::from(shard.master[i]);
-        p -= c.lr * c.weight_decay * f64::from(class.decay[i]) * p;
-        let m = c.beta1 * f64::from(shard.m[i]) + (1.0 - c.beta1) * g;
-        let v = c.beta2 * f64::from(shard.v[i]) + (1.0 - c.beta2) * g * g;
-        p -= c.lr / bc1 * m / ((v / bc2).sqrt() + c.eps);
-        shard.m[i] = m as f32;
-        shard.v[i] = v as f32;
-        shard.master[i] = p as f32;
-    }
+    let g = match clip {
+        Some(clip) => grads * clip,
+        None => grads,
+    };
+    let p = if c.weight_decay > 0.0 {
+        p.clone() - p * decay * (c.lr * c.weight_decay)
+    } else {
+        p
+    };
+    let m = m * c.beta1 + g.clone() * (1.0 - c.beta1);
+    let v = v * c.beta2 + g.clone() * g * (1.0 - c.beta2);
+    let update = m.clone() / ((v.clone() / bc2).sqrt() + c.eps);
+    [p - update * (c.lr / bc1), m, v]
 }
 
 /// The part of a class's flat buffer (its trained parameters' values one after the other,
@@ -700,7 +829,7 @@ fn layout_for(
                 .entries
                 .iter()
                 .zip(members)
-                .all(|(e, (i, _))| e.id == params[*i].0 && e.numel == params[*i].1.len());
+                .all(|(e, (i, _))| e.id == params[*i].id && e.numel == params[*i].numel());
         if !same {
             return Err(ParallelError::InvalidArgument {
                 name: "module",
@@ -712,10 +841,10 @@ fn layout_for(
     let mut entries = Vec::with_capacity(members.len());
     let mut offset = 0;
     for &(index, role) in members {
-        let numel = params[index].1.len();
+        let numel = params[index].numel();
         entries.push(Entry {
             index,
-            id: params[index].0,
+            id: params[index].id,
             offset,
             numel,
             role,

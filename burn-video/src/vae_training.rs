@@ -298,7 +298,7 @@ impl VaeTrainer {
             run_dir,
             &meta,
             &self.vae,
-            &self.opt.state(),
+            &self.opt.state()?,
             &comm,
             1,
         )?)
@@ -320,8 +320,8 @@ impl VaeTrainer {
     }
 
     /// The optimizer's state (master weights and moments), for a checkpoint.
-    pub fn optimizer_state(&self) -> OptimizerState {
-        self.opt.state()
+    pub fn optimizer_state(&self) -> Result<OptimizerState> {
+        Ok(self.opt.state()?)
     }
 
     /// The trained VAE.

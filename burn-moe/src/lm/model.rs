@@ -748,9 +748,10 @@ impl MoeLm {
             _ => return Ok(()),
         };
         let [rows, cols] = weight.val().dims();
-        let mine = grads
-            .get(weight.id)
-            .map_or_else(|| vec![0.0; rows * cols], <[f32]>::to_vec);
+        let mine = match grads.get(weight.id) {
+            Some(g) => host::read_f32(g, "reading a tied embedding's gradient for the other copy")?,
+            None => vec![0.0; rows * cols],
+        };
         let comm = pp.communicator()?;
         comm.post_send(mine, peer, TAG)?;
         // The peer's gradient is the transpose of this copy's layout.
@@ -759,7 +760,16 @@ impl MoeLm {
         let transposed: Vec<f32> = (0..rows * cols)
             .map(|i| theirs[(i % cols) * rows + i / cols])
             .collect();
-        grads.accumulate(weight.id, &transposed);
+        let device = weight.val().device();
+        grads.accumulate(
+            weight.id,
+            host::upload_f32(
+                transposed,
+                [rows * cols],
+                &device,
+                "the other copy's gradient of a tied embedding",
+            ),
+        );
         Ok(())
     }
 }
@@ -781,7 +791,10 @@ fn read<const D: usize>(
     let values = match grads {
         Some(g) => {
             let n: usize = shape.iter().product();
-            g.get(p.id).map_or_else(|| vec![0.0; n], <[f32]>::to_vec)
+            match g.get(p.id) {
+                Some(g) => host::read_f32(g, "reading a gradient")?,
+                None => vec![0.0; n],
+            }
         }
         None => host::read_f32(value, "reading a parameter")?,
     };

@@ -254,7 +254,7 @@ pub fn save_initial(model: &MoeLm, run_dir: &Path, seed: u64) -> Result<PathBuf>
         single.clone(),
     )?
     .with_expert_group(single)
-    .state();
+    .state()?;
     let comm = groups.world().communicator()?;
     Ok(checkpoint::save(
         run_dir,
@@ -507,7 +507,7 @@ impl LmTrainer {
             &policy.run_dir,
             &meta,
             self.model()?,
-            &self.opt.state(),
+            &self.opt.state()?,
             comm.as_ref(),
             policy.keep.max(1),
         )?)

@@ -221,7 +221,15 @@ struct Values<'a> {
 impl ModuleVisitor for Values<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let v = match self.grads {
-            Some(g) => g.get(param.id).map(<[f32]>::to_vec).unwrap_or_default(),
+            Some(g) => g
+                .get(param.id)
+                .map(|t| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap_or_default()
+                })
+                .unwrap_or_default(),
             None => param
                 .val()
                 .into_data()

@@ -510,7 +510,7 @@ impl DitTrainer {
             run_dir,
             &meta,
             &dit,
-            &self.opt.state(),
+            &self.opt.state()?,
             &comm,
             1,
         )?)

@@ -71,7 +71,15 @@ impl ModuleVisitor for Values<'_> {
         let value = p.val();
         let n = value.shape().num_elements();
         let v = match self.grads {
-            Some(g) => g.get(p.id).map_or_else(|| vec![0.0; n], <[f32]>::to_vec),
+            Some(g) => g.get(p.id).map_or_else(
+                || vec![0.0; n],
+                |t| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap_or_default()
+                },
+            ),
             None => value
                 .into_data()
                 .convert::<f32>()
