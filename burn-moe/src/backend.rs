@@ -13,7 +13,9 @@ pub enum BackendKind {
     Cuda,
 }
 
-/// The device of `kind` (index 0), or an error saying why it cannot be used.
+/// The device of `kind`, or an error saying why it cannot be used. A CUDA device is the GPU of
+/// this process's local rank under a launcher ([`burn_parallel::launch::local_device_index`]),
+/// GPU 0 otherwise.
 ///
 /// Burn's CUDA backend panics in a worker thread when the CUDA driver library is missing; this
 /// checks for the driver library (`libcuda.so.1`) and an NVIDIA device node first.
@@ -27,7 +29,9 @@ pub fn device(kind: BackendKind) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<Device> {
     cuda_available()?;
-    Ok(Device::cuda(0))
+    let index = burn_parallel::launch::local_device_index()
+        .map_err(|e| MoeError::BackendUnavailable(e.to_string()))?;
+    Ok(Device::cuda(index))
 }
 
 #[cfg(not(feature = "cuda"))]

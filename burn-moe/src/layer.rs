@@ -179,8 +179,34 @@ impl MoeLayer {
     /// sharded over EP and ETP, the router's reductions over the attention mapping's TP×CP and
     /// TP×DP×CP groups, and the chosen dispatcher. Shared experts stay replicated.
     pub fn parallelize(self, groups: &ProcessGroups, kind: DispatcherKind) -> Result<Self> {
+        let (router, experts, shared) = (self.router, self.experts, self.shared);
+        Self::laid_out(router, experts, false, shared, groups, kind)
+    }
+
+    /// This rank's layer under the mesh of `groups` from `local`, the experts this rank's
+    /// expert-parallel rank holds (`num_experts / ep` of them, with their full FFN width), so
+    /// that no rank ever holds the other ranks' experts: as [`parallelize`](Self::parallelize)
+    /// of the full layer, the expert-tensor-parallel split taken from `local`.
+    pub fn from_local_experts(
+        router: Router,
+        local: Experts,
+        shared: Option<SharedExperts>,
+        groups: &ProcessGroups,
+        kind: DispatcherKind,
+    ) -> Result<Self> {
+        Self::laid_out(router, local, true, shared, groups, kind)
+    }
+
+    fn laid_out(
+        router: Router,
+        experts: Experts,
+        experts_are_local: bool,
+        shared: Option<SharedExperts>,
+        groups: &ProcessGroups,
+        kind: DispatcherKind,
+    ) -> Result<Self> {
         let expert_groups = ExpertGroups::new(groups)?;
-        let e = self.router.config().num_experts;
+        let e = router.config().num_experts;
         let ep = expert_groups.ep().size();
         if !e.is_multiple_of(ep) {
             return Err(invalid(
@@ -189,16 +215,36 @@ impl MoeLayer {
             ));
         }
         let local = expert_groups.local_experts(e);
+        let held = experts.config().num_experts;
+        let want = if experts_are_local { local.len() } else { e };
+        if held != want {
+            return Err(invalid(
+                "experts.num_experts",
+                format!(
+                    "is {held}, this rank's layout needs {want} ({e} experts over {ep}                      expert-parallel ranks{})",
+                    if experts_are_local {
+                        ", this rank's only"
+                    } else {
+                        ", all of them"
+                    }
+                ),
+            ));
+        }
         let etp = expert_groups.etp();
-        let experts = self.experts.shard(local, etp.rank(), etp.size())?;
+        let experts = match (experts_are_local, etp.size()) {
+            // Already exactly this rank's shard.
+            (true, 1) => experts,
+            (true, _) => experts.shard(0..held, etp.rank(), etp.size())?,
+            (false, _) => experts.shard(local, etp.rank(), etp.size())?,
+        };
         let dispatcher: Arc<dyn TokenDispatcher> = match kind {
             DispatcherKind::AllGather => Arc::new(AllGatherDispatcher::new(expert_groups)),
             DispatcherKind::AllToAll => Arc::new(AllToAllDispatcher::new(expert_groups)),
         };
         Ok(Self {
-            router: self.router.with_reduce(Arc::new(GroupReduce::new(groups))),
+            router: router.with_reduce(Arc::new(GroupReduce::new(groups))),
             experts,
-            shared: self.shared,
+            shared,
             dispatcher,
             tp_partial: groups.group(GroupKind::Tp).size() > 1,
             groups: [

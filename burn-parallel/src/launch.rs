@@ -1,6 +1,12 @@
-//! Running a program on N local processes with `mpirun` (what `burn-recipes launch` and the
-//! multi-process tests use). Sets what OpenMPI needs on one machine: shared-memory transport,
-//! oversubscription (more ranks than cores) and, as root, the run-as-root confirmation.
+//! Running a program on N processes with `mpirun` (what `burn-recipes launch` and the
+//! multi-process tests use), on this machine or on the hosts of a hostfile, and finding which
+//! local GPU a rank owns under any launcher (`mpirun`, `torchrun`-style `LOCAL_RANK`, `srun`).
+//!
+//! MCA settings: the user's `OMPI_MCA_*` variables reach `mpirun` untouched. Only when the user
+//! set none of a setting does a one-machine run get the defaults it needs here: the shared-memory
+//! transport (`OMPI_MCA_btl=self,vader`) and oversubscription (more ranks than cores); a run on
+//! several hosts (a hostfile or a host list) gets neither. As root, the run-as-root confirmation
+//! is added unless the user set it.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -22,6 +28,85 @@ pub struct MpiRun {
     pub env: Vec<(String, String)>,
     /// Kill the run after this long.
     pub limit: Duration,
+    /// The hosts to run on: `mpirun --hostfile` or `--host` (none: this machine).
+    pub hosts: Hosts,
+}
+
+/// Where `mpirun` starts the ranks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Hosts {
+    /// This machine only.
+    #[default]
+    Local,
+    /// The hosts (and slots) of an OpenMPI hostfile (`mpirun --hostfile FILE`).
+    Hostfile(std::path::PathBuf),
+    /// A host list, `host1:slots,host2:slots` (`mpirun --host LIST`).
+    List(String),
+}
+
+/// Environment variables by which launchers give a process its rank among the processes of its
+/// node, in the order they are consulted: OpenMPI's `mpirun`, torchrun-style launchers, Slurm's
+/// `srun`, MPICH/Hydra.
+pub const LOCAL_RANK_ENV: [&str; 4] = [
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "LOCAL_RANK",
+    "SLURM_LOCALID",
+    "MPI_LOCALRANKID",
+];
+
+/// This process's rank among the processes of its node, from the first launcher variable of
+/// [`LOCAL_RANK_ENV`] that is set (`None` outside a launcher). A variable that is set but is
+/// not a number is an error naming it.
+pub fn local_rank() -> Result<Option<usize>> {
+    local_rank_from(|k| std::env::var(k).ok())
+}
+
+/// [`local_rank`] from the variables `var` returns.
+pub fn local_rank_from(var: impl Fn(&str) -> Option<String>) -> Result<Option<usize>> {
+    for key in LOCAL_RANK_ENV {
+        if let Some(v) = var(key) {
+            return v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| ParallelError::InvalidArgument {
+                    name: key,
+                    reason: format!("`{v}` is not a local rank (a non-negative integer)"),
+                });
+        }
+    }
+    Ok(None)
+}
+
+/// The index, among the GPUs this process sees, of the GPU that local rank `local_rank` owns:
+/// with `CUDA_VISIBLE_DEVICES` naming the node's GPUs (`visible`), the local rank modulo their
+/// number (a launcher that gives each rank one GPU makes it device 0 of its own list); without
+/// it, the local rank itself. Ranks of one node thus use distinct GPUs while there are enough.
+pub fn device_index(local_rank: usize, visible: Option<&str>) -> usize {
+    let count = visible.map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
+    match count {
+        Some(n) if n > 0 => local_rank % n,
+        _ => local_rank,
+    }
+}
+
+/// The GPU index of this process: [`device_index`] of its [`local_rank`] (0 outside a launcher)
+/// and `CUDA_VISIBLE_DEVICES`.
+pub fn local_device_index() -> Result<usize> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    Ok(device_index(local_rank()?.unwrap_or(0), visible.as_deref()))
+}
+
+fn running_as_root() -> bool {
+    // The effective user id from /proc (no libc call): `Uid:` real, effective, saved, fs.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
 
 /// What every rank of a [`run_with_reports`] run left: its exit status and its report.
@@ -101,7 +186,14 @@ impl MpiRun {
             program: program.into_iter().map(Into::into).collect(),
             env: Vec::new(),
             limit: Duration::from_secs(600),
+            hosts: Hosts::Local,
         }
+    }
+
+    /// Runs on `hosts` instead of this machine.
+    pub fn hosts(mut self, hosts: Hosts) -> Self {
+        self.hosts = hosts;
+        self
     }
 
     /// Adds an environment variable.
@@ -122,17 +214,48 @@ impl MpiRun {
         self
     }
 
+    /// The variables this run adds to the environment `mpirun` inherits (`user` tells which
+    /// are set there): the one-machine defaults and the run-as-root confirmation where the user
+    /// set none (see the module docs), then [`env`](Self::env).
+    pub fn environment(&self, user: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut default = |key: &str, value: &str| {
+            if !user(key) {
+                out.push((key.into(), value.into()));
+            }
+        };
+        if self.hosts == Hosts::Local {
+            default("OMPI_MCA_btl", "self,vader");
+            default("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        }
+        if running_as_root() {
+            default("OMPI_ALLOW_RUN_AS_ROOT", "1");
+            default("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        }
+        out.extend(self.env.iter().cloned());
+        out
+    }
+
+    /// The `mpirun` arguments: the process count, the hosts, the extra options, the program.
+    pub fn arguments(&self) -> Vec<String> {
+        let mut args = vec!["-np".to_string(), self.np.to_string()];
+        match &self.hosts {
+            Hosts::Local => {}
+            Hosts::Hostfile(file) => {
+                args.extend(["--hostfile".into(), file.display().to_string()]);
+            }
+            Hosts::List(list) => args.extend(["--host".into(), list.clone()]),
+        }
+        args.extend(self.mpirun_args.iter().cloned());
+        args.extend(self.program.iter().cloned());
+        args
+    }
+
     /// The command, ready to spawn.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new("mpirun");
-        cmd.args(["-np", &self.np.to_string()])
-            .args(&self.mpirun_args)
-            .args(&self.program)
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("OMPI_MCA_btl", "self,vader")
-            .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
-        for (k, v) in &self.env {
+        cmd.args(self.arguments());
+        for (k, v) in self.environment(|k| std::env::var_os(k).is_some()) {
             cmd.env(k, v);
         }
         cmd
@@ -398,6 +521,72 @@ pub fn reap(processes: &[LocalProcess], grace: Duration) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_mca_settings_are_kept_and_defaults_fill_only_what_is_unset() {
+        let run = MpiRun::new(2, ["prog"]).env("X", "1");
+        let names = |env: Vec<(String, String)>| -> Vec<String> {
+            env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+        };
+        let local = names(run.environment(|_| false));
+        assert!(
+            local.contains(&"OMPI_MCA_btl=self,vader".to_string()),
+            "{local:?}"
+        );
+        assert!(local.contains(&"X=1".to_string()));
+        let user = names(run.environment(|k| k == "OMPI_MCA_btl"));
+        assert!(
+            !user.iter().any(|e| e.starts_with("OMPI_MCA_btl=")),
+            "{user:?}"
+        );
+        assert!(user.contains(&"OMPI_MCA_rmaps_base_oversubscribe=1".to_string()));
+        let remote = run.clone().hosts(Hosts::Hostfile("hosts.txt".into()));
+        let env = names(remote.environment(|_| false));
+        assert!(!env.iter().any(|e| e.starts_with("OMPI_MCA_")), "{env:?}");
+        assert_eq!(
+            remote.arguments(),
+            ["-np", "2", "--hostfile", "hosts.txt", "prog"]
+        );
+        assert_eq!(
+            run.hosts(Hosts::List("a:2,b:2".into())).arguments(),
+            ["-np", "2", "--host", "a:2,b:2", "prog"]
+        );
+    }
+
+    #[test]
+    fn local_ranks_come_from_any_launcher_and_map_to_distinct_gpus() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(local_rank_from(env(&[])).unwrap(), None);
+        assert_eq!(
+            local_rank_from(env(&[("SLURM_LOCALID", "3")])).unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            local_rank_from(env(&[("LOCAL_RANK", "1")])).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            local_rank_from(env(&[
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
+                ("LOCAL_RANK", "0")
+            ]))
+            .unwrap(),
+            Some(2)
+        );
+        let err = local_rank_from(env(&[("LOCAL_RANK", "x")])).unwrap_err();
+        assert!(err.to_string().contains("LOCAL_RANK"), "{err}");
+        assert_eq!(device_index(5, None), 5);
+        assert_eq!(device_index(5, Some("0,1,2,3")), 1);
+        assert_eq!(device_index(3, Some("7")), 0);
+        assert_eq!(device_index(2, Some("")), 2);
+    }
 
     #[test]
     fn reap_waits_for_children_that_exit_and_kills_the_rest() {

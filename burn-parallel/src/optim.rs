@@ -347,13 +347,17 @@ impl ModuleMapper for Write {
             return param;
         };
         param.map(|t| {
-            let (track, autodiff, dtype) = (t.is_require_grad(), t.is_autodiff(), t.dtype());
+            let (track, dtype) = (t.is_require_grad(), t.dtype());
             let mut fresh: Tensor<D> = values.reshape(t.shape());
             if dtype != DType::F32 {
                 fresh = fresh.cast(dtype);
             }
-            if autodiff {
-                fresh = fresh.autodiff();
+            // Back under autodiff with the parameter's own checkpointing strategy (operands
+            // of one operation must share it).
+            if let Some(strategy) = t.gradient_checkpointing_strategy() {
+                fresh = fresh
+                    .autodiff()
+                    .with_gradient_checkpointing_strategy(strategy);
             }
             if track { fresh.require_grad() } else { fresh }
         })

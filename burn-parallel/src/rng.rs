@@ -21,8 +21,35 @@ pub fn unit(key: u64) -> f64 {
 /// function of `(seed, stream, i)`).
 pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData {
     let n: usize = shape.iter().product();
+    TensorData::new(normal_values(seed, stream, 0..n, std), shape)
+}
+
+/// Rows `rows` of [`normal`]`(seed, stream, shape, std)` (rows along the first dimension),
+/// drawn without the others: exactly those values of the full tensor, shape
+/// `[rows.len(), shape[1..]…]`. How a rank draws its shard of a tensor split along its leading
+/// dimension (the experts of an expert-parallel layer) without the full tensor.
+pub fn normal_rows(
+    seed: u64,
+    stream: u64,
+    shape: Vec<usize>,
+    rows: std::ops::Range<usize>,
+    std: f64,
+) -> TensorData {
+    let inner: usize = shape.iter().skip(1).product();
+    let mut out = shape;
+    if let Some(first) = out.first_mut() {
+        *first = rows.len();
+    }
+    TensorData::new(
+        normal_values(seed, stream, rows.start * inner..rows.end * inner, std),
+        out,
+    )
+}
+
+/// Elements `range` of the flattened [`normal`] tensor of `(seed, stream)`.
+fn normal_values(seed: u64, stream: u64, range: std::ops::Range<usize>, std: f64) -> Vec<f32> {
     let base = mix(seed ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-    let values: Vec<f32> = (0..n)
+    range
         .map(|i| {
             let a = mix(base.wrapping_add(2 * i as u64));
             let b = mix(base.wrapping_add(2 * i as u64 + 1));
@@ -30,8 +57,7 @@ pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData
             let u2 = (b >> 11) as f64 / (1u64 << 53) as f64;
             ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
         })
-        .collect();
-    TensorData::new(values, shape)
+        .collect()
 }
 
 /// `n` values uniform in `[-scale, scale)` from `seed` (value `i` a pure function of
@@ -99,6 +125,13 @@ mod tests {
             / n;
         assert!(mean.abs() < 0.1, "{mean}");
         assert!((var.sqrt() - 2.0).abs() < 0.1, "{var}");
+        // Rows drawn alone are the full tensor's rows.
+        let full = normal(7, 3, vec![10, 4, 3], 2.0)
+            .try_to_vec::<f32>()
+            .unwrap();
+        let rows = normal_rows(7, 3, vec![10, 4, 3], 6..9, 2.0);
+        assert_eq!(rows.shape().as_slice(), [3, 4, 3]);
+        assert_eq!(rows.try_to_vec::<f32>().unwrap(), full[6 * 12..9 * 12]);
         let u: Vec<f64> = (0..1000).map(unit).collect();
         assert!(u.iter().all(|x| (0.0..1.0).contains(x)));
     }

@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_moe::prelude::*;
 use burn_moe::timing::time_forward_backward;
-use burn_parallel::launch::MpiRun;
+use burn_parallel::launch::{Hosts, MpiRun};
 use burn_parallel::world::World;
 use burn_recipes::error::{RecipeError, Result};
 use burn_recipes::plan::{self, Estimate};
@@ -705,6 +705,17 @@ struct LaunchArgs {
     /// Stop after this step, with a checkpoint (continue later with `--resume`).
     #[arg(long, value_name = "STEP")]
     stop_at: Option<usize>,
+    /// Backend of every rank; with `cuda` each rank takes the GPU of its local rank on its
+    /// node (`OMPI_COMM_WORLD_LOCAL_RANK`, modulo the GPUs in `CUDA_VISIBLE_DEVICES`).
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    device: Backend,
+    /// Run on the hosts of this OpenMPI hostfile (`mpirun --hostfile`); the one-machine MCA
+    /// defaults are then not added.
+    #[arg(long, value_name = "FILE", conflicts_with = "host")]
+    hostfile: Option<PathBuf>,
+    /// Run on these hosts, `host1:slots,host2:slots` (`mpirun --host`).
+    #[arg(long, value_name = "LIST")]
+    host: Option<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -1201,6 +1212,26 @@ fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
     if let Some(step) = args.stop_at {
         program.extend(["--stop-at".into(), step.to_string()]);
     }
+    if args.device == Backend::Cuda {
+        program.extend(["--device".into(), "cuda".into()]);
+    }
+    let hosts = match (&args.hostfile, &args.host) {
+        (Some(file), _) => {
+            if !file.is_file() {
+                return Err(RecipeError::invalid(
+                    "--hostfile",
+                    format!("{} is not a file", file.display()),
+                )
+                .into());
+            }
+            Hosts::Hostfile(file.clone())
+        }
+        (None, Some(list)) if list.trim().is_empty() => {
+            return Err(RecipeError::invalid("--host", "is empty").into());
+        }
+        (None, Some(list)) => Hosts::List(list.clone()),
+        (None, None) => Hosts::Local,
+    };
     // mpirun and the ranks run in their own process group: a Ctrl-C reaches this process
     // alone, which hands the first SIGINT or SIGTERM to mpirun (mpirun passes it to every
     // rank, which stop after the same step with a checkpoint); a second one kills the job at
@@ -1208,7 +1239,7 @@ fn run_launch(args: &LaunchArgs) -> Result<(), Failure> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| refused(format!("installing signal handlers: {e}")))?;
-    let mut command = MpiRun::new(args.nproc, program).command();
+    let mut command = MpiRun::new(args.nproc, program).hosts(hosts).command();
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut child = command.spawn().map_err(|e| {
         refused(format!(

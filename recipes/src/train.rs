@@ -53,8 +53,13 @@ pub struct Summary {
     /// state, plus the step's peak of heap bytes above what was live when it began
     /// (gradients, activations, transient buffers). Memory the process holds for other
     /// reasons (the data source, the matmul library's per-thread scratch) is not counted.
-    /// `None` unless the binary counts its allocations ([`crate::memory`]).
+    /// `None` unless the binary counts its allocations ([`crate::memory`]). The largest of
+    /// any rank's.
     pub peak_memory_bytes: Option<u64>,
+    /// The most heap memory building the model took on a rank, above what was live before
+    /// (the rank's weights and every transient buffer of their initialisation), the largest of
+    /// any rank's. `None` unless the binary counts its allocations.
+    pub build_peak_memory_bytes: Option<u64>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -423,6 +428,22 @@ fn check_resumable(recipe: &Recipe, run_dir: &Path, resharded: bool) -> Result<(
     Ok(())
 }
 
+/// The largest of every rank's `bytes` (collective over `world`; each rank's count rounded up
+/// to a KiB, exact in the f32 the reduction carries up to 16 GiB).
+fn largest_of_ranks(world: &World, bytes: Option<u64>) -> Result<Option<u64>> {
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    if world.size() == 1 {
+        return Ok(Some(bytes));
+    }
+    let mut kib = [bytes.div_ceil(1024) as f32];
+    world
+        .communicator()
+        .all_reduce(&mut kib, burn_parallel::comm::ReduceOp::Max)?;
+    Ok(Some(kib[0] as u64 * 1024))
+}
+
 /// Runs (or resumes) a recipe on this process's share of `world`: the checks, the run folder,
 /// burn-moe's [`LmTrainer::fit`] with this crate's metrics, log, progress bar and signals,
 /// then `summary.json` and the plots.
@@ -449,7 +470,13 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
         // backward pass instead of being kept.
         device = device.gradient_checkpointing();
     }
+    let live = burn_parallel::memory::live();
+    burn_parallel::memory::reset_peak();
     let mut trainer = trainer(recipe, groups, &device)?;
+    let build_peak = live
+        .zip(burn_parallel::memory::peak())
+        .map(|(before, peak)| peak.saturating_sub(before) as u64);
+    let build_peak = largest_of_ranks(world, build_peak)?;
     if let Some((dir, meta)) = &resume_from {
         trainer.resume(dir, meta)?;
     }
@@ -516,13 +543,15 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     } else {
         tail.iter().sum::<f64>() / tail.len() as f64
     };
+    let peak_memory_bytes = largest_of_ranks(world, outcome.peak_memory_bytes)?;
     let summary = Summary {
         final_loss,
         losses: outcome.losses,
         entropy_floor: trainer.source().entropy_rate(),
         steps: t.steps,
         run_dir: recipe.run.dir.clone(),
-        peak_memory_bytes: outcome.peak_memory_bytes,
+        peak_memory_bytes,
+        build_peak_memory_bytes: build_peak,
     };
     if main {
         let path = summary.run_dir.join("summary.json");

@@ -292,3 +292,115 @@ fn a_qwen3_style_recipe_trains_and_exports_as_qwen3_moe() {
     assert_eq!(config["head_dim"], 32);
     assert_eq!(config["mlp_only_layers"], serde_json::json!([0]));
 }
+
+/// `launch --help` names the device and host options.
+#[test]
+fn launch_help_shows_the_device_and_host_options() {
+    let help = ok(&["launch", "--help"]);
+    for option in ["--device", "--hostfile", "--host"] {
+        assert!(help.contains(option), "{option} missing from:\n{help}");
+    }
+}
+
+/// What `launch` hands `mpirun`: a stand-in `mpirun` first on `PATH` records its arguments and
+/// environment. The user's MCA variables arrive untouched; the one-machine defaults fill only
+/// what the user left unset, and none are added for a hostfile; `--device cuda` reaches every
+/// rank's `train`.
+#[test]
+fn launch_passes_user_mca_settings_hosts_and_device_to_mpirun_untouched() {
+    let dir = std::env::temp_dir().join(format!("burn-recipes-fake-mpirun-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let record = dir.join("record.txt");
+    let script = dir.join("mpirun");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n{{ echo \"ARGS $*\"; env | grep '^OMPI_MCA_' | sort; }} > '{}'\n",
+            record.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", &script.display().to_string()])
+        .status()
+        .unwrap();
+    let hostfile = dir.join("hosts.txt");
+    std::fs::write(&hostfile, "node1 slots=2\nnode2 slots=2\n").unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/moe-tiny.toml");
+    let launch = |extra: &[&str], env: &[(&str, &str)]| -> String {
+        let mut cmd = bin();
+        cmd.args(["launch", "-n", "2", recipe]).args(extra);
+        cmd.env("PATH", &path);
+        for key in [
+            "OMPI_MCA_btl",
+            "OMPI_MCA_rmaps_base_oversubscribe",
+            "OMPI_MCA_pml",
+        ] {
+            cmd.env_remove(key);
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().expect("launch runs");
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(&record).expect("the stand-in mpirun ran")
+    };
+    // The user's settings, untouched; the oversubscription default still added.
+    let seen = launch(
+        &["--device", "cuda"],
+        &[("OMPI_MCA_btl", "tcp,self"), ("OMPI_MCA_pml", "ob1")],
+    );
+    assert!(seen.contains("OMPI_MCA_btl=tcp,self\n"), "{seen}");
+    assert!(seen.contains("OMPI_MCA_pml=ob1\n"), "{seen}");
+    assert!(!seen.contains("vader"), "{seen}");
+    assert!(
+        seen.contains("OMPI_MCA_rmaps_base_oversubscribe=1\n"),
+        "{seen}"
+    );
+    let args = seen.lines().next().unwrap_or_default();
+    assert!(args.starts_with("ARGS -np 2 "), "{args}");
+    assert!(
+        args.contains(" train ") && args.ends_with("--device cuda"),
+        "{args}"
+    );
+    // Nothing set by the user, one machine: the defaults.
+    let seen = launch(&[], &[]);
+    assert!(seen.contains("OMPI_MCA_btl=self,vader\n"), "{seen}");
+    assert!(!seen.contains("--device"), "{seen}");
+    // A hostfile: passed on, no one-machine defaults.
+    let seen = launch(&["--hostfile", &hostfile.display().to_string()], &[]);
+    assert!(
+        seen.starts_with(&format!("ARGS -np 2 --hostfile {} ", hostfile.display())),
+        "{seen}"
+    );
+    assert!(!seen.contains("OMPI_MCA_"), "{seen}");
+    let seen = launch(&["--host", "node1:2,node2:2"], &[]);
+    assert!(
+        seen.starts_with("ARGS -np 2 --host node1:2,node2:2 "),
+        "{seen}"
+    );
+    // A hostfile that is not there is refused before mpirun runs.
+    let out = bin()
+        .args([
+            "launch",
+            "-n",
+            "2",
+            recipe,
+            "--hostfile",
+            "/nonexistent/hosts",
+        ])
+        .env("PATH", &path)
+        .output()
+        .expect("launch runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--hostfile"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -424,3 +424,58 @@ fn launch_checkpoints_reshard_from_tp2_ep2_to_ep4_to_one_rank_and_from_pp2_to_pp
     run_on(1, &run, &["--resume"]);
     same_losses(&straight, &run, 3, 7, "PP2 → PP1");
 }
+
+/// Sharded initialisation: `moe-small` (experts about 65% of its 4.9 M parameters) with EP 4
+/// on 4 ranks builds each rank's model in at most 0.6× the memory of the one-rank build (its
+/// shard alone is about 0.51×; drawing the full model and slicing it would be ≥ 1×), and its
+/// training steps peak below the one-rank run's; both as `summary.json` reports them (the
+/// largest of any rank's), with equal losses.
+#[cfg(feature = "mpi")]
+#[test]
+fn moe_small_with_ep4_builds_each_rank_in_at_most_0_6_of_the_one_rank_memory() {
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let small = Path::new(env!("CARGO_MANIFEST_DIR")).join("moe-small.toml");
+    let run = |n: usize, dir: &Path, extra: &[&str]| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_burn-recipes"));
+        match n {
+            1 => cmd.arg("train"),
+            n => cmd.args(["launch", "-n", &n.to_string()]),
+        };
+        cmd.arg(&small)
+            .args(["--set", &format!("run.dir=\"{}\"", dir.display())])
+            .args([
+                "--set",
+                "training.steps=2",
+                "--set",
+                "training.warmup_steps=1",
+            ])
+            .args(["--set", "training.checkpoint_every=0"])
+            .args(extra)
+            .env("BURN_PARALLEL_TIMEOUT_S", "120");
+        let out = cmd.output().expect("binary runs");
+        assert!(
+            out.status.success(),
+            "{n} ranks: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(dir.join("summary.json")).expect("summary.json");
+        serde_json::from_str(&text).expect("JSON")
+    };
+    let one = run(1, &tmp.path().join("one"), &[]);
+    let ep4 = run(4, &tmp.path().join("ep4"), &["--set", "parallel.ep=4"]);
+    let bytes = |s: &serde_json::Value, key: &str| s[key].as_f64().expect(key);
+    let build = bytes(&ep4, "build_peak_memory_bytes") / bytes(&one, "build_peak_memory_bytes");
+    println!("build peak EP4 / one rank: {build:.3}");
+    assert!(
+        build <= 0.6,
+        "each EP4 rank built in {build:.3}× the one-rank memory"
+    );
+    let steps = bytes(&ep4, "peak_memory_bytes") / bytes(&one, "peak_memory_bytes");
+    println!("step peak EP4 / one rank: {steps:.3}");
+    assert!(
+        steps < 1.0,
+        "EP4 steps peak at {steps:.3}× the one-rank run's"
+    );
+    let (a, b) = (bytes(&one, "final_loss"), bytes(&ep4, "final_loss"));
+    assert!((a - b).abs() <= 1e-4 * a, "losses {a} and {b}");
+}

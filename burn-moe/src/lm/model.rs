@@ -44,20 +44,7 @@ impl Init<'_> {
     /// Tensor `name` of `shape`: `given[name]`, or normal(0, std) from `(seed, stream)`.
     fn get<const D: usize>(&self, name: &str, stream: u64, shape: [usize; D]) -> Result<Tensor<D>> {
         let data = match self.given {
-            Some(given) => {
-                let t = given.get(name).ok_or_else(|| MoeError::InvalidArgument {
-                    name: "tensors",
-                    reason: format!("no tensor `{name}` among the given weights"),
-                })?;
-                let got: Vec<usize> = t.shape().iter().copied().collect();
-                if got.as_slice() != shape.as_slice() {
-                    return Err(MoeError::InvalidArgument {
-                        name: "tensors",
-                        reason: format!("`{name}` has shape {got:?}, the model needs {shape:?}"),
-                    });
-                }
-                t.clone()
-            }
+            Some(given) => self.given_tensor(given, name, &shape)?.clone(),
             None => burn_parallel::rng::normal(self.seed, stream, shape.to_vec(), self.std),
         };
         Ok(host::upload(
@@ -65,6 +52,68 @@ impl Init<'_> {
             &self.device,
             "uploading initial weights",
         ))
+    }
+
+    /// Rows `rows` (of the first dimension) of tensor `name` of `shape`, without the other
+    /// rows: sliced from `given[name]`, or drawn alone ([`burn_parallel::rng::normal_rows`],
+    /// equal to the same rows of [`get`](Self::get)).
+    fn rows<const D: usize>(
+        &self,
+        name: &str,
+        stream: u64,
+        shape: [usize; D],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor<D>> {
+        let mut part = shape;
+        part[0] = rows.len();
+        let data = match self.given {
+            Some(given) => {
+                let t = self.given_tensor(given, name, &shape)?;
+                let inner: usize = shape[1..].iter().product();
+                let range = rows.start * inner..rows.end * inner;
+                let values = match t.as_slice::<f32>() {
+                    Ok(all) => all[range].to_vec(),
+                    Err(_) => t
+                        .clone()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .map_err(|e| MoeError::InvalidArgument {
+                            name: "tensors",
+                            reason: format!("`{name}`: {e:?}"),
+                        })?[range]
+                        .to_vec(),
+                };
+                TensorData::new(values, part.to_vec())
+            }
+            None => {
+                burn_parallel::rng::normal_rows(self.seed, stream, shape.to_vec(), rows, self.std)
+            }
+        };
+        Ok(host::upload(
+            data,
+            &self.device,
+            "uploading initial weights",
+        ))
+    }
+
+    fn given_tensor<'g>(
+        &self,
+        given: &'g FullTensors,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<&'g TensorData> {
+        let t = given.get(name).ok_or_else(|| MoeError::InvalidArgument {
+            name: "tensors",
+            reason: format!("no tensor `{name}` among the given weights"),
+        })?;
+        let got: Vec<usize> = t.shape().iter().copied().collect();
+        if got.as_slice() != shape {
+            return Err(MoeError::InvalidArgument {
+                name: "tensors",
+                reason: format!("`{name}` has shape {got:?}, the model needs {shape:?}"),
+            });
+        }
+        Ok(t)
     }
 
     /// Bias `name` `[n]`: given, or zeros.
@@ -354,8 +403,8 @@ impl MoeLm {
                 let stream = 100 * (layer as u64 + 1);
                 let name = format!("layers.{layer}");
                 let (dense, moe) = if cfg.is_moe(layer) {
-                    let moe = moe_layer(cfg, init, &format!("{name}.moe"), stream + 10)?
-                        .parallelize(groups, layout.dispatcher)?;
+                    let moe = moe_layer(cfg, init, &format!("{name}.moe"), stream + 10, groups)?
+                        .lay_out(groups, layout.dispatcher)?;
                     (None, Some(moe))
                 } else {
                     let f = cfg.ffn_hidden;
@@ -801,8 +850,33 @@ fn read<const D: usize>(
     Ok(TensorData::new(values, shape))
 }
 
-/// The whole (unsharded) MoE layer of layer `name` from `init`'s weights.
-fn moe_layer(cfg: &MoeLmConfig, init: &Init, name: &str, stream: u64) -> Result<MoeLayer> {
+/// The parts of an MoE layer before it is laid out: the routed experts are this rank's
+/// expert-parallel share only (drawn or read without the other ranks' experts).
+struct MoeParts {
+    router: Router,
+    local: Experts,
+    shared: Option<SharedExperts>,
+}
+
+impl MoeParts {
+    fn lay_out(
+        self,
+        groups: &ProcessGroups,
+        kind: crate::layer::DispatcherKind,
+    ) -> Result<MoeLayer> {
+        MoeLayer::from_local_experts(self.router, self.local, self.shared, groups, kind)
+    }
+}
+
+/// The MoE layer of layer `name` from `init`'s weights, with the experts of this rank's
+/// expert-parallel rank in `groups` only.
+fn moe_layer(
+    cfg: &MoeLmConfig,
+    init: &Init,
+    name: &str,
+    stream: u64,
+    groups: &ProcessGroups,
+) -> Result<MoeParts> {
     let Some(moe) = &cfg.moe else {
         return Err(invalid("moe", "an MoE layer needs the moe config"));
     };
@@ -818,10 +892,24 @@ fn moe_layer(cfg: &MoeLmConfig, init: &Init, name: &str, stream: u64) -> Result<
     {
         router = router.with_expert_bias(bias)?;
     }
+    let ep = groups.group(GroupKind::Ep);
+    if !e.is_multiple_of(ep.size()) {
+        return Err(invalid(
+            "num_experts",
+            format!(
+                "{e} experts cannot be split over {} expert-parallel ranks",
+                ep.size()
+            ),
+        ));
+    }
+    let per = e / ep.size();
+    let rows = ep.rank() * per..(ep.rank() + 1) * per;
+    let mut local_config = moe.experts.clone();
+    local_config.num_experts = per;
     let experts = Experts::from_weights(
-        moe.experts.clone(),
-        init.get(&format!("{name}.w1"), stream + 1, [e, h, f1])?,
-        init.get(&format!("{name}.w2"), stream + 2, [e, f, h])?,
+        local_config,
+        init.rows(&format!("{name}.w1"), stream + 1, [e, h, f1], rows.clone())?,
+        init.rows(&format!("{name}.w2"), stream + 2, [e, f, h], rows)?,
     )?;
     let shared = match &moe.shared {
         Some(s) => {
@@ -844,5 +932,9 @@ fn moe_layer(cfg: &MoeLmConfig, init: &Init, name: &str, stream: u64) -> Result<
         }
         None => None,
     };
-    MoeLayer::new(router, experts, shared)
+    Ok(MoeParts {
+        router,
+        local: experts,
+        shared,
+    })
 }
