@@ -123,6 +123,13 @@ impl MoeOutput {
         sum_losses([self.aux_loss.clone(), self.z_loss.clone()])
     }
 
+    /// The router's deferred finiteness check (see [`MoeLayer::forward_with`]): one
+    /// device-to-host read of the count of non-finite router logits;
+    /// [`MoeError::NonFiniteLogits`] when there were any.
+    pub fn check_finite(&self) -> Result<()> {
+        self.router.check_finite()
+    }
+
     /// The updated global aux-loss accumulator, to pass to the next micro-batch.
     pub fn global_aux_state(&self) -> Option<GlobalAuxState> {
         self.router.global_aux_state.clone()
@@ -270,6 +277,14 @@ impl MoeLayer {
 
     /// [`forward`](Self::forward) with routing options (evaluation mode, global aux state).
     ///
+    /// Host synchronisations: a dropless layer reads the tokens per expert once (as
+    /// Megatron-Core's dropless dispatch); a drop-and-pad layer none. The router's finiteness
+    /// check ([`RouterConfig::check_finite`](crate::router::RouterConfig::check_finite)) does
+    /// not read: its count stays on the device in
+    /// [`RouterOutput::nonfinite_logits`](crate::router::RouterOutput::nonfinite_logits), for
+    /// the caller to check with a read it makes anyway ([`MoeOutput::check_finite`] reads it
+    /// alone; the language model's trainer reads it with the step's losses).
+    ///
     /// A collective of this layer's groups that failed earlier (in the backward pass, where it
     /// could not return an error and left NaN in the gradients) is returned here, before any
     /// work: [`MoeError::Communication`] with
@@ -289,9 +304,10 @@ impl MoeLayer {
             });
         }
         let tokens = x.reshape([s * b, h]);
-        let routed = self
-            .router
-            .forward_with(tokens.clone().reshape([s, b, h]), options)?;
+        let routed = self.router.forward_with(
+            tokens.clone().reshape([s, b, h]),
+            options.deferred_finite_check(),
+        )?;
         let padded = routed
             .capacity
             .filter(|_| self.router.config().pad_to_capacity);

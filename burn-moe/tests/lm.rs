@@ -446,3 +446,45 @@ fn hub_checkpoints_exported_again_are_the_same_tensors() {
         .expect_err("exists");
     assert!(err.to_string().contains("already exists"), "{err}");
 }
+
+/// The MoE layers' finiteness checks cost a training step no extra host synchronisation: the
+/// count of non-finite router logits stays on the device and is read with the micro-batch's
+/// losses, and a router fed NaN still stops the step with `NonFiniteLogits`.
+#[test]
+fn nan_router_logits_stop_a_training_step_through_the_losses_read() {
+    let mut t = trainer(2);
+    // The trainer's own model with NaN router weights, through a checkpoint.
+    let mut model = t.model().expect("model").clone();
+    for block in &mut model.blocks {
+        if let Some(moe) = &mut block.moe {
+            moe.router.weight = moe.router.weight.clone().map(|w| w.mul_scalar(f32::NAN));
+        }
+    }
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let meta = TrainingMeta {
+        step: 0,
+        world: 1,
+        next_sequence: 0,
+        seed: 5,
+        layout: Some(t.saved_layout()),
+    };
+    let comm = burn_parallel::comm::SingleRank::new();
+    let state = burn_parallel::prelude::OptimizerState {
+        step: 0,
+        shards: vec![[Vec::new(), Vec::new(), Vec::new()]; 2],
+    };
+    let dir = checkpoint::save(tmp.path(), &meta, &model, &state, &comm, 1).expect("save");
+    t.load(&dir).expect("load");
+    let (result, log) = burn_parallel::transfers::measure(|| t.backward(0));
+    let err = result.expect_err("NaN logits");
+    assert!(
+        matches!(err, burn_moe::MoeError::NonFiniteLogits { count } if count > 0),
+        "{err}"
+    );
+    assert!(
+        !log.iter().any(|x| x.what == "checking router logits"),
+        "the check made its own read: {log:?}"
+    );
+    // The same model, finite: the step runs.
+    assert!(trainer(2).backward(0).is_ok());
+}

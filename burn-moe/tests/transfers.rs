@@ -54,48 +54,68 @@ const FINITE: (Direction, &str) = (Direction::Read, "checking router logits");
 const COUNTS: (Direction, &str) = (Direction::Read, "reading the tokens per expert");
 
 #[test]
-fn dropless_layer_reads_twice_forward_and_never_backward_on_one_rank() {
+fn dropless_layer_reads_once_forward_and_never_backward_on_one_rank() {
     let router = RouterConfig::new(H, E, 2)
         .with_aux_loss_coeff(1e-2)
         .with_z_loss_coeff(Some(1e-3));
     let (forward, backward, out) = step(router);
-    // The router's finiteness check, then the dropless count sync (as Megatron's dropless
-    // dispatch). On the CPU backend the MoE operations work on tensor memory in place: no
-    // index table is uploaded.
-    assert_eq!(describe(&forward), [FINITE, COUNTS]);
+    // The dropless count sync alone (as Megatron's dropless dispatch): the router's
+    // finiteness check stays on the device for the caller. On the CPU backend the MoE
+    // operations work on tensor memory in place: no index table is uploaded.
+    assert_eq!(describe(&forward), [COUNTS]);
     assert_eq!(out.transfers, transfers::totals(&forward));
-    assert_eq!(out.stats.transfers, transfers::totals(&forward[1..]));
+    assert_eq!(out.stats.transfers, transfers::totals(&forward));
     let count_bytes = E * out.tokens_per_expert.dtype().size();
-    assert_eq!(forward[1].bytes, count_bytes as u64);
+    assert_eq!(forward[0].bytes, count_bytes as u64);
     assert!(describe(&backward).is_empty(), "{backward:?}");
+    // The deferred check: one read when asked, and it passes on finite inputs.
+    let ((), check) = transfers::measure(|| out.check_finite().unwrap());
+    assert_eq!(describe(&check), [FINITE]);
 }
 
 #[test]
-fn padded_layer_reads_only_the_finiteness_check_and_uploads_two_index_tables() {
+fn padded_layer_reads_nothing_and_builds_its_index_tables_on_the_device() {
     let router = RouterConfig::new(H, E, 2)
         .with_capacity_factor(Some(1.0))
         .with_pad_to_capacity(true);
     let (forward, backward, out) = step(router);
-    // Drop-and-pad needs no count: the shapes are static. Its dispatch order is computed on
-    // the device from token positions and the expert of each row, both uploaded.
-    assert_eq!(
-        describe(&forward),
-        [
-            FINITE,
-            (Direction::Upload, "uploading token positions"),
-            (Direction::Upload, "uploading the expert of each row"),
-        ]
-    );
-    assert_eq!(out.stats.transfers.reads, 0);
-    assert_eq!(out.stats.transfers.uploads, 2);
+    // Drop-and-pad needs no count: the shapes are static, and its dispatch order is computed
+    // on the device (token positions and the expert of each row are device ranges). The
+    // finiteness check stays on the device for the caller.
+    assert!(describe(&forward).is_empty(), "{forward:?}");
+    assert_eq!(out.stats.transfers, transfers::HostTransfers::default());
     assert!(describe(&backward).is_empty(), "{backward:?}");
-    // Without the finiteness check the padded forward reads nothing at all.
+    assert!(out.router.nonfinite_logits.is_some());
+    let ((), check) = transfers::measure(|| out.check_finite().unwrap());
+    assert_eq!(describe(&check), [FINITE]);
+    // Without the finiteness check there is nothing to check.
     let router = RouterConfig::new(H, E, 2)
         .with_capacity_factor(Some(1.0))
         .with_pad_to_capacity(true)
         .with_check_finite(false);
-    let (forward, _, _) = step(router);
-    assert_eq!(transfers::totals(&forward).reads, 0, "{forward:?}");
+    let (forward, _, out) = step(router);
+    assert!(describe(&forward).is_empty(), "{forward:?}");
+    assert!(out.router.nonfinite_logits.is_none());
+}
+
+#[test]
+fn a_layer_fed_nan_reports_it_at_the_deferred_check() {
+    let d = Device::flex();
+    for router in [
+        RouterConfig::new(H, E, 2),
+        RouterConfig::new(H, E, 2)
+            .with_capacity_factor(Some(1.0))
+            .with_pad_to_capacity(true),
+    ] {
+        let layer = layer(router, &d);
+        let mut x = tensor([S, B, H], 4, &d);
+        x = x.slice_assign([0..1, 0..1, 0..1], Tensor::from_floats([[[f32::NAN]]], &d));
+        let out = layer.forward(x).expect("the forward pass does not read");
+        assert!(
+            matches!(out.check_finite(), Err(MoeError::NonFiniteLogits { count }) if count == E),
+            "one token's logits are all NaN"
+        );
+    }
 }
 
 /// Lines of `src` (a crate's source folder) that move tensor data between host and device

@@ -362,10 +362,10 @@ fn run_case(
         &[out.stats.transfers.reads as f32],
         &[want_reads as f32],
     );
-    // The whole forward adds the router's NaN/inf check and, over a TP×CP group of more than
-    // one rank, the aux loss's count reduction; the backward runs each staged collective's
-    // conjugate (one read each) and nothing else.
-    let router_reads = 1 + big(groups.group(GroupKind::TpCp));
+    // The whole forward adds, over a TP×CP group of more than one rank, the aux loss's count
+    // reduction (the router's NaN/inf check stays on the device for the caller); the backward
+    // runs each staged collective's conjugate (one read each) and nothing else.
+    let router_reads = big(groups.group(GroupKind::TpCp));
     c.close(
         &format!("{mode:?} forward device-to-host reads"),
         &[out.transfers.reads as f32],

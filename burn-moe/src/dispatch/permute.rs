@@ -2,10 +2,9 @@
 //! backend runs the MoE kernels (see [`crate::kernels`]) the index computation, the gathers and
 //! the deterministic scatter-add are CubeCL kernels; elsewhere they are plain tensor ops.
 
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::error::Result;
-use crate::host;
 use crate::kernels;
 
 pub use crate::kernels::reference::{permutation_from_mask, routing_permutation};
@@ -46,7 +45,7 @@ pub fn local_permutation(
         }
         Some(c) => {
             let rows = c.min(t);
-            let descending = host::arange(0..t as i64, &device, "uploading token positions")
+            let descending = positions(t, &device)
                 .neg()
                 .add_scalar(t as i64)
                 .float()
@@ -57,11 +56,8 @@ pub fn local_permutation(
             } else {
                 crate::router::select::argtopk_rows(score.transpose(), rows).reshape([e * rows])
             };
-            let expert_of_row: Vec<i64> = (0..e)
-                .flat_map(|x| std::iter::repeat_n(x as i64, rows))
-                .collect();
-            let expert_of_row =
-                host::upload_i64(&expert_of_row, &device, "uploading the expert of each row");
+            // Expert x owns rows x·rows .. (x + 1)·rows.
+            let expert_of_row = positions(e * rows, &device).div_scalar(rows.max(1) as i64);
             let row_map = kernels::row_map(sorted_indices.clone(), expert_of_row.clone(), t, e);
             Ok(LocalPermutation {
                 sorted_indices,
@@ -100,4 +96,13 @@ pub fn unpermute(
     row_map: Tensor<2, Int>,
 ) -> Tensor<2> {
     kernels::unpermute_tokens(permuted, sorted_indices, row_map)
+}
+
+/// `0, 1, …, n − 1` made on the device (ones, then a cumulative sum): Burn's `arange` builds
+/// its values on the host and uploads them.
+fn positions(n: usize, device: &Device) -> Tensor<1, Int> {
+    if n == 0 {
+        return Tensor::<1, Int>::empty([0], device);
+    }
+    Tensor::<1, Int>::ones([n], device).cumsum(0).sub_scalar(1)
 }

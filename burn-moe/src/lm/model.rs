@@ -71,18 +71,12 @@ impl Init<'_> {
                 let t = self.given_tensor(given, name, &shape)?;
                 let inner: usize = shape[1..].iter().product();
                 let range = rows.start * inner..rows.end * inner;
-                let values = match t.as_slice::<f32>() {
-                    Ok(all) => all[range].to_vec(),
-                    Err(_) => t
-                        .clone()
-                        .convert::<f32>()
-                        .try_into_vec::<f32>()
-                        .map_err(|e| MoeError::InvalidArgument {
-                            name: "tensors",
-                            reason: format!("`{name}`: {e:?}"),
-                        })?[range]
-                        .to_vec(),
-                };
+                // Host data: the rows' values alone, converted element by element.
+                let values: Vec<f32> = t
+                    .iter::<f32>()
+                    .skip(range.start)
+                    .take(range.len())
+                    .collect();
                 TensorData::new(values, part.to_vec())
             }
             None => {
@@ -177,9 +171,29 @@ pub struct Forward {
     /// with `global_aux_loss_coeff > 0`), by MoE layer index: pass them to the next
     /// micro-batch of the same global batch ([`MoeLm::forward_chunk_with`]).
     pub global_aux: Vec<(usize, GlobalAuxState)>,
+    /// The number of non-finite router logits of the chunk's MoE layers (routers with
+    /// `check_finite`), on the device: the layers' deferred finiteness checks, for the caller
+    /// to read with its losses ([`check_finite`](Self::check_finite) reads it alone).
+    pub nonfinite_logits: Option<Tensor<1, Int>>,
 }
 
 impl Forward {
+    /// The MoE layers' deferred finiteness check: one read of
+    /// [`nonfinite_logits`](Self::nonfinite_logits); [`MoeError::NonFiniteLogits`] when any
+    /// router logit was NaN or infinite.
+    pub fn check_finite(&self) -> Result<()> {
+        let Some(bad) = self.nonfinite_logits.clone() else {
+            return Ok(());
+        };
+        let bad = host::read_i64(bad, "checking router logits")?[0];
+        if bad > 0 {
+            return Err(MoeError::NonFiniteLogits {
+                count: bad as usize,
+            });
+        }
+        Ok(())
+    }
+
     /// The training loss: cross-entropy plus the router losses (when this chunk holds the
     /// head).
     pub fn total_loss(&self) -> Option<Tensor<1>> {
@@ -640,6 +654,7 @@ impl MoeLm {
             }
         };
         let (mut aux, mut z, mut load, mut states) = (None, None, Vec::new(), Vec::new());
+        let mut nonfinite: Option<Tensor<1, Int>> = None;
         for (block, moe_index) in self.blocks[range.clone()]
             .iter()
             .zip(&self.moe_index[range])
@@ -663,6 +678,12 @@ impl MoeLm {
                     aux = add(aux, out.aux_loss.clone());
                     z = add(z, out.z_loss.clone());
                     load.push((index, out.tokens_per_expert.clone()));
+                    if let Some(bad) = out.router.nonfinite_logits.clone() {
+                        nonfinite = Some(match nonfinite {
+                            Some(sum) => sum + bad,
+                            None => bad,
+                        });
+                    }
                     if let Some(state) = out.global_aux_state() {
                         states.push((index, state));
                     }
@@ -679,6 +700,7 @@ impl MoeLm {
             z,
             expert_load: load,
             global_aux: states,
+            nonfinite_logits: nonfinite,
         };
         Ok((x, forward))
     }

@@ -569,14 +569,26 @@ impl LmTrainer {
                         *slot = Some(state.clone());
                     }
                 }
-                ce += value(out.ce.clone())? * scale;
-                aux += value(out.aux.clone())? * scale;
-                z += value(out.z.clone())? * scale;
+                // What the step reports, with the MoE layers' deferred finiteness check, in one
+                // device-to-host read per micro-batch.
+                let values = reported_values(&out)?;
+                if values[3] > 0.0 {
+                    return Err(MoeError::NonFiniteLogits {
+                        count: values[3] as usize,
+                    });
+                }
+                ce += values[0] * scale;
+                aux += values[1] * scale;
+                z += values[2] * scale;
+                let mut at = 4;
                 for (layer, counts) in &out.expert_load {
-                    let c = crate::host::read_i64(counts.clone(), "reading the tokens per expert")?;
+                    let n = counts.dims()[0];
                     if let Some(slot) = load.get_mut(*layer) {
-                        slot.iter_mut().zip(&c).for_each(|(a, b)| *a += *b as f64);
+                        slot.iter_mut()
+                            .zip(&values[at..at + n])
+                            .for_each(|(a, b)| *a += *b);
                     }
+                    at += n;
                 }
                 Ok::<_, MoeError>(model.stage_output(&out, scale))
             },
@@ -736,11 +748,33 @@ impl LmTrainer {
     }
 }
 
-/// The value of a one-element loss tensor (0 when absent).
-fn value(t: Option<Tensor<1>>) -> Result<f64> {
-    let Some(t) = t else {
-        return Ok(0.0);
+/// A micro-batch's reported values in one device-to-host read: cross-entropy, aux and z
+/// losses (0 when absent), the count of non-finite router logits, then the tokens per expert
+/// of each MoE layer in `out.expert_load`'s order (exact in f32 up to 2^24 tokens).
+fn reported_values(out: &crate::lm::Forward) -> Result<Vec<f64>> {
+    let device = out
+        .expert_load
+        .first()
+        .map(|(_, c)| c.device())
+        .or_else(|| out.ce.as_ref().map(Tensor::device))
+        .or_else(|| out.hidden.as_ref().map(Tensor::device));
+    let Some(device) = device else {
+        return Ok(vec![0.0; 4]);
     };
-    let v = crate::host::read_f32(t, "reading a loss")?;
-    Ok(f64::from(v.first().copied().unwrap_or(f32::NAN)))
+    let loss = |t: &Option<Tensor<1>>| match t {
+        Some(t) => t.clone().inner().cast(burn::tensor::FloatDType::F32),
+        None => Tensor::<1>::zeros([1], &device),
+    };
+    let mut parts = vec![
+        loss(&out.ce),
+        loss(&out.aux),
+        loss(&out.z),
+        match &out.nonfinite_logits {
+            Some(bad) => bad.clone().float(),
+            None => Tensor::<1>::zeros([1], &device),
+        },
+    ];
+    parts.extend(out.expert_load.iter().map(|(_, c)| c.clone().float()));
+    let values = crate::host::read_f32(Tensor::cat(parts, 0), "reading a micro-batch's losses")?;
+    Ok(values.into_iter().map(f64::from).collect())
 }

@@ -39,6 +39,21 @@ pub struct GlobalAuxState {
     pub steps: usize,
 }
 
+/// [`MoeError::NonFiniteLogits`] when the count `bad` (`[1]`, on the device) is positive: one
+/// device-to-host read.
+fn check_nonfinite(bad: Option<Tensor<1, Int>>) -> Result<()> {
+    let Some(bad) = bad else {
+        return Ok(());
+    };
+    let bad = host::read_i64(bad, "checking router logits")?[0];
+    if bad > 0 {
+        return Err(MoeError::NonFiniteLogits {
+            count: bad as usize,
+        });
+    }
+    Ok(())
+}
+
 /// Options of one routing call.
 #[derive(Debug, Clone, Default)]
 pub struct RouteOptions {
@@ -46,6 +61,11 @@ pub struct RouteOptions {
     pub mode: Mode,
     /// Accumulated counts of the current global batch (global aux loss only).
     pub global_aux: Option<GlobalAuxState>,
+    /// With [`RouterConfig::check_finite`](crate::router::RouterConfig::check_finite): return
+    /// the count of non-finite logits as a device tensor ([`RouterOutput::nonfinite_logits`])
+    /// instead of reading it (no host synchronisation); the caller checks it later, with a
+    /// read it makes anyway. What [`MoeLayer`](crate::layer::MoeLayer) asks for.
+    pub defer_finite_check: bool,
 }
 
 impl RouteOptions {
@@ -54,7 +74,15 @@ impl RouteOptions {
         Self {
             mode: Mode::Eval,
             global_aux: None,
+            defer_finite_check: false,
         }
+    }
+
+    /// Defers the finiteness check to the caller (see
+    /// [`defer_finite_check`](Self::defer_finite_check)).
+    pub fn deferred_finite_check(mut self) -> Self {
+        self.defer_finite_check = true;
+        self
     }
 
     /// Continue accumulating the global aux loss counts from `state`.
@@ -88,9 +116,20 @@ pub struct RouterOutput {
     pub z_loss: Option<Tensor<1>>,
     /// Updated global aux-loss accumulator (when the global loss is enabled).
     pub global_aux_state: Option<GlobalAuxState>,
+    /// The number of non-finite logits, `[1]` on the device, when the finiteness check was
+    /// deferred ([`RouteOptions::defer_finite_check`]); check it with
+    /// [`check_finite`](Self::check_finite) or read it with other values.
+    pub nonfinite_logits: Option<Tensor<1, Int>>,
 }
 
 impl RouterOutput {
+    /// The deferred finiteness check: reads the count of non-finite logits (one device-to-host
+    /// read) and returns [`MoeError::NonFiniteLogits`] when there are any. Nothing to do (no
+    /// read) when the check ran in the router or is off.
+    pub fn check_finite(&self) -> Result<()> {
+        check_nonfinite(self.nonfinite_logits.clone())
+    }
+
     /// Sum of every load-balancing loss that is enabled (aux, sequence aux, global aux).
     pub fn load_balancing_loss(&self) -> Option<Tensor<1>> {
         sum_losses([
@@ -275,16 +314,14 @@ impl Router {
             });
         }
         let logits = logits.cast(FloatDType::F32);
+        let mut nonfinite_logits = None;
         if cfg.check_finite {
-            // One device-to-host read of a single count.
-            let bad = host::read_i64(
-                logits.clone().is_finite().bool_not().int().sum(),
-                "checking router logits",
-            )?[0];
-            if bad > 0 {
-                return Err(MoeError::NonFiniteLogits {
-                    count: bad as usize,
-                });
+            let bad = logits.clone().is_finite().bool_not().int().sum();
+            if options.defer_finite_check {
+                nonfinite_logits = Some(bad);
+            } else {
+                // One device-to-host read of a single count.
+                check_nonfinite(Some(bad))?;
             }
         }
         let training = options.mode == Mode::Train;
@@ -338,6 +375,7 @@ impl Router {
             global_aux_loss: aux.global_aux,
             z_loss,
             global_aux_state: aux.global_state,
+            nonfinite_logits,
         })
     }
 
