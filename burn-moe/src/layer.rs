@@ -190,10 +190,12 @@ impl MoeLayer {
         Self::laid_out(router, experts, false, shared, groups, kind)
     }
 
-    /// This rank's layer under the mesh of `groups` from `local`, the experts this rank's
-    /// expert-parallel rank holds (`num_experts / ep` of them, with their full FFN width), so
-    /// that no rank ever holds the other ranks' experts: as [`parallelize`](Self::parallelize)
-    /// of the full layer, the expert-tensor-parallel split taken from `local`.
+    /// This rank's layer under the mesh of `groups` from `local`, this rank's shard of the
+    /// routed experts (the `num_experts / ep` experts of its expert-parallel rank, each with its
+    /// expert-tensor-parallel rank's `ffn_hidden / etp` columns, as
+    /// [`Experts::shard`](crate::experts::Experts::shard) cuts them), so that no rank ever holds
+    /// the other ranks' experts: the same layer as [`parallelize`](Self::parallelize) of the
+    /// full layer.
     pub fn from_local_experts(
         router: Router,
         local: Experts,
@@ -238,11 +240,11 @@ impl MoeLayer {
             ));
         }
         let etp = expert_groups.etp();
-        let experts = match (experts_are_local, etp.size()) {
+        let experts = if experts_are_local {
             // Already exactly this rank's shard.
-            (true, 1) => experts,
-            (true, _) => experts.shard(0..held, etp.rank(), etp.size())?,
-            (false, _) => experts.shard(local, etp.rank(), etp.size())?,
+            experts
+        } else {
+            experts.shard(local, etp.rank(), etp.size())?
         };
         let dispatcher: Arc<dyn TokenDispatcher> = match kind {
             DispatcherKind::AllGather => Arc::new(AllGatherDispatcher::new(expert_groups)),

@@ -24,26 +24,59 @@ pub fn normal(seed: u64, stream: u64, shape: Vec<usize>, std: f64) -> TensorData
     TensorData::new(normal_values(seed, stream, 0..n, std), shape)
 }
 
-/// Rows `rows` of [`normal`]`(seed, stream, shape, std)` (rows along the first dimension),
-/// drawn without the others: exactly those values of the full tensor, shape
-/// `[rows.len(), shape[1..]…]`. How a rank draws its shard of a tensor split along its leading
-/// dimension (the experts of an expert-parallel layer) without the full tensor.
-pub fn normal_rows(
+/// The sub-block `block` (one range per dimension) of [`normal`]`(seed, stream, shape, std)`,
+/// drawn without the rest of the tensor: shape `[block[0].len(), block[1].len(), …]`. How a
+/// rank draws its shard of a tensor split along any dimensions (the experts of its
+/// expert-parallel rank and the columns of its expert-tensor-parallel rank).
+pub fn normal_block(
     seed: u64,
     stream: u64,
-    shape: Vec<usize>,
-    rows: std::ops::Range<usize>,
+    shape: &[usize],
+    block: &[std::ops::Range<usize>],
     std: f64,
 ) -> TensorData {
-    let inner: usize = shape.iter().skip(1).product();
-    let mut out = shape;
-    if let Some(first) = out.first_mut() {
-        *first = rows.len();
+    let values = block_runs(shape, block)
+        .flat_map(|run| normal_values(seed, stream, run, std))
+        .collect();
+    TensorData::new(values, block.iter().map(|r| r.len()).collect::<Vec<_>>())
+}
+
+/// The flat (row-major) index ranges of tensor `shape` that sub-block `block` covers, in
+/// order: one contiguous run per index of the leading dimensions (a run spans the last
+/// dimension's range). Empty for an empty block or a block outside the shape.
+pub fn block_runs(
+    shape: &[usize],
+    block: &[std::ops::Range<usize>],
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let d = shape.len();
+    let valid = d > 0
+        && block.len() == d
+        && block
+            .iter()
+            .zip(shape)
+            .all(|(r, &n)| r.start <= r.end && r.end <= n)
+        && block.iter().all(|r| !r.is_empty());
+    let mut strides = vec![1usize; d];
+    for i in (0..d.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
     }
-    TensorData::new(
-        normal_values(seed, stream, rows.start * inner..rows.end * inner, std),
-        out,
-    )
+    let outer: usize = if valid {
+        block[..d - 1].iter().map(|r| r.len()).product()
+    } else {
+        0
+    };
+    let block = block.to_vec();
+    (0..outer).map(move |mut o| {
+        // The o-th index of the leading dimensions, last of them fastest.
+        let mut start = 0;
+        for i in (0..d - 1).rev() {
+            let len = block[i].len();
+            start += (block[i].start + o % len) * strides[i];
+            o /= len;
+        }
+        let last = &block[d - 1];
+        start + last.start..start + last.end
+    })
 }
 
 /// Elements `range` of the flattened [`normal`] tensor of `(seed, stream)`.
@@ -125,13 +158,21 @@ mod tests {
             / n;
         assert!(mean.abs() < 0.1, "{mean}");
         assert!((var.sqrt() - 2.0).abs() < 0.1, "{var}");
-        // Rows drawn alone are the full tensor's rows.
         let full = normal(7, 3, vec![10, 4, 3], 2.0)
             .try_to_vec::<f32>()
             .unwrap();
-        let rows = normal_rows(7, 3, vec![10, 4, 3], 6..9, 2.0);
-        assert_eq!(rows.shape().as_slice(), [3, 4, 3]);
-        assert_eq!(rows.try_to_vec::<f32>().unwrap(), full[6 * 12..9 * 12]);
+        // A block drawn alone is the full tensor's block.
+        let block = normal_block(7, 3, &[10, 4, 3], &[2..5, 1..3, 1..3], 2.0);
+        assert_eq!(block.shape().as_slice(), [3, 2, 2]);
+        let mut want = Vec::new();
+        for a in 2..5 {
+            for b in 1..3 {
+                for c in 1..3 {
+                    want.push(full[a * 12 + b * 3 + c]);
+                }
+            }
+        }
+        assert_eq!(block.try_to_vec::<f32>().unwrap(), want);
         let u: Vec<f64> = (0..1000).map(unit).collect();
         assert!(u.iter().all(|x| (0.0..1.0).contains(x)));
     }

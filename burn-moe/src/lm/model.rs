@@ -54,34 +54,34 @@ impl Init<'_> {
         ))
     }
 
-    /// Rows `rows` (of the first dimension) of tensor `name` of `shape`, without the other
-    /// rows: sliced from `given[name]`, or drawn alone ([`burn_parallel::rng::normal_rows`],
-    /// equal to the same rows of [`get`](Self::get)).
-    fn rows<const D: usize>(
+    /// Sub-block `block` (one range per dimension) of tensor `name` of `shape`, without the
+    /// rest: cut from `given[name]`, or drawn alone ([`burn_parallel::rng::normal_block`],
+    /// equal to the same block of [`get`](Self::get)).
+    fn block<const D: usize>(
         &self,
         name: &str,
         stream: u64,
         shape: [usize; D],
-        rows: std::ops::Range<usize>,
+        block: [std::ops::Range<usize>; D],
     ) -> Result<Tensor<D>> {
-        let mut part = shape;
-        part[0] = rows.len();
         let data = match self.given {
             Some(given) => {
                 let t = self.given_tensor(given, name, &shape)?;
-                let inner: usize = shape[1..].iter().product();
-                let range = rows.start * inner..rows.end * inner;
-                // Host data: the rows' values alone, converted element by element.
-                let values: Vec<f32> = t
-                    .iter::<f32>()
-                    .skip(range.start)
-                    .take(range.len())
+                // Host data: the block's values alone (an f32 tensor is read in place).
+                let converted: Vec<f32>;
+                let all = match t.as_slice::<f32>() {
+                    Ok(all) => all,
+                    Err(_) => {
+                        converted = t.iter::<f32>().collect();
+                        &converted
+                    }
+                };
+                let values: Vec<f32> = burn_parallel::rng::block_runs(&shape, &block)
+                    .flat_map(|run| all[run].iter().copied())
                     .collect();
-                TensorData::new(values, part.to_vec())
+                TensorData::new(values, block.iter().map(|r| r.len()).collect::<Vec<_>>())
             }
-            None => {
-                burn_parallel::rng::normal_rows(self.seed, stream, shape.to_vec(), rows, self.std)
-            }
+            None => burn_parallel::rng::normal_block(self.seed, stream, &shape, &block, self.std),
         };
         Ok(host::upload(
             data,
@@ -872,8 +872,9 @@ fn read<const D: usize>(
     Ok(TensorData::new(values, shape))
 }
 
-/// The parts of an MoE layer before it is laid out: the routed experts are this rank's
-/// expert-parallel share only (drawn or read without the other ranks' experts).
+/// The parts of an MoE layer before it is laid out: the routed experts are this rank's shard
+/// only (its expert-parallel rank's experts, its expert-tensor-parallel rank's part of each),
+/// drawn or read without the other ranks' parts.
 struct MoeParts {
     router: Router,
     local: Experts,
@@ -890,8 +891,8 @@ impl MoeParts {
     }
 }
 
-/// The MoE layer of layer `name` from `init`'s weights, with the experts of this rank's
-/// expert-parallel rank in `groups` only.
+/// The MoE layer of layer `name` from `init`'s weights, with this rank's shard of the experts
+/// (for `groups`) only.
 fn moe_layer(
     cfg: &MoeLmConfig,
     init: &Init,
@@ -914,7 +915,13 @@ fn moe_layer(
     {
         router = router.with_expert_bias(bias)?;
     }
-    let ep = groups.group(GroupKind::Ep);
+    // This rank's experts (its expert-parallel rank's) and, of each, its expert-tensor-parallel
+    // rank's columns of the first projection (of the gate and of the up half for SwiGLU) and
+    // rows of the second: drawn or read alone.
+    let (ep, etp) = (
+        groups.group(GroupKind::Ep),
+        groups.group(GroupKind::ExpertTp),
+    );
     if !e.is_multiple_of(ep.size()) {
         return Err(invalid(
             "num_experts",
@@ -924,15 +931,44 @@ fn moe_layer(
             ),
         ));
     }
+    if !f.is_multiple_of(etp.size()) {
+        return Err(invalid(
+            "etp",
+            format!(
+                "ffn_hidden {f} cannot be split over {} expert-tensor-parallel ranks",
+                etp.size()
+            ),
+        ));
+    }
     let per = e / ep.size();
     let rows = ep.rank() * per..(ep.rank() + 1) * per;
+    let k = f / etp.size();
+    let cols = etp.rank() * k..(etp.rank() + 1) * k;
+    let w1_name = format!("{name}.w1");
+    let w1_block = |c: std::ops::Range<usize>| {
+        init.block(&w1_name, stream + 1, [e, h, f1], [rows.clone(), 0..h, c])
+    };
+    let w1 = match (moe.experts.activation, etp.size()) {
+        (_, 1) => w1_block(0..f1)?,
+        (crate::experts::Activation::SwiGlu, _) => Tensor::cat(
+            vec![
+                w1_block(cols.clone())?,
+                w1_block(f + cols.start..f + cols.end)?,
+            ],
+            2,
+        ),
+        _ => w1_block(cols.clone())?,
+    };
+    let w2 = init.block(
+        &format!("{name}.w2"),
+        stream + 2,
+        [e, f, h],
+        [rows, cols, 0..h],
+    )?;
     let mut local_config = moe.experts.clone();
     local_config.num_experts = per;
-    let experts = Experts::from_weights(
-        local_config,
-        init.rows(&format!("{name}.w1"), stream + 1, [e, h, f1], rows.clone())?,
-        init.rows(&format!("{name}.w2"), stream + 2, [e, f, h], rows)?,
-    )?;
+    local_config.ffn_hidden = k;
+    let experts = Experts::from_weights(local_config, w1, w2)?;
     let shared = match &moe.shared {
         Some(s) => {
             let fs = s.ffn_hidden;
