@@ -13,8 +13,24 @@ use burn_parallel::mappings;
 use burn_parallel::prelude::*;
 use burn_parallel::transfers;
 
+/// Flex by default; `BURN_TEST_DEVICE=cuda` (with `--features cuda`, on a GPU machine: what
+/// `scripts/gpu-check` runs) puts the tensors, the optimizer's included, on GPU 0.
 fn device() -> Device {
-    Device::flex().autodiff()
+    match std::env::var("BURN_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("flex") => Device::flex().autodiff(),
+        Ok("cuda") => cuda(),
+        Ok(other) => panic!("BURN_TEST_DEVICE={other}: use flex or cuda"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Device {
+    Device::cuda(0).autodiff()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Device {
+    panic!("BURN_TEST_DEVICE=cuda needs `--features cuda`")
 }
 
 fn vals(n: usize, seed: usize) -> Vec<f32> {

@@ -432,7 +432,7 @@ fn launch_checkpoints_reshard_from_tp2_ep2_to_ep4_to_one_rank_and_from_pp2_to_pp
 /// largest of any rank's), with equal losses.
 #[cfg(feature = "mpi")]
 #[test]
-fn moe_small_with_ep4_builds_each_rank_in_at_most_0_6_of_the_one_rank_memory() {
+fn moe_small_under_launch_with_ep4_builds_each_rank_in_at_most_0_6_of_the_one_rank_memory() {
     let tmp = tempfile::tempdir().expect("temporary folder");
     let small = Path::new(env!("CARGO_MANIFEST_DIR")).join("moe-small.toml");
     let run = |n: usize, dir: &Path, extra: &[&str]| -> serde_json::Value {
