@@ -212,12 +212,14 @@ struct Trace {
 
 /// Trains `model` for STEPS on batch columns `cols` with the optimizer; `loss_avg` averages
 /// the loss over data-parallel ranks.
+/// `expected_reads`: the optimizer step's host reads (the norm, and one per collective staged
+/// through host memory).
 fn train(
     mut model: TinyLm,
     mut opt: DistributedAdamW,
     cols: std::ops::Range<usize>,
     loss_avg: &dyn Fn(f32) -> Res<f32>,
-    device: &Device,
+    (device, expected_reads): (&Device, usize),
 ) -> Res<Trace> {
     let (ids, targets) = tokens(device);
     let ids = ids.slice([0..SEQ, cols.clone()]);
@@ -240,8 +242,33 @@ fn train(
             first_grads = values(&model, Some(&grads));
         }
         let roles = model.roles();
-        let (next, _stats) = opt.step(model, &grads, &roles).map_err(|e| e.to_string())?;
+        let (stepped, log) = burn_parallel::transfers::measure(|| opt.step(model, &grads, &roles));
+        let (next, _stats) = stepped.map_err(|e| e.to_string())?;
         model = next;
+        // No parameter or gradient crosses to the host: the step's only reads are the norm and
+        // the staging of each collective of a group larger than one rank.
+        let staged: Vec<&str> = log.iter().map(|t| t.what).collect();
+        let allowed = [
+            "optimizer: the squared gradient norm",
+            "all_reduce",
+            "reduce_scatter",
+            "all_gather",
+        ];
+        if let Some(bad) = staged.iter().find(|w| !allowed.contains(w)) {
+            return Err(format!(
+                "step {step}: the optimizer moved `{bad}`: {staged:?}"
+            ));
+        }
+        let reads = log
+            .iter()
+            .filter(|t| t.direction == burn_parallel::transfers::Direction::Read)
+            .count();
+        if reads != expected_reads {
+            return Err(format!(
+                "step {step}: {reads} host reads in the optimizer step, expected \
+                 {expected_reads}: {staged:?}"
+            ));
+        }
     }
     Ok(Trace {
         losses,
@@ -284,7 +311,10 @@ fn run_config(
             .map_err(|e| e.to_string())?;
         Ok(buf[0])
     };
-    let trace = train(model, opt, d * b..(d + 1) * b, &avg, device)?;
+    // The norm; sequence-parallel gradients summed over TP; reduce-scatter and all-gather over
+    // DP; the norm's sum over the world.
+    let reads = 1 + usize::from(tp > 1 && sp) + 2 * usize::from(dp > 1) + usize::from(n > 1);
+    let trace = train(model, opt, d * b..(d + 1) * b, &avg, (device, reads))?;
 
     let label = format!("tp{tp} dp{dp} sp={sp}");
     let mut failures = Vec::new();
@@ -370,7 +400,7 @@ fn run(world: &MpiWorld) -> Res<(Vec<String>, usize)> {
         .map_err(|e| e.to_string())?;
     let opt = DistributedAdamW::new(adamw(), single.clone(), single.clone(), single)
         .map_err(|e| e.to_string())?;
-    let reference = train(model, opt, 0..BATCH, &|v| Ok(v), &device)?;
+    let reference = train(model, opt, 0..BATCH, &|v| Ok(v), (&device, 1))?;
     if std::env::var("EQ_DEBUG").is_ok() {
         eprintln!("reference losses {:?}", reference.losses);
         for (i, g) in reference.first_grads.iter().enumerate() {
