@@ -206,7 +206,8 @@ fn every_host_device_transfer_of_the_moe_code_goes_through_the_counted_helpers()
 }
 
 /// On a CubeCL device the kernels upload their launch tables: the expert offsets of the
-/// routing index and one tile table per grouped GEMM (two forward, four backward).
+/// routing index and one tile table per grouped GEMM (two forward, four backward); the forward
+/// reads the tokens per expert once, as on the CPU.
 #[cfg(feature = "wgpu")]
 #[test]
 fn on_a_cubecl_device_the_kernels_upload_their_offsets_and_tile_tables() {
@@ -228,7 +229,6 @@ fn on_a_cubecl_device_the_kernels_upload_their_offsets_and_tile_tables() {
     assert_eq!(
         describe(&forward),
         [
-            FINITE,
             COUNTS,
             (Direction::Upload, "uploading expert offsets"),
             tiles,
