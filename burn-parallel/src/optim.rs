@@ -12,6 +12,9 @@
 //!    optimizer state per rank);
 //! 5. the updated shards are all-gathered over DP and written back into the module.
 //!
+//! Every step is tensor operations on the parameters' device (the collectives of
+//! [`crate::mappings`]); the host reads the squared gradient norm, one number per step.
+//!
 //! With [`DistributedAdamW::with_expert_group`], expert parameters form a second class sharded
 //! over the expert-data-parallel group; the global norm and clipping span both classes.
 
