@@ -697,13 +697,10 @@ impl DistributedAdamW {
             });
         }
         // 3. Norm contributions, TP-replicated parameters counted once.
-        if shard.masks.is_none() {
-            shard.masks = Some(masks(&layout, tp.rank(), &device));
-        }
-        let (decay, once) = shard.masks.clone().ok_or(ParallelError::InvalidArgument {
-            name: "state",
-            reason: "no masks".into(),
-        })?;
+        let (decay, once) = shard
+            .masks
+            .get_or_insert_with(|| masks(&layout, tp.rank(), &device))
+            .clone();
         let sq = (grads.clone() * grads.clone() * once).sum();
         Ok(Some((
             ClassShard {

@@ -182,16 +182,7 @@ impl Forward {
     /// [`nonfinite_logits`](Self::nonfinite_logits); [`MoeError::NonFiniteLogits`] when any
     /// router logit was NaN or infinite.
     pub fn check_finite(&self) -> Result<()> {
-        let Some(bad) = self.nonfinite_logits.clone() else {
-            return Ok(());
-        };
-        let bad = host::read_i64(bad, "checking router logits")?[0];
-        if bad > 0 {
-            return Err(MoeError::NonFiniteLogits {
-                count: bad as usize,
-            });
-        }
-        Ok(())
+        crate::router::check_nonfinite(self.nonfinite_logits.clone())
     }
 
     /// The training loss: cross-entropy plus the router losses (when this chunk holds the

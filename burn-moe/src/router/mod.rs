@@ -41,7 +41,7 @@ pub struct GlobalAuxState {
 
 /// [`MoeError::NonFiniteLogits`] when the count `bad` (`[1]`, on the device) is positive: one
 /// device-to-host read.
-fn check_nonfinite(bad: Option<Tensor<1, Int>>) -> Result<()> {
+pub(crate) fn check_nonfinite(bad: Option<Tensor<1, Int>>) -> Result<()> {
     let Some(bad) = bad else {
         return Ok(());
     };
