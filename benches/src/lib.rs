@@ -1,7 +1,8 @@
 //! Shared set-up of the benchmarks: the MoE layer shape of the comparison with PyTorch
 //! (`shared/bench/moe_torch_ref.py`): top-k softmax router, SwiGLU experts, dropless.
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use burn_moe::lm::precision::cast_module;
 use burn_moe::prelude::*;
 
 /// One benchmark shape.
@@ -17,6 +18,31 @@ pub struct LayerShape {
     pub experts: usize,
     /// Experts per token.
     pub topk: usize,
+}
+
+/// The operand type of a benchmark run: `MOE_BENCH_DTYPE` = `f32` (default), `bf16` or `f16`.
+pub fn bench_dtype() -> Result<FloatDType, MoeError> {
+    match std::env::var("MOE_BENCH_DTYPE").as_deref() {
+        Err(_) | Ok("f32") => Ok(FloatDType::F32),
+        Ok("bf16") => Ok(FloatDType::BF16),
+        Ok("f16") => Ok(FloatDType::F16),
+        Ok(other) => Err(MoeError::InvalidArgument {
+            name: "MOE_BENCH_DTYPE",
+            reason: format!("`{other}` is not f32, bf16 or f16"),
+        }),
+    }
+}
+
+/// The layer (aux loss 1e-2, as the PyTorch reference) and its input `[T, 1, H]` on `device`,
+/// with its matrices and input in `dtype` (the router in f32:
+/// [`cast_module`]).
+pub fn layer_and_input_in(
+    shape: LayerShape,
+    device: &Device,
+    dtype: FloatDType,
+) -> Result<(MoeLayer, Tensor<3>), MoeError> {
+    let (layer, x) = layer_and_input(shape, device)?;
+    Ok((cast_module(layer, dtype), x.cast(dtype)))
 }
 
 /// The layer (aux loss 1e-2, as the PyTorch reference) and its input `[T, 1, H]` on `device`.

@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use burn_moe::dispatch::permute::routing_permutation;
+use burn_moe::lm::precision::cast_module;
 use burn_moe::prelude::*;
 use serde_json::Value;
 
@@ -385,7 +386,73 @@ fn activation(name: &str) -> Result<Activation, String> {
     })
 }
 
-fn run_layer_case(case: &Value, compute: ExpertsCompute) -> Result<(), String> {
+/// The unit roundoff of a half-precision type: bf16 has 8 significant bits, so rounding to
+/// nearest is off by at most 2⁻⁸ of the value; f16 has 11 (2⁻¹¹).
+fn unit_roundoff(dtype: FloatDType) -> f64 {
+    match dtype {
+        FloatDType::BF16 => 2f64.powi(-8),
+        FloatDType::F16 => 2f64.powi(-11),
+        other => panic!("not a half-precision type: {other:?}"),
+    }
+}
+
+/// Roundings to bf16 on the longest chain from the layer's input to a gradient: forward, the
+/// rows and the expert weight (2), the first product (1), the activation's elementwise steps
+/// (up to 3), the routing probability and its product (2), the second weight and product
+/// (2); backward, the output gradient into bf16 (1), its product with the second weight (1),
+/// the probability (1), the activation's derivative (up to 3), the product with the rows (1).
+/// Each perturbs its tensor by at most `u` in norm.
+const HALF_ROUNDINGS: f64 = 16.0;
+
+/// The half-precision check of a field: its norm-wise relative error `‖got − want‖ / ‖want‖`
+/// within `HALF_ROUNDINGS · u` (2⁻⁴ in bf16, 2⁻⁷ in f16). Norm-wise, not element by element: a
+/// value that is a sum with cancellation, or whose pre-activation sits within a rounding of a
+/// ReLU's kink (the rounding then flips its derivative), can be off by far more than `u` of
+/// itself while the tensor is as close as its roundings allow.
+fn half_check(field: &str, got: &[f64], want: &Value, dtype: FloatDType) -> Result<(), String> {
+    let expected =
+        expected_numbers(want).ok_or(format!("field `{field}`: expected value is not numeric"))?;
+    if got.len() != expected.len() {
+        return Err(format!(
+            "field `{field}`: got {} values, expected {}",
+            got.len(),
+            expected.len()
+        ));
+    }
+    let norm = expected.iter().map(|w| w * w).sum::<f64>().sqrt();
+    let err = got
+        .iter()
+        .zip(&expected)
+        .map(|(g, w)| (g - w) * (g - w))
+        .sum::<f64>()
+        .sqrt();
+    let u = unit_roundoff(dtype);
+    let bound = HALF_ROUNDINGS * u;
+    if err <= bound * norm {
+        Ok(())
+    } else {
+        Err(format!(
+            "field `{field}`: norm-wise relative error {:.4} ({:.1} roundings of {dtype:?}) \
+             exceeds {bound}",
+            err / norm,
+            err / norm / u
+        ))
+    }
+}
+
+/// The fields a bf16 layer computes in f32 (the router and its losses): compared with the case's
+/// own tolerance, routing decisions exactly.
+const ROUTER_FIELDS: [&str; 4] = ["aux_loss", "z_loss", "capacity", "tokens_per_expert"];
+
+/// A layer case with the layer's matrices in `dtype` ([`cast_module`]: experts and shared
+/// experts in `dtype`, the router in f32) on the case's f32 input: the router sees the case's
+/// own values, so its decisions and losses must equal the f32 ones; the rest is held to
+/// [`half_check`] when `dtype` is a half-precision type.
+fn run_layer_case_in(
+    case: &Value,
+    compute: ExpertsCompute,
+    dtype: FloatDType,
+) -> Result<(), String> {
     let device = device();
     let cfg = &case["config"];
     let inputs = &case["inputs"];
@@ -437,6 +504,7 @@ fn run_layer_case(case: &Value, compute: ExpertsCompute) -> Result<(), String> {
         }
     };
     let layer = MoeLayer::new(router, experts, shared).map_err(|e| e.to_string())?;
+    let layer = cast_module(layer, dtype);
     let out = layer
         .forward(x.clone().reshape([seq_len, batch, hidden]))
         .map_err(|e| e.to_string())?;
@@ -510,7 +578,11 @@ fn run_layer_case(case: &Value, compute: ExpertsCompute) -> Result<(), String> {
             }
             other => return Err(format!("field `{other}`: not known to this test")),
         };
-        check(&field, &got, want, &tol, false)?;
+        if dtype == FloatDType::F32 || ROUTER_FIELDS.contains(&field.as_str()) {
+            check(&field, &got, want, &tol, false)?;
+        } else {
+            half_check(&field, &got, want, dtype)?;
+        }
     }
     Ok(())
 }
@@ -523,31 +595,14 @@ fn summary(line: String) {
     let _ = writeln!(out, "{line}");
 }
 
-#[test]
-fn golden_router_and_moe_layer_cases() {
+/// Runs `run` on every case of `kinds`, prints one line per case and the closing summary
+/// (`label`), and fails when any case failed or none was found.
+fn run_cases(label: &str, kinds: &[&str], run: impl Fn(&Case) -> Result<(), String>) {
     let dir = golden_dir();
     let cases = load_cases(&dir);
     let (mut passed, mut failed) = (0usize, 0usize);
-    for case in cases
-        .iter()
-        .filter(|c| c.kind == "router" || c.kind == "moe_layer")
-    {
-        let result = if case.kind == "router" {
-            run_router_case(&case.json)
-        } else {
-            [
-                ExpertsCompute::Sequential,
-                ExpertsCompute::Batched,
-                ExpertsCompute::Auto,
-                ExpertsCompute::Grouped,
-            ]
-            .into_iter()
-            .try_for_each(|compute| {
-                run_layer_case(&case.json, compute)
-                    .map_err(|e| format!("[{compute:?} experts] {e}"))
-            })
-        };
-        match result {
+    for case in cases.iter().filter(|c| kinds.contains(&c.kind.as_str())) {
+        match run(case) {
             Ok(()) => {
                 passed += 1;
                 println!("ok   {} ({})", case.name, case.kind);
@@ -559,13 +614,72 @@ fn golden_router_and_moe_layer_cases() {
         }
     }
     summary(format!(
-        "golden moe ({}): {passed} passed, {failed} failed",
+        "{label} ({}): {passed} passed, {failed} failed",
         dir.display()
     ));
     assert!(
         passed + failed > 0,
-        "no router or moe_layer case found in {}",
+        "no {kinds:?} case found in {}",
         dir.display()
     );
-    assert_eq!(failed, 0, "{failed} golden case(s) failed");
+    assert_eq!(failed, 0, "{failed} golden case(s) failed: {label}");
+}
+
+/// A layer case with each of `computes`, the matrices in `dtype`.
+fn layer_case_all(
+    case: &Value,
+    computes: &[ExpertsCompute],
+    dtype: FloatDType,
+) -> Result<(), String> {
+    computes.iter().try_for_each(|&compute| {
+        run_layer_case_in(case, compute, dtype)
+            .map_err(|e| format!("[{compute:?} experts, {dtype:?}] {e}"))
+    })
+}
+
+#[test]
+fn golden_router_and_moe_layer_cases() {
+    run_cases("golden moe", &["router", "moe_layer"], |case| {
+        if case.kind == "router" {
+            run_router_case(&case.json)
+        } else {
+            let all = [
+                ExpertsCompute::Sequential,
+                ExpertsCompute::Batched,
+                ExpertsCompute::Auto,
+                ExpertsCompute::Grouped,
+            ];
+            layer_case_all(&case.json, &all, FloatDType::F32)
+        }
+    });
+}
+
+/// The layer cases with the experts and shared experts in bf16 — f16 on a device without bf16
+/// (Mesa's lavapipe) — and the router in f32 (Megatron's `--bf16 --moe-router-dtype fp32`),
+/// with every expert computation: routing decisions, tokens per expert and the router's losses
+/// as in f32 (the case's tolerance), the output and every gradient within [`half_check`]'s
+/// norm-wise bound. The router cases need no half-precision run: the router computes in f32
+/// in either precision (its input cast to f32), so they are the f32 cases above.
+#[test]
+fn golden_moe_layer_cases_in_bf16_or_f16() {
+    let device = device();
+    let Some(dtype) = [FloatDType::BF16, FloatDType::F16]
+        .into_iter()
+        .find(|&d| device.supports_dtype(d))
+    else {
+        summary(
+            "golden moe in half precision: skipped, the device has neither bf16 nor f16".into(),
+        );
+        return;
+    };
+    let computes = [
+        ExpertsCompute::Sequential,
+        ExpertsCompute::Batched,
+        ExpertsCompute::Grouped,
+    ];
+    run_cases(
+        &format!("golden moe in {dtype:?}"),
+        &["moe_layer"],
+        |case| layer_case_all(&case.json, &computes, dtype),
+    );
 }

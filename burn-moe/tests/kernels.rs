@@ -7,7 +7,7 @@
 //! default wgpu adapter (Mesa's lavapipe on a machine without a GPU); `BURN_TEST_DEVICE=cuda`
 //! with `--features cuda` adds the first CUDA device.
 
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use burn_moe::MoeError;
 use burn_moe::host::{read_f32, read_i64};
 use burn_moe::kernels::{self, reference};
@@ -438,6 +438,145 @@ fn repeated_runs_are_bit_identical() {
             "{name}: grouped GEMM differs between runs"
         );
     }
+}
+
+/// A half-precision float type's unit roundoff (round to nearest: half a unit in the last
+/// place of its significand).
+fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        other => panic!("not a half-precision type: {other:?}"),
+    }
+}
+
+/// `values` rounded to `dtype` (through Flex's cast), as f32 (exact).
+fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
+    let t = float(values, [values.len()], &Device::flex()).cast(dtype);
+    read_f32(t, "").unwrap()
+}
+
+/// `C = A · B` of one group in f64 with `Σ|a·b|` per output: `a(i, r)`, `b(r, j)`.
+fn exact_product(
+    (rows, reduce, cols): (usize, usize, usize),
+    a: impl Fn(usize, usize) -> f64,
+    b: impl Fn(usize, usize) -> f64,
+) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        for j in 0..cols {
+            let (mut sum, mut abs) = (0.0, 0.0);
+            for r in 0..reduce {
+                let p = a(i, r) * b(r, j);
+                sum += p;
+                abs += p.abs();
+            }
+            out.push((sum, abs));
+        }
+    }
+    out
+}
+
+/// f32 accumulation of `K` products, rounded to the half type once: off from the exact
+/// product of the rounded inputs by at most one rounding of the result plus the f32 sum's own
+/// error (`K · ε_f32 · Σ|a·b|`). A half-precision accumulator rounds every partial sum and
+/// misses this by far at `K` = 512.
+fn assert_one_rounding(what: &str, got: &[f32], want: &[(f64, f64)], reduce: usize, u: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &(w, abs))) in got.iter().zip(want).enumerate() {
+        let tol = u * w.abs() + reduce as f64 * f64::from(f32::EPSILON) * abs;
+        assert!(
+            (f64::from(g) - w).abs() <= tol,
+            "{what}[{i}]: got {g}, exact {w} (tolerance {tol:e})"
+        );
+    }
+}
+
+/// The grouped GEMM in its three layouts with f16 and bf16 operands, on every device that has
+/// the type (Flex: both; lavapipe: f16): each output within one rounding of the exact product
+/// of the rounded inputs (f32 accumulation), output in the operands' type, and bit-identical
+/// from run to run.
+#[test]
+fn grouped_matmul_in_half_precision_accumulates_in_f32() {
+    let counts = [0usize, 5, 130, 1, 0, 64];
+    let (k, m) = (512, 40);
+    let n: usize = counts.iter().sum();
+    let gn = counts.len();
+    let starts: Vec<usize> = counts
+        .iter()
+        .scan(0, |s, &c| {
+            let start = *s;
+            *s += c;
+            Some(start)
+        })
+        .collect();
+    let mut ran = 0;
+    for (name, device) in devices() {
+        for dtype in [DType::F16, DType::BF16] {
+            if !device.supports_dtype(dtype) {
+                println!("{name}: no {dtype:?}, skipped");
+                continue;
+            }
+            ran += 1;
+            let u = unit_roundoff(dtype);
+            let (x, w, y) = (
+                rounded(&values(n * k, 51), dtype),
+                rounded(&values(gn * k * m, 52), dtype),
+                rounded(&values(n * m, 53), dtype),
+            );
+            let x2 = float(&x, [n, k], &device).cast(dtype);
+            let w3 = float(&w, [gn, k, m], &device).cast(dtype);
+            let y2 = float(&y, [n, m], &device).cast(dtype);
+            let what = format!("{name} {dtype:?}");
+            let run = || {
+                let nn = kernels::grouped_matmul(x2.clone(), w3.clone(), &counts).unwrap();
+                let nt = kernels::grouped_matmul_nt(y2.clone(), w3.clone(), &counts).unwrap();
+                let tn = kernels::grouped_matmul_tn(x2.clone(), y2.clone(), &counts).unwrap();
+                for (layout, dt) in [("NN", nn.dtype()), ("NT", nt.dtype()), ("TN", tn.dtype())] {
+                    assert_eq!(dt, dtype, "{what} {layout}: output type");
+                }
+                [
+                    read_f32(nn, "").unwrap(),
+                    read_f32(nt, "").unwrap(),
+                    read_f32(tn, "").unwrap(),
+                ]
+            };
+            let got = run();
+            let again = run();
+            let bits =
+                |v: &[Vec<f32>]| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+            assert_eq!(bits(&got), bits(&again), "{what}: differs between runs");
+            let (mut nn, mut nt, mut tn) = (Vec::new(), Vec::new(), Vec::new());
+            for (g, (&c, &s0)) in counts.iter().zip(&starts).enumerate() {
+                let wg = |r: usize, j: usize| f64::from(w[g * k * m + r * m + j]);
+                nn.extend(exact_product(
+                    (c, k, m),
+                    |i, r| f64::from(x[(s0 + i) * k + r]),
+                    wg,
+                ));
+                nt.extend(exact_product(
+                    (c, m, k),
+                    |i, r| f64::from(y[(s0 + i) * m + r]),
+                    |r, j| wg(j, r),
+                ));
+                tn.extend(exact_product(
+                    (k, c, m),
+                    |i, r| f64::from(x[(s0 + r) * k + i]),
+                    |r, j| f64::from(y[(s0 + r) * m + j]),
+                ));
+            }
+            assert_one_rounding(&format!("{what} NN"), &got[0], &nn, k, u);
+            assert_one_rounding(&format!("{what} NT"), &got[1], &nt, m, u);
+            assert_one_rounding(
+                &format!("{what} TN"),
+                &got[2],
+                &tn,
+                *counts.iter().max().unwrap(),
+                u,
+            );
+        }
+    }
+    assert!(ran >= 2, "Flex runs both half types");
 }
 
 #[test]

@@ -433,7 +433,9 @@ impl ModuleMapper for Load {
             let device = t.device();
             let track = t.is_require_grad();
             crate::transfers::upload("checkpoint: a parameter", 4 * values.len() as u64);
-            let fresh = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
+            // In the parameter's own precision (checkpoints hold f32).
+            let fresh =
+                Tensor::<D>::from_data(TensorData::new(values, shape), &device).cast(t.dtype());
             if track { fresh.require_grad() } else { fresh }
         })
     }

@@ -16,7 +16,7 @@
 //! Masking uses global token positions, so RoPE and the loss must use
 //! [`ContextLayout::positions`] too.
 
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, FloatDType, Tensor, TensorData};
 
 use crate::error::{ParallelError, Result};
 use crate::group::Group;
@@ -121,11 +121,15 @@ fn attend(
 ) -> (Tensor<4>, Tensor<4>) {
     let d = q.dims()[3];
     let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-    let scores = scores.mask_fill(mask.unsqueeze::<4>(), MASKED);
+    // The softmax and its log-sum-exp in f32 whatever the inputs' precision; the output in
+    // the values' precision.
+    let scores = scores
+        .cast(FloatDType::F32)
+        .mask_fill(mask.unsqueeze::<4>(), MASKED);
     let max = scores.clone().max_dim(3);
     let e = (scores - max.clone()).exp();
     let sum = e.clone().sum_dim(3);
-    let out = (e / sum.clone()).matmul(v);
+    let out = (e / sum.clone()).cast(v.dtype()).matmul(v);
     (out, max + sum.log())
 }
 
@@ -200,22 +204,24 @@ pub fn context_attention(
                 outs.push(out);
                 lses.push(lse);
             }
-            // Online-softmax merge of the partial results.
+            // Online-softmax merge of the partial results, in f32.
+            let dtype = q.dtype();
             let all = Tensor::cat(lses.clone(), 3);
             let max = all.clone().max_dim(3);
             let lse = max.clone() + (all - max).exp().sum_dim(3).log();
             let mut out: Option<Tensor<4>> = None;
             for (o, l) in outs.into_iter().zip(lses) {
-                let part = o * (l - lse.clone()).exp();
+                let part = o.cast(FloatDType::F32) * (l - lse.clone()).exp();
                 out = Some(match out {
                     Some(acc) => acc + part,
                     None => part,
                 });
             }
-            out.ok_or_else(|| ParallelError::InvalidArgument {
-                name: "cp",
-                reason: "the CP group is empty".into(),
-            })
+            out.map(|o| o.cast(dtype))
+                .ok_or_else(|| ParallelError::InvalidArgument {
+                    name: "cp",
+                    reason: "the CP group is empty".into(),
+                })
         }
     }
 }

@@ -11,7 +11,7 @@
 //! from exactly the weights of a single-rank run.
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::{Int, Tensor, activation};
+use burn::tensor::{FloatDType, Int, Tensor, activation};
 
 use crate::error::{ParallelError, Result};
 use crate::group::Group;
@@ -70,11 +70,15 @@ fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
     Param::from_tensor(t)
 }
 
-/// `x [.., in] · w [in, out]`.
+/// `x [.., in] · w [in, out]`, in the weight's precision (the input is cast to it; a bias of
+/// another precision is cast to the product's).
 fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
-    let y = x.matmul(w.unsqueeze::<D>());
+    let y = x.cast(w.dtype()).matmul(w.unsqueeze::<D>());
     match b {
-        Some(b) => y + b.unsqueeze::<D>(),
+        Some(b) => {
+            let dtype = y.dtype();
+            y + b.cast(dtype).unsqueeze::<D>()
+        }
         None => y,
     }
 }
@@ -217,7 +221,10 @@ impl RowParallelLinear {
             mappings::reduce_from_region(y, &self.tp)?
         };
         Ok(match &self.bias {
-            Some(b) => y + b.val().unsqueeze::<3>(),
+            Some(b) => {
+                let dtype = y.dtype();
+                y + b.val().cast(dtype).unsqueeze::<3>()
+            }
             None => y,
         })
     }
@@ -335,7 +342,8 @@ pub fn lm_loss(
 
 /// Cross-entropy over logits whose vocabulary is split over TP (`logits [N, vocab / tp]`, the
 /// local columns starting at `tp.rank() · vocab / tp`); returns the per-token loss `[N]`,
-/// identical on every TP rank, without gathering the logits.
+/// identical on every TP rank, without gathering the logits. Computed in f32 whatever the
+/// logits' precision.
 pub fn vocab_parallel_cross_entropy(
     logits: Tensor<2>,
     targets: Tensor<1, Int>,
@@ -348,6 +356,7 @@ pub fn vocab_parallel_cross_entropy(
             reason: format!("{} targets for {n} rows of logits", targets.dims()[0]),
         });
     }
+    let logits = logits.cast(FloatDType::F32);
     let max = mappings::all_reduce(
         logits.clone().detach().max_dim(1),
         tp,
@@ -390,10 +399,12 @@ impl RmsNorm {
         }
     }
 
-    /// `x · rsqrt(mean(x²) + eps) · w`.
+    /// `x · rsqrt(mean(x²) + eps) · w`, computed in f32 and returned in `x`'s precision.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
-        x / rms * self.weight.val().unsqueeze::<D>()
+        (x / rms * self.weight.val().cast(FloatDType::F32).unsqueeze::<D>()).cast(dtype)
     }
 }
 
@@ -410,8 +421,11 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
     let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
     // True strictly above the diagonal: position i attends to j ≤ i.
     let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([s, s], 0, &scores.device());
-    let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
-    let ctx = activation::softmax(scores, 3).matmul(v);
+    // The softmax in f32 whatever the inputs' precision.
+    let scores = scores
+        .cast(FloatDType::F32)
+        .mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+    let ctx = activation::softmax(scores, 3).cast(v.dtype()).matmul(v);
     ctx.permute([2, 0, 1, 3]).reshape([s, b, h * d])
 }
 

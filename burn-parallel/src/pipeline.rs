@@ -255,8 +255,10 @@ where
                             "pipeline: a received gradient",
                             (g.len() * 4) as u64,
                         );
-                        let g = Tensor::<3>::from_data(TensorData::new(g, shape), &hidden.device());
-                        let seeded = (hidden * g).sum();
+                        let g = Tensor::<3>::from_data(TensorData::new(g, shape), &hidden.device())
+                            .cast(hidden.dtype());
+                        // In f32, as the stage's own losses are.
+                        let seeded = (hidden * g).sum().cast(burn::tensor::FloatDType::F32);
                         match local {
                             Some(l) => seeded + l,
                             None => seeded,

@@ -505,17 +505,27 @@ impl Problem {
             // SwiGLU MLP keeps its fused gate|up output, the sigmoid, the SiLU and the product
             // (5·T·F) for dense layers and shared experts; routed experts keep each dispatched
             // row in and out (2·h) and 5·F/etp. The last stage adds the final norm (3·T·h) and
-            // logits, exponentials and probabilities (3·T·V).
-            let common = 10.0 * tg * h + 2.0 * heads / tp * (s / cp) * s * b;
+            // logits, exponentials and probabilities (3·T·V). In bf16 the norms compute in
+            // f32 (their input and normalised input stay f32, 4·T·h), so do the attention
+            // softmax (scores and probabilities f32, plus the probabilities in bf16 for the
+            // product with the values, a·s²·b) and the cross-entropy (the final norm's two,
+            // exponentials and probabilities f32, plus the bf16 logits).
+            let scores = heads / tp * (s / cp) * s * b;
+            let head = |last: bool| if last { 1.0 } else { 0.0 };
+            let last = head(l.pp == 1);
+            let (f32_layer, f32_head) = (
+                4.0 * tg * h + 2.0 * scores,
+                2.0 * tg * h + 2.0 * t / cp * v / tp,
+            );
+            let copies = if elem < 4.0 { 1.0 } else { 0.0 };
+            let common = 6.0 * tg * h + copies * scores;
             let per_dense = common + 5.0 * tg * fd;
             let per_moe = common + 5.0 * tg * fs;
-            let head_stage = if l.pp == 1 {
-                3.0 * tg * h + 3.0 * t / cp * v / tp
-            } else {
-                0.0
-            };
+            let layers = (moe_stage + dense_stage) * in_flight;
+            let in_elem = (moe_stage * per_moe + dense_stage * per_dense) * in_flight
+                + last * (tg * h + (1.0 + copies) * t / cp * v / tp);
             (
-                elem * ((moe_stage * per_moe + dense_stage * per_dense) * in_flight + head_stage),
+                4.0 * (f32_layer * layers + last * f32_head) + elem * in_elem,
                 elem * rows_gpu * (2.0 * h + 5.0 * fe / etp) * moe_stage * in_flight,
             )
         } else {

@@ -283,7 +283,8 @@ fn branching() -> usize {
 pub enum Precision {
     /// 32-bit floats.
     F32,
-    /// bfloat16 (where the backend supports it).
+    /// bf16 matrices and activations; router, norms, softmax, losses, gradients and the
+    /// optimizer's state in f32 ([`burn_moe::lm::Precision::Bf16`]).
     Bf16,
 }
 
@@ -350,6 +351,15 @@ fn beta2() -> f64 {
 fn eps() -> f64 {
     1e-8
 }
+impl From<Precision> for burn_moe::lm::Precision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => Self::F32,
+            Precision::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 fn precision() -> Precision {
     Precision::F32
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, Meta};
 use crate::error::{RecipeError, Result, bad};
-use crate::recipe::{Precision, Recipe};
+use crate::recipe::Recipe;
 use crate::rundir::{MetricsLog, RunLock, refuse_existing};
 
 /// How to run a recipe.
@@ -182,18 +182,6 @@ pub fn check_layer_memory(
     require(need as u64, what, "lower --tokens")
 }
 
-/// Refuses layouts and settings this build cannot run, with the key that says so.
-fn check_supported(recipe: &Recipe) -> Result<()> {
-    if recipe.training.precision == Precision::Bf16 {
-        return Err(RecipeError::Invalid {
-            key: "training.precision".into(),
-            reason: "bf16 training is not supported by this build's backends yet; use \"f32\""
-                .into(),
-        });
-    }
-    Ok(())
-}
-
 /// The library's training configuration of a recipe's `[training]`, `[data]` and `[run]`
 /// tables.
 pub fn training_config(recipe: &Recipe) -> LmTrainingConfig {
@@ -217,6 +205,7 @@ pub fn training_config(recipe: &Recipe) -> LmTrainingConfig {
             steps: t.steps,
         },
         seed: recipe.run.seed,
+        precision: recipe.training.precision.into(),
     }
 }
 
@@ -451,7 +440,6 @@ pub fn train(recipe: &Recipe, options: &TrainOptions, world: &World) -> Result<S
     recipe.validate()?;
     let n = world.size();
     check_memory(recipe, n)?;
-    check_supported(recipe)?;
     let (dp, edp) = recipe.check_world(n)?;
     check_step_memory(recipe, n)?;
     let resume_from = resume_point(recipe, options, n)?;

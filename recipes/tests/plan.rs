@@ -257,3 +257,24 @@ fn plan_rejects_a_layout_that_does_not_divide() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("parallel.ep"));
 }
+
+/// The GPU recipe `moe-1b.toml` (run by `scripts/gpu-check` for MFU): its size counted by hand
+/// — per layer the fused QKV (16 query and 2 × 8 key/value heads of 128), the output
+/// projection, 8 SwiGLU experts of 2048, the router and two norms; the embedding, the head and
+/// the final norm — against the library's count, and bf16 with recomputation as the recipe
+/// says.
+#[test]
+fn the_gpu_recipe_has_the_size_it_states() {
+    let r = recipe("moe-1b.toml", &[]);
+    let (h, f, e, v, layers) = (2048u64, 2048u64, 8u64, 32000u64, 16u64);
+    let attention = h * (16 + 2 * 8) * 128 + 16 * 128 * h;
+    let experts = e * (h * 2 * f + f * h);
+    let per_layer = attention + experts + h * e + 2 * h;
+    let total = layers * per_layer + 2 * v * h + h;
+    let active = layers * (attention + 2 * (h * 2 * f + f * h) + h * e + 2 * h) + 2 * v * h + h;
+    assert_eq!(parameter_count(&r.model), (total, active));
+    assert!((1.8e9..2.0e9).contains(&(total as f64)), "{total}");
+    assert_eq!(r.training.precision, Precision::Bf16);
+    assert!(r.training.recompute);
+    assert_eq!(r.data.seq_len, 4096);
+}

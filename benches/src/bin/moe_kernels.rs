@@ -7,12 +7,15 @@
 //!   (`[T·K, H] × [H, 2F]`), in GFLOP/s, and their ratio;
 //! - `dispatch`: routing index + permute (tokens and probs) + unpermute, against the expert
 //!   computation (two grouped GEMMs and SwiGLU), in ms, and the dispatch share of expert time.
+//!
+//! `MOE_BENCH_DTYPE=bf16` (or `f16`) runs tokens, probabilities and weights, the grouped and
+//! the dense products in that type (both accumulate in f32).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use benches::{bench_devices, parse_shape_args};
-use burn::tensor::{Bool, Device, Distribution, Tensor, activation};
+use benches::{bench_devices, bench_dtype, parse_shape_args};
+use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor, activation};
 use burn_moe::kernels;
 
 /// Median seconds of `iters` runs of `f` after one warm-up; `f` ends with a device sync.
@@ -32,7 +35,13 @@ fn sync(device: &Device) -> Result<(), String> {
     device.sync().map_err(|e| format!("{e:?}"))
 }
 
-fn run_backend(name: &str, device: &Device, dims: [usize; 5], iters: usize) -> Result<(), String> {
+fn run_backend(
+    name: &str,
+    device: &Device,
+    dims: [usize; 5],
+    iters: usize,
+    dtype: FloatDType,
+) -> Result<(), String> {
     let [t, h, f, e, k] = dims;
     let err = |e: burn_moe::MoeError| e.to_string();
     let logits = Tensor::<2>::random([t, e], Distribution::Normal(0.0, 1.0), device);
@@ -45,10 +54,11 @@ fn run_backend(name: &str, device: &Device, dims: [usize; 5], iters: usize) -> R
             burn::tensor::IndexingUpdateOp::Add,
         )
         .greater_elem(0.5);
-    let probs = activation::softmax(logits, 1);
-    let x = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), device);
-    let w1 = Tensor::<3>::random([e, h, 2 * f], Distribution::Normal(0.0, 0.02), device);
-    let w2 = Tensor::<3>::random([e, f, h], Distribution::Normal(0.0, 0.02), device);
+    let probs = activation::softmax(logits, 1).cast(dtype);
+    let x = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let w1 =
+        Tensor::<3>::random([e, h, 2 * f], Distribution::Normal(0.0, 0.02), device).cast(dtype);
+    let w2 = Tensor::<3>::random([e, f, h], Distribution::Normal(0.0, 0.02), device).cast(dtype);
     let index = kernels::routing_index(map.clone()).map_err(err)?;
     let counts = index.counts.clone();
     let n: usize = counts.iter().sum();
@@ -56,7 +66,8 @@ fn run_backend(name: &str, device: &Device, dims: [usize; 5], iters: usize) -> R
         kernels::permute_tokens(x.clone(), index.token_of_row.clone(), index.row_map.clone());
 
     // Grouped GEMM against a dense matmul of the same FLOPs.
-    let dense_w = Tensor::<2>::random([h, 2 * f], Distribution::Normal(0.0, 0.02), device);
+    let dense_w =
+        Tensor::<2>::random([h, 2 * f], Distribution::Normal(0.0, 0.02), device).cast(dtype);
     let gemm = median(iters, || {
         let y = kernels::grouped_matmul(permuted.clone(), w1.clone(), &counts).map_err(err)?;
         drop(y);
@@ -69,7 +80,7 @@ fn run_backend(name: &str, device: &Device, dims: [usize; 5], iters: usize) -> R
     })?;
     let flops = 2.0 * n as f64 * h as f64 * 2.0 * f as f64;
     println!(
-        "backend={name} gemm rows={n} grouped_gflops={:.1} dense_gflops={:.1} grouped_over_dense={:.3}",
+        "backend={name} dtype={dtype:?} gemm rows={n} grouped_gflops={:.1} dense_gflops={:.1} grouped_over_dense={:.3}",
         flops / gemm / 1e9,
         flops / dense / 1e9,
         dense / gemm
@@ -100,7 +111,7 @@ fn run_backend(name: &str, device: &Device, dims: [usize; 5], iters: usize) -> R
         sync(device)
     })?;
     println!(
-        "backend={name} dispatch_ms={:.2} experts_ms={:.2} dispatch_share={:.3}",
+        "backend={name} dtype={dtype:?} dispatch_ms={:.2} experts_ms={:.2} dispatch_share={:.3}",
         dispatch * 1e3,
         experts * 1e3,
         dispatch / experts
@@ -119,8 +130,9 @@ fn main() -> ExitCode {
             shape.experts,
             shape.topk,
         ];
+        let dtype = bench_dtype().map_err(|e| e.to_string())?;
         for (name, device) in bench_devices().map_err(|e| e.to_string())? {
-            run_backend(name, &device, dims, iters)?;
+            run_backend(name, &device, dims, iters, dtype)?;
         }
         Ok(())
     };

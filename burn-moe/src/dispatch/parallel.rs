@@ -216,7 +216,16 @@ impl TokenDispatcher for AllGatherDispatcher {
         // One collective for hidden states, probs and map: in the backward pass the collectives
         // of a dispatch then form a single chain, so every rank runs them in the same order.
         let h = hidden.dims()[1];
-        let packed = Tensor::cat(vec![hidden, probs, routing_map.float().detach()], 1);
+        // In the hidden states' precision (the map's 0 and 1 are exact in any).
+        let dtype = hidden.dtype();
+        let packed = Tensor::cat(
+            vec![
+                hidden,
+                probs.cast(dtype),
+                routing_map.float().cast(dtype).detach(),
+            ],
+            1,
+        );
         let packed = mappings::gather_from_sequence_region(packed, g, GatherGrad::ReduceScatter)?;
         let rows = packed.dims()[0];
         let hidden = packed.clone().slice([0..rows, 0..h]);
@@ -230,8 +239,8 @@ impl TokenDispatcher for AllGatherDispatcher {
         let perm = local_permutation(local_map, capacity.map(|c| c.min(t) * g.size()))?;
         let (tokens, probs) = permute::permute(hidden, local_probs, &perm);
         let peers = (g.size() - 1) as u64;
-        // Hidden rows, probs and map (as f32) go to every peer.
-        let per_token = bytes + 2 * (e * 4) as u64;
+        // Hidden rows, probs and map (in the rows' precision) go to every peer.
+        let per_token = bytes + 2 * (e * dtype.size()) as u64;
         let stats = DispatchStats {
             bytes_sent: t as u64 * per_token * peers,
             bytes_received: (gathered - t) as u64 * per_token,
@@ -353,8 +362,10 @@ impl TokenDispatcher for AllToAllDispatcher {
             .collect();
         // Rows travel with their probability in one tensor `[N, H + 1]`: one collective per
         // step, so the backward collectives form a single chain (same order on every rank).
+        // The probability travels in the rows' precision (the experts compute in it anyway).
         let n_rows: usize = ep_send.iter().sum();
-        let packed = Tensor::cat(vec![tokens, probs.reshape([n_rows, 1])], 1);
+        let dtype = tokens.dtype();
+        let packed = Tensor::cat(vec![tokens, probs.cast(dtype).reshape([n_rows, 1])], 1);
         let width = h + 1;
         // The carrier row goes to this rank itself, at the end of its own segment.
         let my_end: usize = ep_send[..=me].iter().sum();

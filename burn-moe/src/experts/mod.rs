@@ -268,23 +268,26 @@ impl Experts {
             // the dispatcher's collectives run in the backward pass on every rank.
             return Ok(tokens.mul_scalar(0.0));
         }
-        let probs = probs.reshape([n, 1]);
+        // The experts compute in their weights' precision (the rows and their probabilities
+        // are cast to it) and return the rows in the precision they came in.
+        let (given, dtype) = (tokens.dtype(), self.w1.val().dtype());
+        let tokens = tokens.cast(dtype);
+        let probs = probs.cast(dtype).reshape([n, 1]);
         let uniform = tokens_per_expert.windows(2).all(|w| w[0] == w[1]);
         let kernels = crate::kernels::kernels_available(&tokens.device());
-        match cfg.compute {
-            ExpertsCompute::Grouped => self.forward_grouped(tokens, tokens_per_expert, probs),
+        let out = match cfg.compute {
+            ExpertsCompute::Grouped => self.forward_grouped(tokens, tokens_per_expert, probs)?,
             ExpertsCompute::Auto if kernels => {
-                self.forward_grouped(tokens, tokens_per_expert, probs)
+                self.forward_grouped(tokens, tokens_per_expert, probs)?
             }
-            ExpertsCompute::Sequential => {
-                Ok(self.forward_sequential(tokens, tokens_per_expert, probs))
-            }
-            ExpertsCompute::Batched => Ok(self.forward_batched(tokens, tokens_per_expert, probs)),
+            ExpertsCompute::Sequential => self.forward_sequential(tokens, tokens_per_expert, probs),
+            ExpertsCompute::Batched => self.forward_batched(tokens, tokens_per_expert, probs),
             ExpertsCompute::Auto if uniform => {
-                Ok(self.forward_batched(tokens, tokens_per_expert, probs))
+                self.forward_batched(tokens, tokens_per_expert, probs)
             }
-            ExpertsCompute::Auto => Ok(self.forward_sequential(tokens, tokens_per_expert, probs)),
-        }
+            ExpertsCompute::Auto => self.forward_sequential(tokens, tokens_per_expert, probs),
+        };
+        Ok(out.cast(given))
     }
 
     /// Two grouped GEMMs over all experts.
@@ -329,7 +332,7 @@ impl Experts {
             outputs.push(act.matmul(w2e));
         }
         if outputs.is_empty() {
-            return Tensor::zeros([n, h], &tokens.device());
+            return Tensor::zeros([n, h], (&tokens.device(), tokens.dtype()));
         }
         Tensor::cat(outputs, 0)
     }
@@ -341,8 +344,9 @@ impl Experts {
         let e = counts.len();
         let device = tokens.device();
         let cap = counts.iter().copied().max().unwrap_or(0);
+        let dtype = tokens.dtype();
         if n == 0 || cap == 0 {
-            return Tensor::zeros([n, h], &device);
+            return Tensor::zeros([n, h], (&device, dtype));
         }
         let uniform = counts.iter().all(|&c| c == cap);
         let (padded, padded_probs, valid) = if uniform {
@@ -363,10 +367,10 @@ impl Experts {
                 start += count;
             }
             let gather = host::upload_i64(&gather, &device, "uploading the padding gather index");
-            let x = Tensor::cat(vec![tokens, Tensor::zeros([1, h], &device)], 0)
+            let x = Tensor::cat(vec![tokens, Tensor::zeros([1, h], (&device, dtype))], 0)
                 .select(0, gather.clone())
                 .reshape([e, cap, h]);
-            let p = Tensor::cat(vec![probs, Tensor::zeros([1, 1], &device)], 0)
+            let p = Tensor::cat(vec![probs, Tensor::zeros([1, 1], (&device, dtype))], 0)
                 .select(0, gather)
                 .reshape([e, cap, 1]);
             (

@@ -116,14 +116,21 @@ impl SharedExperts {
                 got: vec![t, h],
             });
         }
+        // In the weights' precision; returned in `x`'s.
+        let given = x.dtype();
+        let x = x.cast(self.w1.val().dtype());
         let out = self
             .config
             .activation
             .apply(x.clone().matmul(self.w1.val()))
             .matmul(self.w2.val());
-        Ok(match &self.gate {
-            Some(g) => out * activation::sigmoid(x.matmul(g.val().transpose())),
+        let out = match &self.gate {
+            Some(g) => {
+                let gate = x.matmul(g.val().cast(out.dtype()).transpose());
+                out * activation::sigmoid(gate)
+            }
             None => out,
-        })
+        };
+        Ok(out.cast(given))
     }
 }

@@ -162,7 +162,8 @@ fn gather_rows_kernel<F: Float, I: Int>(
     out[pos] = x[usize::cast_from(rows[r]) * hidden + h];
 }
 
-/// `out[t, h] = Σ_e y[row_map[t, e], h]` over routed pairs, ascending `e`.
+/// `out[t, h] = Σ_e y[row_map[t, e], h]` over routed pairs, ascending `e`, summed in f32 and
+/// rounded to `F` once.
 #[cube(launch)]
 fn unpermute_kernel<F: Float, I: Int>(
     y: &Tensor<F>,
@@ -178,14 +179,14 @@ fn unpermute_kernel<F: Float, I: Int>(
     }
     let t = pos / hidden;
     let h = pos % hidden;
-    let mut acc = F::new(0.0);
+    let mut acc = f32::new(0.0);
     for e in 0..experts {
         let r = i32::cast_from(row_map[t * experts + e]);
         if r >= 0 {
-            acc += y[r as usize * hidden + h];
+            acc += f32::cast_from(y[r as usize * hidden + h]);
         }
     }
-    out[pos] = acc;
+    out[pos] = F::cast_from(acc);
 }
 
 /// `out[r] = probs[token_of_row[r], expert_of_row[r]]`.
@@ -228,16 +229,23 @@ fn unpermute_probs_kernel<F: Float, I: Int>(
 
 /// Grouped GEMM over a tile table: cube `(x, y)` computes rows `i0..i1` (at most one tile) of
 /// tile `x` and columns `64·y ..` of `C = A · B`, reducing over `r0..r1`, where
-/// `A(i, r) = a[a_off + i·a_si + r·a_sr]`, `B(r, j) = b[b_off + r·b_sr + j·b_sj]` and
-/// `C(i, j) = c[c_off + i·c_si + j·c_sj]`. Each table row is `[i0, i1, r0, r1, a_off, b_off,
-/// c_off]`. An empty reduction range writes zeros.
-#[cube(launch)]
+/// `A(i, r) = a[g·a_gs + i·a_si + r·a_sr]`, `B(r, j) = b[g·b_gs + r·b_sr + j·b_sj]` and
+/// `C(i, j) = c[g·c_gs + i·c_si + j·c_sj]` for the tile's group `g`. Each table row is
+/// `[i0, i1, r0, r1, g]`: row numbers and a group index, never element offsets, so the table
+/// fits 32-bit integers whatever the operands' sizes; the offsets are computed in the kernel's
+/// address type (64-bit when an operand has more than 2³² elements). Products accumulate in
+/// f32 whatever `F` is (f32, f16, bf16), and each output is rounded to `F` once. An empty
+/// reduction range writes zeros.
+#[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 fn grouped_gemm_kernel<F: Float, I: Int>(
     a: &Tensor<F>,
     b: &Tensor<F>,
     c: &mut Tensor<F>,
     table: &Tensor<I>,
+    a_gs: usize,
+    b_gs: usize,
+    c_gs: usize,
     a_si: usize,
     a_sr: usize,
     b_sr: usize,
@@ -250,14 +258,15 @@ fn grouped_gemm_kernel<F: Float, I: Int>(
     #[comptime] depth: usize,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
-    let row = CUBE_POS_X as usize * 7;
+    let row = CUBE_POS_X as usize * 5;
     let i0 = usize::cast_from(table[row]);
     let i1 = usize::cast_from(table[row + 1]);
     let r0 = usize::cast_from(table[row + 2]);
     let r1 = usize::cast_from(table[row + 3]);
-    let a_off = usize::cast_from(table[row + 4]);
-    let b_off = usize::cast_from(table[row + 5]);
-    let c_off = usize::cast_from(table[row + 6]);
+    let g = usize::cast_from(table[row + 4]);
+    let a_off = g * a_gs;
+    let b_off = g * b_gs;
+    let c_off = g * c_gs;
     let j0 = CUBE_POS_Y as usize * tile;
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
@@ -266,10 +275,10 @@ fn grouped_gemm_kernel<F: Float, I: Int>(
 
     let mut a_s = Shared::<[F]>::new_slice(depth * tile);
     let mut b_s = Shared::<[F]>::new_slice(depth * tile);
-    let mut acc = Array::<F>::new(per * per);
+    let mut acc = Array::<f32>::new(per * per);
     #[unroll]
     for q in 0..per * per {
-        acc[q] = F::new(0.0);
+        acc[q] = f32::new(0.0);
     }
     let mut a_reg = Array::<F>::new(per);
     let mut b_reg = Array::<F>::new(per);
@@ -311,7 +320,7 @@ fn grouped_gemm_kernel<F: Float, I: Int>(
             for p in 0..per {
                 #[unroll]
                 for q in 0..per {
-                    acc[p * per + q] += a_reg[p] * b_reg[q];
+                    acc[p * per + q] += f32::cast_from(a_reg[p]) * f32::cast_from(b_reg[q]);
                 }
             }
         }
@@ -326,7 +335,7 @@ fn grouped_gemm_kernel<F: Float, I: Int>(
             let gi = i0 + ty + p * units;
             let gj = j0 + tx + q * units;
             if gi < i1 && gj < cols {
-                c[c_off + gi * c_si + gj * c_sj] = acc[p * per + q];
+                c[c_off + gi * c_si + gj * c_sj] = F::cast_from(acc[p * per + q]);
             }
         }
     }
@@ -409,49 +418,67 @@ fn grouped_gemm(a: CubeTensor, b: CubeTensor, counts: &[usize], kind: Gemm) -> C
     let ad = dims(&a);
     let bd = dims(&b);
     let groups = counts.len();
-    let index_dtype = DType::I32;
-    let (out_shape, table, strides, cols) = match kind {
+    // Per group: the stride of each operand between groups (`a`, `b`, `c`), the tiles, the
+    // strides within a group and the output columns.
+    let (out_shape, group_strides, table, strides, cols) = match kind {
         Gemm::Nn => {
             let (n, k, m) = (ad[0], ad[1], bd[2]);
-            let table = tiles::row_tiles(counts, TILE, |g| (0, k, 0, g * k * m, 0));
-            (vec![n, m], table, [k, 1, m, 1, m, 1], m)
+            let table = tiles::row_tiles(counts, TILE, |_| (0, k));
+            (vec![n, m], [0, k * m, 0], table, [k, 1, m, 1, m, 1], m)
         }
         Gemm::Nt => {
             let (n, m, k) = (ad[0], ad[1], bd[1]);
-            let table = tiles::row_tiles(counts, TILE, |g| (0, m, 0, g * k * m, 0));
-            (vec![n, k], table, [m, 1, 1, m, k, 1], k)
+            let table = tiles::row_tiles(counts, TILE, |_| (0, m));
+            (vec![n, k], [0, k * m, 0], table, [m, 1, 1, m, k, 1], k)
         }
         Gemm::Tn => {
             let (k, m) = (ad[1], bd[1]);
-            let table = tiles::weight_tiles(counts, k, TILE, |g| (0, 0, g * k * m));
-            (vec![groups, k, m], table, [1, k, m, 1, m, 1], m)
+            let table = tiles::weight_tiles(counts, k, TILE);
+            (
+                vec![groups, k, m],
+                [0, 0, k * m],
+                table,
+                [1, k, m, 1, m, 1],
+                m,
+            )
         }
     };
     let out = empty_like(&a, out_shape, a.dtype);
-    let tiles_n = table.len() / 7;
+    let tiles_n = table.len() / tiles::ENTRIES;
     if tiles_n == 0 || cols == 0 {
         return match kind {
             Gemm::Tn => zeros_like(&a, dims(&out), a.dtype),
             _ => out,
         };
     }
+    let elements = |t: &CubeTensor| t.shape().num_elements();
+    let address = if tiles::wide_addresses(&[elements(&a), elements(&b), elements(&out)]) {
+        AddressType::U64
+    } else {
+        AddressType::U32
+    };
     let table = int_tensor(
         &a,
         &table,
-        index_dtype,
+        tiles::table_dtype(&table),
         "uploading a grouped-GEMM tile table",
     );
     let col_tiles = cols.div_ceil(TILE);
+    let [a_gs, b_gs, c_gs] = group_strides;
     let [a_si, a_sr, b_sr, b_sj, c_si, c_sj] = strides;
     let (f, i) = (a.dtype, table.dtype);
     grouped_gemm_kernel::launch(
         &a.client.clone(),
         CubeCount::Static(tiles_n as u32, col_tiles as u32, 1),
         CubeDim::new_2d(UNITS as u32, UNITS as u32),
+        address,
         a.into_tensor_arg(),
         b.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         table.into_tensor_arg(),
+        a_gs,
+        b_gs,
+        c_gs,
         a_si,
         a_sr,
         b_sr,

@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with rotary position embeddings, heads split over TP.
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use burn_parallel::context::{ContextLayout, CpAttention, context_attention};
 use burn_parallel::prelude::{
     ColumnParallelLinear, Group, ParallelParams, ParamRole, RowParallelLinear, causal_attention,
@@ -183,8 +183,12 @@ impl Attention {
                 sin.push(angle.sin() as f32);
             }
         }
-        let cos = host::upload_f32(cos, [1, 1, s, half], &device, "uploading RoPE cosines");
-        let sin = host::upload_f32(sin, [1, 1, s, half], &device, "uploading RoPE sines");
+        // Rotated in the activations' precision.
+        let dtype = x.dtype();
+        let cos =
+            host::upload_f32(cos, [1, 1, s, half], &device, "uploading RoPE cosines").cast(dtype);
+        let sin =
+            host::upload_f32(sin, [1, 1, s, half], &device, "uploading RoPE sines").cast(dtype);
         let pairs = x.reshape([b, n, s, half, 2]);
         let even = pairs
             .clone()
@@ -272,13 +276,17 @@ impl ParallelParams for Attention {
 }
 
 /// RMSNorm of `x` `[B, n, S, d]` with weight `w`: over each head (`w` `[d]`), or over all `n`
-/// heads of a token together (`w` `[n·d]`).
+/// heads of a token together (`w` `[n·d]`); in f32, returned in `x`'s precision.
 fn qk_norm(x: Tensor<4>, w: Tensor<1>, eps: f64) -> Tensor<4> {
     let [_, n, _, d] = x.dims();
-    if w.dims()[0] == d {
+    let dtype = x.dtype();
+    let (x, w) = (x.cast(FloatDType::F32), w.cast(FloatDType::F32));
+    let normed = if w.dims()[0] == d {
         let rms = (x.clone().powi_scalar(2).mean_dim(3) + eps).sqrt();
-        return x / rms * w.reshape([1, 1, 1, d]);
-    }
-    let rms = (x.clone().powi_scalar(2).mean_dim(3).mean_dim(1) + eps).sqrt();
-    x / rms * w.reshape([1, n, 1, d])
+        x / rms * w.reshape([1, 1, 1, d])
+    } else {
+        let rms = (x.clone().powi_scalar(2).mean_dim(3).mean_dim(1) + eps).sqrt();
+        x / rms * w.reshape([1, n, 1, d])
+    };
+    normed.cast(dtype)
 }

@@ -11,6 +11,7 @@ pub mod data;
 pub mod ffn;
 pub mod hf;
 pub mod model;
+pub mod precision;
 pub mod reshard;
 pub mod split;
 pub mod trainer;
@@ -20,6 +21,7 @@ pub use config::{MoeLmConfig, QkNorm};
 pub use data::{TokenSource, sequence_index};
 pub use ffn::DenseFfn;
 pub use model::{Block, Forward, FullTensors, MoeLm};
+pub use precision::Precision;
 pub use split::{LayerSplit, StageLayout};
 pub use trainer::{
     Backward, CheckpointPolicy, FitEnd, FitObserver, FitOptions, FitOutcome, LmTrainer,

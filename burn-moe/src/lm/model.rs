@@ -26,6 +26,7 @@ use crate::layer::MoeLayer;
 use crate::lm::attention::Attention;
 use crate::lm::config::MoeLmConfig;
 use crate::lm::ffn::DenseFfn;
+use crate::lm::precision::Precision;
 use crate::lm::split::StageLayout;
 use crate::router::{GlobalAuxState, RouteOptions, Router};
 
@@ -233,6 +234,9 @@ pub struct MoeLm {
     /// Attention under context parallelism.
     #[module(skip)]
     cp_attention: CpAttention,
+    /// Precision of the matrices and activations ([`with_precision`](Self::with_precision)).
+    #[module(skip)]
+    pub(super) precision: Precision,
 }
 
 fn add(a: Option<Tensor<1>>, b: Option<Tensor<1>>) -> Option<Tensor<1>> {
@@ -480,6 +484,7 @@ impl MoeLm {
             chunks: ranges,
             moe_index,
             cp_attention: layout.cp_attention,
+            precision: Precision::F32,
         })
     }
 
@@ -634,7 +639,8 @@ impl MoeLm {
                 reason: format!("this stage has {} model chunks", self.chunks.len()),
             })?;
         let mut x = match (input, &self.embed) {
-            (Some(x), _) => x,
+            // A previous stage's hidden states, in this model's precision.
+            (Some(x), _) => x.cast(self.precision.dtype()),
             (None, Some(embed)) => embed.forward(ids.clone())?,
             (None, None) => {
                 return Err(MoeError::InvalidArgument {

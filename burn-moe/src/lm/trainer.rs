@@ -51,6 +51,7 @@ use burn_parallel::{ParallelError, memory};
 use super::config::MoeLmConfig;
 use super::data::{TokenSource, sequence_index};
 use super::model::MoeLm;
+use super::precision::Precision;
 use super::reshard::{Needed, read_full_state, saved_layout, shard_state};
 use super::split::StageLayout;
 use crate::error::{MoeError, Result, invalid};
@@ -73,6 +74,9 @@ pub struct LmTrainingConfig {
     pub lr_schedule: LrSchedule,
     /// Seed of the initialisation and of the data stream.
     pub seed: u64,
+    /// Precision of the model's matrices and activations ([`Precision`]); gradients and the
+    /// optimizer's state are f32 either way.
+    pub precision: Precision,
 }
 
 impl LmTrainingConfig {
@@ -87,6 +91,7 @@ impl LmTrainingConfig {
             adamw,
             lr_schedule: LrSchedule::constant(adamw.lr, 0, steps),
             seed: 0,
+            precision: Precision::F32,
         }
     }
 
@@ -326,7 +331,9 @@ impl LmTrainer {
         let schedule = Schedule::new(kind, pp, micro_batches)?;
         let cp = groups.group(GroupKind::Cp);
         let positions = ContextLayout::new(t.seq_len, cp.size())?.positions(cp.rank());
-        let stage = model.init_stage(t.seed, &groups, layout, device)?;
+        let stage = model
+            .init_stage(t.seed, &groups, layout, device)?
+            .with_precision(t.precision);
         let opt = DistributedAdamW::new(
             t.adamw,
             groups.group(GroupKind::DpCp).clone(),
@@ -425,7 +432,7 @@ impl LmTrainer {
         let model = self.model.take().ok_or_else(Self::gone)?;
         let rank = self.groups.world().rank();
         let (loaded, state) = checkpoint::load(dir, model, rank)?;
-        self.model = Some(loaded);
+        self.model = Some(loaded.with_precision(self.config.precision));
         self.opt.load_state(state)?;
         Ok(())
     }
@@ -446,7 +453,7 @@ impl LmTrainer {
             &self.device,
         )?;
         self.roles = model.roles();
-        self.model = Some(model);
+        self.model = Some(model.with_precision(self.config.precision));
         self.opt.load_state(state)?;
         Ok(())
     }
