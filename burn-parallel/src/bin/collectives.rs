@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use burn_parallel::comm::mpi::MpiWorld;
+use burn_parallel::comm::mpi::{MpiWorld, bytes_sent};
 use burn_parallel::comm::{Communicator, ReduceOp};
 use burn_parallel::group::{self, Group};
 use burn_parallel::launch::check_program;
-use burn_parallel::mappings;
 use burn_parallel::ops::GatherGrad;
+use burn_parallel::{mappings, transfers};
 use half::bf16;
 
 /// Exact in f32 and bf16: multiples of 0.25 in [-2, 3.5].
@@ -107,10 +107,46 @@ fn host_checks(c: &mut Checker, comm: &dyn Communicator, label: &str) {
         c.eq(&format!("{label} all_reduce_bf16"), &got, &want);
     }
     let mine: Vec<bf16> = data(2, r, n).iter().map(|&v| bf16::from_f32(v)).collect();
+    let before = bytes_sent();
     if let Some(out) = c.ok("all_gather_bf16", comm.all_gather_bf16(&mine)) {
+        // bf16 travels as its 16 bits: 2 bytes a value handed to MPI, not 4.
+        c.eq(
+            &format!("{label} all_gather_bf16 bytes sent"),
+            &[(bytes_sent() - before) as f32],
+            &[(2 * n) as f32],
+        );
         let want: Vec<f32> = (0..g).flat_map(|p| data(2, p, n)).collect();
         let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
         c.eq(&format!("{label} all_gather_bf16"), &got, &want);
+    }
+    // bf16 all-to-all-v and all-gather-v: rank p sends (q + p) % 3 values to rank q.
+    let to = |p: usize, q: usize| (q + p) % 3;
+    let send: Vec<bf16> = (0..g)
+        .flat_map(|q| data(40 + q, r, to(r, q)))
+        .map(bf16::from_f32)
+        .collect();
+    let sc: Vec<usize> = (0..g).map(|q| to(r, q)).collect();
+    let rc: Vec<usize> = (0..g).map(|p| to(p, r)).collect();
+    let before = bytes_sent();
+    if let Some(out) = c.ok("all_to_all_v_bf16", comm.all_to_all_v_bf16(&send, &sc, &rc)) {
+        c.eq(
+            &format!("{label} all_to_all_v_bf16 bytes sent"),
+            &[(bytes_sent() - before) as f32],
+            &[(2 * send.len()) as f32],
+        );
+        let want: Vec<f32> = (0..g).flat_map(|p| data(40 + r, p, to(p, r))).collect();
+        let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
+        c.eq(&format!("{label} all_to_all_v_bf16"), &got, &want);
+    }
+    let counts: Vec<usize> = (0..g).map(|p| (p * 3) % 4).collect();
+    let mine: Vec<bf16> = data(50, r, counts[r])
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    if let Some(out) = c.ok("all_gather_v_bf16", comm.all_gather_v_bf16(&mine, &counts)) {
+        let want: Vec<f32> = (0..g).flat_map(|p| data(50, p, counts[p])).collect();
+        let got: Vec<f32> = out.iter().map(|v| v.to_f32()).collect();
+        c.eq(&format!("{label} all_gather_v_bf16"), &got, &want);
     }
     // all-gather, equal and uneven (with a zero count).
     if let Some(out) = c.ok("all_gather", comm.all_gather(&data(3, r, n))) {
@@ -317,6 +353,16 @@ fn tensor_checks(c: &mut Checker, g_: &Group, label: &str) {
         let want = concat_cols((0..g).map(|p| w(p, rows * k)).collect(), k);
         c.eq(&format!("{label} scatter_to_region bwd"), &gx, &want);
     }
+    // The split exchanges nothing: it is cut on the device, with no host transfer.
+    let t = tensor(x(r), shape, &device);
+    let (split, log) = transfers::measure(|| mappings::scatter_to_region(t, g_));
+    if c.ok("split on the device", split).is_some() {
+        c.eq(
+            &format!("{label} split host transfers"),
+            &[log.len() as f32],
+            &[0.0],
+        );
+    }
     if let Some((y, gx)) = c.ok(
         "gather_from_region",
         fwd_bwd(
@@ -479,12 +525,21 @@ fn tensor_checks(c: &mut Checker, g_: &Group, label: &str) {
         let want: Vec<f32> = (0..g).flat_map(|p| data(23, p, vc[p] * width)).collect();
         c.eq(&format!("{label} reduce_scatter_rows_v bwd"), &gx, &want);
     }
-    // bf16 tensors: gather along the last dim and a reduction, forward and backward.
+    // bf16 tensors: gather along the last dim and a reduction, forward and backward; the
+    // gather hands MPI 2 bytes a value (the tensor's own type on the wire).
     let xb = tensor(x(r), shape, &device)
         .cast(DType::BF16)
         .require_grad();
-    let yb = mappings::gather_from_region(xb.clone(), g_)
-        .and_then(|y| mappings::reduce_from_region(y, g_));
+    let before = bytes_sent();
+    let gathered = mappings::gather_from_region(xb.clone(), g_);
+    if g > 1 {
+        c.eq(
+            &format!("{label} bf16 tensor gather bytes sent"),
+            &[(bytes_sent() - before) as f32],
+            &[(2 * n) as f32],
+        );
+    }
+    let yb = gathered.and_then(|y| mappings::reduce_from_region(y, g_));
     if let Some(yb) = c.ok("bf16 gather+reduce", yb) {
         let dtype_ok = yb.dtype() == DType::BF16;
         c.eq(

@@ -142,6 +142,10 @@ pub trait Communicator: Send + Sync + Debug {
     fn all_gather_bf16(&self, send: &[bf16]) -> Result<Vec<bf16>> {
         Ok(narrow(&self.all_gather(&widen(send))?))
     }
+    /// All-gather of bf16 contributions whose sizes are `counts[rank]`.
+    fn all_gather_v_bf16(&self, send: &[bf16], counts: &[usize]) -> Result<Vec<bf16>> {
+        Ok(narrow(&self.all_gather_v(&widen(send), counts)?))
+    }
     /// Reduce-scatter of bf16 values, accumulated in f32.
     fn reduce_scatter_bf16(&self, send: &[bf16], op: ReduceOp) -> Result<Vec<bf16>> {
         Ok(narrow(&self.reduce_scatter(&widen(send), op)?))

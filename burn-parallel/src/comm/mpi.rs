@@ -13,7 +13,10 @@
 //! `mpirun` kills them as soon as one rank dies).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use half::bf16;
 
 use mpi::Count;
 use mpi::collective::SystemOperation;
@@ -245,6 +248,129 @@ impl MpiComm {
     }
 }
 
+/// Bytes this process has handed to MPI as send buffers.
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process has handed to MPI as send buffers so far (collectives, sends, a
+/// broadcast's root): what travels, at the size it travels in — bf16 values of the data
+/// movements (all-gather(-v), all-to-all-v, send) as 2 bytes, reductions accumulate in f32
+/// and send 4 (MPI has no bf16 sum).
+pub fn bytes_sent() -> u64 {
+    BYTES_SENT.load(Ordering::Relaxed)
+}
+
+fn sending<T>(buf: &[T]) {
+    BYTES_SENT.fetch_add(std::mem::size_of_val(buf) as u64, Ordering::Relaxed);
+}
+
+fn bits(values: &[bf16]) -> Vec<u16> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn from_bits(values: Vec<u16>) -> Vec<bf16> {
+    values.into_iter().map(bf16::from_bits).collect()
+}
+
+impl MpiComm {
+    /// All-gather of equal contributions of any MPI type.
+    fn gather_any<T>(&self, op: &'static str, send: Vec<T>) -> Result<Vec<T>>
+    where
+        T: Equivalence + Copy + Default + Send + 'static,
+    {
+        sending(&send);
+        let size = self.size();
+        self.call(op, move |comm| {
+            let mut recv = vec![T::default(); send.len() * size];
+            comm.all_gather_into(&send[..], &mut recv[..]);
+            Ok(recv)
+        })
+    }
+
+    /// All-gather of contributions of `counts[rank]` values of any MPI type.
+    fn gather_v_any<T>(&self, op: &'static str, send: Vec<T>, counts: &[usize]) -> Result<Vec<T>>
+    where
+        T: Equivalence + Copy + Default + Send + 'static,
+    {
+        let total = check_gather_counts(counts, self.rank, self.size(), send.len())?;
+        let (c, d) = counts_and_displs("counts", counts)?;
+        sending(&send);
+        self.call(op, move |comm| {
+            let mut recv = vec![T::default(); total];
+            let mut partition = PartitionMut::new(&mut recv[..], c, d);
+            comm.all_gather_varcount_into(&send[..], &mut partition);
+            Ok(recv)
+        })
+    }
+
+    /// All-to-all-v of any MPI type.
+    fn all_to_all_v_any<T>(
+        &self,
+        op: &'static str,
+        send: Vec<T>,
+        (send_counts, recv_counts): (&[usize], &[usize]),
+    ) -> Result<Vec<T>>
+    where
+        T: Equivalence + Copy + Default + Send + 'static,
+    {
+        let sent = check_counts("send_counts", send_counts, self.size())?;
+        let total = check_counts("recv_counts", recv_counts, self.size())?;
+        if sent != send.len() {
+            return Err(ParallelError::InvalidArgument {
+                name: "send_counts",
+                reason: format!("sum {sent} but {} values were given", send.len()),
+            });
+        }
+        let (sc, sd) = counts_and_displs("send_counts", send_counts)?;
+        let (rc, rd) = counts_and_displs("recv_counts", recv_counts)?;
+        sending(&send);
+        self.call(op, move |comm| {
+            let mut recv = vec![T::default(); total];
+            let send_part = Partition::new(&send[..], sc, sd);
+            let mut recv_part = PartitionMut::new(&mut recv[..], rc, rd);
+            comm.all_to_all_varcount_into(&send_part, &mut recv_part);
+            Ok(recv)
+        })
+    }
+
+    /// Blocking send of any MPI type.
+    fn send_any<T>(&self, buf: Vec<T>, dest: usize, tag: u16) -> Result<()>
+    where
+        T: Equivalence + Send + 'static,
+    {
+        check_peer("dest", dest, self.size())?;
+        sending(&buf);
+        self.call("send", move |comm| {
+            comm.process_at_rank(dest as i32)
+                .send_with_tag(&buf[..], i32::from(tag));
+            Ok(())
+        })
+    }
+
+    /// Receive of `count` values of any MPI type.
+    fn recv_any<T>(&self, count: usize, src: usize, tag: u16) -> Result<Vec<T>>
+    where
+        T: Equivalence + Copy + Default + Send + 'static,
+    {
+        check_peer("src", src, self.size())?;
+        self.call_state("recv", move |state, id| {
+            state.reap(false);
+            let comm = &state.comms[id];
+            let mut buf = vec![T::default(); count];
+            let status = comm
+                .process_at_rank(src as i32)
+                .receive_into_with_tag(&mut buf[..], i32::from(tag));
+            let got = status.count(T::equivalent_datatype()) as usize;
+            if got != count {
+                return Err(ParallelError::InvalidArgument {
+                    name: "count",
+                    reason: format!("expected {count} values from rank {src}, received {got}"),
+                });
+            }
+            Ok(buf)
+        })
+    }
+}
+
 impl Communicator for MpiComm {
     fn engine(&self) -> &'static str {
         "mpi"
@@ -304,6 +430,7 @@ impl Communicator for MpiComm {
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let send = buf.to_vec();
+        sending(&send);
         let size = self.size();
         let out = self.call("all_reduce", move |comm| {
             let mut recv = vec![0f32; send.len()];
@@ -316,31 +443,18 @@ impl Communicator for MpiComm {
     }
 
     fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
-        let send = send.to_vec();
-        let size = self.size();
-        self.call("all_gather", move |comm| {
-            let mut recv = vec![0f32; send.len() * size];
-            comm.all_gather_into(&send[..], &mut recv[..]);
-            Ok(recv)
-        })
+        self.gather_any("all_gather", send.to_vec())
     }
 
     fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
-        let total = check_gather_counts(counts, self.rank, self.size(), send.len())?;
-        let (c, d) = counts_and_displs("counts", counts)?;
-        let send = send.to_vec();
-        self.call("all_gather_v", move |comm| {
-            let mut recv = vec![0f32; total];
-            let mut partition = PartitionMut::new(&mut recv[..], c, d);
-            comm.all_gather_varcount_into(&send[..], &mut partition);
-            Ok(recv)
-        })
+        self.gather_v_any("all_gather_v", send.to_vec(), counts)
     }
 
     fn reduce_scatter(&self, send: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
         let size = self.size();
         let block = block_len("send", send.len(), size)?;
         let send = send.to_vec();
+        sending(&send);
         self.call("reduce_scatter", move |comm| {
             let mut recv = vec![0f32; block];
             comm.reduce_scatter_block_into(&send[..], &mut recv[..], system_op(op));
@@ -355,38 +469,16 @@ impl Communicator for MpiComm {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<f32>> {
-        let sent = check_counts("send_counts", send_counts, self.size())?;
-        let total = check_counts("recv_counts", recv_counts, self.size())?;
-        if sent != send.len() {
-            return Err(ParallelError::InvalidArgument {
-                name: "send_counts",
-                reason: format!("sum {sent} but {} values were given", send.len()),
-            });
-        }
-        let (sc, sd) = counts_and_displs("send_counts", send_counts)?;
-        let (rc, rd) = counts_and_displs("recv_counts", recv_counts)?;
-        let send = send.to_vec();
-        self.call("all_to_all_v", move |comm| {
-            let mut recv = vec![0f32; total];
-            let send_part = Partition::new(&send[..], sc, sd);
-            let mut recv_part = PartitionMut::new(&mut recv[..], rc, rd);
-            comm.all_to_all_varcount_into(&send_part, &mut recv_part);
-            Ok(recv)
-        })
+        self.all_to_all_v_any("all_to_all_v", send.to_vec(), (send_counts, recv_counts))
     }
 
     fn send(&self, buf: &[f32], dest: usize, tag: u16) -> Result<()> {
-        check_peer("dest", dest, self.size())?;
-        let buf = buf.to_vec();
-        self.call("send", move |comm| {
-            comm.process_at_rank(dest as i32)
-                .send_with_tag(&buf[..], i32::from(tag));
-            Ok(())
-        })
+        self.send_any(buf.to_vec(), dest, tag)
     }
 
     fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
         check_peer("dest", dest, self.size())?;
+        sending(&buf);
         self.call_state("post_send", move |state, id| {
             state.reap(false);
             let buf: &'static [f32] = Box::leak(buf.into_boxed_slice());
@@ -406,28 +498,15 @@ impl Communicator for MpiComm {
     }
 
     fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
-        check_peer("src", src, self.size())?;
-        self.call_state("recv", move |state, id| {
-            state.reap(false);
-            let comm = &state.comms[id];
-            let mut buf = vec![0f32; count];
-            let status = comm
-                .process_at_rank(src as i32)
-                .receive_into_with_tag(&mut buf[..], i32::from(tag));
-            let got = status.count(f32::equivalent_datatype()) as usize;
-            if got != count {
-                return Err(ParallelError::InvalidArgument {
-                    name: "count",
-                    reason: format!("expected {count} values from rank {src}, received {got}"),
-                });
-            }
-            Ok(buf)
-        })
+        self.recv_any(count, src, tag)
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         check_peer("root", root, self.size())?;
         let mut owned = buf.to_vec();
+        if root == self.rank {
+            sending(&owned);
+        }
         let out = self.call("broadcast", move |comm| {
             comm.process_at_rank(root as i32)
                 .broadcast_into(&mut owned[..]);
@@ -457,5 +536,36 @@ impl Communicator for MpiComm {
             comm.barrier();
             Ok(())
         })
+    }
+
+    // bf16 data movements travel as their 16 bits; the reductions keep the trait's f32
+    // accumulation.
+
+    fn all_gather_bf16(&self, send: &[bf16]) -> Result<Vec<bf16>> {
+        self.gather_any("all_gather_bf16", bits(send))
+            .map(from_bits)
+    }
+
+    fn all_gather_v_bf16(&self, send: &[bf16], counts: &[usize]) -> Result<Vec<bf16>> {
+        self.gather_v_any("all_gather_v_bf16", bits(send), counts)
+            .map(from_bits)
+    }
+
+    fn all_to_all_v_bf16(
+        &self,
+        send: &[bf16],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<bf16>> {
+        self.all_to_all_v_any("all_to_all_v_bf16", bits(send), (send_counts, recv_counts))
+            .map(from_bits)
+    }
+
+    fn send_bf16(&self, buf: &[bf16], dest: usize, tag: u16) -> Result<()> {
+        self.send_any(bits(buf), dest, tag)
+    }
+
+    fn recv_bf16(&self, count: usize, src: usize, tag: u16) -> Result<Vec<bf16>> {
+        self.recv_any::<u16>(count, src, tag).map(from_bits)
     }
 }

@@ -1,7 +1,8 @@
-//! The forward operations for a concrete backend, staged through host memory.
+//! The forward operations for a concrete backend: the exchanging collectives staged through
+//! host memory, the split (this rank's chunk) cut on the tensor's own device.
 
 use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
-use burn::tensor::{DType, Shape, TensorData};
+use burn::tensor::{DType, Shape, Slice, TensorData};
 use half::bf16;
 
 use super::{GatherGrad, ParallelBackend};
@@ -9,35 +10,42 @@ use crate::comm::{Communicator, ReduceOp, check_counts};
 use crate::error::{ParallelError, Result};
 use crate::group::{GroupId, check_id, lookup, record_failure};
 
-/// A tensor's values on the host, widened to f32 (exact for bf16; reductions then accumulate
-/// in f32, as the communicators' bf16 methods do), and whether to narrow them back.
-struct Host {
-    values: Vec<f32>,
-    bf16: bool,
+/// A tensor's values on the host in its own type: bf16 travels as bf16 (the communicator's
+/// bf16 methods; reductions accumulate in f32 there).
+enum Values {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
 }
 
-fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Host> {
+impl Values {
+    /// `f` on the f32 values, or on bf16 ones through `g`: the same exchange for either type.
+    fn map(
+        self,
+        f: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>,
+        g: impl FnOnce(Vec<bf16>) -> Result<Vec<bf16>>,
+    ) -> Result<Self> {
+        Ok(match self {
+            Self::F32(v) => Self::F32(f(v)?),
+            Self::Bf16(v) => Self::Bf16(g(v)?),
+        })
+    }
+}
+
+fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Values> {
     let dtype = x.dtype();
     crate::transfers::read(op, (x.shape().num_elements() * dtype.size()) as u64);
     let data = burn::tensor::try_read_sync(B::float_into_data(x))
         .ok_or_else(|| backend_error("read", "cannot block on this platform"))?
         .map_err(|e| backend_error("read", e))?;
     match dtype {
-        DType::F32 => Ok(Host {
-            values: data
-                .try_into_vec::<f32>()
+        DType::F32 => Ok(Values::F32(
+            data.try_into_vec::<f32>()
                 .map_err(|e| backend_error("read", e))?,
-            bf16: false,
-        }),
-        DType::BF16 => Ok(Host {
-            values: data
-                .try_into_vec::<bf16>()
-                .map_err(|e| backend_error("read", e))?
-                .into_iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            bf16: true,
-        }),
+        )),
+        DType::BF16 => Ok(Values::Bf16(
+            data.try_into_vec::<bf16>()
+                .map_err(|e| backend_error("read", e))?,
+        )),
         other => Err(ParallelError::InvalidArgument {
             name: "tensor",
             reason: format!("collectives take f32 or bf16 tensors, got {other:?}"),
@@ -46,20 +54,19 @@ fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Host> {
 }
 
 fn write<B: Backend>(
-    values: Vec<f32>,
-    bf16: bool,
+    values: Values,
     (shape, op): (Shape, &'static str),
     device: &B::Device,
 ) -> FloatTensor<B> {
-    let size = if bf16 { 2 } else { 4 };
-    crate::transfers::upload(op, (values.len() * size) as u64);
-    let data = if bf16 {
-        TensorData::new(
-            values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
-            shape,
-        )
-    } else {
-        TensorData::new(values, shape)
+    let data = match values {
+        Values::F32(v) => {
+            crate::transfers::upload(op, (v.len() * 4) as u64);
+            TensorData::new(v, shape)
+        }
+        Values::Bf16(v) => {
+            crate::transfers::upload(op, (v.len() * 2) as u64);
+            TensorData::new(v, shape)
+        }
     };
     B::float_from_data(data, device)
 }
@@ -72,7 +79,7 @@ fn backend_error(context: &'static str, e: impl std::fmt::Debug) -> ParallelErro
 }
 
 /// The host-side exchange of a validated collective.
-type Exchange = Box<dyn FnOnce(&dyn Communicator, Vec<f32>) -> Result<Vec<f32>>>;
+type Exchange = Box<dyn FnOnce(&dyn Communicator, Values) -> Result<Values>>;
 
 /// NaN of `shape`: what a failed collective returns (never zeros or its input, which would
 /// train silently on wrong values).
@@ -106,10 +113,9 @@ fn run<B: Backend>(
     if check_id(group).is_err() {
         return failed::<B>(out_shape, &device, dtype);
     }
-    let result =
-        read::<B>(x, op).and_then(|host| Ok((exchange(comm.as_ref(), host.values)?, host.bf16)));
+    let result = read::<B>(x, op).and_then(|values| exchange(comm.as_ref(), values));
     match result {
-        Ok((values, bf16)) => write::<B>(values, bf16, (out_shape, op), &device),
+        Ok(values) => write::<B>(values, (out_shape, op), &device),
         Err(err) => {
             record_failure(group, op, err);
             failed::<B>(out_shape, &device, dtype)
@@ -179,15 +185,6 @@ fn from_blocks<T: Copy>(v: &[T], pre: usize, n: usize, post: usize, g: usize) ->
     out
 }
 
-fn slice_chunk<T: Copy>(v: &[T], pre: usize, n: usize, post: usize, g: usize, r: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(pre * n * post);
-    for p in 0..pre {
-        let start = (p * n * g + r * n) * post;
-        out.extend_from_slice(&v[start..start + n * post]);
-    }
-    out
-}
-
 fn row_shape(shape: &Shape) -> (usize, usize) {
     let rows = shape.as_slice().first().copied().unwrap_or(0);
     let row_len = shape.as_slice().iter().skip(1).product();
@@ -204,22 +201,52 @@ pub(super) fn all_reduce<B: Backend>(
     op: ReduceOp,
 ) -> FloatTensor<B> {
     run::<B>(x, group, "all_reduce", |_, shape| {
-        let exchange: Exchange = Box::new(move |comm, mut v| {
-            comm.all_reduce(&mut v, op)?;
-            Ok(v)
+        let exchange: Exchange = Box::new(move |comm, v| {
+            v.map(
+                |mut v| {
+                    comm.all_reduce(&mut v, op)?;
+                    Ok(v)
+                },
+                |mut v| {
+                    comm.all_reduce_bf16(&mut v, op)?;
+                    Ok(v)
+                },
+            )
         });
         Ok((shape.clone(), exchange))
     })
 }
 
+/// This rank's chunk of `dim`, cut on the tensor's own device: nothing is exchanged, so nothing
+/// crosses to the host. Failures (an unknown or failed group, a size that does not divide)
+/// are recorded and give NaN, as the exchanging collectives do.
 pub(super) fn split<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
-    run::<B>(x, group, "split", |comm, shape| {
-        let (g, r) = (comm.size(), comm.rank());
-        let n = chunk_of(shape, dim, g)?;
-        let (pre, _, post) = around(shape, dim);
-        let exchange: Exchange = Box::new(move |_, v| Ok(slice_chunk(&v, pre, n, post, g, r)));
-        Ok((with_dim(shape, dim, n), exchange))
-    })
+    let (shape, device, dtype) = (x.shape(), x.device(), x.dtype());
+    let planned = lookup(group).and_then(|comm| {
+        let n = chunk_of(&shape, dim, comm.size())?;
+        Ok((n, comm.rank()))
+    });
+    let (n, r) = match planned {
+        Ok(p) => p,
+        Err(err) => {
+            record_failure(group, "split", err);
+            return failed::<B>(shape, &device, dtype);
+        }
+    };
+    let out_shape = with_dim(&shape, dim, n);
+    if check_id(group).is_err() {
+        return failed::<B>(out_shape, &device, dtype);
+    }
+    let slices: Vec<Slice> = (0..shape.num_dims())
+        .map(|d| {
+            if d == dim {
+                Slice::new((r * n) as isize, Some(((r + 1) * n) as isize), 1)
+            } else {
+                Slice::full()
+            }
+        })
+        .collect();
+    B::float_slice(x, &slices)
 }
 
 pub(super) fn gather<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
@@ -227,8 +254,12 @@ pub(super) fn gather<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) 
         check_dim(shape, dim)?;
         let g = comm.size();
         let (pre, n, post) = around(shape, dim);
-        let exchange: Exchange =
-            Box::new(move |comm, v| Ok(from_blocks(&comm.all_gather(&v)?, pre, n, post, g)));
+        let exchange: Exchange = Box::new(move |comm, v| {
+            v.map(
+                |v| Ok(from_blocks(&comm.all_gather(&v)?, pre, n, post, g)),
+                |v| Ok(from_blocks(&comm.all_gather_bf16(&v)?, pre, n, post, g)),
+            )
+        });
         Ok((with_dim(shape, dim, n * g), exchange))
     })
 }
@@ -243,7 +274,10 @@ pub(super) fn reduce_scatter<B: Backend>(
         let n = chunk_of(shape, dim, g)?;
         let (pre, _, post) = around(shape, dim);
         let exchange: Exchange = Box::new(move |comm, v| {
-            comm.reduce_scatter(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum)
+            v.map(
+                |v| comm.reduce_scatter(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum),
+                |v| comm.reduce_scatter_bf16(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum),
+            )
         });
         Ok((with_dim(shape, dim, n), exchange))
     })
@@ -267,7 +301,12 @@ pub(super) fn all_to_all_v<B: Backend>(
         let received: usize = recv_counts.iter().sum();
         let scale = |c: &[usize]| c.iter().map(|n| n * row_len).collect::<Vec<_>>();
         let (sc, rc) = (scale(send_counts), scale(recv_counts));
-        let exchange: Exchange = Box::new(move |comm, v| comm.all_to_all_v(&v, &sc, &rc));
+        let exchange: Exchange = Box::new(move |comm, v| {
+            v.map(
+                |v| comm.all_to_all_v(&v, &sc, &rc),
+                |v| comm.all_to_all_v_bf16(&v, &sc, &rc),
+            )
+        });
         Ok((with_dim(shape, 0, received), exchange))
     })
 }
@@ -292,7 +331,12 @@ pub(super) fn gather_v<B: Backend>(
         }
         let total: usize = counts.iter().sum();
         let scaled: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
-        let exchange: Exchange = Box::new(move |comm, v| comm.all_gather_v(&v, &scaled));
+        let exchange: Exchange = Box::new(move |comm, v| {
+            v.map(
+                |v| comm.all_gather_v(&v, &scaled),
+                |v| comm.all_gather_v_bf16(&v, &scaled),
+            )
+        });
         Ok((with_dim(shape, 0, total), exchange))
     })
 }
@@ -316,15 +360,25 @@ pub(super) fn reduce_scatter_v<B: Backend>(
         let send: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
         let mine = counts[comm.rank()] * row_len;
         let recv = vec![mine; g];
-        let exchange: Exchange = Box::new(move |comm, v| {
-            let received = comm.all_to_all_v(&v, &send, &recv)?;
+        // Summed in f32 (rank order), bf16 rounded once at the end.
+        let sum = move |received: &[f32]| {
             let mut out = vec![0f32; mine];
             if mine > 0 {
                 for block in received.chunks(mine) {
                     out.iter_mut().zip(block).for_each(|(o, b)| *o += b);
                 }
             }
-            Ok(out)
+            out
+        };
+        let exchange: Exchange = Box::new(move |comm, v| {
+            v.map(
+                |v| Ok(sum(&comm.all_to_all_v(&v, &send, &recv)?)),
+                |v| {
+                    let received = comm.all_to_all_v_bf16(&v, &send, &recv)?;
+                    let wide: Vec<f32> = received.iter().map(|b| b.to_f32()).collect();
+                    Ok(sum(&wide).into_iter().map(bf16::from_f32).collect())
+                },
+            )
         });
         Ok((with_dim(shape, 0, counts[comm.rank()]), exchange))
     })
