@@ -177,18 +177,25 @@ fn checkpoints_name_parameters_by_module_path_and_old_positional_ones_still_resu
 #[test]
 fn recomputation_gives_the_same_losses() {
     let tmp = tempfile::tempdir().expect("temporary folder");
-    let (plain, recompute) = (tmp.path().join("plain"), tmp.path().join("recompute"));
-    let short = [
-        "--set",
-        "training.steps=5",
-        "--set",
-        "training.warmup_steps=2",
-    ];
-    train(&plain, &short);
-    let mut args = short.to_vec();
-    args.extend(["--set", "training.recompute=true"]);
-    train(&recompute, &args);
-    assert_eq!(losses(&plain), losses(&recompute));
+    // In f32 and in bf16 (the parameters cast to bf16 keep the checkpointing strategy).
+    for precision in ["f32", "bf16"] {
+        let plain = tmp.path().join(format!("plain-{precision}"));
+        let recompute = tmp.path().join(format!("recompute-{precision}"));
+        let precision = format!("training.precision=\"{precision}\"");
+        let short = [
+            "--set",
+            "training.steps=5",
+            "--set",
+            "training.warmup_steps=2",
+            "--set",
+            &precision,
+        ];
+        train(&plain, &short);
+        let mut args = short.to_vec();
+        args.extend(["--set", "training.recompute=true"]);
+        train(&recompute, &args);
+        assert_eq!(losses(&plain), losses(&recompute), "{precision}");
+    }
 }
 
 #[test]
