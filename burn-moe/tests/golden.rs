@@ -396,12 +396,13 @@ fn unit_roundoff(dtype: FloatDType) -> f64 {
     }
 }
 
-/// Roundings to bf16 on the longest chain from the layer's input to a gradient: forward, the
-/// rows and the expert weight (2), the first product (1), the activation's elementwise steps
-/// (up to 3), the routing probability and its product (2), the second weight and product
-/// (2); backward, the output gradient into bf16 (1), its product with the second weight (1),
-/// the probability (1), the activation's derivative (up to 3), the product with the rows (1).
-/// Each perturbs its tensor by at most `u` in norm.
+/// Roundings to the half type on the longest chain from the layer's input to a gradient, at
+/// most 16: forward 10 — the rows and the expert weight (2), the first product (1), the
+/// activation's elementwise steps (up to 3), the routing probability and its product (2), the
+/// second weight and product (2); backward up to 6 more — the output gradient (1), its
+/// product with the second weight (1), the product with the probability (1), the
+/// activation's derivative (up to 2), the product with the rows (1). Each perturbs its tensor
+/// by at most `u` in norm.
 const HALF_ROUNDINGS: f64 = 16.0;
 
 /// The half-precision check of a field: its norm-wise relative error `‖got − want‖ / ‖want‖`
