@@ -161,14 +161,8 @@ fn tolerance(case: &Value) -> Tolerance {
     }
 }
 
-/// Compares `got` with the expected value of `field`; `exact` for integer and boolean results.
-fn check(
-    field: &str,
-    got: &[f64],
-    want: &Value,
-    tol: &Tolerance,
-    exact: bool,
-) -> Result<(), String> {
+/// The expected values of `field`, as many as `got` has.
+fn expected_like(field: &str, got: &[f64], want: &Value) -> Result<Vec<f64>, String> {
     let want =
         expected_numbers(want).ok_or(format!("field `{field}`: expected value is not numeric"))?;
     if got.len() != want.len() {
@@ -178,6 +172,18 @@ fn check(
             want.len()
         ));
     }
+    Ok(want)
+}
+
+/// Compares `got` with the expected value of `field`; `exact` for integer and boolean results.
+fn check(
+    field: &str,
+    got: &[f64],
+    want: &Value,
+    tol: &Tolerance,
+    exact: bool,
+) -> Result<(), String> {
+    let want = expected_like(field, got, want)?;
     let mut bad = 0;
     let mut first = None;
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
@@ -411,15 +417,7 @@ const HALF_ROUNDINGS: f64 = 16.0;
 /// ReLU's kink (the rounding then flips its derivative), can be off by far more than `u` of
 /// itself while the tensor is as close as its roundings allow.
 fn half_check(field: &str, got: &[f64], want: &Value, dtype: FloatDType) -> Result<(), String> {
-    let expected =
-        expected_numbers(want).ok_or(format!("field `{field}`: expected value is not numeric"))?;
-    if got.len() != expected.len() {
-        return Err(format!(
-            "field `{field}`: got {} values, expected {}",
-            got.len(),
-            expected.len()
-        ));
-    }
+    let expected = expected_like(field, got, want)?;
     let norm = expected.iter().map(|w| w * w).sum::<f64>().sqrt();
     let err = got
         .iter()

@@ -474,10 +474,7 @@ impl Problem {
             micro_batches,
             ..
         } = *z;
-        let elem = match self.precision {
-            Precision::Bf16 => 2.0,
-            Precision::F32 => 4.0,
-        };
+        let elem = burn_moe::lm::Precision::from(self.precision).bytes() as f64;
         let eager = c.kernels == Kernels::Eager;
         let dense_gpu = dense_params / (tp * pp);
         let expert_gpu = expert_params / (etp * ep * pp);
@@ -511,13 +508,16 @@ impl Problem {
             // product with the values, a·s²·b) and the cross-entropy (the final norm's two,
             // exponentials and probabilities f32, plus the bf16 logits).
             let scores = heads / tp * (s / cp) * s * b;
-            let head = |last: bool| if last { 1.0 } else { 0.0 };
-            let last = head(l.pp == 1);
+            let last = if l.pp == 1 { 1.0 } else { 0.0 };
             let (f32_layer, f32_head) = (
                 4.0 * tg * h + 2.0 * scores,
                 2.0 * tg * h + 2.0 * t / cp * v / tp,
             );
-            let copies = if elem < 4.0 { 1.0 } else { 0.0 };
+            let copies = if self.precision == Precision::F32 {
+                0.0
+            } else {
+                1.0
+            };
             let common = 6.0 * tg * h + copies * scores;
             let per_dense = common + 5.0 * tg * fd;
             let per_moe = common + 5.0 * tg * fs;

@@ -288,6 +288,15 @@ pub enum Precision {
     Bf16,
 }
 
+impl From<Precision> for burn_moe::lm::Precision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => Self::F32,
+            Precision::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 /// `[training]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -351,15 +360,6 @@ fn beta2() -> f64 {
 fn eps() -> f64 {
     1e-8
 }
-impl From<Precision> for burn_moe::lm::Precision {
-    fn from(p: Precision) -> Self {
-        match p {
-            Precision::F32 => Self::F32,
-            Precision::Bf16 => Self::Bf16,
-        }
-    }
-}
-
 fn precision() -> Precision {
     Precision::F32
 }

@@ -173,11 +173,13 @@ pub trait Communicator: Send + Sync + Debug {
     }
 }
 
-fn widen(values: &[bf16]) -> Vec<f32> {
+/// bf16 values as f32 (exact).
+pub(crate) fn widen(values: &[bf16]) -> Vec<f32> {
     values.iter().map(|v| v.to_f32()).collect()
 }
 
-fn narrow(values: &[f32]) -> Vec<bf16> {
+/// f32 values rounded to bf16.
+pub(crate) fn narrow(values: &[f32]) -> Vec<bf16> {
     values.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 

@@ -6,7 +6,7 @@ use burn::tensor::{DType, Shape, Slice, TensorData};
 use half::bf16;
 
 use super::{GatherGrad, ParallelBackend};
-use crate::comm::{Communicator, ReduceOp, check_counts};
+use crate::comm::{Communicator, ReduceOp, check_counts, narrow, widen};
 use crate::error::{ParallelError, Result};
 use crate::group::{GroupId, check_id, lookup, record_failure};
 
@@ -375,8 +375,7 @@ pub(super) fn reduce_scatter_v<B: Backend>(
                 |v| Ok(sum(&comm.all_to_all_v(&v, &send, &recv)?)),
                 |v| {
                     let received = comm.all_to_all_v_bf16(&v, &send, &recv)?;
-                    let wide: Vec<f32> = received.iter().map(|b| b.to_f32()).collect();
-                    Ok(sum(&wide).into_iter().map(bf16::from_f32).collect())
+                    Ok(narrow(&sum(&widen(&received))))
                 },
             )
         });
