@@ -346,12 +346,27 @@ pub fn run_check_program(
     timeout_s: u64,
     limit: Duration,
 ) -> Result<String> {
+    run_check_program_with(program, name, ranks, timeout_s, limit, &[])
+}
+
+/// [`run_check_program`] with extra environment variables `env` on every rank.
+pub fn run_check_program_with(
+    program: &str,
+    name: &str,
+    ranks: &[usize],
+    timeout_s: u64,
+    limit: Duration,
+    env: &[(&str, &str)],
+) -> Result<String> {
     let mut all = String::new();
     for &np in ranks {
-        let out = MpiRun::new(np, [program])
+        let mut run = MpiRun::new(np, [program])
             .env(crate::comm::TIMEOUT_ENV, timeout_s.to_string())
-            .limit(limit)
-            .run_exclusive()?;
+            .limit(limit);
+        for &(key, value) in env {
+            run = run.env(key, value);
+        }
+        let out = run.run_exclusive()?;
         let failed = |reason: String| ParallelError::CheckFailed {
             program: program.to_string(),
             np,

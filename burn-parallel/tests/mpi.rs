@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use burn_parallel::launch::{run_check_program, run_with_reports};
+use burn_parallel::launch::{run_check_program, run_check_program_with, run_with_reports};
 
 /// Runs a check program on 1, 2, 4 and 8 ranks and prints what it reported.
 fn check_binary(bin: &str, name: &str) {
@@ -20,6 +20,35 @@ fn collectives_match_their_definitions_on_1_2_4_8_ranks() {
         env!("CARGO_BIN_EXE_burn-parallel-collectives"),
         "collectives",
     );
+}
+
+/// The tensor collectives as the NCCL device path runs them (flattened buffers, the reorders
+/// around a gather or reduce-scatter along an inner dimension as tensor operations, the flat
+/// counts), here through MPI: every definition holds, and so does training (TP, SP, DP and the
+/// distributed optimizer against one rank).
+#[test]
+fn the_device_paths_flat_collectives_match_their_definitions_and_train_like_one_rank() {
+    for (bin, name) in [
+        (
+            env!("CARGO_BIN_EXE_burn-parallel-collectives"),
+            "collectives",
+        ),
+        (
+            env!("CARGO_BIN_EXE_burn-parallel-equivalence"),
+            "equivalence",
+        ),
+    ] {
+        let out = run_check_program_with(
+            bin,
+            name,
+            &[2, 4],
+            60,
+            Duration::from_secs(120),
+            &[(burn_parallel::ops::FLAT_ENV, "1")],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        print!("{out}");
+    }
 }
 
 #[test]

@@ -960,7 +960,15 @@ fn run_train(args: &TrainArgs) -> Result<(), Failure> {
     }
     let recipe = Recipe::load(&args.recipe, &args.overrides)?;
     recipe.validate()?;
-    let world = World::from_env().map_err(RecipeError::from)?;
+    let run_device = device(args.device)?;
+    // CUDA tensors exchange over NCCL on their device memory (MPI carries its start-up).
+    let gpu = match args.device {
+        Backend::Cuda => {
+            Some(burn_parallel::launch::local_device_index().map_err(RecipeError::from)?)
+        }
+        Backend::Flex => None,
+    };
+    let world = World::from_env_on(gpu).map_err(RecipeError::from)?;
     let main = world.is_main();
     if main {
         // `tracing` logs go to RUN_DIR/train.log (appended; nothing is written before the run
@@ -983,7 +991,7 @@ fn run_train(args: &TrainArgs) -> Result<(), Failure> {
     }
     let options = TrainOptions {
         resume: args.resume,
-        device: device(args.device)?,
+        device: run_device,
         progress: main && std::io::stderr().is_terminal(),
         stop_at: args.stop_at,
         interrupts: Some(burn_recipes::interrupt::Interrupts::install()?),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use burn_parallel::comm::mpi::{MpiWorld, bytes_sent};
+use burn_parallel::comm::mpi::{MpiWorld, bytes_copied, bytes_sent};
 use burn_parallel::comm::{Communicator, ReduceOp};
 use burn_parallel::group::{self, Group};
 use burn_parallel::launch::check_program;
@@ -538,6 +538,34 @@ fn tensor_checks(c: &mut Checker, g_: &Group, label: &str) {
             &[(bytes_sent() - before) as f32],
             &[(2 * n) as f32],
         );
+    }
+    // The tensor collectives hand MPI the values they read from the tensor as they are (no
+    // copy into an engine buffer, bf16 reinterpreted in place); a slice method copies them.
+    let before = bytes_copied();
+    let t = tensor(x(r), shape, &device);
+    let copied_nothing = [
+        mappings::gather_from_region(t.clone(), g_).map(|_| ()),
+        mappings::all_reduce(t.clone(), g_, ReduceOp::Sum).map(|_| ()),
+        mappings::reduce_scatter_to_sequence_region(t.clone(), g_).map(|_| ()),
+        mappings::gather_from_region(t.cast(DType::BF16), g_).map(|_| ()),
+    ];
+    if g > 1 && copied_nothing.iter().all(|r| r.is_ok()) {
+        c.eq(
+            &format!("{label} tensor collectives: bytes copied for MPI"),
+            &[(bytes_copied() - before) as f32],
+            &[0.0],
+        );
+        let before = bytes_copied();
+        let sliced = g_
+            .communicator()
+            .and_then(|comm| comm.all_gather(&x(r)).map(|_| ()));
+        if c.ok("slice all_gather", sliced).is_some() {
+            c.eq(
+                &format!("{label} a slice all_gather: bytes copied for MPI"),
+                &[(bytes_copied() - before) as f32],
+                &[(4 * n) as f32],
+            );
+        }
     }
     let yb = gathered.and_then(|y| mappings::reduce_from_region(y, g_));
     if let Some(yb) = c.ok("bf16 gather+reduce", yb) {

@@ -1,5 +1,7 @@
 //! GPU check (run by `scripts/gpu-check run`): every collective of the NCCL engine on a
-//! one-rank communicator against its definition, f32 and bf16. One GPU cannot hold an NCCL
+//! one-rank communicator against its definition, f32 and bf16: on host slices, and (built with
+//! `cuda`) every tensor collective of `ParallelBackend` on a CUDA tensor's device memory, with
+//! no host transfer counted. One GPU cannot hold an NCCL
 //! communicator of several ranks (NCCL refuses two ranks on one device), so the multi-rank
 //! logic is checked on MPI ranks; this checks the engine itself. Prints one line per
 //! collective and `nccl: N checks passed`; exit 1 on a mismatch, 2 when NCCL cannot start
@@ -62,6 +64,20 @@ fn main() -> ExitCode {
     let r = comm.broadcast(&mut buf, 0).map(|()| buf);
     check("broadcast", r, &x);
     check("barrier", comm.barrier().map(|()| Vec::new()), &[]);
+    // Point to point on one rank: a posted send to itself goes out in the receive's group.
+    let r = comm
+        .post_send(x.clone(), 0, 7)
+        .and_then(|()| comm.recv(x.len(), 0, 7));
+    check("post_send + recv (tag 7)", r, &x);
+    let r = comm
+        .post_send(x.clone(), 0, 1)
+        .and_then(|()| comm.recv(x.len(), 0, 2));
+    let tag_error = matches!(&r, Err(e) if e.to_string().contains("tag 1"));
+    check(
+        "a receive of the wrong tag is an error naming the tag sent",
+        Ok(vec![f32::from(u8::from(tag_error))]),
+        &[1.0],
+    );
     let xb: Vec<bf16> = x.iter().copied().map(bf16::from_f32).collect();
     let mut buf = xb.clone();
     let r = comm
@@ -72,6 +88,8 @@ fn main() -> ExitCode {
         .all_gather_bf16(&xb)
         .map(|v| v.iter().map(|v| v.to_f32()).collect());
     check("all_gather bf16", r, &x);
+    #[cfg(feature = "cuda")]
+    tensor_checks(comm, device, &mut failures, &mut passed);
     if failures.is_empty() {
         println!("nccl: {passed} checks passed on GPU {device}");
         ExitCode::SUCCESS
@@ -80,5 +98,113 @@ fn main() -> ExitCode {
             eprintln!("FAIL {f}");
         }
         ExitCode::FAILURE
+    }
+}
+
+/// The tensor collectives on CUDA tensors of a one-rank NCCL group: each equals its input (one
+/// rank), keeps the dtype, and moves nothing through the host (`transfers::measure`).
+#[cfg(feature = "cuda")]
+fn tensor_checks(comm: NcclComm, device: usize, failures: &mut Vec<String>, passed: &mut usize) {
+    use burn::backend::Dispatch;
+    use burn::tensor::{DType, Device, Tensor, TensorData};
+    use burn_parallel::group::Group;
+    use burn_parallel::ops::{GatherGrad, ParallelBackend};
+
+    let group = match Group::new(Arc::new(comm)) {
+        Ok(g) => g,
+        Err(e) => {
+            failures.push(format!("group: {e}"));
+            return;
+        }
+    };
+    let id = group.id();
+    let gpu = Device::cuda(device);
+    let values: Vec<f32> = (0..48).map(|i| (i % 7) as f32 * 0.5 - 1.0).collect();
+    type Op = Box<dyn Fn(Tensor<2>) -> Tensor<2>>;
+    let on = |f: fn(
+        <Dispatch as burn::backend::BackendTypes>::FloatTensorPrimitive,
+        burn_parallel::group::GroupId,
+    ) -> <Dispatch as burn::backend::BackendTypes>::FloatTensorPrimitive|
+     -> Op {
+        Box::new(move |x: Tensor<2>| Tensor::from_dispatch(f(x.into_dispatch(), id)))
+    };
+    let ops: Vec<(&str, Op)> = vec![
+        (
+            "all_reduce sum",
+            on(|x, g| Dispatch::coll_all_reduce(x, g, ReduceOp::Sum)),
+        ),
+        (
+            "all_reduce max",
+            on(|x, g| Dispatch::coll_all_reduce(x, g, ReduceOp::Max)),
+        ),
+        ("reduce_from_region", on(Dispatch::coll_reduce_from_region)),
+        (
+            "gather dim 0",
+            on(|x, g| Dispatch::coll_gather(x, g, 0, GatherGrad::Split)),
+        ),
+        (
+            "gather dim 1",
+            on(|x, g| Dispatch::coll_gather(x, g, 1, GatherGrad::Split)),
+        ),
+        (
+            "reduce_scatter dim 0",
+            on(|x, g| Dispatch::coll_reduce_scatter(x, g, 0)),
+        ),
+        (
+            "reduce_scatter dim 1",
+            on(|x, g| Dispatch::coll_reduce_scatter(x, g, 1)),
+        ),
+        (
+            "gather_v",
+            on(|x, g| Dispatch::coll_gather_v(x, g, vec![8])),
+        ),
+        (
+            "reduce_scatter_v",
+            on(|x, g| Dispatch::coll_reduce_scatter_v(x, g, vec![8])),
+        ),
+        (
+            "all_to_all_v",
+            on(|x, g| Dispatch::coll_all_to_all_v(x, g, vec![8], vec![8])),
+        ),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (name, op) in &ops {
+            let what = format!("tensor {name} {dtype:?} on device memory");
+            let x =
+                Tensor::<2>::from_data(TensorData::new(values.clone(), [8, 6]), &gpu).cast(dtype);
+            // Finish the upload before counting.
+            let _ = x.clone().sum().into_scalar::<f32>();
+            // The device path returns once NCCL's stream is drained: nothing left to wait for.
+            let (y, log) = burn_parallel::transfers::measure(|| op(x));
+            if let Err(e) = burn_parallel::group::check_group(&group) {
+                failures.push(format!("{what}: {e}"));
+                continue;
+            }
+            if !log.is_empty() {
+                failures.push(format!("{what}: host transfers {log:?}"));
+                continue;
+            }
+            if y.dtype() != dtype {
+                failures.push(format!("{what}: dtype {:?}", y.dtype()));
+                continue;
+            }
+            let got: Vec<f32> = match y.cast(DType::F32).into_data().try_to_vec::<f32>() {
+                Ok(v) => v,
+                Err(e) => {
+                    failures.push(format!("{what}: {e:?}"));
+                    continue;
+                }
+            };
+            if got == values {
+                *passed += 1;
+                println!("{what}: ok, no host transfer");
+            } else {
+                failures.push(format!(
+                    "{what}: first {:?}, want {:?}",
+                    got.first(),
+                    values.first()
+                ));
+            }
+        }
     }
 }

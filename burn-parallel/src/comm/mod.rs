@@ -131,6 +131,20 @@ pub trait Communicator: Send + Sync + Debug {
     /// Blocks until every member has entered the barrier.
     fn barrier(&self) -> Result<()>;
 
+    /// `what` on owned values in their own type: the tensor collectives of this crate call
+    /// this with the values they read from a tensor. Engines that hand buffers to another
+    /// thread (MPI) take them without a copy; the default runs the slice methods above.
+    fn exchange(&self, what: &Collective, values: Buffer) -> Result<Buffer> {
+        exchange_with_slices(self, what, values)
+    }
+
+    /// This group as an NCCL communicator, when it is one: the tensor collectives then run on
+    /// a CUDA tensor's device memory instead of staging it through the host.
+    #[cfg(feature = "nccl")]
+    fn nccl(&self) -> Option<&nccl::NcclComm> {
+        None
+    }
+
     /// All-reduce of bf16 values, accumulated in f32.
     fn all_reduce_bf16(&self, buf: &mut [bf16], op: ReduceOp) -> Result<()> {
         let mut wide = widen(buf);
@@ -171,6 +185,79 @@ pub trait Communicator: Send + Sync + Debug {
     fn recv_bf16(&self, count: usize, src: usize, tag: u16) -> Result<Vec<bf16>> {
         Ok(narrow(&self.recv(count, src, tag)?))
     }
+}
+
+/// A collective's values on the host, owned, in their own type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Buffer {
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// bfloat16 (moved as 16 bits where the engine can; reductions accumulate in f32).
+    Bf16(Vec<bf16>),
+}
+
+impl Buffer {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A collective on owned values ([`Communicator::exchange`]); counts are in values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Collective {
+    /// [`Communicator::all_reduce`].
+    AllReduce(ReduceOp),
+    /// [`Communicator::all_gather`].
+    AllGather,
+    /// [`Communicator::all_gather_v`] with these counts.
+    AllGatherV(Vec<usize>),
+    /// [`Communicator::reduce_scatter`].
+    ReduceScatter(ReduceOp),
+    /// [`Communicator::all_to_all_v`] with these send and receive counts.
+    AllToAllV(Vec<usize>, Vec<usize>),
+}
+
+/// [`Communicator::exchange`] through the slice methods (the default).
+pub fn exchange_with_slices<C: Communicator + ?Sized>(
+    comm: &C,
+    what: &Collective,
+    values: Buffer,
+) -> Result<Buffer> {
+    Ok(match (what, values) {
+        (Collective::AllReduce(op), Buffer::F32(mut v)) => {
+            comm.all_reduce(&mut v, *op)?;
+            Buffer::F32(v)
+        }
+        (Collective::AllReduce(op), Buffer::Bf16(mut v)) => {
+            comm.all_reduce_bf16(&mut v, *op)?;
+            Buffer::Bf16(v)
+        }
+        (Collective::AllGather, Buffer::F32(v)) => Buffer::F32(comm.all_gather(&v)?),
+        (Collective::AllGather, Buffer::Bf16(v)) => Buffer::Bf16(comm.all_gather_bf16(&v)?),
+        (Collective::AllGatherV(c), Buffer::F32(v)) => Buffer::F32(comm.all_gather_v(&v, c)?),
+        (Collective::AllGatherV(c), Buffer::Bf16(v)) => {
+            Buffer::Bf16(comm.all_gather_v_bf16(&v, c)?)
+        }
+        (Collective::ReduceScatter(op), Buffer::F32(v)) => {
+            Buffer::F32(comm.reduce_scatter(&v, *op)?)
+        }
+        (Collective::ReduceScatter(op), Buffer::Bf16(v)) => {
+            Buffer::Bf16(comm.reduce_scatter_bf16(&v, *op)?)
+        }
+        (Collective::AllToAllV(s, r), Buffer::F32(v)) => Buffer::F32(comm.all_to_all_v(&v, s, r)?),
+        (Collective::AllToAllV(s, r), Buffer::Bf16(v)) => {
+            Buffer::Bf16(comm.all_to_all_v_bf16(&v, s, r)?)
+        }
+    })
 }
 
 /// bf16 values as f32 (exact).

@@ -27,7 +27,10 @@ use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 
 use super::worker::{Peer, Worker};
-use super::{Communicator, ReduceOp, block_len, check_counts, check_gather_counts, check_peer};
+use super::{
+    Buffer, Collective, Communicator, ReduceOp, block_len, check_counts, check_gather_counts,
+    check_peer, narrow, widen,
+};
 use crate::error::{ParallelError, Result};
 
 pub use super::TIMEOUT_ENV;
@@ -259,19 +262,68 @@ pub fn bytes_sent() -> u64 {
     BYTES_SENT.load(Ordering::Relaxed)
 }
 
+/// Bytes the MPI engine copied out of callers' buffers into buffers of its own (the engine
+/// thread must own what it sends): the slice methods copy, [`Communicator::exchange`] on owned
+/// values does not.
+static BYTES_COPIED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes the MPI engine has copied from callers' send buffers so far (see [`bytes_sent`] for
+/// what it sent).
+pub fn bytes_copied() -> u64 {
+    BYTES_COPIED.load(Ordering::Relaxed)
+}
+
+/// A copy of a caller's slice for the engine thread, counted.
+fn owned<T: Clone>(buf: &[T]) -> Vec<T> {
+    BYTES_COPIED.fetch_add(std::mem::size_of_val(buf) as u64, Ordering::Relaxed);
+    buf.to_vec()
+}
+
 fn sending<T>(buf: &[T]) {
     BYTES_SENT.fetch_add(std::mem::size_of_val(buf) as u64, Ordering::Relaxed);
 }
 
+/// A caller's bf16 slice as bits the engine owns (a counted copy).
 fn bits(values: &[bf16]) -> Vec<u16> {
-    values.iter().map(|v| v.to_bits()).collect()
+    into_bits(owned(values))
 }
 
+/// Owned bf16 values as their bits, in place (no copy).
+fn into_bits(values: Vec<bf16>) -> Vec<u16> {
+    bytemuck::allocation::cast_vec(values)
+}
+
+/// Bits back as bf16 values, in place (no copy).
 fn from_bits(values: Vec<u16>) -> Vec<bf16> {
-    values.into_iter().map(bf16::from_bits).collect()
+    bytemuck::allocation::cast_vec(values)
 }
 
 impl MpiComm {
+    /// All-reduce of owned values.
+    fn all_reduce_owned(&self, send: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>> {
+        sending(&send);
+        let size = self.size();
+        self.call("all_reduce", move |comm| {
+            let mut recv = vec![0f32; send.len()];
+            comm.all_reduce_into(&send[..], &mut recv[..], system_op(op));
+            finish_avg(&mut recv, op, size);
+            Ok(recv)
+        })
+    }
+
+    /// Reduce-scatter of owned values.
+    fn reduce_scatter_owned(&self, send: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>> {
+        let size = self.size();
+        let block = block_len("send", send.len(), size)?;
+        sending(&send);
+        self.call("reduce_scatter", move |comm| {
+            let mut recv = vec![0f32; block];
+            comm.reduce_scatter_block_into(&send[..], &mut recv[..], system_op(op));
+            finish_avg(&mut recv, op, size);
+            Ok(recv)
+        })
+    }
+
     /// All-gather of equal contributions of any MPI type.
     fn gather_any<T>(&self, op: &'static str, send: Vec<T>) -> Result<Vec<T>>
     where
@@ -429,38 +481,21 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        let send = buf.to_vec();
-        sending(&send);
-        let size = self.size();
-        let out = self.call("all_reduce", move |comm| {
-            let mut recv = vec![0f32; send.len()];
-            comm.all_reduce_into(&send[..], &mut recv[..], system_op(op));
-            finish_avg(&mut recv, op, size);
-            Ok(recv)
-        })?;
+        let out = self.all_reduce_owned(owned(buf), op)?;
         buf.copy_from_slice(&out);
         Ok(())
     }
 
     fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
-        self.gather_any("all_gather", send.to_vec())
+        self.gather_any("all_gather", owned(send))
     }
 
     fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
-        self.gather_v_any("all_gather_v", send.to_vec(), counts)
+        self.gather_v_any("all_gather_v", owned(send), counts)
     }
 
     fn reduce_scatter(&self, send: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
-        let size = self.size();
-        let block = block_len("send", send.len(), size)?;
-        let send = send.to_vec();
-        sending(&send);
-        self.call("reduce_scatter", move |comm| {
-            let mut recv = vec![0f32; block];
-            comm.reduce_scatter_block_into(&send[..], &mut recv[..], system_op(op));
-            finish_avg(&mut recv, op, size);
-            Ok(recv)
-        })
+        self.reduce_scatter_owned(owned(send), op)
     }
 
     fn all_to_all_v(
@@ -469,11 +504,48 @@ impl Communicator for MpiComm {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<f32>> {
-        self.all_to_all_v_any("all_to_all_v", send.to_vec(), (send_counts, recv_counts))
+        self.all_to_all_v_any("all_to_all_v", owned(send), (send_counts, recv_counts))
+    }
+
+    /// The owned values go to the engine thread as they are: no copy (bf16 data movements
+    /// reinterpret their bits in place; bf16 reductions widen to f32, as the slice methods).
+    fn exchange(&self, what: &Collective, values: Buffer) -> Result<Buffer> {
+        Ok(match (what, values) {
+            (Collective::AllReduce(op), Buffer::F32(v)) => {
+                Buffer::F32(self.all_reduce_owned(v, *op)?)
+            }
+            (Collective::AllReduce(op), Buffer::Bf16(v)) => {
+                Buffer::Bf16(narrow(&self.all_reduce_owned(widen(&v), *op)?))
+            }
+            (Collective::AllGather, Buffer::F32(v)) => {
+                Buffer::F32(self.gather_any("all_gather", v)?)
+            }
+            (Collective::AllGather, Buffer::Bf16(v)) => {
+                Buffer::Bf16(from_bits(self.gather_any("all_gather_bf16", into_bits(v))?))
+            }
+            (Collective::AllGatherV(c), Buffer::F32(v)) => {
+                Buffer::F32(self.gather_v_any("all_gather_v", v, c)?)
+            }
+            (Collective::AllGatherV(c), Buffer::Bf16(v)) => Buffer::Bf16(from_bits(
+                self.gather_v_any("all_gather_v_bf16", into_bits(v), c)?,
+            )),
+            (Collective::ReduceScatter(op), Buffer::F32(v)) => {
+                Buffer::F32(self.reduce_scatter_owned(v, *op)?)
+            }
+            (Collective::ReduceScatter(op), Buffer::Bf16(v)) => {
+                Buffer::Bf16(narrow(&self.reduce_scatter_owned(widen(&v), *op)?))
+            }
+            (Collective::AllToAllV(sc, rc), Buffer::F32(v)) => {
+                Buffer::F32(self.all_to_all_v_any("all_to_all_v", v, (sc, rc))?)
+            }
+            (Collective::AllToAllV(sc, rc), Buffer::Bf16(v)) => Buffer::Bf16(from_bits(
+                self.all_to_all_v_any("all_to_all_v_bf16", into_bits(v), (sc, rc))?,
+            )),
+        })
     }
 
     fn send(&self, buf: &[f32], dest: usize, tag: u16) -> Result<()> {
-        self.send_any(buf.to_vec(), dest, tag)
+        self.send_any(owned(buf), dest, tag)
     }
 
     fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
@@ -503,14 +575,14 @@ impl Communicator for MpiComm {
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         check_peer("root", root, self.size())?;
-        let mut owned = buf.to_vec();
+        let mut values = owned(buf);
         if root == self.rank {
-            sending(&owned);
+            sending(&values);
         }
         let out = self.call("broadcast", move |comm| {
             comm.process_at_rank(root as i32)
-                .broadcast_into(&mut owned[..]);
-            Ok(owned)
+                .broadcast_into(&mut values[..]);
+            Ok(values)
         })?;
         buf.copy_from_slice(&out);
         Ok(())

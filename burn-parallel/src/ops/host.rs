@@ -6,43 +6,22 @@ use burn::tensor::{DType, Shape, Slice, TensorData};
 use half::bf16;
 
 use super::{GatherGrad, ParallelBackend};
-use crate::comm::{Communicator, ReduceOp, check_counts, narrow, widen};
+use crate::comm::{Buffer, Collective, Communicator, ReduceOp, check_counts, narrow, widen};
 use crate::error::{ParallelError, Result};
 use crate::group::{GroupId, check_id, lookup, record_failure};
 
-/// A tensor's values on the host in its own type: bf16 travels as bf16 (the communicator's
-/// bf16 methods; reductions accumulate in f32 there).
-enum Values {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-}
-
-impl Values {
-    /// `f` on the f32 values, or on bf16 ones through `g`: the same exchange for either type.
-    fn map(
-        self,
-        f: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>,
-        g: impl FnOnce(Vec<bf16>) -> Result<Vec<bf16>>,
-    ) -> Result<Self> {
-        Ok(match self {
-            Self::F32(v) => Self::F32(f(v)?),
-            Self::Bf16(v) => Self::Bf16(g(v)?),
-        })
-    }
-}
-
-fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Values> {
+fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Buffer> {
     let dtype = x.dtype();
     crate::transfers::read(op, (x.shape().num_elements() * dtype.size()) as u64);
     let data = burn::tensor::try_read_sync(B::float_into_data(x))
         .ok_or_else(|| backend_error("read", "cannot block on this platform"))?
         .map_err(|e| backend_error("read", e))?;
     match dtype {
-        DType::F32 => Ok(Values::F32(
+        DType::F32 => Ok(Buffer::F32(
             data.try_into_vec::<f32>()
                 .map_err(|e| backend_error("read", e))?,
         )),
-        DType::BF16 => Ok(Values::Bf16(
+        DType::BF16 => Ok(Buffer::Bf16(
             data.try_into_vec::<bf16>()
                 .map_err(|e| backend_error("read", e))?,
         )),
@@ -54,16 +33,16 @@ fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Values> {
 }
 
 fn write<B: Backend>(
-    values: Values,
+    values: Buffer,
     (shape, op): (Shape, &'static str),
     device: &B::Device,
 ) -> FloatTensor<B> {
     let data = match values {
-        Values::F32(v) => {
+        Buffer::F32(v) => {
             crate::transfers::upload(op, (v.len() * 4) as u64);
             TensorData::new(v, shape)
         }
-        Values::Bf16(v) => {
+        Buffer::Bf16(v) => {
             crate::transfers::upload(op, (v.len() * 2) as u64);
             TensorData::new(v, shape)
         }
@@ -79,7 +58,162 @@ fn backend_error(context: &'static str, e: impl std::fmt::Debug) -> ParallelErro
 }
 
 /// The host-side exchange of a validated collective.
-type Exchange = Box<dyn FnOnce(&dyn Communicator, Values) -> Result<Values>>;
+type Exchange = Box<dyn FnOnce(&dyn Communicator, Buffer) -> Result<Buffer>>;
+
+/// The same collective on the flattened (row-major, contiguous) tensor, for engines that work
+/// on device memory. Counts are in elements.
+#[derive(Debug, Clone)]
+pub(crate) enum Flat {
+    /// All-reduce of every element.
+    AllReduce(ReduceOp),
+    /// All-gather along a dimension: the input viewed as `[pre, n, post]`; the gathered
+    /// rank-major blocks are interleaved back into `[pre, n · size, post]`.
+    AllGather { pre: usize, n: usize, post: usize },
+    /// Reduce-scatter (sum) along a dimension: the input viewed as `[pre, n · size, post]`,
+    /// cut into rank-major blocks of `[pre, n, post]`.
+    ReduceScatter { pre: usize, n: usize, post: usize },
+    /// All-gather of `counts[p]` elements from rank `p`.
+    AllGatherV { counts: Vec<usize> },
+    /// Reduce-scatter (sum) of blocks of `counts[p]` elements.
+    ReduceScatterV { counts: Vec<usize> },
+    /// All-to-all-v with these element counts.
+    AllToAllV { send: Vec<usize>, recv: Vec<usize> },
+}
+
+/// A backend whose tensors some engines can exchange in place on the device (CUDA tensors on
+/// an NCCL group); the default stages every exchange through the host.
+pub(super) trait OnDevice: Backend {
+    /// `flat` (the collective `op`) on `x`'s device memory, or `x` back when its device and
+    /// `comm` do not allow it.
+    fn on_device(
+        x: FloatTensor<Self>,
+        comm: &dyn Communicator,
+        (flat, op): (&Flat, &'static str),
+        out: &Shape,
+    ) -> std::result::Result<Result<FloatTensor<Self>>, FloatTensor<Self>> {
+        if !flat_on_host() {
+            return Err(x);
+        }
+        let g = comm.size();
+        Ok(flat_exchange::<Self>(x, g, flat, out, |x| {
+            let device = x.device();
+            let values = flat.host(comm, read::<Self>(x, op)?)?;
+            let len = match &values {
+                Buffer::F32(v) => v.len(),
+                Buffer::Bf16(v) => v.len(),
+            };
+            Ok(write::<Self>(values, (Shape::new([len]), op), &device))
+        }))
+    }
+}
+
+/// Environment variable that makes the backends without a device engine run the tensor
+/// collectives the way the device engines do (flattened buffers, the reorders of a gather or
+/// reduce-scatter along an inner dimension as tensor operations, the flat exchange through the
+/// host communicator): the device path's plumbing, checked on CPU ranks.
+pub const FLAT_ENV: &str = "BURN_PARALLEL_FLAT_COLLECTIVES";
+
+fn flat_on_host() -> bool {
+    static FLAT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAT.get_or_init(|| std::env::var(FLAT_ENV).is_ok_and(|v| v == "1"))
+}
+
+#[cfg(feature = "flex")]
+impl OnDevice for burn::backend::Flex {}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl OnDevice for burn::backend::Cube {
+    #[cfg(feature = "cuda")]
+    fn on_device(
+        x: FloatTensor<Self>,
+        comm: &dyn Communicator,
+        (flat, _op): (&Flat, &'static str),
+        out: &Shape,
+    ) -> std::result::Result<Result<FloatTensor<Self>>, FloatTensor<Self>> {
+        let Some((nccl, elem)) = super::device::engine(&x, comm, out) else {
+            return Err(x);
+        };
+        Ok(flat_exchange::<Self>(x, nccl.size(), flat, out, |x| {
+            super::device::exchange(x, nccl, flat, elem, out.num_elements())
+        }))
+    }
+}
+
+impl Flat {
+    /// The exchange on host values through `comm` (the blocks already rank-major).
+    fn host(&self, comm: &dyn Communicator, values: Buffer) -> Result<Buffer> {
+        match self {
+            Flat::AllReduce(op) => comm.exchange(&Collective::AllReduce(*op), values),
+            Flat::AllGather { .. } => comm.exchange(&Collective::AllGather, values),
+            Flat::ReduceScatter { .. } => {
+                comm.exchange(&Collective::ReduceScatter(ReduceOp::Sum), values)
+            }
+            Flat::AllGatherV { counts } => {
+                comm.exchange(&Collective::AllGatherV(counts.clone()), values)
+            }
+            Flat::ReduceScatterV { counts } => reduce_scatter_v_host(comm, values, counts),
+            Flat::AllToAllV { send, recv } => {
+                comm.exchange(&Collective::AllToAllV(send.clone(), recv.clone()), values)
+            }
+        }
+    }
+}
+
+/// Reduce-scatter (sum) of blocks of `counts[p]` values on the host: every rank sends rank
+/// `p`'s block to `p` (one all-to-all-v) and sums what it receives in f32, in rank order
+/// (bf16 rounded once at the end).
+fn reduce_scatter_v_host(
+    comm: &dyn Communicator,
+    values: Buffer,
+    counts: &[usize],
+) -> Result<Buffer> {
+    let mine = counts[comm.rank()];
+    let recv = vec![mine; counts.len()];
+    let sum = move |received: &[f32]| {
+        let mut out = vec![0f32; mine];
+        if mine > 0 {
+            for block in received.chunks(mine) {
+                out.iter_mut().zip(block).for_each(|(o, b)| *o += b);
+            }
+        }
+        out
+    };
+    Ok(
+        match comm.exchange(&Collective::AllToAllV(counts.to_vec(), recv), values)? {
+            Buffer::F32(v) => Buffer::F32(sum(&v)),
+            Buffer::Bf16(v) => Buffer::Bf16(narrow(&sum(&widen(&v)))),
+        },
+    )
+}
+
+/// `[a, b, c, d]` → `[b, a, c, d]` (a logical permutation; the next reshape lays it out).
+fn swap_outer<B: Backend>(x: FloatTensor<B>, dims: [usize; 4]) -> FloatTensor<B> {
+    B::float_permute(B::float_reshape(x, Shape::new(dims)), &[1, 0, 2, 3])
+}
+
+/// `flat` as the device engines run it: a reduce-scatter along an inner dimension first lays
+/// the input out as rank-major blocks, `engine` exchanges the flattened tensor, and an
+/// all-gather along an inner dimension interleaves the rank-major blocks back; the reorders
+/// are tensor operations on the tensor's device.
+fn flat_exchange<B: Backend>(
+    x: FloatTensor<B>,
+    g: usize,
+    flat: &Flat,
+    out_shape: &Shape,
+    engine: impl FnOnce(FloatTensor<B>) -> Result<FloatTensor<B>>,
+) -> Result<FloatTensor<B>> {
+    let total = x.shape().num_elements();
+    let x = match *flat {
+        Flat::ReduceScatter { pre, n, post } if pre > 1 => swap_outer::<B>(x, [pre, g, n, post]),
+        _ => x,
+    };
+    let out = engine(B::float_reshape(x, Shape::new([total])))?;
+    let out = match *flat {
+        Flat::AllGather { pre, n, post } if pre > 1 => swap_outer::<B>(out, [g, pre, n, post]),
+        _ => out,
+    };
+    Ok(B::float_reshape(out, out_shape.clone()))
+}
 
 /// NaN of `shape`: what a failed collective returns (never zeros or its input, which would
 /// train silently on wrong values).
@@ -88,22 +222,24 @@ fn failed<B: Backend>(shape: Shape, device: &B::Device, dtype: DType) -> FloatTe
 }
 
 /// Validates the call with `plan` (given the group's communicator and the input shape, it
-/// returns the output shape and the exchange), then runs the exchange on host memory.
+/// returns the output shape, the host exchange and the same exchange on flat buffers), then
+/// runs it on the tensor's device memory where the backend and the engine allow it
+/// ([`OnDevice`]), on host memory otherwise.
 /// Backend operations cannot return errors: a failure marks the group as failed in `op` (see
 /// [`crate::group`]) and returns NaN (of the input's shape when the call was invalid, of the
 /// output's when the exchange failed). A group that failed before runs no exchange again.
-fn run<B: Backend>(
+fn run<B: OnDevice>(
     x: FloatTensor<B>,
     group: GroupId,
     op: &'static str,
-    plan: impl FnOnce(&dyn Communicator, &Shape) -> Result<(Shape, Exchange)>,
+    plan: impl FnOnce(&dyn Communicator, &Shape) -> Result<(Shape, Exchange, Flat)>,
 ) -> FloatTensor<B> {
     let (shape, device, dtype) = (x.shape(), x.device(), x.dtype());
     let planned = lookup(group).and_then(|comm| {
         let p = plan(comm.as_ref(), &shape)?;
         Ok((comm, p))
     });
-    let (comm, (out_shape, exchange)) = match planned {
+    let (comm, (out_shape, exchange, flat)) = match planned {
         Ok(p) => p,
         Err(err) => {
             record_failure(group, op, err);
@@ -113,6 +249,14 @@ fn run<B: Backend>(
     if check_id(group).is_err() {
         return failed::<B>(out_shape, &device, dtype);
     }
+    let x = match B::on_device(x, comm.as_ref(), (&flat, op), &out_shape) {
+        Ok(Ok(out)) => return out,
+        Ok(Err(err)) => {
+            record_failure(group, op, err);
+            return failed::<B>(out_shape, &device, dtype);
+        }
+        Err(x) => x,
+    };
     let result = read::<B>(x, op).and_then(|values| exchange(comm.as_ref(), values));
     match result {
         Ok(values) => write::<B>(values, (out_shape, op), &device),
@@ -185,6 +329,24 @@ fn from_blocks<T: Copy>(v: &[T], pre: usize, n: usize, post: usize, g: usize) ->
     out
 }
 
+/// [`to_blocks`] on either type (no copy for `pre` = 1, where it is the identity).
+fn to_blocks_buf(b: Buffer, (pre, n, post, g): (usize, usize, usize, usize)) -> Buffer {
+    match b {
+        b if pre == 1 => b,
+        Buffer::F32(v) => Buffer::F32(to_blocks(&v, pre, n, post, g)),
+        Buffer::Bf16(v) => Buffer::Bf16(to_blocks(&v, pre, n, post, g)),
+    }
+}
+
+/// [`from_blocks`] on either type (no copy for `pre` = 1).
+fn from_blocks_buf(b: Buffer, (pre, n, post, g): (usize, usize, usize, usize)) -> Buffer {
+    match b {
+        b if pre == 1 => b,
+        Buffer::F32(v) => Buffer::F32(from_blocks(&v, pre, n, post, g)),
+        Buffer::Bf16(v) => Buffer::Bf16(from_blocks(&v, pre, n, post, g)),
+    }
+}
+
 fn row_shape(shape: &Shape) -> (usize, usize) {
     let rows = shape.as_slice().first().copied().unwrap_or(0);
     let row_len = shape.as_slice().iter().skip(1).product();
@@ -195,25 +357,15 @@ fn invalid(name: &'static str, reason: String) -> ParallelError {
     ParallelError::InvalidArgument { name, reason }
 }
 
-pub(super) fn all_reduce<B: Backend>(
+pub(super) fn all_reduce<B: OnDevice>(
     x: FloatTensor<B>,
     group: GroupId,
     op: ReduceOp,
 ) -> FloatTensor<B> {
     run::<B>(x, group, "all_reduce", |_, shape| {
-        let exchange: Exchange = Box::new(move |comm, v| {
-            v.map(
-                |mut v| {
-                    comm.all_reduce(&mut v, op)?;
-                    Ok(v)
-                },
-                |mut v| {
-                    comm.all_reduce_bf16(&mut v, op)?;
-                    Ok(v)
-                },
-            )
-        });
-        Ok((shape.clone(), exchange))
+        let exchange: Exchange =
+            Box::new(move |comm, v| comm.exchange(&Collective::AllReduce(op), v));
+        Ok((shape.clone(), exchange, Flat::AllReduce(op)))
     })
 }
 
@@ -249,22 +401,21 @@ pub(super) fn split<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -
     B::float_slice(x, &slices)
 }
 
-pub(super) fn gather<B: Backend>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
+pub(super) fn gather<B: OnDevice>(x: FloatTensor<B>, group: GroupId, dim: usize) -> FloatTensor<B> {
     run::<B>(x, group, "all_gather", |comm, shape| {
         check_dim(shape, dim)?;
         let g = comm.size();
         let (pre, n, post) = around(shape, dim);
         let exchange: Exchange = Box::new(move |comm, v| {
-            v.map(
-                |v| Ok(from_blocks(&comm.all_gather(&v)?, pre, n, post, g)),
-                |v| Ok(from_blocks(&comm.all_gather_bf16(&v)?, pre, n, post, g)),
-            )
+            let gathered = comm.exchange(&Collective::AllGather, v)?;
+            Ok(from_blocks_buf(gathered, (pre, n, post, g)))
         });
-        Ok((with_dim(shape, dim, n * g), exchange))
+        let flat = Flat::AllGather { pre, n, post };
+        Ok((with_dim(shape, dim, n * g), exchange, flat))
     })
 }
 
-pub(super) fn reduce_scatter<B: Backend>(
+pub(super) fn reduce_scatter<B: OnDevice>(
     x: FloatTensor<B>,
     group: GroupId,
     dim: usize,
@@ -274,16 +425,15 @@ pub(super) fn reduce_scatter<B: Backend>(
         let n = chunk_of(shape, dim, g)?;
         let (pre, _, post) = around(shape, dim);
         let exchange: Exchange = Box::new(move |comm, v| {
-            v.map(
-                |v| comm.reduce_scatter(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum),
-                |v| comm.reduce_scatter_bf16(&to_blocks(&v, pre, n, post, g), ReduceOp::Sum),
-            )
+            let blocks = to_blocks_buf(v, (pre, n, post, g));
+            comm.exchange(&Collective::ReduceScatter(ReduceOp::Sum), blocks)
         });
-        Ok((with_dim(shape, dim, n), exchange))
+        let flat = Flat::ReduceScatter { pre, n, post };
+        Ok((with_dim(shape, dim, n), exchange, flat))
     })
 }
 
-pub(super) fn all_to_all_v<B: Backend>(
+pub(super) fn all_to_all_v<B: OnDevice>(
     x: FloatTensor<B>,
     group: GroupId,
     send_counts: &[usize],
@@ -301,17 +451,17 @@ pub(super) fn all_to_all_v<B: Backend>(
         let received: usize = recv_counts.iter().sum();
         let scale = |c: &[usize]| c.iter().map(|n| n * row_len).collect::<Vec<_>>();
         let (sc, rc) = (scale(send_counts), scale(recv_counts));
-        let exchange: Exchange = Box::new(move |comm, v| {
-            v.map(
-                |v| comm.all_to_all_v(&v, &sc, &rc),
-                |v| comm.all_to_all_v_bf16(&v, &sc, &rc),
-            )
-        });
-        Ok((with_dim(shape, 0, received), exchange))
+        let flat = Flat::AllToAllV {
+            send: sc.clone(),
+            recv: rc.clone(),
+        };
+        let exchange: Exchange =
+            Box::new(move |comm, v| comm.exchange(&Collective::AllToAllV(sc, rc), v));
+        Ok((with_dim(shape, 0, received), exchange, flat))
     })
 }
 
-pub(super) fn gather_v<B: Backend>(
+pub(super) fn gather_v<B: OnDevice>(
     x: FloatTensor<B>,
     group: GroupId,
     counts: &[usize],
@@ -331,17 +481,16 @@ pub(super) fn gather_v<B: Backend>(
         }
         let total: usize = counts.iter().sum();
         let scaled: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
-        let exchange: Exchange = Box::new(move |comm, v| {
-            v.map(
-                |v| comm.all_gather_v(&v, &scaled),
-                |v| comm.all_gather_v_bf16(&v, &scaled),
-            )
-        });
-        Ok((with_dim(shape, 0, total), exchange))
+        let flat = Flat::AllGatherV {
+            counts: scaled.clone(),
+        };
+        let exchange: Exchange =
+            Box::new(move |comm, v| comm.exchange(&Collective::AllGatherV(scaled), v));
+        Ok((with_dim(shape, 0, total), exchange, flat))
     })
 }
 
-pub(super) fn reduce_scatter_v<B: Backend>(
+pub(super) fn reduce_scatter_v<B: OnDevice>(
     x: FloatTensor<B>,
     group: GroupId,
     counts: &[usize],
@@ -356,30 +505,12 @@ pub(super) fn reduce_scatter_v<B: Backend>(
             ));
         }
         // Every rank sends rank p's rows to p and sums what it receives (one all-to-all-v).
-        let g = counts.len();
         let send: Vec<usize> = counts.iter().map(|n| n * row_len).collect();
-        let mine = counts[comm.rank()] * row_len;
-        let recv = vec![mine; g];
-        // Summed in f32 (rank order), bf16 rounded once at the end.
-        let sum = move |received: &[f32]| {
-            let mut out = vec![0f32; mine];
-            if mine > 0 {
-                for block in received.chunks(mine) {
-                    out.iter_mut().zip(block).for_each(|(o, b)| *o += b);
-                }
-            }
-            out
+        let flat = Flat::ReduceScatterV {
+            counts: send.clone(),
         };
-        let exchange: Exchange = Box::new(move |comm, v| {
-            v.map(
-                |v| Ok(sum(&comm.all_to_all_v(&v, &send, &recv)?)),
-                |v| {
-                    let received = comm.all_to_all_v_bf16(&v, &send, &recv)?;
-                    Ok(narrow(&sum(&widen(&received))))
-                },
-            )
-        });
-        Ok((with_dim(shape, 0, counts[comm.rank()]), exchange))
+        let exchange: Exchange = Box::new(move |comm, v| reduce_scatter_v_host(comm, v, &send));
+        Ok((with_dim(shape, 0, counts[comm.rank()]), exchange, flat))
     })
 }
 

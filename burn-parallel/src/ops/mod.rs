@@ -6,11 +6,22 @@
 //! backward rules of Megatron-Core's `tensor_parallel/mappings.py` (each mapping's gradient is its
 //! conjugate). Use the functions of [`crate::mappings`]; they return `Result`.
 //!
+//! On CUDA tensors whose group is an NCCL communicator on the tensor's GPU (feature `cuda`),
+//! the exchanging operations run on the tensor's device memory instead: no byte of the tensor
+//! crosses to the host, and bf16 travels as bf16. With [`FLAT_ENV`] set to `1`, the other
+//! backends run them the way that path does (flattened buffers, the reorders of a gather or
+//! reduce-scatter along an inner dimension as tensor operations) through the host
+//! communicator, which checks that path's plumbing on CPU ranks.
+//!
 //! Backend operations cannot return errors: a failed collective marks its group as failed (see
 //! [`crate::group`]) and returns NaN of the output's shape.
 
 mod autodiff;
+#[cfg(feature = "cuda")]
+mod device;
 mod host;
+
+pub use host::FLAT_ENV;
 
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
 
