@@ -10,11 +10,16 @@
 //! (pass, micro-batch, receiving virtual stage), so they cannot be confused; sends are posted
 //! ([`Communicator::post_send`](crate::comm::Communicator::post_send)) and receives wait, which
 //! is the model under which [`Schedule::simulate`] proves the schedules deadlock-free.
+//! Activations and gradients travel in the wire type given to [`run_stage`] (bf16 for a bf16
+//! model: 2 bytes a value).
 
 use std::collections::HashMap;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use half::bf16;
+
+use crate::comm::Buffer;
 
 use crate::error::{ParallelError, Result};
 use crate::group::Group;
@@ -82,18 +87,36 @@ fn unreachable_output() -> Result<Tensor<1>> {
     })
 }
 
-fn values(t: Tensor<3>) -> Result<Vec<f32>> {
+/// A tensor's values in the pipeline's wire type `dtype` (f32 or bf16).
+fn values(t: Tensor<3>, dtype: FloatDType) -> Result<Buffer> {
     crate::transfers::read(
         "pipeline: an activation or gradient to send",
-        (t.shape().num_elements() * t.dtype().size()) as u64,
+        (t.shape().num_elements() * DType::from(dtype).size()) as u64,
     );
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| ParallelError::Backend {
-            context: "reading a pipeline activation",
-            reason: format!("{e:?}"),
-        })
+    let t = if t.dtype() == DType::from(dtype) {
+        t
+    } else {
+        t.cast(dtype)
+    };
+    let data = t.into_data();
+    let read = |e| ParallelError::Backend {
+        context: "reading a pipeline activation",
+        reason: format!("{e:?}"),
+    };
+    Ok(match dtype {
+        FloatDType::BF16 => Buffer::Bf16(data.try_into_vec::<bf16>().map_err(read)?),
+        _ => Buffer::F32(data.convert::<f32>().try_into_vec::<f32>().map_err(read)?),
+    })
+}
+
+/// Received values as a tensor of `shape` (in their own type).
+fn tensor(values: Buffer, shape: [usize; 3], device: &Device, what: &'static str) -> Tensor<3> {
+    let data = match values {
+        Buffer::F32(v) => TensorData::new(v, shape),
+        Buffer::Bf16(v) => TensorData::new(v, shape),
+    };
+    crate::transfers::upload(what, data.bytes().len() as u64);
+    Tensor::<3>::from_data(data, device)
 }
 
 fn scalar(t: Tensor<1>) -> Result<f64> {
@@ -110,33 +133,45 @@ fn scalar(t: Tensor<1>) -> Result<f64> {
 }
 
 /// Moves activations between the stages of a pipeline (through the pipeline group, or a local
-/// mailbox when sender and receiver are this rank).
+/// mailbox when sender and receiver are this rank), in the wire type.
 struct Links<'a> {
     pp: &'a Group,
-    local: HashMap<u16, Vec<f32>>,
+    local: HashMap<u16, Buffer>,
 }
 
 impl Links<'_> {
-    fn send(&mut self, values: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
+    fn send(&mut self, values: Buffer, dest: usize, tag: u16) -> Result<()> {
         if dest == self.pp.rank() {
             self.local.insert(tag, values);
-            Ok(())
-        } else {
-            self.pp.communicator()?.post_send(values, dest, tag)
+            return Ok(());
+        }
+        let comm = self.pp.communicator()?;
+        match values {
+            Buffer::F32(v) => comm.post_send(v, dest, tag),
+            Buffer::Bf16(v) => comm.post_send_bf16(v, dest, tag),
         }
     }
 
-    fn recv(&mut self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
+    fn recv(
+        &mut self,
+        count: usize,
+        src: usize,
+        (tag, dtype): (u16, FloatDType),
+    ) -> Result<Buffer> {
         if src == self.pp.rank() {
-            self.local
+            return self
+                .local
                 .remove(&tag)
                 .ok_or_else(|| ParallelError::InvalidArgument {
                     name: "schedule",
                     reason: format!("message {tag} is needed before this stage produced it"),
-                })
-        } else {
-            self.pp.communicator()?.recv(count, src, tag)
+                });
         }
+        let comm = self.pp.communicator()?;
+        Ok(match dtype {
+            FloatDType::BF16 => Buffer::Bf16(comm.recv_bf16(count, src, tag)?),
+            _ => Buffer::F32(comm.recv(count, src, tag)?),
+        })
     }
 }
 
@@ -146,13 +181,14 @@ impl Links<'_> {
 /// `None` on the first virtual stage (the chunk embeds the micro-batch itself) and the received
 /// activation otherwise. It must return [`StageOutput::Loss`] exactly on the last virtual stage.
 /// `module` is everything this stage trains (its gradients are collected). `shape` is the
-/// activation shape exchanged between stages; received activations are made on `device` (an
-/// autodiff device). Collective over `pp`.
+/// activation shape exchanged between stages and `wire` the type they travel in (the model's
+/// activation type: bf16 sends 2 bytes a value); received activations are made on `device`
+/// (an autodiff device) in that type. Collective over `pp`.
 pub fn run_stage<M, E, F>(
     schedule: &Schedule,
     pp: &Group,
     module: &M,
-    shape: [usize; 3],
+    (shape, wire): ([usize; 3], FloatDType),
     device: &Device,
     mut forward: F,
 ) -> std::result::Result<StageRun, E>
@@ -193,12 +229,9 @@ where
                     None
                 } else {
                     let t = tag(Pass::Forward, mb, vs, vs_total)?;
-                    let v = links.recv(count, (vs - 1) % p, t)?;
-                    crate::transfers::upload(
-                        "pipeline: a received activation",
-                        (v.len() * 4) as u64,
-                    );
-                    Some(Tensor::<3>::from_data(TensorData::new(v, shape), device).require_grad())
+                    let v = links.recv(count, (vs - 1) % p, (t, wire))?;
+                    let what = "pipeline: a received activation";
+                    Some(tensor(v, shape, device, what).require_grad())
                 };
                 let out = forward(step.chunk, mb, input.clone())?;
                 match (&out.hidden, &out.loss, vs == last) {
@@ -215,7 +248,7 @@ where
                             .into());
                         }
                         let t = tag(Pass::Forward, mb, vs + 1, vs_total)?;
-                        links.send(values(hidden.clone())?, (vs + 1) % p, t)?;
+                        links.send(values(hidden.clone(), wire)?, (vs + 1) % p, t)?;
                     }
                     (None, Some(loss), true) => {
                         losses[mb] = Some(scalar(loss.clone())?);
@@ -250,13 +283,9 @@ where
                 let objective = match (out.hidden, out.loss) {
                     (Some(hidden), local) => {
                         let t = tag(Pass::Backward, mb, vs, vs_total)?;
-                        let g = links.recv(count, (vs + 1) % p, t)?;
-                        crate::transfers::upload(
-                            "pipeline: a received gradient",
-                            (g.len() * 4) as u64,
-                        );
-                        let g = Tensor::<3>::from_data(TensorData::new(g, shape), &hidden.device())
-                            .cast(hidden.dtype());
+                        let g = links.recv(count, (vs + 1) % p, (t, wire))?;
+                        let what = "pipeline: a received gradient";
+                        let g = tensor(g, shape, &hidden.device(), what).cast(hidden.dtype());
                         // In f32, as the stage's own losses are.
                         let seeded = (hidden * g).sum().cast(burn::tensor::FloatDType::F32);
                         match local {
@@ -272,9 +301,12 @@ where
                 if let Some(input) = input {
                     let g = input
                         .grad(&step_grads)
-                        .map(values)
+                        .map(|g| values(g, wire))
                         .transpose()?
-                        .unwrap_or_else(|| vec![0.0; count]);
+                        .unwrap_or_else(|| match wire {
+                            FloatDType::BF16 => Buffer::Bf16(vec![bf16::ZERO; count]),
+                            _ => Buffer::F32(vec![0.0; count]),
+                        });
                     let t = tag(Pass::Backward, mb, vs - 1, vs_total)?;
                     links.send(g, (vs - 1) % p, t)?;
                 }

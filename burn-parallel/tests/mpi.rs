@@ -69,6 +69,23 @@ fn pipeline_schedules_train_like_one_rank_on_1_2_4_8_ranks() {
     check_binary(env!("CARGO_BIN_EXE_burn-parallel-pipeline"), "pipeline");
 }
 
+/// NCCL matches point-to-point messages by their order per peer, not by tag: every schedule's
+/// messages between two stages must be received in the order they were sent. Run over
+/// `InOrder` (that matching, on MPI), the schedules still train like one rank.
+#[test]
+fn pipeline_schedules_receive_in_the_order_nccl_delivers() {
+    let out = run_check_program_with(
+        env!("CARGO_BIN_EXE_burn-parallel-pipeline"),
+        "pipeline",
+        &[2, 4, 8],
+        60,
+        Duration::from_secs(120),
+        &[("PIPELINE_P2P_IN_ORDER", "1")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    print!("{out}");
+}
+
 #[test]
 fn a_killed_rank_is_named_by_every_survivor_within_the_timeout() {
     let bin = env!("CARGO_BIN_EXE_burn-parallel-dead-peer");

@@ -357,8 +357,14 @@ fn four_rank_launch_with_folding_reproduces_the_single_rank_curve() {
 /// to f32's.
 #[cfg(feature = "mpi")]
 #[test]
-fn four_rank_folded_launch_in_bf16_reproduces_the_single_rank_bf16_curve() {
-    launch_matches_one_rank(4, &["tp=2", "ep=2"], &["training.precision=\"bf16\""], 2e-2);
+fn four_rank_tp_pp_folded_ep_launch_in_bf16_reproduces_the_single_rank_bf16_curve() {
+    // Pipeline activations and gradients travel as bf16 between the two stages.
+    launch_matches_one_rank(
+        4,
+        &["tp=2", "pp=2", "ep=2", "microbatches=2"],
+        &["training.precision=\"bf16\""],
+        2e-2,
+    );
 }
 
 #[cfg(feature = "mpi")]

@@ -566,7 +566,7 @@ impl LmTrainer {
             &self.schedule,
             pp,
             model,
-            shape,
+            (shape, self.config.precision.dtype()),
             &self.device,
             |chunk, micro, input| {
                 let batch = self.micro_batch(step, micro);

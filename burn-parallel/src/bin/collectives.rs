@@ -235,6 +235,27 @@ fn host_checks(c: &mut Checker, comm: &dyn Communicator, label: &str) {
             }
         }
         c.ok("flush_sends", comm.flush_sends());
+        // A posted bf16 send (pipeline activations of a bf16 model) hands MPI 2 bytes a value.
+        let half: Vec<bf16> = data(40, r, big)
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        let before = bytes_sent();
+        c.ok("post_send_bf16", comm.post_send_bf16(half, next, 10));
+        c.eq(
+            &format!("{label} post_send_bf16 bytes sent"),
+            &[(bytes_sent() - before) as f32],
+            &[(2 * big) as f32],
+        );
+        if let Some(got) = c.ok("recv_bf16", comm.recv_bf16(big, prev, 10)) {
+            let want: Vec<f32> = data(40, prev, big)
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_f32())
+                .collect();
+            let got: Vec<f32> = got.iter().map(|v| v.to_f32()).collect();
+            c.eq(&format!("{label} posted bf16 send"), &got, &want);
+        }
+        c.ok("flush_sends", comm.flush_sends());
     }
     c.ok("barrier", comm.barrier());
 }

@@ -7,13 +7,17 @@
 //! first step and every parameter after the last step must match the same model trained on one
 //! rank within 1e-5 (norm-wise per tensor). On one rank the interleaved schedule still runs
 //! (two chunks, messages through the local mailbox).
+//!
+//! With `PIPELINE_P2P_IN_ORDER=1` the pipeline group's messages are matched by their order per
+//! peer, as NCCL matches them ([`InOrder`]): a schedule that relied on MPI's tag matching fails.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_parallel::comm::ReduceOp;
 use burn_parallel::comm::mpi::MpiWorld;
+use burn_parallel::comm::{InOrder, ReduceOp};
 use burn_parallel::launch::{check_program, rel_error};
 use burn_parallel::pipeline::{StageOutput, run_stage};
 use burn_parallel::prelude::*;
@@ -29,6 +33,8 @@ const MICRO: usize = 2;
 const MICROBATCHES: usize = 4;
 const STEPS: usize = 3;
 const TOL: f64 = 1e-5;
+/// See the module docs.
+const IN_ORDER_ENV: &str = "PIPELINE_P2P_IN_ORDER";
 
 type Res<T> = Result<T, String>;
 
@@ -350,10 +356,15 @@ fn run_case(
     )
     .map_err(err)?;
     let groups = ProcessGroups::new(mesh, comm.clone()).map_err(err)?;
-    let (pp_group, dp) = (
+    let (mut pp_group, dp) = (
         groups.group(GroupKind::Pp).clone(),
         groups.group(GroupKind::Dp).clone(),
     );
+    if std::env::var(IN_ORDER_ENV).is_ok_and(|v| v == "1") {
+        // Messages matched by their order per peer, as NCCL matches them.
+        let inner = pp_group.communicator().map_err(err)?;
+        pp_group = Group::new(Arc::new(InOrder::new(inner))).map_err(err)?;
+    }
     let tp = groups.group(GroupKind::Tp).clone();
     let schedule = Schedule::new(kind, pp, MICROBATCHES).map_err(err)?;
     let (stage, chunks) = (pp_group.rank(), schedule.chunks());
@@ -376,7 +387,7 @@ fn run_case(
             &schedule,
             &pp_group,
             &model,
-            [SEQ, MICRO, HIDDEN],
+            ([SEQ, MICRO, HIDDEN], burn::tensor::FloatDType::F32),
             d,
             |c, mb, input| {
                 let (ids, targets) = batch(dp.rank(), mb, d);

@@ -4,6 +4,8 @@
 //! - [`SingleRank`]: the default; a world of one, no system packages.
 //! - [`Detached`]: another rank's place in a group, for laying out its share of a model; it
 //!   cannot communicate.
+//! - [`InOrder`]: another communicator whose point-to-point messages are matched by their
+//!   order per peer, as NCCL matches them (a CPU check that a schedule runs on NCCL).
 //! - `Mpi` (feature `mpi`): OpenMPI through the `mpi` crate, for multi-process CPU runs.
 //! - `Nccl` (feature `cuda`): NCCL through `cudarc`, for NVIDIA GPUs.
 //!
@@ -13,6 +15,7 @@
 //! peer is reported by world rank, never a hang.
 
 mod detached;
+mod in_order;
 mod single;
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 mod worker;
@@ -31,6 +34,7 @@ use half::bf16;
 use crate::error::{ParallelError, Result};
 
 pub use detached::Detached;
+pub use in_order::InOrder;
 pub use single::SingleRank;
 
 /// Environment variable overriding the timeout of multi-rank engines, in seconds.
@@ -180,6 +184,10 @@ pub trait Communicator: Send + Sync + Debug {
     /// Send of bf16 values.
     fn send_bf16(&self, buf: &[bf16], dest: usize, tag: u16) -> Result<()> {
         self.send(&widen(buf), dest, tag)
+    }
+    /// [`post_send`](Self::post_send) of bf16 values.
+    fn post_send_bf16(&self, buf: Vec<bf16>, dest: usize, tag: u16) -> Result<()> {
+        self.post_send(widen(&buf), dest, tag)
     }
     /// Receive of bf16 values.
     fn recv_bf16(&self, count: usize, src: usize, tag: u16) -> Result<Vec<bf16>> {

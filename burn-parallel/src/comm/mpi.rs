@@ -67,15 +67,41 @@ struct MpiState {
     _universe: Universe,
 }
 
-/// A nonblocking send and the buffer it reads (leaked from a `Box` until MPI is done with it).
-struct PendingSend {
-    request: mpi::request::Request<'static, [f32]>,
-    buf: &'static [f32],
+/// A nonblocking send and the buffer it reads (leaked from a `Box` until MPI is done with it):
+/// f32 values, or bf16 values as their bits.
+enum PendingSend {
+    F32(Posted<f32>),
+    Bits(Posted<u16>),
+}
+
+struct Posted<T: 'static> {
+    request: mpi::request::Request<'static, [T]>,
+    buf: &'static [T],
+}
+
+impl<T: 'static> Posted<T> {
+    /// Completes the send if it is done (waiting for it with `wait`) and releases its buffer;
+    /// gives it back otherwise.
+    fn reap(self, wait: bool) -> Option<Self> {
+        let Self { request, buf } = self;
+        let done = if wait {
+            Ok(request.wait())
+        } else {
+            request.test()
+        };
+        match done {
+            Ok(_) => {
+                release(buf);
+                None
+            }
+            Err(request) => Some(Self { request, buf }),
+        }
+    }
 }
 
 /// Returns the buffer of a completed send to the allocator.
 #[allow(unsafe_code)]
-fn release(buf: &'static [f32]) {
+fn release<T>(buf: &'static [T]) {
     // SAFETY: `buf` comes from `Box::leak` in `post_send`, and the only other user of it, the
     // MPI request, has completed and was consumed; no reference to it remains.
     drop(unsafe { Box::from_raw(std::ptr::from_ref(buf).cast_mut()) });
@@ -85,19 +111,31 @@ impl MpiState {
     /// Completes the posted sends that are done (all of them when `wait`), releasing their
     /// buffers.
     fn reap(&mut self, wait: bool) {
-        let mut open = Vec::new();
-        for PendingSend { request, buf } in self.pending.drain(..) {
-            let done = if wait {
-                Ok(request.wait())
-            } else {
-                request.test()
-            };
-            match done {
-                Ok(_) => release(buf),
-                Err(request) => open.push(PendingSend { request, buf }),
-            }
-        }
-        self.pending = open;
+        let pending = std::mem::take(&mut self.pending);
+        self.pending = pending
+            .into_iter()
+            .filter_map(|p| match p {
+                PendingSend::F32(p) => p.reap(wait).map(PendingSend::F32),
+                PendingSend::Bits(p) => p.reap(wait).map(PendingSend::Bits),
+            })
+            .collect();
+    }
+
+    /// Posts a nonblocking send of `buf` to `dest` on communicator `id`; the buffer lives
+    /// until the send completes.
+    fn post<T: Equivalence + 'static>(
+        &mut self,
+        id: usize,
+        buf: Vec<T>,
+        (dest, tag): (usize, u16),
+        wrap: fn(Posted<T>) -> PendingSend,
+    ) {
+        self.reap(false);
+        let buf: &'static [T] = Box::leak(buf.into_boxed_slice());
+        let request = self.comms[id]
+            .process_at_rank(dest as i32)
+            .immediate_send_with_tag(mpi::request::StaticScope, buf, i32::from(tag));
+        self.pending.push(wrap(Posted { request, buf }));
     }
 }
 
@@ -552,12 +590,17 @@ impl Communicator for MpiComm {
         check_peer("dest", dest, self.size())?;
         sending(&buf);
         self.call_state("post_send", move |state, id| {
-            state.reap(false);
-            let buf: &'static [f32] = Box::leak(buf.into_boxed_slice());
-            let request = state.comms[id]
-                .process_at_rank(dest as i32)
-                .immediate_send_with_tag(mpi::request::StaticScope, buf, i32::from(tag));
-            state.pending.push(PendingSend { request, buf });
+            state.post(id, buf, (dest, tag), PendingSend::F32);
+            Ok(())
+        })
+    }
+
+    fn post_send_bf16(&self, buf: Vec<bf16>, dest: usize, tag: u16) -> Result<()> {
+        check_peer("dest", dest, self.size())?;
+        let bits = into_bits(buf);
+        sending(&bits);
+        self.call_state("post_send_bf16", move |state, id| {
+            state.post(id, bits, (dest, tag), PendingSend::Bits);
             Ok(())
         })
     }

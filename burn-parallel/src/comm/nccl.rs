@@ -916,6 +916,10 @@ impl Communicator for NcclComm {
         self.send_any(&bits(buf), dest, tag, false)
     }
 
+    fn post_send_bf16(&self, buf: Vec<bf16>, dest: usize, tag: u16) -> Result<()> {
+        self.send_any(&bits(&buf), dest, tag, true)
+    }
+
     fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
         self.recv_any(count, src, tag)
     }

@@ -1,0 +1,135 @@
+//! Point-to-point messages matched in the order they were sent, whatever their tag, as NCCL
+//! matches them: [`InOrder`].
+
+use std::sync::Arc;
+
+use super::{Buffer, Collective, Communicator, ReduceOp};
+use crate::error::{ParallelError, Result};
+
+/// The one tag every message carries on the inner communicator (the real tag travels in the
+/// message).
+const WIRE_TAG: u16 = u16::MAX;
+
+/// A communicator whose sends and receives behave as NCCL's: a receive takes the next message
+/// its peer sent to this rank, and a message with another tag (or length) than the receive
+/// expects is an error, where MPI would have matched the tag. Collectives go to the inner
+/// communicator unchanged.
+///
+/// NCCL cannot form a multi-rank communicator on one GPU, so this is how a schedule's
+/// point-to-point order is proven NCCL-compatible on CPU ranks: run it over
+/// `InOrder::new(mpi_group)`. The tag travels as the first value of each message.
+#[derive(Debug)]
+pub struct InOrder {
+    inner: Arc<dyn Communicator>,
+}
+
+impl InOrder {
+    /// `inner` with NCCL's point-to-point matching.
+    pub fn new(inner: Arc<dyn Communicator>) -> Self {
+        Self { inner }
+    }
+
+    fn framed(buf: &[f32], tag: u16) -> Vec<f32> {
+        let mut framed = Vec::with_capacity(buf.len() + 1);
+        framed.push(f32::from(tag));
+        framed.extend_from_slice(buf);
+        framed
+    }
+}
+
+impl Communicator for InOrder {
+    fn engine(&self) -> &'static str {
+        self.inner.engine()
+    }
+
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+
+    fn world_ranks(&self) -> &[usize] {
+        self.inner.world_ranks()
+    }
+
+    fn split(&self, color: Option<u32>, key: u32) -> Result<Option<Arc<dyn Communicator>>> {
+        Ok(self
+            .inner
+            .split(color, key)?
+            .map(|sub| Arc::new(InOrder::new(sub)) as Arc<dyn Communicator>))
+    }
+
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        self.inner.all_reduce(buf, op)
+    }
+
+    fn all_gather(&self, send: &[f32]) -> Result<Vec<f32>> {
+        self.inner.all_gather(send)
+    }
+
+    fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        self.inner.all_gather_v(send, counts)
+    }
+
+    fn reduce_scatter(&self, send: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+        self.inner.reduce_scatter(send, op)
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>> {
+        self.inner.all_to_all_v(send, send_counts, recv_counts)
+    }
+
+    fn exchange(&self, what: &Collective, values: Buffer) -> Result<Buffer> {
+        self.inner.exchange(what, values)
+    }
+
+    fn send(&self, buf: &[f32], dest: usize, tag: u16) -> Result<()> {
+        self.inner.send(&Self::framed(buf, tag), dest, WIRE_TAG)
+    }
+
+    fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
+        self.inner
+            .post_send(Self::framed(&buf, tag), dest, WIRE_TAG)
+    }
+
+    fn flush_sends(&self) -> Result<()> {
+        self.inner.flush_sends()
+    }
+
+    fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
+        let mut got = self.inner.recv(count + 1, src, WIRE_TAG)?;
+        let sent = got.first().copied().unwrap_or(f32::NAN);
+        if sent != f32::from(tag) {
+            return Err(ParallelError::Engine {
+                engine: "in-order",
+                op: "recv",
+                reason: format!(
+                    "the next message from rank {src} has tag {sent}, the receive expects tag \
+                     {tag}: NCCL would deliver it here (it matches messages by their order \
+                     per peer, not by tag)"
+                ),
+            });
+        }
+        got.remove(0);
+        Ok(got)
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.inner.broadcast(buf, root)
+    }
+
+    fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.inner.broadcast_bytes(buf, root)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+}
