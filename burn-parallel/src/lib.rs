@@ -7,8 +7,9 @@
 //!   `tp × cp × dp × pp`, MoE layers `etp × ep × edp × pp`, over the same ranks (Megatron's
 //!   `RankGenerator` semantics). A value that lists every group; no globals.
 //! - [`comm`]: the [`Communicator`](comm::Communicator) trait and its engines: `SingleRank`
-//!   (default), MPI (feature `mpi`), NCCL (feature `nccl`, enabled by `cuda`). Every blocking
-//!   call has a timeout; a dead peer is reported by rank.
+//!   (default), MPI (feature `mpi`), NCCL (feature `nccl`, enabled by `cuda`; with `cuda` the
+//!   tensor collectives on CUDA tensors run on their device memory). Every blocking call has a
+//!   timeout; a dead peer is reported by rank.
 //! - [`group`]: [`ProcessGroups`](group::ProcessGroups) splits the world into the mesh's groups.
 //! - [`ops`] / [`mappings`]: collectives on tensors as the `ParallelBackend` backend extension,
 //!   with the conjugate backward rules of Megatron's `tensor_parallel/mappings.py`.
@@ -23,7 +24,8 @@
 //! - [`schedule`]: pipeline schedules (GPipe, 1F1B, interleaved 1F1B) in Megatron's order,
 //!   with a replay that checks them for deadlocks and measures their bubble.
 //! - [`memory`]: a counting global allocator for peak-memory reports.
-//! - [`world`]: one binary runs alone or under `mpirun -np N`; [`launch`] starts such runs.
+//! - [`world`]: one binary runs alone or under `mpirun -np N` (MPI, or NCCL for CUDA tensors);
+//!   [`launch`] starts such runs.
 //! - What every trainer shares: [`checkpoint`] (sharded, checksummed checkpoints of a module
 //!   and its optimizer state, keyed by module path, written atomically), [`run_dir`] (a run
 //!   folder's lock and its `metrics.jsonl`, cut back on resume), [`ema`] (weight averaging),

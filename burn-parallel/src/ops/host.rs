@@ -1,5 +1,7 @@
 //! The forward operations for a concrete backend: the exchanging collectives staged through
-//! host memory, the split (this rank's chunk) cut on the tensor's own device.
+//! host memory (the values read from the tensor handed to the communicator as they are), or on
+//! the device where the backend and the engine allow it ([`OnDevice`]); the split (this rank's
+//! chunk) cut on the tensor's own device.
 
 use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Slice, TensorData};

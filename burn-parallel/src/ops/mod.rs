@@ -1,8 +1,9 @@
 //! `ParallelBackend`: collectives on tensors as a Burn backend extension.
 //!
 //! The exchanging forward operations run on every backend listed below by staging through host
-//! memory and the group's [`Communicator`](crate::comm::Communicator) (the split, which
-//! exchanges nothing, slices on the tensor's own device); the `Autodiff` implementation adds the
+//! memory and the group's [`Communicator`](crate::comm::Communicator) (on CUDA tensors of an
+//! NCCL group: on the device, below); the split, which
+//! exchanges nothing, slices on the tensor's own device; the `Autodiff` implementation adds the
 //! backward rules of Megatron-Core's `tensor_parallel/mappings.py` (each mapping's gradient is its
 //! conjugate). Use the functions of [`crate::mappings`]; they return `Result`.
 //!
