@@ -69,9 +69,11 @@ fn pipeline_schedules_train_like_one_rank_on_1_2_4_8_ranks() {
     check_binary(env!("CARGO_BIN_EXE_burn-parallel-pipeline"), "pipeline");
 }
 
-/// NCCL matches point-to-point messages by their order per peer, not by tag: every schedule's
-/// messages between two stages must be received in the order they were sent. Run over
-/// `InOrder` (that matching, on MPI), the schedules still train like one rank.
+/// NCCL matches point-to-point messages by their order per peer, not by tag, and the NCCL
+/// engine issues a posted send only with the rank's next send, receive or flush: every
+/// schedule's messages between two stages must be received in the order they were sent, and
+/// no stage may wait for a message its peer still holds back. Run over `InOrder` (both
+/// behaviours, on MPI), the schedules still train like one rank.
 #[test]
 fn pipeline_schedules_receive_in_the_order_nccl_delivers() {
     let out = run_check_program_with(

@@ -1,7 +1,8 @@
-//! Point-to-point messages matched in the order they were sent, whatever their tag, as NCCL
-//! matches them: [`InOrder`].
+//! Point-to-point messages matched in the order they were sent, whatever their tag, and posted
+//! sends held back until the rank's next point-to-point operation, as the NCCL engine does:
+//! [`InOrder`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{Buffer, Collective, Communicator, ReduceOp};
 use crate::error::{ParallelError, Result};
@@ -10,10 +11,14 @@ use crate::error::{ParallelError, Result};
 /// message).
 const WIRE_TAG: u16 = u16::MAX;
 
-/// A communicator whose sends and receives behave as NCCL's: a receive takes the next message
-/// its peer sent to this rank, and a message with another tag (or length) than the receive
-/// expects is an error, where MPI would have matched the tag. Collectives go to the inner
-/// communicator unchanged.
+/// A posted send held back: its framed values and destination.
+type Held = (Vec<f32>, usize);
+
+/// A communicator whose sends and receives behave as the NCCL engine's: a receive takes the
+/// next message its peer sent to this rank, and a message with another tag (or length) than the
+/// receive expects is an error, where MPI would have matched the tag; a posted send leaves only
+/// with this rank's next send, receive or flush (the NCCL engine issues it in that operation's
+/// group), not in the background. Collectives go to the inner communicator unchanged.
 ///
 /// NCCL cannot form a multi-rank communicator on one GPU, so this is how a schedule's
 /// point-to-point order is proven NCCL-compatible on CPU ranks: run it over
@@ -21,12 +26,34 @@ const WIRE_TAG: u16 = u16::MAX;
 #[derive(Debug)]
 pub struct InOrder {
     inner: Arc<dyn Communicator>,
+    /// Posted sends not yet handed to the inner communicator: framed values, destination.
+    held: Mutex<Vec<Held>>,
 }
 
 impl InOrder {
     /// `inner` with NCCL's point-to-point matching.
     pub fn new(inner: Arc<dyn Communicator>) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            held: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn held(&self) -> Result<std::sync::MutexGuard<'_, Vec<Held>>> {
+        self.held.lock().map_err(|_| ParallelError::Engine {
+            engine: "in-order",
+            op: "post_send",
+            reason: "a thread panicked while posting".into(),
+        })
+    }
+
+    /// Hands the held sends to the inner communicator, in the order they were posted.
+    fn release(&self) -> Result<()> {
+        let held = std::mem::take(&mut *self.held()?);
+        for (framed, dest) in held {
+            self.inner.post_send(framed, dest, WIRE_TAG)?;
+        }
+        Ok(())
     }
 
     fn framed(buf: &[f32], tag: u16) -> Vec<f32> {
@@ -91,19 +118,28 @@ impl Communicator for InOrder {
     }
 
     fn send(&self, buf: &[f32], dest: usize, tag: u16) -> Result<()> {
+        self.release()?;
         self.inner.send(&Self::framed(buf, tag), dest, WIRE_TAG)
     }
 
     fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
-        self.inner
-            .post_send(Self::framed(&buf, tag), dest, WIRE_TAG)
+        if dest >= self.size() {
+            return Err(ParallelError::InvalidArgument {
+                name: "dest",
+                reason: format!("rank {dest} is not in a group of {}", self.size()),
+            });
+        }
+        self.held()?.push((Self::framed(&buf, tag), dest));
+        Ok(())
     }
 
     fn flush_sends(&self) -> Result<()> {
+        self.release()?;
         self.inner.flush_sends()
     }
 
     fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {
+        self.release()?;
         let mut got = self.inner.recv(count + 1, src, WIRE_TAG)?;
         let sent = got.first().copied().unwrap_or(f32::NAN);
         if sent != f32::from(tag) {

@@ -777,25 +777,30 @@ impl NcclComm {
                 }),
             ))
         })?;
-        f(
+        let ran = f(
             self,
             DeviceBuffers {
                 src,
                 dst,
                 keep: Box::new(buffers.clone()),
             },
-        )?;
-        if out_len == 0 {
-            return Ok(Vec::new());
-        }
-        self.call("download", move |st| {
+        );
+        let download = ran.is_ok() && out_len > 0;
+        // The buffers are released on the engine thread, where their context is current.
+        let values = self.call("download", move |st| {
+            if !download {
+                drop(buffers);
+                return Ok(Vec::new());
+            }
             let mut values = st
                 .stream
                 .clone_dtoh(&buffers.output)
                 .map_err(|e| nccl_error("copy to host", e))?;
             values.truncate(out_len);
             Ok(values)
-        })
+        });
+        ran?;
+        values
     }
 }
 
