@@ -6,7 +6,8 @@
 //! feature, see `ffmpeg`), [`filter`] (scene-cut, sharpness and motion
 //! scores and thresholds), [`pipeline`] (scan a folder, bucket by resolution and length, JSONL
 //! manifest with the reason for every rejection), [`synthetic`] (labelled clips of moving
-//! shapes), [`resample`] (anti-aliased resizing, the VAE baseline), [`vae`] (the causal 3-D convolutional VAE, chunked
+//! shapes), [`camera`] (camera clips from still images and animations, a corpus whose manifest
+//! holds whole sources out), [`resample`] (anti-aliased resizing, the VAE baseline), [`vae`] (the causal 3-D convolutional VAE, chunked
 //! encode/decode), [`vae_training`] (training on random crops, latent statistics, evaluation
 //! against the resize baseline), [`latent_cache`] (clips encoded once for the DiT) and
 //! [`metrics`] (PSNR, SSIM). The DiT trainer still runs through `burn-recipes`.
@@ -19,6 +20,7 @@
 //! assert!((psnr(&a, &b, 1.0).unwrap() - 20.0).abs() < 1e-4); // MSE 0.01 → 20 dB
 //! ```
 
+pub mod camera;
 pub mod checker;
 pub mod clip;
 pub mod dit;
@@ -42,6 +44,7 @@ pub use error::{Result, VideoError};
 
 /// The pipeline's main types and functions in one import (`use burn_video::prelude::*;`).
 pub mod prelude {
+    pub use crate::camera::{CameraConfig, build_corpus, camera_clip, read_sources};
     pub use crate::checker::{Verdict, check};
     pub use crate::clip::{Clip, list_clips};
     pub use crate::dit::{Condition, Dit, DitConfig};
@@ -55,7 +58,7 @@ pub mod prelude {
     pub use crate::text::Vocabulary;
     pub use crate::vae::{LinearPath, Vae, VaeConfig};
     pub use crate::vae_training::{
-        Refine, VaeEval, VaeStep, VaeTrainer, VaeTrainingConfig, evaluate, latent_statistics,
-        split_clips,
+        Refine, VaeEval, VaeStep, VaeTrainer, VaeTrainingConfig, evaluate, evaluate_groups,
+        held_out_sources, latent_statistics, split_clips,
     };
 }

@@ -45,6 +45,7 @@ use burn_parallel::optim::{
 use burn_parallel::rng::mix;
 use serde::Serialize;
 
+use crate::camera::{Split, read_corpus};
 use crate::clip::{Clip, list_clips};
 use crate::error::{Result, invalid};
 use crate::resample::{quality, same_size_baseline};
@@ -366,9 +367,19 @@ pub fn latent_statistics(
     Ok((mean, std))
 }
 
-/// Clips of `dir`, split into (training, held out): clip `i` (sorted by name) is held out
-/// when `i % every == every − 1`.
+/// Clips of `dir`, split into (training, held out). A corpus folder (with the manifest
+/// [`crate::camera::MANIFEST`]) is split by its manifest: every clip of a held-out source is held
+/// out and no clip of one is trained on, whatever `every`. A plain folder: clip `i` (sorted by
+/// name) is held out when `i % every == every − 1`.
 pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
+    if let Some(groups) = held_out_sources(dir)? {
+        let held = groups.into_iter().flat_map(|(_, clips)| clips).collect();
+        let train = corpus_clips(dir, Split::Train)?
+            .into_iter()
+            .flat_map(|(_, clips)| clips)
+            .collect();
+        return Ok((train, held));
+    }
     let paths = list_clips(dir)?;
     if paths.is_empty() {
         return Err(invalid("clips", format!("{}: no clips", dir.display())));
@@ -383,6 +394,42 @@ pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
         }
     }
     Ok((train, held))
+}
+
+/// Clips under a name (a corpus's source).
+pub type ClipGroup = (String, Vec<Clip>);
+
+/// The held-out clips of a corpus folder by source (sources in manifest order), or `None`
+/// for a plain folder of clips.
+pub fn held_out_sources(dir: &Path) -> Result<Option<Vec<ClipGroup>>> {
+    if read_corpus(dir)?.is_none() {
+        return Ok(None);
+    }
+    corpus_clips(dir, Split::Holdout).map(Some)
+}
+
+/// The clips of one split of a corpus, grouped by source.
+fn corpus_clips(dir: &Path, split: Split) -> Result<Vec<ClipGroup>> {
+    let entries = read_corpus(dir)?.unwrap_or_default();
+    let mut groups: Vec<ClipGroup> = Vec::new();
+    for e in entries.iter().filter(|e| e.split == split) {
+        let clip = Clip::read(&dir.join(&e.clip))?;
+        match groups.iter_mut().find(|(name, _)| *name == e.source) {
+            Some((_, clips)) => clips.push(clip),
+            None => groups.push((e.source.clone(), vec![clip])),
+        }
+    }
+    if groups.is_empty() {
+        let which = match split {
+            Split::Train => "training",
+            Split::Holdout => "held-out",
+        };
+        return Err(invalid(
+            "clips",
+            format!("{}: the corpus has no {which} clip", dir.display()),
+        ));
+    }
+    Ok(groups)
 }
 
 /// Encode-time refinement of the latent ([`Vae::encode_refined`]).
@@ -442,30 +489,59 @@ pub fn evaluate(
     d: &Device,
     refine: Option<Refine>,
 ) -> Result<VaeEval> {
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for clip in clips {
-        let c = usable(clip, cfg.time_factor());
-        let (w, h) = c.size();
-        let shape = cfg
-            .latent_shape(c.len(), h, w)
-            .map_err(|e| invalid("clips", e.to_string()))?;
-        let rec = reconstruct(vae, cfg, &c, d, refine)?;
-        let b = same_size_baseline(&c, shape)?;
-        ours.push((c.clone(), rec));
-        base.push((c, b));
+    let groups = [(String::new(), clips.to_vec())];
+    Ok(evaluate_groups(vae, cfg, &groups, preview, d, refine)?.0)
+}
+
+/// [`evaluate`] on named groups of clips (a corpus's held-out sources), each clip
+/// reconstructed once: the scores of every clip together, and of each group.
+pub fn evaluate_groups(
+    vae: &Vae,
+    cfg: &VaeConfig,
+    groups: &[ClipGroup],
+    preview: Option<&Path>,
+    d: &Device,
+    refine: Option<Refine>,
+) -> Result<(VaeEval, Vec<(String, VaeEval)>)> {
+    let mut scored = Vec::with_capacity(groups.len());
+    for (name, clips) in groups {
+        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        for clip in clips {
+            let c = usable(clip, cfg.time_factor());
+            let (w, h) = c.size();
+            let shape = cfg
+                .latent_shape(c.len(), h, w)
+                .map_err(|e| invalid("clips", e.to_string()))?;
+            let rec = reconstruct(vae, cfg, &c, d, refine)?;
+            let b = same_size_baseline(&c, shape)?;
+            ours.push((c.clone(), rec));
+            base.push((c, b));
+        }
+        scored.push((name.clone(), ours, base));
     }
-    if let (Some(path), Some((c, r)), Some((_, b))) = (preview, ours.first(), base.first()) {
+    let first = scored.iter().find_map(|(_, o, b)| o.first().zip(b.first()));
+    if let (Some(path), Some(((c, r), (_, b)))) = (preview, first) {
         c.side_by_side(r)
             .and_then(|x| x.side_by_side(b))
             .and_then(|x| x.write_gif(path, 100))?;
     }
-    let (vae_psnr, vae_ssim) = quality(&ours)?;
-    let (baseline_psnr, baseline_ssim) = quality(&base)?;
-    Ok(VaeEval {
-        clips: clips.len(),
-        vae_psnr,
-        vae_ssim,
-        baseline_psnr,
-        baseline_ssim,
-    })
+    let score = |ours: &[(Clip, Clip)], base: &[(Clip, Clip)]| -> Result<VaeEval> {
+        let (vae_psnr, vae_ssim) = quality(ours)?;
+        let (baseline_psnr, baseline_ssim) = quality(base)?;
+        Ok(VaeEval {
+            clips: ours.len(),
+            vae_psnr,
+            vae_ssim,
+            baseline_psnr,
+            baseline_ssim,
+        })
+    };
+    let all_ours: Vec<(Clip, Clip)> = scored.iter().flat_map(|s| s.1.clone()).collect();
+    let all_base: Vec<(Clip, Clip)> = scored.iter().flat_map(|s| s.2.clone()).collect();
+    let overall = score(&all_ours, &all_base)?;
+    let per_group = scored
+        .iter()
+        .map(|(name, o, b)| Ok((name.clone(), score(o, b)?)))
+        .collect::<Result<_>>()?;
+    Ok((overall, per_group))
 }

@@ -379,7 +379,7 @@ struct EvalVaeArgs {
 }
 
 fn run_eval_vae(args: &EvalVaeArgs) -> Result<()> {
-    use burn_recipes::video::{Refine, evaluate, load_vae_on};
+    use burn_recipes::video::{Refine, evaluate_groups, held_out_sources, load_vae_on};
     if !(args.refine_lr.is_finite() && args.refine_lr > 0.0) {
         return Err(RecipeError::invalid(
             "--refine-lr",
@@ -397,25 +397,51 @@ fn run_eval_vae(args: &EvalVaeArgs) -> Result<()> {
         Device::flex()
     };
     let (recipe, vae, _) = load_vae_on(&args.run, args.checkpoint.as_deref(), &device)?;
-    let paths = burn_video::clip::list_clips(&args.clips)?;
-    if paths.is_empty() {
-        return Err(RecipeError::invalid(
-            "--clips",
-            format!("{}: no clips", args.clips.display()),
-        ));
-    }
-    let clips = paths
-        .iter()
-        .map(|p| burn_video::clip::Clip::read(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let report = evaluate(
+    // A corpus: its held-out sources, one by one; a plain folder: every clip.
+    let groups = match held_out_sources(&args.clips)
+        .map_err(|e| RecipeError::invalid("--clips", e.to_string()))?
+    {
+        Some(groups) => groups,
+        None => {
+            let paths = burn_video::clip::list_clips(&args.clips)?;
+            if paths.is_empty() {
+                return Err(RecipeError::invalid(
+                    "--clips",
+                    format!("{}: no clips", args.clips.display()),
+                ));
+            }
+            let clips = paths
+                .iter()
+                .map(|p| burn_video::clip::Clip::read(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            vec![(String::new(), clips)]
+        }
+    };
+    let (report, per_source) = evaluate_groups(
         &vae,
         &recipe.vae,
-        &clips,
+        &groups,
         Some(&args.preview),
         &device,
         refine,
     )?;
+    if groups.len() > 1 || !groups[0].0.is_empty() {
+        println!(
+            "| held-out source | clips | VAE PSNR | baseline PSNR | lead | VAE SSIM | baseline SSIM |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (source, r) in &per_source {
+            println!(
+                "| {source} | {} | {:.2} dB | {:.2} dB | {:+.2} dB | {:.4} | {:.4} |",
+                r.clips,
+                r.vae_psnr,
+                r.baseline_psnr,
+                r.vae_psnr - r.baseline_psnr,
+                r.vae_ssim,
+                r.baseline_ssim
+            );
+        }
+    }
     let how = match refine {
         Some(r) => format!(" (latents refined by {} steps)", r.steps),
         None => String::new(),
@@ -442,6 +468,77 @@ enum DataCommand {
     /// Encode clips with a trained VAE run into a latent cache for the DiT (one safetensors
     /// file per clip, normalised by the run's latent statistics; index.jsonl, meta.json).
     Cache(CacheArgs),
+    /// Cut camera clips (pans, zooms, small turns, camera-like changes) from every image of a
+    /// folder (PNG, JPEG, GIF; `scripts/fetch-sources` fetches photographs from PyPI) into a
+    /// corpus whose manifest (corpus.jsonl) records each clip's source and split: the sources of
+    /// `--holdout` are held out whole.
+    Corpus(CorpusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CorpusArgs {
+    /// Folder of source images.
+    sources: PathBuf,
+    /// The corpus folder to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Sources held out whole (file stems, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    holdout: Vec<String>,
+    /// Clips cut from each source.
+    #[arg(long, default_value_t = 8)]
+    per_source: usize,
+    /// Frame width and height.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Frames per clip.
+    #[arg(long, default_value_t = 17)]
+    frames: usize,
+    /// Without the camera-like changes (mirror, exposure, contrast, noise, defocus, reversal,
+    /// speed).
+    #[arg(long)]
+    no_augment: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn run_corpus(args: &CorpusArgs) -> Result<()> {
+    use burn_video::camera::{CameraConfig, Split, build_corpus, read_sources};
+    let name = |flag: &'static str| {
+        move |e: burn_video::VideoError| RecipeError::invalid(flag, e.to_string())
+    };
+    let sources = read_sources(&args.sources).map_err(name("SOURCES"))?;
+    let config = CameraConfig {
+        size: args.size,
+        frames: args.frames,
+        augment: !args.no_augment,
+        ..CameraConfig::default()
+    };
+    let entries = build_corpus(
+        &sources,
+        &args.out,
+        &args.holdout,
+        (args.per_source, args.seed),
+        &config,
+    )
+    .map_err(|e| match &e {
+        burn_video::VideoError::InvalidArgument { name, .. } => {
+            RecipeError::invalid(format!("--{}", name.replace('_', "-")), e.to_string())
+        }
+        _ => RecipeError::invalid("--out", e.to_string()),
+    })?;
+    let held = entries.iter().filter(|e| e.split == Split::Holdout).count();
+    println!(
+        "{} clips from {} sources into {} ({} held out from {:?}); manifest {}",
+        entries.len(),
+        sources.len(),
+        args.out.display(),
+        held,
+        args.holdout,
+        args.out.join(burn_video::camera::MANIFEST).display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -875,6 +972,22 @@ fn run_train_vae(args: &TrainArgs) -> Result<()> {
             r.vae_psnr,
             r.vae_ssim,
             r.vae_psnr - r.baseline_psnr
+        );
+    }
+    for e in &s.holdout_sources {
+        let lead = |r: &burn_recipes::video::VaeEval| r.vae_psnr - r.baseline_psnr;
+        let refined = e
+            .refined
+            .as_ref()
+            .map(|r| format!(", refined {:.2} dB ({:+.2})", r.vae_psnr, lead(r)))
+            .unwrap_or_default();
+        println!(
+            "held-out source {}: {} clips, VAE {:.2} dB against the baseline's {:.2} ({:+.2}){refined}",
+            e.source,
+            e.encoder.clips,
+            e.encoder.vae_psnr,
+            e.encoder.baseline_psnr,
+            lead(&e.encoder)
         );
     }
     println!(
@@ -1330,6 +1443,7 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Scan(args)) => run_scan(args).map_err(Failure::from),
         Command::Data(DataCommand::Synth(args)) => run_synth(args).map_err(Failure::from),
         Command::Data(DataCommand::Cache(args)) => run_cache(args).map_err(Failure::from),
+        Command::Data(DataCommand::Corpus(args)) => run_corpus(args).map_err(Failure::from),
         Command::Eval(EvalCommand::Vae(args)) => run_eval_vae(args).map_err(Failure::from),
         Command::Eval(EvalCommand::Dit(args)) => run_eval_dit(args).map_err(Failure::from),
         Command::Eval(EvalCommand::Hf(args)) => run_eval_hf(args),

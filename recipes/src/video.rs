@@ -11,7 +11,7 @@ use burn_parallel::lr_schedule::LrSchedule;
 use burn_video::clip::Clip;
 pub use burn_video::tensor::clip_tensor;
 use burn_video::vae::{Vae, VaeConfig};
-pub use burn_video::vae_training::{Refine, VaeEval, evaluate};
+pub use burn_video::vae_training::{Refine, VaeEval, evaluate, evaluate_groups, held_out_sources};
 use burn_video::vae_training::{VaeTrainer, VaeTrainingConfig, latent_statistics};
 use serde::{Deserialize, Serialize};
 
@@ -202,6 +202,9 @@ pub struct VaeSummary {
     pub holdout: VaeEval,
     /// Held-out evaluation with the latents refined (`eval.refine` steps), when asked for.
     pub holdout_refined: Option<VaeEval>,
+    /// For a corpus (`burn-recipes data corpus`): the held-out evaluation of each held-out
+    /// source, and refined when `eval.refine` is set (empty for a plain folder of clips).
+    pub holdout_sources: Vec<SourceEval>,
     /// Share of the training blocks' variance explained by the linear path's initial code
     /// (`vae.linear`: principal components, after the fixed smooth code with `"smooth"`).
     pub linear_explained: Option<f64>,
@@ -211,6 +214,17 @@ pub struct VaeSummary {
     pub latent_std: Vec<f64>,
     /// Seconds of training.
     pub seconds: f64,
+}
+
+/// The held-out scores of one source of a corpus.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceEval {
+    /// The source's name.
+    pub source: String,
+    /// From the encoder's posterior mean.
+    pub encoder: VaeEval,
+    /// With the latents refined, when asked for.
+    pub refined: Option<VaeEval>,
 }
 
 /// Trains a VAE recipe from scratch in its (new) run folder: burn-video's [`VaeTrainer`] on
@@ -242,22 +256,39 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let (latent_mean, latent_std) = latent_statistics(trainer.vae(), cfg, trainer.clips(), &device)
         .map_err(|e| bad("vae", e.to_string()))?;
     let vae = trainer.into_vae();
+    // A corpus is scored by held-out source (each clip once); a plain folder as one group.
+    let groups = held_out_sources(&recipe.data.clips)
+        .map_err(training_key)?
+        .unwrap_or_else(|| vec![(String::new(), held)]);
+    let by_source = !groups[0].0.is_empty();
     let evaluated = |refine: Option<Refine>, preview: Option<&Path>| {
-        evaluate(&vae, cfg, &held, preview, &device, refine).map_err(video)
+        evaluate_groups(&vae, cfg, &groups, preview, &device, refine).map_err(video)
     };
-    let holdout = evaluated(None, Some(&run.join("holdout_preview.gif")))?;
+    let (holdout, per_source) = evaluated(None, Some(&run.join("holdout_preview.gif")))?;
     // The training device differentiates, as refinement needs.
     let e = &recipe.eval;
-    let holdout_refined = if e.refine > 0 {
-        Some(evaluated(
-            Some(Refine {
-                steps: e.refine,
-                lr: e.refine_lr,
-            }),
-            None,
-        )?)
+    let (holdout_refined, per_source_refined) = if e.refine > 0 {
+        let refine = Refine {
+            steps: e.refine,
+            lr: e.refine_lr,
+        };
+        let (all, each) = evaluated(Some(refine), None)?;
+        (Some(all), each.into_iter().map(|(_, r)| Some(r)).collect())
     } else {
-        None
+        (None, vec![None; per_source.len()])
+    };
+    let holdout_sources = if by_source {
+        per_source
+            .into_iter()
+            .zip(per_source_refined)
+            .map(|((source, encoder), refined)| SourceEval {
+                source,
+                encoder,
+                refined,
+            })
+            .collect()
+    } else {
+        Vec::new()
     };
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = VaeSummary {
@@ -265,6 +296,7 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
         linear_explained,
         holdout,
         holdout_refined,
+        holdout_sources,
         latent_mean,
         latent_std,
         seconds,
