@@ -1,6 +1,7 @@
 //! Video VAE recipes: `burn-recipes train` on a recipe with a `[vae]` table trains the causal
 //! video VAE of burn-video on random crops of a folder of clips, keeps every `holdout_every`-th
-//! clip out of training, and writes metrics, checkpoints, per-channel latent statistics and a
+//! clip out of training (a corpus from `burn-recipes data corpus`: its held-out sources, whole),
+//! and writes metrics, checkpoints, per-channel latent statistics and a
 //! summary with held-out PSNR / SSIM next to the same-size resize baseline;
 //! `burn-recipes eval vae` scores a run on any folder of clips.
 
@@ -24,9 +25,10 @@ use crate::rundir::{refuse_existing, start};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaeData {
-    /// Folder of clips (PNG-frame folders, GIFs).
+    /// Folder of clips (PNG-frame folders, GIFs), or a corpus (`burn-recipes data corpus`).
     pub clips: PathBuf,
-    /// Every this-many-th clip (sorted by name, the last of each group) is held out.
+    /// Every this-many-th clip (sorted by name, the last of each group) is held out; a
+    /// corpus holds out its held-out sources instead.
     pub holdout_every: usize,
     /// Frames of a training crop (`1 + k × temporal factor`).
     pub frames: usize,
