@@ -194,12 +194,15 @@ fn every_host_device_transfer_of_the_moe_code_goes_through_the_counted_helpers()
         "context.rs",
         "checkpoint.rs",
     ];
+    // The NCCL path on device memory waits for CubeCL's queue (a synchronisation that moves
+    // no data) before NCCL reads the tensor.
     let uncounted: Vec<&String> = found
         .iter()
         .filter(|l| {
-            !counted_files
+            !(counted_files
                 .iter()
                 .any(|f| l.starts_with(&format!("{f}:")))
+                || l.starts_with("ops/device.rs:") && l.contains("try_read_sync(x.client.sync())"))
         })
         .collect();
     assert!(uncounted.is_empty(), "uncounted transfers: {uncounted:#?}");
