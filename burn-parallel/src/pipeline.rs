@@ -16,10 +16,11 @@
 use std::collections::HashMap;
 
 use burn::module::Module;
-use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor};
 use half::bf16;
 
 use crate::comm::Buffer;
+use crate::ops::{buffer_from_data, buffer_into_data};
 
 use crate::error::{ParallelError, Result};
 use crate::group::Group;
@@ -98,23 +99,17 @@ fn values(t: Tensor<3>, dtype: FloatDType) -> Result<Buffer> {
     } else {
         t.cast(dtype)
     };
-    let data = t.into_data();
-    let read = |e| ParallelError::Backend {
-        context: "reading a pipeline activation",
-        reason: format!("{e:?}"),
+    // bf16 travels as bf16, any other type as f32.
+    let data = match dtype {
+        FloatDType::BF16 => t.into_data(),
+        _ => t.into_data().convert::<f32>(),
     };
-    Ok(match dtype {
-        FloatDType::BF16 => Buffer::Bf16(data.try_into_vec::<bf16>().map_err(read)?),
-        _ => Buffer::F32(data.convert::<f32>().try_into_vec::<f32>().map_err(read)?),
-    })
+    buffer_from_data(data, "reading a pipeline activation")
 }
 
 /// Received values as a tensor of `shape` (in their own type).
 fn tensor(values: Buffer, shape: [usize; 3], device: &Device, what: &'static str) -> Tensor<3> {
-    let data = match values {
-        Buffer::F32(v) => TensorData::new(v, shape),
-        Buffer::Bf16(v) => TensorData::new(v, shape),
-    };
+    let data = buffer_into_data(values, shape);
     crate::transfers::upload(what, data.bytes().len() as u64);
     Tensor::<3>::from_data(data, device)
 }

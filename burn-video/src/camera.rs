@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn_parallel::rng::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::clip::Clip;
+use crate::clip::{Clip, read_image};
 use crate::error::{Result, invalid, io};
 use crate::metrics::Frame;
 
@@ -292,15 +292,7 @@ pub fn read_sources(dir: &Path) -> Result<Vec<Source>> {
         {
             Clip::read_gif(&path)?.frames().to_vec()
         } else {
-            let img = image::open(&path)
-                .map_err(|e| crate::error::VideoError::Decode {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?
-                .to_rgb8();
-            let (w, h) = img.dimensions();
-            let px = img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
-            vec![Frame::new(w as usize, h as usize, 3, px)?]
+            vec![read_image(&path)?]
         };
         sources.push(Source { name, frames });
     }

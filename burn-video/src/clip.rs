@@ -40,6 +40,12 @@ fn to_rgb(frame: &Frame) -> RgbImage {
     RgbImage::from_raw(w as u32, h as u32, raw).unwrap_or_else(|| RgbImage::new(w as u32, h as u32))
 }
 
+/// One image file (PNG, JPEG, a GIF's first frame, …) as an RGB frame; grey images are made RGB.
+pub fn read_image(path: &Path) -> Result<Frame> {
+    let img = image::open(path).map_err(|e| decode(path, e))?.to_rgb8();
+    from_rgb(&img)
+}
+
 /// Video file extensions (read through FFmpeg with the `ffmpeg` feature).
 const VIDEO_EXTENSIONS: &[&str] = &["mp4", "mkv", "mov", "avi", "webm", "m4v"];
 
@@ -152,10 +158,7 @@ impl Clip {
         }
         let frames = files
             .iter()
-            .map(|f| {
-                let img = image::open(f).map_err(|e| decode(f, e))?.to_rgb8();
-                from_rgb(&img)
-            })
+            .map(|f| read_image(f))
             .collect::<Result<Vec<_>>>()?;
         Self::new(frames).map_err(|e| decode(dir, e))
     }

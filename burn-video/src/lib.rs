@@ -59,6 +59,6 @@ pub mod prelude {
     pub use crate::vae::{LinearPath, Vae, VaeConfig};
     pub use crate::vae_training::{
         Refine, VaeEval, VaeStep, VaeTrainer, VaeTrainingConfig, evaluate, evaluate_groups,
-        held_out_sources, latent_statistics, split_clips,
+        held_out_sources, latent_statistics, split_clips, split_clips_by_source,
     };
 }

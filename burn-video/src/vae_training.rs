@@ -45,7 +45,7 @@ use burn_parallel::optim::{
 use burn_parallel::rng::mix;
 use serde::Serialize;
 
-use crate::camera::{Split, read_corpus};
+use crate::camera::{CorpusEntry, Split, read_corpus};
 use crate::clip::{Clip, list_clips};
 use crate::error::{Result, invalid};
 use crate::resample::{quality, same_size_baseline};
@@ -372,13 +372,25 @@ pub fn latent_statistics(
 /// out and no clip of one is trained on, whatever `every`. A plain folder: clip `i` (sorted by
 /// name) is held out when `i % every == every − 1`.
 pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
-    if let Some(groups) = held_out_sources(dir)? {
-        let held = groups.into_iter().flat_map(|(_, clips)| clips).collect();
-        let train = corpus_clips(dir, Split::Train)?
+    let (train, held) = split_clips_by_source(dir, every)?;
+    Ok((
+        train,
+        held.into_iter().flat_map(|(_, clips)| clips).collect(),
+    ))
+}
+
+/// Clips under a name (a corpus's source).
+pub type ClipGroup = (String, Vec<Clip>);
+
+/// [`split_clips`] with the held-out clips grouped by source (sources in manifest order); a
+/// plain folder's held-out clips form one group with an empty name.
+pub fn split_clips_by_source(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<ClipGroup>)> {
+    if let Some(entries) = read_corpus(dir)? {
+        let train = corpus_clips(dir, &entries, Split::Train)?
             .into_iter()
             .flat_map(|(_, clips)| clips)
             .collect();
-        return Ok((train, held));
+        return Ok((train, corpus_clips(dir, &entries, Split::Holdout)?));
     }
     let paths = list_clips(dir)?;
     if paths.is_empty() {
@@ -393,24 +405,20 @@ pub fn split_clips(dir: &Path, every: usize) -> Result<(Vec<Clip>, Vec<Clip>)> {
             train.push(c);
         }
     }
-    Ok((train, held))
+    Ok((train, vec![(String::new(), held)]))
 }
-
-/// Clips under a name (a corpus's source).
-pub type ClipGroup = (String, Vec<Clip>);
 
 /// The held-out clips of a corpus folder by source (sources in manifest order), or `None`
 /// for a plain folder of clips.
 pub fn held_out_sources(dir: &Path) -> Result<Option<Vec<ClipGroup>>> {
-    if read_corpus(dir)?.is_none() {
-        return Ok(None);
+    match read_corpus(dir)? {
+        Some(entries) => corpus_clips(dir, &entries, Split::Holdout).map(Some),
+        None => Ok(None),
     }
-    corpus_clips(dir, Split::Holdout).map(Some)
 }
 
-/// The clips of one split of a corpus, grouped by source.
-fn corpus_clips(dir: &Path, split: Split) -> Result<Vec<ClipGroup>> {
-    let entries = read_corpus(dir)?.unwrap_or_default();
+/// The clips of one split of a corpus (its manifest `entries`), grouped by source.
+fn corpus_clips(dir: &Path, entries: &[CorpusEntry], split: Split) -> Result<Vec<ClipGroup>> {
     let mut groups: Vec<ClipGroup> = Vec::new();
     for e in entries.iter().filter(|e| e.split == split) {
         let clip = Clip::read(&dir.join(&e.clip))?;
@@ -536,12 +544,14 @@ pub fn evaluate_groups(
             baseline_ssim,
         })
     };
-    let all_ours: Vec<(Clip, Clip)> = scored.iter().flat_map(|s| s.1.clone()).collect();
-    let all_base: Vec<(Clip, Clip)> = scored.iter().flat_map(|s| s.2.clone()).collect();
-    let overall = score(&all_ours, &all_base)?;
     let per_group = scored
         .iter()
         .map(|(name, o, b)| Ok((name.clone(), score(o, b)?)))
         .collect::<Result<_>>()?;
-    Ok((overall, per_group))
+    let (mut all_ours, mut all_base) = (Vec::new(), Vec::new());
+    for (_, ours, base) in scored {
+        all_ours.extend(ours);
+        all_base.extend(base);
+    }
+    Ok((score(&all_ours, &all_base)?, per_group))
 }

@@ -398,9 +398,10 @@ fn run_eval_vae(args: &EvalVaeArgs) -> Result<()> {
     };
     let (recipe, vae, _) = load_vae_on(&args.run, args.checkpoint.as_deref(), &device)?;
     // A corpus: its held-out sources, one by one; a plain folder: every clip.
-    let groups = match held_out_sources(&args.clips)
-        .map_err(|e| RecipeError::invalid("--clips", e.to_string()))?
-    {
+    let sources = held_out_sources(&args.clips)
+        .map_err(|e| RecipeError::invalid("--clips", e.to_string()))?;
+    let by_source = sources.is_some();
+    let groups = match sources {
         Some(groups) => groups,
         None => {
             let paths = burn_video::clip::list_clips(&args.clips)?;
@@ -425,7 +426,7 @@ fn run_eval_vae(args: &EvalVaeArgs) -> Result<()> {
         &device,
         refine,
     )?;
-    if groups.len() > 1 || !groups[0].0.is_empty() {
+    if by_source {
         println!(
             "| held-out source | clips | VAE PSNR | baseline PSNR | lead | VAE SSIM | baseline SSIM |"
         );

@@ -13,7 +13,9 @@ use burn_video::clip::Clip;
 pub use burn_video::tensor::clip_tensor;
 use burn_video::vae::{Vae, VaeConfig};
 pub use burn_video::vae_training::{Refine, VaeEval, evaluate, evaluate_groups, held_out_sources};
-use burn_video::vae_training::{VaeTrainer, VaeTrainingConfig, latent_statistics};
+use burn_video::vae_training::{
+    VaeTrainer, VaeTrainingConfig, latent_statistics, split_clips_by_source,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -235,7 +237,8 @@ pub struct SourceEval {
 pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let run = &recipe.run.dir;
     refuse_existing(run, "choose another run.dir")?;
-    let (train, held) = split_clips(&recipe.data.clips, recipe.data.holdout_every)?;
+    let (train, groups) = split_clips_by_source(&recipe.data.clips, recipe.data.holdout_every)
+        .map_err(training_key)?;
     let (t, cfg) = (&recipe.training, &recipe.vae);
     let device = Device::flex().autodiff();
     let mut trainer =
@@ -258,11 +261,9 @@ pub fn train_vae(recipe: &VaeRecipe) -> Result<VaeSummary> {
     let (latent_mean, latent_std) = latent_statistics(trainer.vae(), cfg, trainer.clips(), &device)
         .map_err(|e| bad("vae", e.to_string()))?;
     let vae = trainer.into_vae();
-    // A corpus is scored by held-out source (each clip once); a plain folder as one group.
-    let groups = held_out_sources(&recipe.data.clips)
-        .map_err(training_key)?
-        .unwrap_or_else(|| vec![(String::new(), held)]);
-    let by_source = !groups[0].0.is_empty();
+    // A corpus is scored by held-out source (each clip once); a plain folder as one group
+    // without a name.
+    let by_source = groups.iter().any(|(name, _)| !name.is_empty());
     let evaluated = |refine: Option<Refine>, preview: Option<&Path>| {
         evaluate_groups(&vae, cfg, &groups, preview, &device, refine).map_err(video)
     };

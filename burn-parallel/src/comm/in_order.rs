@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Buffer, Collective, Communicator, ReduceOp};
+use super::{Buffer, Collective, Communicator, ReduceOp, check_peer};
 use crate::error::{ParallelError, Result};
 
 /// The one tag every message carries on the inner communicator (the real tag travels in the
@@ -123,12 +123,7 @@ impl Communicator for InOrder {
     }
 
     fn post_send(&self, buf: Vec<f32>, dest: usize, tag: u16) -> Result<()> {
-        if dest >= self.size() {
-            return Err(ParallelError::InvalidArgument {
-                name: "dest",
-                reason: format!("rank {dest} is not in a group of {}", self.size()),
-            });
-        }
+        check_peer("dest", dest, self.size())?;
         self.held()?.push((Self::framed(&buf, tag), dest));
         Ok(())
     }

@@ -268,6 +268,24 @@ pub fn exchange_with_slices<C: Communicator + ?Sized>(
     })
 }
 
+/// bf16 values as their bits, in place (no copy).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn as_bits(values: &[bf16]) -> &[u16] {
+    bytemuck::cast_slice(values)
+}
+
+/// Owned bf16 values as their bits, in place (no copy).
+#[cfg(feature = "mpi")]
+pub(crate) fn into_bits(values: Vec<bf16>) -> Vec<u16> {
+    bytemuck::allocation::cast_vec(values)
+}
+
+/// Bits back as bf16 values, in place (no copy).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn from_bits(values: Vec<u16>) -> Vec<bf16> {
+    bytemuck::allocation::cast_vec(values)
+}
+
 /// bf16 values as f32 (exact).
 pub(crate) fn widen(values: &[bf16]) -> Vec<f32> {
     values.iter().map(|v| v.to_f32()).collect()

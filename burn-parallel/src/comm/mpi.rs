@@ -28,8 +28,8 @@ use mpi::traits::*;
 
 use super::worker::{Peer, Worker};
 use super::{
-    Buffer, Collective, Communicator, ReduceOp, block_len, check_counts, check_gather_counts,
-    check_peer, narrow, widen,
+    Buffer, Collective, Communicator, ReduceOp, as_bits, block_len, check_counts,
+    check_gather_counts, check_peer, from_bits, into_bits, narrow, widen,
 };
 use crate::error::{ParallelError, Result};
 
@@ -323,17 +323,7 @@ fn sending<T>(buf: &[T]) {
 
 /// A caller's bf16 slice as bits the engine owns (a counted copy).
 fn bits(values: &[bf16]) -> Vec<u16> {
-    into_bits(owned(values))
-}
-
-/// Owned bf16 values as their bits, in place (no copy).
-fn into_bits(values: Vec<bf16>) -> Vec<u16> {
-    bytemuck::allocation::cast_vec(values)
-}
-
-/// Bits back as bf16 values, in place (no copy).
-fn from_bits(values: Vec<u16>) -> Vec<bf16> {
-    bytemuck::allocation::cast_vec(values)
+    owned(as_bits(values))
 }
 
 impl MpiComm {

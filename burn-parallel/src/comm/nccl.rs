@@ -37,7 +37,10 @@ use cudarc::nccl::{result as nccl, sys};
 use half::bf16;
 
 use super::worker::{Peer, Worker};
-use super::{Communicator, ReduceOp, block_len, check_counts, check_gather_counts, check_peer};
+use super::{
+    Communicator, ReduceOp, as_bits, block_len, check_counts, check_gather_counts, check_peer,
+    from_bits,
+};
 use crate::error::{ParallelError, Result};
 
 /// Whether the CUDA driver and NCCL libraries can be loaded.
@@ -240,14 +243,6 @@ impl Wire for f32 {
 /// bf16 as its bits (cudarc has no bf16 without its `f16` feature).
 impl Wire for u16 {
     const ELEM: Elem = Elem::Bf16;
-}
-
-fn bits(values: &[bf16]) -> Vec<u16> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
-
-fn from_bits(values: Vec<u16>) -> Vec<bf16> {
-    values.into_iter().map(bf16::from_bits).collect()
 }
 
 impl NcclComm {
@@ -855,7 +850,7 @@ impl Communicator for NcclComm {
     fn all_reduce_bf16(&self, buf: &mut [bf16], op: ReduceOp) -> Result<()> {
         let n = buf.len();
         // SAFETY: as above.
-        let out = self.staged(&bits(buf), n, |c, b| unsafe {
+        let out = self.staged(as_bits(buf), n, |c, b| unsafe {
             c.device_all_reduce(b, n, Elem::Bf16, op)
         })?;
         buf.copy_from_slice(&from_bits(out));
@@ -867,7 +862,7 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather_bf16(&self, send: &[bf16]) -> Result<Vec<bf16>> {
-        self.gather_any(&bits(send)).map(from_bits)
+        self.gather_any(as_bits(send)).map(from_bits)
     }
 
     fn all_gather_v(&self, send: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
@@ -875,7 +870,7 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather_v_bf16(&self, send: &[bf16], counts: &[usize]) -> Result<Vec<bf16>> {
-        self.gather_v_any(&bits(send), counts).map(from_bits)
+        self.gather_v_any(as_bits(send), counts).map(from_bits)
     }
 
     fn reduce_scatter(&self, send: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
@@ -883,7 +878,7 @@ impl Communicator for NcclComm {
     }
 
     fn reduce_scatter_bf16(&self, send: &[bf16], op: ReduceOp) -> Result<Vec<bf16>> {
-        self.reduce_scatter_any(&bits(send), op).map(from_bits)
+        self.reduce_scatter_any(as_bits(send), op).map(from_bits)
     }
 
     fn all_to_all_v(
@@ -901,7 +896,7 @@ impl Communicator for NcclComm {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<bf16>> {
-        self.all_to_all_v_any(&bits(send), send_counts, recv_counts)
+        self.all_to_all_v_any(as_bits(send), send_counts, recv_counts)
             .map(from_bits)
     }
 
@@ -918,11 +913,11 @@ impl Communicator for NcclComm {
     }
 
     fn send_bf16(&self, buf: &[bf16], dest: usize, tag: u16) -> Result<()> {
-        self.send_any(&bits(buf), dest, tag, false)
+        self.send_any(as_bits(buf), dest, tag, false)
     }
 
     fn post_send_bf16(&self, buf: Vec<bf16>, dest: usize, tag: u16) -> Result<()> {
-        self.send_any(&bits(&buf), dest, tag, true)
+        self.send_any(as_bits(&buf), dest, tag, true)
     }
 
     fn recv(&self, count: usize, src: usize, tag: u16) -> Result<Vec<f32>> {

@@ -12,21 +12,13 @@ use crate::comm::{Buffer, Collective, Communicator, ReduceOp, check_counts, narr
 use crate::error::{ParallelError, Result};
 use crate::group::{GroupId, check_id, lookup, record_failure};
 
-fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Buffer> {
-    let dtype = x.dtype();
-    crate::transfers::read(op, (x.shape().num_elements() * dtype.size()) as u64);
-    let data = burn::tensor::try_read_sync(B::float_into_data(x))
-        .ok_or_else(|| backend_error("read", "cannot block on this platform"))?
-        .map_err(|e| backend_error("read", e))?;
-    match dtype {
-        DType::F32 => Ok(Buffer::F32(
-            data.try_into_vec::<f32>()
-                .map_err(|e| backend_error("read", e))?,
-        )),
-        DType::BF16 => Ok(Buffer::Bf16(
-            data.try_into_vec::<bf16>()
-                .map_err(|e| backend_error("read", e))?,
-        )),
+/// A tensor's data (read to the host by the caller, who counts it) as values in its own type:
+/// f32 or bf16, any other type is an error. `context` names the read in a backend error.
+pub(crate) fn buffer_from_data(data: TensorData, context: &'static str) -> Result<Buffer> {
+    let backend = |e| backend_error(context, e);
+    match data.dtype() {
+        DType::F32 => Ok(Buffer::F32(data.try_into_vec::<f32>().map_err(backend)?)),
+        DType::BF16 => Ok(Buffer::Bf16(data.try_into_vec::<bf16>().map_err(backend)?)),
         other => Err(ParallelError::InvalidArgument {
             name: "tensor",
             reason: format!("collectives take f32 or bf16 tensors, got {other:?}"),
@@ -34,21 +26,30 @@ fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Buffer> {
     }
 }
 
+/// Values as tensor data of `shape`, in their own type (to be uploaded, and counted, by the
+/// caller).
+pub(crate) fn buffer_into_data(values: Buffer, shape: impl Into<Shape>) -> TensorData {
+    match values {
+        Buffer::F32(v) => TensorData::new(v, shape),
+        Buffer::Bf16(v) => TensorData::new(v, shape),
+    }
+}
+
+fn read<B: Backend>(x: FloatTensor<B>, op: &'static str) -> Result<Buffer> {
+    crate::transfers::read(op, (x.shape().num_elements() * x.dtype().size()) as u64);
+    let data = burn::tensor::try_read_sync(B::float_into_data(x))
+        .ok_or_else(|| backend_error("read", "cannot block on this platform"))?
+        .map_err(|e| backend_error("read", e))?;
+    buffer_from_data(data, "read")
+}
+
 fn write<B: Backend>(
     values: Buffer,
     (shape, op): (Shape, &'static str),
     device: &B::Device,
 ) -> FloatTensor<B> {
-    let data = match values {
-        Buffer::F32(v) => {
-            crate::transfers::upload(op, (v.len() * 4) as u64);
-            TensorData::new(v, shape)
-        }
-        Buffer::Bf16(v) => {
-            crate::transfers::upload(op, (v.len() * 2) as u64);
-            TensorData::new(v, shape)
-        }
-    };
+    let data = buffer_into_data(values, shape);
+    crate::transfers::upload(op, data.bytes().len() as u64);
     B::float_from_data(data, device)
 }
 
@@ -100,10 +101,7 @@ pub(super) trait OnDevice: Backend {
         Ok(flat_exchange::<Self>(x, g, flat, out, |x| {
             let device = x.device();
             let values = flat.host(comm, read::<Self>(x, op)?)?;
-            let len = match &values {
-                Buffer::F32(v) => v.len(),
-                Buffer::Bf16(v) => v.len(),
-            };
+            let len = values.len();
             Ok(write::<Self>(values, (Shape::new([len]), op), &device))
         }))
     }

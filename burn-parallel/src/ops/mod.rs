@@ -23,6 +23,7 @@ mod device;
 mod host;
 
 pub use host::FLAT_ENV;
+pub(crate) use host::{buffer_from_data, buffer_into_data};
 
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
 
