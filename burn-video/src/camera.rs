@@ -153,7 +153,7 @@ fn defocus(frame: &[f32], size: usize) -> Vec<f32> {
 }
 
 /// One clip of `config` from `source` (one frame for a still image; an animation's frames are
-/// played in order, looping): the window's centre moves along a straight line, its side changes
+/// played in order from a frame drawn at random, looping): the window's centre moves along a straight line, its side changes
 /// geometrically and it turns at a constant rate; the window always stays inside the source.
 /// Where the window is larger than the frame, 2 × 2 samples per pixel are averaged.
 pub fn camera_clip(source: &[Frame], config: &CameraConfig, rng: &mut Rng) -> Result<Clip> {
@@ -199,6 +199,12 @@ pub fn camera_clip(source: &[Frame], config: &CameraConfig, rng: &mut Rng) -> Re
         (c0.0 + distance * direction.cos()).clamp(lo_x, hi_x),
         (c0.1 + distance * direction.sin()).clamp(lo_y, hi_y),
     );
+    // An animation starts anywhere in it (a still image draws nothing here).
+    let start = if source.len() > 1 {
+        ((rng.uniform() * source.len() as f64) as usize).min(source.len() - 1)
+    } else {
+        0
+    };
     let angle0 = config.rotation * (rng.uniform() - 0.5);
     let turn = config.rotation * look.speed * (2.0 * rng.uniform() - 1.0);
     let n = config.size;
@@ -210,7 +216,7 @@ pub fn camera_clip(source: &[Frame], config: &CameraConfig, rng: &mut Rng) -> Re
         let side = side0 * (side1 / side0).powf(t);
         let angle = angle0 + t * turn;
         let (cos, sin) = (angle.cos(), angle.sin());
-        let src = &source[(k as f64 * look.speed) as usize % source.len()];
+        let src = &source[(start + (k as f64 * look.speed) as usize) % source.len()];
         let sub = if side > 1.5 * n as f64 { 2 } else { 1 };
         let mut px = vec![0f32; n * n * 3];
         for i in 0..n {
@@ -459,6 +465,36 @@ mod tests {
         assert!(((g1 - px[1]) - 1.0 / 80.0).abs() < 1e-5);
         // The window lies inside the source.
         assert!(r0 > 0.0 && px[(31 * 32 + 31) * 3] < 1.0);
+    }
+
+    #[test]
+    fn an_animation_plays_in_order_from_a_drawn_frame_and_loops() {
+        // Frame k of the source is uniformly k / 10; no augmentation, so one source frame per
+        // clip frame.
+        let n = 10;
+        let frames: Vec<Frame> = (0..n)
+            .map(|k| Frame::new(40, 40, 3, vec![k as f32 / n as f32; 40 * 40 * 3]).unwrap())
+            .collect();
+        let config = CameraConfig {
+            size: 8,
+            frames: 12,
+            augment: false,
+            ..CameraConfig::default()
+        };
+        let mut starts = std::collections::BTreeSet::new();
+        for seed in 0..20 {
+            let clip = camera_clip(&frames, &config, &mut Rng::new(seed)).unwrap();
+            let index: Vec<usize> = clip
+                .frames()
+                .iter()
+                .map(|f| (f.pixels()[0] * n as f32).round() as usize)
+                .collect();
+            for (a, b) in index.iter().zip(&index[1..]) {
+                assert_eq!(*b, (a + 1) % n, "{index:?}");
+            }
+            starts.insert(index[0]);
+        }
+        assert!(starts.len() >= 5, "clips start at {starts:?}");
     }
 
     #[test]

@@ -37,6 +37,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use burn_parallel::lr_schedule::LrSchedule;
 use burn_parallel::optim::{
@@ -339,6 +340,9 @@ pub fn latent_statistics(
     clips: &[Clip],
     device: &Device,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
+    // Off autodiff: on an autodiff device each encode of a trained VAE would keep its graph
+    // (and its activations) for a backward pass that never comes.
+    let (vae, device) = (vae.valid(), &device.clone().without_autodiff());
     let (mut sum, mut sq, mut n) = (vec![0f64; cfg.latent], vec![0f64; cfg.latent], 0f64);
     for c in clips {
         let c = usable(c, cfg.time_factor());
@@ -462,14 +466,20 @@ pub fn reconstruct(
     let (w, h) = c.size();
     cfg.latent_shape(c.len(), h, w)
         .map_err(|e| invalid("clips", e.to_string()))?;
-    let x = clip_tensor(&c, d);
+    // Off autodiff (see `latent_statistics`), but for refinement, which differentiates the
+    // latent alone.
+    let plain = vae.valid();
     let z = match refine {
         Some(r) => vae
-            .encode_refined(x, r.steps, r.lr)
-            .map_err(|e| invalid("refine", e.to_string()))?,
-        None => vae.encode(x).mean,
+            .encode_refined(clip_tensor(&c, d), r.steps, r.lr)
+            .map_err(|e| invalid("refine", e.to_string()))?
+            .without_autodiff(),
+        None => {
+            let x = clip_tensor(&c, &d.clone().without_autodiff());
+            plain.encode(x).mean
+        }
     };
-    to_clip(vae.decode(z))
+    to_clip(plain.decode(z))
 }
 
 /// What [`evaluate`] reports.

@@ -470,9 +470,9 @@ enum DataCommand {
     /// file per clip, normalised by the run's latent statistics; index.jsonl, meta.json).
     Cache(CacheArgs),
     /// Cut camera clips (pans, zooms, small turns, camera-like changes) from every image of a
-    /// folder (PNG, JPEG, GIF; `scripts/fetch-sources` fetches photographs from PyPI) into a
-    /// corpus whose manifest (corpus.jsonl) records each clip's source and split: the sources of
-    /// `--holdout` are held out whole.
+    /// folder (PNG, JPEG, GIF; `scripts/fetch-sources` fetches photographs from PyPI and
+    /// Debian) into a corpus whose manifest (corpus.jsonl) records each clip's source and
+    /// split: the sources of `--holdout` are held out whole.
     Corpus(CorpusArgs),
 }
 

@@ -17,16 +17,17 @@ impl Vae {
         if !(lr.is_finite() && lr > 0.0) {
             return Err(invalid("lr", format!("{lr} must be a finite number > 0")));
         }
-        let mean = self.encode(x.clone()).mean;
-        if !mean.is_autodiff() {
+        if !x.is_autodiff() {
             return Err(invalid(
                 "device",
                 "latent refinement needs the VAE on an autodiff device",
             ));
         }
-        let decoder = self.clone().no_grad();
+        // The encoder runs off autodiff (no graph kept); the decoder on it, with frozen weights,
+        // so that each step differentiates the latent alone.
+        let mean = self.valid().encode(x.clone().without_autodiff()).mean;
+        let frozen = self.clone().no_grad();
         let x = x.detach();
-        let mean = mean.inner();
         let ft = self.factors.0;
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
         // The decoder's causal state after the steps refined so far.
@@ -45,7 +46,7 @@ impl Vae {
             let (mut m, mut v) = (z.zeros_like(), z.zeros_like());
             for step in 1..=steps {
                 let leaf = z.clone().autodiff().require_grad();
-                let rec = decoder.decode_stream(leaf.clone(), &mut state.clone());
+                let rec = frozen.decode_stream(leaf.clone(), &mut state.clone());
                 let loss = log_mse(frame_mse(rec - frames.clone()));
                 let grads = loss.backward();
                 let g = leaf
@@ -56,7 +57,7 @@ impl Vae {
                 let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
                 z = z - (m.clone() / c1) / ((v.clone() / c2).sqrt() + eps) * lr;
             }
-            decoder.decode_stream(z.clone().autodiff(), &mut state);
+            frozen.decode_stream(z.clone().autodiff(), &mut state);
             state.advance();
             refined.push(z);
         }
