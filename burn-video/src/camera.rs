@@ -153,9 +153,10 @@ fn defocus(frame: &[f32], size: usize) -> Vec<f32> {
 }
 
 /// One clip of `config` from `source` (one frame for a still image; an animation's frames are
-/// played in order from a frame drawn at random, looping): the window's centre moves along a straight line, its side changes
-/// geometrically and it turns at a constant rate; the window always stays inside the source.
-/// Where the window is larger than the frame, 2 × 2 samples per pixel are averaged.
+/// played in order from a frame drawn at random, looping): the window's centre moves along a
+/// straight line, its side changes geometrically and it turns at a constant rate; the window
+/// always stays inside the source. Where the window is larger than the frame, 2 × 2 samples per
+/// pixel are averaged.
 pub fn camera_clip(source: &[Frame], config: &CameraConfig, rng: &mut Rng) -> Result<Clip> {
     config.validate()?;
     let first = source
