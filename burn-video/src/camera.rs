@@ -202,7 +202,7 @@ pub fn camera_clip(source: &[Frame], config: &CameraConfig, rng: &mut Rng) -> Re
     );
     // An animation starts anywhere in it (a still image draws nothing here).
     let start = if source.len() > 1 {
-        ((rng.uniform() * source.len() as f64) as usize).min(source.len() - 1)
+        rng.below(source.len())
     } else {
         0
     };
