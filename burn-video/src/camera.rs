@@ -330,10 +330,20 @@ pub struct CorpusEntry {
 /// The manifest's file name in a corpus folder.
 pub const MANIFEST: &str = "corpus.jsonl";
 
+/// A stable 64-bit hash of a source's name (FNV-1a), so that its clips' stream does not change
+/// with Rust's hasher or with the other sources.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Writes a corpus into the new folder `out`: `per_source` clips of every source
 /// (`clip_NNNN/frame_MMM.png`, sources in order) and the manifest [`MANIFEST`], one JSON line
 /// per clip with its source and split; the sources named in `holdout` are held out whole.
-/// Seeded: the same call writes the same corpus. Everything is written into a temporary folder
+/// Seeded: the same call writes the same corpus, and a source's clips depend only on the seed,
+/// its name and `per_source`, so adding or removing other sources leaves them as they were.
+/// Everything is written into a temporary folder
 /// renamed into place at the end, so a failure leaves nothing behind.
 pub fn build_corpus(
     sources: &[Source],
@@ -368,9 +378,10 @@ pub fn build_corpus(
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     let mut entries = Vec::with_capacity(sources.len() * per_source);
     let written = (|| {
-        for (s, source) in sources.iter().enumerate() {
-            // One stream per source: a source's clips do not depend on the others.
-            let mut rng = Rng::new(seed ^ (0x5EED_0000_0000 + s as u64).wrapping_mul(0x9E37_79B9));
+        for source in sources {
+            // One stream per source, seeded by its name: a source's clips do not depend on the
+            // other sources, nor on its place among them.
+            let mut rng = Rng::new(seed ^ name_seed(&source.name));
             let split = if holdout.contains(&source.name) {
                 Split::Holdout
             } else {
@@ -573,5 +584,35 @@ mod tests {
         assert_eq!(groups[0].1, held);
         let again = build_corpus(&sources, &out, &[], (2, 7), &config).unwrap_err();
         assert!(again.to_string().contains("`out`"), "{again}");
+    }
+
+    #[test]
+    fn a_sources_clips_do_not_change_with_the_other_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let named = |n: &str| Source {
+            name: n.to_string(),
+            frames: vec![source()],
+        };
+        let config = CameraConfig {
+            size: 16,
+            frames: 5,
+            ..CameraConfig::default()
+        };
+        let clips_of = |sources: &[Source], folder: &str, name: &str| -> Vec<Clip> {
+            let out = dir.path().join(folder);
+            build_corpus(sources, &out, &[], (3, 7), &config)
+                .unwrap()
+                .iter()
+                .filter(|e| e.source == name)
+                .map(|e| Clip::read(&out.join(&e.clip)).unwrap())
+                .collect()
+        };
+        let alone = clips_of(&[named("b")], "alone", "b");
+        let second = clips_of(&[named("a"), named("b")], "second", "b");
+        assert_eq!(alone.len(), 3);
+        assert_eq!(alone, second);
+        // Same image under another name: other clips.
+        let other = clips_of(&[named("c")], "other", "c");
+        assert_ne!(alone, other);
     }
 }
