@@ -342,9 +342,10 @@ fn name_seed(name: &str) -> u64 {
 /// (`clip_NNNN/frame_MMM.png`, sources in order) and the manifest [`MANIFEST`], one JSON line
 /// per clip with its source and split; the sources named in `holdout` are held out whole.
 /// Seeded: the same call writes the same corpus, and a source's clips depend only on the seed,
-/// its name and `per_source`, so adding or removing other sources leaves them as they were.
-/// Everything is written into a temporary folder
-/// renamed into place at the end, so a failure leaves nothing behind.
+/// its name and its frames, so adding or removing other sources leaves them as they were (and a
+/// larger `per_source` adds clips after the same first ones).
+/// Everything is written into a temporary folder renamed into place at the end, so a failure
+/// leaves nothing behind.
 pub fn build_corpus(
     sources: &[Source],
     out: &Path,

@@ -28,10 +28,11 @@ static GLOBAL: burn_recipes::memory::Counting<mimalloc::MiMalloc> =
 /// before it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Tells mimalloc never to purge: by default it hands pages freed for a second back to the
-/// kernel, which zeroes them again when they are taken back, about 15% of a VAE step in the
-/// kernel's `clear_page_erms`. Kept, a process's resident memory stays at its peak, which the
-/// next step needs anyway. A `MIMALLOC_PURGE_DELAY` in the environment is left to mimalloc.
+/// Tells mimalloc never to purge: by default it hands pages it has kept free for a while back to
+/// the kernel, which zeroes them again when they are taken back (100 steps of the VAE recipe
+/// fault 254 thousand pages with purging, 2.4 thousand without). Kept, a process's resident
+/// memory stays at its peak, which the next step needs anyway. A `MIMALLOC_PURGE_DELAY` in the
+/// environment is left to mimalloc.
 fn keep_freed_pages() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
@@ -1481,5 +1482,26 @@ fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The option's number is right: before it is set, it holds the purge delay's default (1000
+    /// ms in the mimalloc this crate builds; no other option defaults to 1000), and afterwards -1.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_purge_delay_option_is_the_one_set() {
+        assert!(
+            std::env::var_os("MIMALLOC_PURGE_DELAY").is_none(),
+            "run without MIMALLOC_PURGE_DELAY"
+        );
+        // SAFETY: reads one of mimalloc's integer options.
+        let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(get(), 1000);
+        keep_freed_pages();
+        assert_eq!(get(), -1);
     }
 }
