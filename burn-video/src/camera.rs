@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn_parallel::rng::Rng;
+use burn_parallel::rng::{Rng, name_key};
 use serde::{Deserialize, Serialize};
 
 use crate::clip::{Clip, read_image};
@@ -330,14 +330,6 @@ pub struct CorpusEntry {
 /// The manifest's file name in a corpus folder.
 pub const MANIFEST: &str = "corpus.jsonl";
 
-/// A stable 64-bit hash of a source's name (FNV-1a), so that its clips' stream does not change
-/// with Rust's hasher or with the other sources.
-fn name_seed(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// Writes a corpus into the new folder `out`: `per_source` clips of every source
 /// (`clip_NNNN/frame_MMM.png`, sources in order) and the manifest [`MANIFEST`], one JSON line
 /// per clip with its source and split; the sources named in `holdout` are held out whole.
@@ -382,7 +374,7 @@ pub fn build_corpus(
         for source in sources {
             // One stream per source, seeded by its name: a source's clips do not depend on the
             // other sources, nor on its place among them.
-            let mut rng = Rng::new(seed ^ name_seed(&source.name));
+            let mut rng = Rng::new(seed ^ name_key(&source.name));
             let split = if holdout.contains(&source.name) {
                 Split::Holdout
             } else {

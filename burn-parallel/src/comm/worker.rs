@@ -230,10 +230,7 @@ fn host_id() -> u64 {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_default();
-    // FNV-1a: a stable hash of the host name.
-    name.trim().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::rng::name_key(name.trim())
 }
 
 fn lock_error() -> ParallelError {
